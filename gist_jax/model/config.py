@@ -1,0 +1,169 @@
+"""The decoder's configuration: one frozen dataclass for every supported family.
+
+Llama 2/3/3.1, Qwen2 and SmolLM2 are the same computation with different switches (RoPE
+scaling, q/k/v bias, tied head), so one config and one implementation serve them all. HF
+``config.json`` parsing lives with the name mappings in ``gist_jax/hf/families.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+FAMILIES = ("llama", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling. ``llama3`` is Llama-3.1's piecewise rescaling of wavelengths."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer.
+
+    ``dtype`` is the compute dtype (activations, matmuls); ``param_dtype`` the storage dtype of
+    the master weights. Training uses float32 params with bfloat16 compute; parity tests use
+    float32 for both.
+    """
+
+    family: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat_policy: str = "none"
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def storage_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown model config keys {unknown}; remove them")
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        e, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = e * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += h * (self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * e * f + 2 * e
+        head = 0 if self.tie_embeddings else self.vocab_size * e
+        return self.num_layers * per_layer + self.vocab_size * e + head + e
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Fail at construction with the key and the fix, not deep inside a trace."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"model.family={cfg.family!r} is not supported; use one of {FAMILIES}")
+    if cfg.rope_scaling.rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"model.rope_scaling.rope_type={cfg.rope_scaling.rope_type!r} is not supported; "
+            f"use one of {ROPE_TYPES}"
+        )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"model.{key}={getattr(cfg, key)} must be positive")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads={cfg.num_heads} is not a multiple of model.num_kv_heads="
+            f"{cfg.num_kv_heads}; grouped-query attention needs whole groups"
+        )
+    if cfg.head_dim % 2:
+        raise ConfigError(f"model.head_dim={cfg.head_dim} must be even for rotary embeddings")
+    for key in ("dtype", "param_dtype"):
+        try:
+            jnp.dtype(getattr(cfg, key))
+        except TypeError as e:
+            raise ConfigError(f"model.{key}={getattr(cfg, key)!r} is not a dtype name") from e
+    from gist_jax.model.remat import REMAT_POLICIES  # local: avoids an import cycle
+
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ConfigError(
+            f"model.remat_policy={cfg.remat_policy!r} is unknown; use one of "
+            f"{sorted(REMAT_POLICIES)}"
+        )
+
+
+# Named shapes. Real checkpoints bring their own config through the importers; these serve
+# benchmarks (issue: performance) and tests.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        family="llama", vocab_size=256 + 8, hidden_size=64, intermediate_size=128,
+        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
+        dtype="float32",
+    ),
+    "smollm2_135m": ModelConfig(
+        family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+        num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=100000.0, max_position_embeddings=8192, tie_embeddings=True,
+        bos_token_id=1, eos_token_id=2,
+    ),
+    "llama3_8b": ModelConfig(
+        family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=131072,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+        bos_token_id=128000, eos_token_id=128001,
+    ),
+    "qwen2_7b": ModelConfig(
+        family="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=131072, qkv_bias=True,
+        eos_token_id=151643,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"model preset {name!r} is unknown; use one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,142 @@
+"""The decoder: embedding, a stack of pre-norm blocks (scanned or unrolled), final norm, head.
+
+Parameter tree (unscanned): ``embed/embedding``, ``layers_{i}/{attn,mlp,attn_norm,mlp_norm}``,
+``final_norm/scale``, ``lm_head/kernel`` (untied only). Scanned: ``layers/...`` with a leading
+``layers`` axis on every leaf. ``stack_layers`` / ``unstack_layers`` convert between the two,
+so checkpoints and importers can work in either layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gist_jax.model.attention import Attention, AttentionSpec
+from gist_jax.model.config import ModelConfig
+from gist_jax.model.layers import Mlp, RMSNorm, kernel_init
+from gist_jax.model.remat import REMAT_POLICIES
+from gist_jax.sharding import BATCH_LENGTH_EMBED, BATCH_LENGTH_VOCAB, constrain
+
+Params = dict[str, Any]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; returns ``(x, None)`` so it can be the body of ``nn.scan``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxE: jax.Array, spec: AttentionSpec) -> tuple[jax.Array, None]:
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype,  # noqa: E731
+                                    name=name)
+        x_BxTxE = x_BxTxE + Attention(cfg, name="attn")(norm("attn_norm")(x_BxTxE), spec)
+        x_BxTxE = x_BxTxE + Mlp(cfg, name="mlp")(norm("mlp_norm")(x_BxTxE))
+        return constrain(x_BxTxE, BATCH_LENGTH_EMBED), None
+
+
+def _block_class(cfg: ModelConfig) -> type[nn.Module]:
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy == "none":
+        return Block
+    # Under scan, XLA cannot CSE across iterations, so prevent_cse is unnecessary there.
+    return nn.remat(Block, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Decoder(nn.Module):
+    """Decoder-only LM. ``input_embeds`` replaces the token lookup where given (gist layouts
+    and recurrent memory feed embeddings directly)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: jax.Array, spec: AttentionSpec, *,
+                 input_embeds_BxTxE: jax.Array | None = None,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                        ("vocab", "embed")),
+            name="embed",
+        )
+        x_BxTxE = embed(tokens_BxT) if input_embeds_BxTxE is None else input_embeds_BxTxE
+        x_BxTxE = constrain(x_BxTxE.astype(cfg.compute_dtype), BATCH_LENGTH_EMBED)
+
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,), length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxTxE, _ = stack(cfg, name="layers")(x_BxTxE, spec)
+        else:
+            for i in range(cfg.num_layers):
+                x_BxTxE, _ = block(cfg, name=f"layers_{i}")(x_BxTxE, spec)
+
+        hidden_BxTxE = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype,
+                               name="final_norm")(x_BxTxE)
+        if cfg.tie_embeddings:
+            logits_BxTxV = embed.attend(hidden_BxTxE)
+        else:
+            logits_BxTxV = nn.DenseGeneral(
+                cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                param_dtype=cfg.storage_dtype, kernel_init=kernel_init(("embed", "vocab")),
+                name="lm_head",
+            )(hidden_BxTxE)
+        logits_BxTxV = constrain(logits_BxTxV, BATCH_LENGTH_VOCAB).astype(jnp.float32)
+        return (logits_BxTxV, hidden_BxTxE) if return_hidden else logits_BxTxV
+
+
+def _dummy_inputs(batch: int = 1, length: int = 8) -> tuple[jax.Array, AttentionSpec]:
+    return jnp.zeros((batch, length), jnp.int32), AttentionSpec.causal(batch, length)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+    """Random parameters as plain arrays (partitioning boxes removed)."""
+    return nn.unbox(Decoder(cfg).init(rng, *_dummy_inputs())["params"])
+
+
+def param_logical_specs(cfg: ModelConfig) -> Params:
+    """Tree of logical ``PartitionSpec``s matching ``init_params``, computed without FLOPs."""
+    boxed = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), *_dummy_inputs()))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
+            spec: AttentionSpec | None = None) -> jax.Array:
+    """Float32 logits [B, T, V]; causal positions 0..T-1 unless a spec is given."""
+    if spec is None:
+        spec = AttentionSpec.causal(*tokens_BxT.shape)
+    return Decoder(cfg).apply({"params": params}, tokens_BxT, spec)
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+    """Unscanned tree (``layers_{i}``) -> scanned tree (``layers`` with a leading axis)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    out["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+    return out
+
+
+def unstack_layers(params: Params) -> Params:
+    """Scanned tree -> unscanned tree."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    num_layers = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def to_layout(params: Params, cfg: ModelConfig) -> Params:
+    """Return params in the layer layout ``cfg.scan_layers`` asks for, whichever they are in."""
+    is_scanned = "layers" in params
+    if cfg.scan_layers and not is_scanned:
+        return stack_layers(params, cfg.num_layers)
+    if not cfg.scan_layers and is_scanned:
+        return unstack_layers(params)
+    return params

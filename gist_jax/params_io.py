@@ -1,0 +1,77 @@
+"""Parameter checkpoints: an Orbax PyTree plus the model config and tokenizer next to it.
+
+This is what the converters write and what training starts from. The layout (scanned or not,
+family, dtype) is recorded in ``model_config.json`` and restored params are converted to the
+layout the caller asks for, so a checkpoint written unscanned can feed a scanned run.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from gist_jax.model.config import ModelConfig
+from gist_jax.model.transformer import Params, to_layout
+
+CONFIG_FILE = "model_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+
+
+def save_params(directory: str | pathlib.Path, cfg: ModelConfig, params: Params,
+                tokenizer: Any | None = None) -> pathlib.Path:
+    """Write params (Orbax), then the config last: a directory without the config is
+    incomplete and ``load_params`` refuses it."""
+    directory = pathlib.Path(directory).absolute()
+    if (directory / CONFIG_FILE).exists():
+        raise FileExistsError(f"{directory} already holds a checkpoint; choose another --out")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(),
+            "layout": {"scan_layers": "layers" in params}}
+    tmp = directory / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2, default=str))
+    tmp.rename(directory / CONFIG_FILE)
+    return directory
+
+
+def load_params(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, Params]:
+    """Restore (config, params) on the host; ``overrides`` change e.g. dtype or scan_layers."""
+    directory = pathlib.Path(directory).absolute()
+    if not (directory / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: not a gist_jax params "
+                                "checkpoint, or one whose save did not finish")
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    saved_cfg = ModelConfig.from_dict(meta["model"])
+    saved_cfg = saved_cfg.replace(scan_layers=meta["layout"]["scan_layers"])
+    abstract = jax.eval_shape(lambda: _abstract_params(saved_cfg))
+    params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, abstract)
+    cfg = saved_cfg.replace(**overrides)
+    return cfg, to_layout(params, cfg)
+
+
+def _abstract_params(cfg: ModelConfig) -> Params:
+    from gist_jax.model.transformer import init_params
+
+    return init_params(cfg, jax.random.key(0))
+
+
+def load_tokenizer(directory: str | pathlib.Path):
+    from gist_jax.tokenizer import HFTokenizer
+
+    return HFTokenizer.from_dir(pathlib.Path(directory) / TOKENIZER_DIR)
+
+
+def tree_max_abs_diff(a: Params, b: Params) -> float:
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
