@@ -213,7 +213,6 @@ def read_gguf(path: str | pathlib.Path) -> GGUFContents:
             weight = unpermute_qk(weight, n_head)
         state_dict[gguf_to_hf_name(tensor.name)] = weight
 
-    _check_complete(state_dict, config)
     return GGUFContents(config, state_dict, tokenizer_metadata(metadata))
 
 
@@ -224,19 +223,3 @@ def _is_known(name: str) -> bool:
         return False
     return True
 
-
-def _check_complete(state_dict: dict[str, np.ndarray], config: dict[str, Any]) -> None:
-    """Fail loudly on a truncated/odd file rather than leave parameters uninitialised later."""
-    required = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config["tie_word_embeddings"]:
-        required.append("lm_head.weight")
-    per_layer = [
-        "input_layernorm.weight", "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-    ]
-    for i in range(config["num_hidden_layers"]):
-        required += [f"model.layers.{i}.{suffix}" for suffix in per_layer]
-    missing = [name for name in required if name not in state_dict]
-    if missing:
-        raise ValueError(f"GGUF file lacks tensors for: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
