@@ -21,16 +21,33 @@ from gist_jax.sharding import BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, constra
 
 @flax.struct.dataclass
 class AttentionSpec:
-    """Where every token sits and what every query may see.
+    """Where every token sits, what it is, and what every query may see.
 
-    positions: [B, T] int RoPE position of each token (as query and as key).
-    mask:      [B, T, S] bool, True where query t may attend key s; None means causal.
-    valid:     [B, T] bool, False for padding tokens, which no query attends to.
+    positions:       [B, T] RoPE position of each token, as query and as key of its own part.
+    mask:            [B, T, T] bool, query t may see key s (keys rotated at ``positions``);
+                     None means causal.
+    valid:           [B, T] bool, False for padding tokens, which no query attends to.
+    memory_positions [B, T] (optional): a second position for every key, used where a token is
+                     seen as memory by a later segment (gist compression, "compressed" scheme).
+    memory_mask:     [B, T, T] bool: pairs that see the key rotated at ``memory_positions``.
+                     Disjoint from ``mask``.
+    prefix_valid:    [B, M] bool (optional): slots of an external per-layer KV memory (carried
+                     between segments) that are filled; the memory itself is a model input.
+    is_gist:         [B, T] bool (optional): gist tokens (own embedding, own projections).
+    gist_slot:       [B, T] int (optional): row of the gist embedding table for each gist.
+    stop_gist_memory_gradient: hold the gist memory fixed (no gradient through the memory
+                     view's gist keys/values); used by truncation and the no-leak tests.
     """
 
     positions: jax.Array
     mask: jax.Array | None = None
     valid: jax.Array | None = None
+    memory_positions: jax.Array | None = None
+    memory_mask: jax.Array | None = None
+    prefix_valid: jax.Array | None = None
+    is_gist: jax.Array | None = None
+    gist_slot: jax.Array | None = None
+    stop_gist_memory_gradient: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def causal(cls, batch: int, length: int, valid: jax.Array | None = None) -> "AttentionSpec":
@@ -47,6 +64,17 @@ class AttentionSpec:
         if self.valid is not None:
             mask_BxTxS = mask_BxTxS & self.valid[:, None, :]
         return mask_BxTxS
+
+
+@flax.struct.dataclass
+class LayerMemory:
+    """External keys/values seen before the current tokens (one layer, or stacked over layers).
+
+    Keys are stored already rotated at their memory positions, so a cache never re-rotates.
+    """
+
+    k_BxMxKxH: jax.Array
+    v_BxMxKxH: jax.Array
 
 
 def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
@@ -69,6 +97,11 @@ def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH:
 
 
 class Attention(nn.Module):
+    """GQA over up to three key sets, each with its own mask, merged in one softmax:
+    an external memory (sequential/cached processing), the tokens themselves rotated at their
+    own positions, and the same tokens rotated at their memory positions (parallel gist path).
+    """
+
     cfg: ModelConfig
 
     def _proj(self, heads: int, axes: tuple[str, str, str], name: str) -> nn.DenseGeneral:
@@ -79,21 +112,59 @@ class Attention(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name,
         )
 
-    @nn.compact
-    def __call__(self, x_BxTxE: jax.Array, spec: AttentionSpec) -> jax.Array:
+    def _qkv(self, x_BxTxE: jax.Array, spec: AttentionSpec, prefix: str) -> list[jax.Array]:
         cfg = self.cfg
-        q_BxTxNxH = self._proj(cfg.num_heads, ("embed", "q_heads", "head_dim"), "q_proj")(x_BxTxE)
-        k_BxTxKxH = self._proj(cfg.num_kv_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BxTxE)
-        v_BxTxKxH = self._proj(cfg.num_kv_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BxTxE)
+        q_axes, kv_axes = ("embed", "q_heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        return [self._proj(cfg.num_heads, q_axes, f"{prefix}q_proj")(x_BxTxE),
+                self._proj(cfg.num_kv_heads, kv_axes, f"{prefix}k_proj")(x_BxTxE),
+                self._proj(cfg.num_kv_heads, kv_axes, f"{prefix}v_proj")(x_BxTxE)]
+
+    @nn.compact
+    def __call__(self, x_BxTxE: jax.Array, spec: AttentionSpec,
+                 memory: LayerMemory | None = None) -> jax.Array:
+        cfg = self.cfg
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self._qkv(x_BxTxE, spec, "")
+        if cfg.gist_projections:
+            # Gist tokens use their own projections (Activation Beacon); raw tokens the base ones.
+            gist_qkv = self._qkv(x_BxTxE, spec, "gist_")
+            is_gist = spec.is_gist[:, :, None, None]
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (
+                jnp.where(is_gist, g, b) for g, b in zip(gist_qkv, (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)))
         q_BxTxNxH = checkpoint_name(q_BxTxNxH, QKV_PROJ[0])
         k_BxTxKxH = checkpoint_name(k_BxTxKxH, QKV_PROJ[1])
         v_BxTxKxH = checkpoint_name(v_BxTxKxH, QKV_PROJ[2])
+        # Un-rotated keys and values, for whoever builds a memory from them (sequential path).
+        self.sow("intermediates", "kv", (k_BxTxKxH, v_BxTxKxH))
 
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, spec.positions, inv_freq), BATCH_LENGTH_HEADS)
-        k_BxTxKxH = constrain(apply_rope(k_BxTxKxH, spec.positions, inv_freq), BATCH_LENGTH_KV_HEADS)
+        keys, values, masks = [], [], []
+        b, t = spec.positions.shape
+        if memory is not None:
+            keys.append(memory.k_BxMxKxH)
+            values.append(memory.v_BxMxKxH)
+            masks.append(jnp.broadcast_to(spec.prefix_valid[:, None, :],
+                                          (b, t, spec.prefix_valid.shape[1])))
+        keys.append(constrain(apply_rope(k_BxTxKxH, spec.positions, inv_freq), BATCH_LENGTH_KV_HEADS))
+        values.append(v_BxTxKxH)
+        masks.append(spec.dense_mask())
+        if spec.memory_positions is not None:
+            k_mem, v_mem = apply_rope(k_BxTxKxH, spec.memory_positions, inv_freq), v_BxTxKxH
+            if spec.stop_gist_memory_gradient:
+                hold = spec.is_gist[:, :, None, None]
+                k_mem = jnp.where(hold, jax.lax.stop_gradient(k_mem), k_mem)
+                v_mem = jnp.where(hold, jax.lax.stop_gradient(v_mem), v_mem)
+            keys.append(k_mem)
+            values.append(v_mem)
+            memory_mask = spec.memory_mask
+            if spec.valid is not None:
+                memory_mask = memory_mask & spec.valid[:, None, :]
+            masks.append(memory_mask)
 
-        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec.dense_mask())
+        def cat(xs):
+            return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1 if xs[0].ndim == 4 else 2)
+
+        out_BxTxNxH = dot_product_attention(q_BxTxNxH, cat(keys), cat(values), cat(masks))
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, ATTN_OUT)
         return nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,

@@ -60,6 +60,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Gist parameters (set from the compression config, see gist_jax/gist/params.py):
+    # rows of the gist embedding table (0: none, 1: shared, t: one per slot) and whether
+    # gist tokens get their own q/k/v projections in every layer.
+    num_gist_embeddings: int = 0
+    gist_projections: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
@@ -95,8 +100,11 @@ class ModelConfig:
         if self.qkv_bias:
             attn += h * (self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + 3 * e * f + 2 * e
+        if self.gist_projections:
+            per_layer += attn - e * h * self.num_heads  # gist q/k/v (no extra o_proj)
         head = 0 if self.tie_embeddings else self.vocab_size * e
-        return self.num_layers * per_layer + self.vocab_size * e + head + e
+        gist = self.num_gist_embeddings * e
+        return self.num_layers * per_layer + self.vocab_size * e + head + e + gist
 
 
 def validate(cfg: ModelConfig) -> None:
@@ -119,6 +127,8 @@ def validate(cfg: ModelConfig) -> None:
         )
     if cfg.head_dim % 2:
         raise ConfigError(f"model.head_dim={cfg.head_dim} must be even for rotary embeddings")
+    if cfg.num_gist_embeddings < 0:
+        raise ConfigError(f"model.num_gist_embeddings={cfg.num_gist_embeddings} must be >= 0")
     for key in ("dtype", "param_dtype"):
         try:
             jnp.dtype(getattr(cfg, key))

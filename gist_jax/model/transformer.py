@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gist_jax.model.attention import Attention, AttentionSpec
+from gist_jax.model.attention import Attention, AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import Mlp, RMSNorm, kernel_init
 from gist_jax.model.remat import REMAT_POLICIES
@@ -29,11 +29,12 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxTxE: jax.Array, spec: AttentionSpec) -> tuple[jax.Array, None]:
+    def __call__(self, x_BxTxE: jax.Array, spec: AttentionSpec,
+                 memory: LayerMemory | None = None) -> tuple[jax.Array, None]:
         cfg = self.cfg
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype,  # noqa: E731
                                     name=name)
-        x_BxTxE = x_BxTxE + Attention(cfg, name="attn")(norm("attn_norm")(x_BxTxE), spec)
+        x_BxTxE = x_BxTxE + Attention(cfg, name="attn")(norm("attn_norm")(x_BxTxE), spec, memory)
         x_BxTxE = x_BxTxE + Mlp(cfg, name="mlp")(norm("mlp_norm")(x_BxTxE))
         return constrain(x_BxTxE, BATCH_LENGTH_EMBED), None
 
@@ -47,14 +48,21 @@ def _block_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 class Decoder(nn.Module):
-    """Decoder-only LM. ``input_embeds`` replaces the token lookup where given (gist layouts
-    and recurrent memory feed embeddings directly)."""
+    """Decoder-only LM.
+
+    Inputs beyond tokens: gist tokens (``spec.is_gist``) take rows of the gist embedding table;
+    ``input_embeds`` replaces the embedding wherever ``input_embeds_mask`` is True (everywhere
+    if no mask), which is how recurrent memory and tests feed embeddings; ``memory`` is an
+    external KV memory with a leading layer axis (sequential gist processing, caches).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, tokens_BxT: jax.Array, spec: AttentionSpec, *,
                  input_embeds_BxTxE: jax.Array | None = None,
+                 input_embeds_mask_BxT: jax.Array | None = None,
+                 memory: LayerMemory | None = None,
                  return_hidden: bool = False):
         cfg = self.cfg
         embed = nn.Embed(
@@ -63,20 +71,31 @@ class Decoder(nn.Module):
                                                         ("vocab", "embed")),
             name="embed",
         )
-        x_BxTxE = embed(tokens_BxT) if input_embeds_BxTxE is None else input_embeds_BxTxE
+        x_BxTxE = embed(tokens_BxT)
+        if cfg.num_gist_embeddings:
+            gist_GxE = self.param(
+                "gist_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
+                (cfg.num_gist_embeddings, cfg.hidden_size), cfg.storage_dtype)
+            gist_BxTxE = jnp.take(gist_GxE, spec.gist_slot, axis=0).astype(x_BxTxE.dtype)
+            x_BxTxE = jnp.where(spec.is_gist[..., None], gist_BxTxE, x_BxTxE)
+        if input_embeds_BxTxE is not None:
+            chosen = True if input_embeds_mask_BxT is None else input_embeds_mask_BxT[..., None]
+            x_BxTxE = jnp.where(chosen, input_embeds_BxTxE.astype(x_BxTxE.dtype), x_BxTxE)
         x_BxTxE = constrain(x_BxTxE.astype(cfg.compute_dtype), BATCH_LENGTH_EMBED)
 
         block = _block_class(cfg)
         if cfg.scan_layers:
             stack = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,), length=cfg.num_layers,
+                block, variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True}, in_axes=(nn.broadcast, 0), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxTxE, _ = stack(cfg, name="layers")(x_BxTxE, spec)
+            x_BxTxE, _ = stack(cfg, name="layers")(x_BxTxE, spec, memory)
         else:
             for i in range(cfg.num_layers):
-                x_BxTxE, _ = block(cfg, name=f"layers_{i}")(x_BxTxE, spec)
+                layer_memory = None if memory is None else jax.tree.map(lambda m, i=i: m[i], memory)
+                x_BxTxE, _ = block(cfg, name=f"layers_{i}")(x_BxTxE, spec, layer_memory)
 
         hidden_BxTxE = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype,
                                name="final_norm")(x_BxTxE)
@@ -93,7 +112,10 @@ class Decoder(nn.Module):
 
 
 def _dummy_inputs(batch: int = 1, length: int = 8) -> tuple[jax.Array, AttentionSpec]:
-    return jnp.zeros((batch, length), jnp.int32), AttentionSpec.causal(batch, length)
+    spec = AttentionSpec.causal(batch, length)
+    spec = spec.replace(is_gist=jnp.zeros((batch, length), bool),
+                        gist_slot=jnp.zeros((batch, length), jnp.int32))
+    return jnp.zeros((batch, length), jnp.int32), spec
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
@@ -113,6 +135,14 @@ def forward(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
     if spec is None:
         spec = AttentionSpec.causal(*tokens_BxT.shape)
     return Decoder(cfg).apply({"params": params}, tokens_BxT, spec)
+
+
+def collect_kv(intermediates: dict, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Un-rotated keys and values sown by every layer -> ([L, B, T, K, H], [L, B, T, K, H])."""
+    if cfg.scan_layers:
+        return intermediates["layers"]["attn"]["kv"][0]
+    per_layer = [intermediates[f"layers_{i}"]["attn"]["kv"][0] for i in range(cfg.num_layers)]
+    return jnp.stack([k for k, _ in per_layer]), jnp.stack([v for _, v in per_layer])
 
 
 def stack_layers(params: Params, num_layers: int) -> Params:

@@ -1,0 +1,183 @@
+"""Where every token of a gist-compressed sequence goes: one host-side layout per shape.
+
+A layout is a handful of int/bool arrays over the *layout tokens* (raw tokens with gist slots
+inserted, segment-major), the same for every sequence of a batch. It depends only on the raw
+length, the compression config and the per-segment ratios, never on token values, so it is
+built with numpy once and passed to compiled code as data: a new ratio is a new shape (one
+compilation), a new step is not.
+
+Per segment i (L raw tokens, ``slots`` gist slots, ratio r_i, t_i = L / r_i live gists):
+  coarse: x_1 .. x_L, g_1 .. g_t_i, dead slots
+  fine:   x_1 .. x_r, g_1, x_(r+1) .. x_2r, g_2, ..., g_t_i, dead slots
+Dead slots only exist with per-segment ratios (every segment padded to L / min(ratios)); they
+are never attended to and never enter memory.
+
+Memory: the first ``num_sinks`` raw tokens and every live gist, in order. The memory buffer of
+the sequential and recurrent paths has ``num_sinks + S * slots`` entries: sink j at j, gist
+slot j of segment i at ``num_sinks + i * slots + j``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.model.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutShape:
+    """The static part of a layout: everything compiled code may branch or size on. Ratios and
+    the real raw length are data, so per-segment ratio sampling never recompiles."""
+
+    num_segments: int
+    segment_length: int
+    slots: int
+    num_sinks: int
+
+    @property
+    def segment_tokens(self) -> int:
+        return self.segment_length + self.slots
+
+    @property
+    def length(self) -> int:
+        return self.num_segments * self.segment_tokens
+
+    @property
+    def memory_size(self) -> int:
+        return self.num_sinks + self.num_segments * self.slots
+
+    @property
+    def padded_raw(self) -> int:
+        return self.num_segments * self.segment_length
+
+    def segment_slice(self, i: int) -> slice:
+        return slice(i * self.segment_tokens, (i + 1) * self.segment_tokens)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GistLayout:
+    num_raw: int  # real raw tokens (before padding to whole segments)
+    num_segments: int
+    segment_length: int
+    slots: int  # gist slots per segment
+    num_sinks: int
+    ratios: tuple[int, ...]  # per segment
+    # Per layout token, shape [T] with T = num_segments * (segment_length + slots):
+    raw_index: np.ndarray  # index into the (padded) raw sequence, -1 for gist slots
+    segment: np.ndarray  # segment id
+    is_gist: np.ndarray  # gist slot (live or dead)
+    is_sink: np.ndarray  # one of the first num_sinks raw tokens
+    alive: np.ndarray  # real raw token or live gist (False: padding, dead slot)
+    gist_slot: np.ndarray  # slot within its segment (0 for raw tokens)
+    position: np.ndarray  # RoPE position inside its own segment's pass
+    memory_position: np.ndarray  # RoPE position when seen as memory (0 where not memory)
+    memory_slot: np.ndarray  # index in the memory buffer, -1 for tokens never kept
+    label: np.ndarray  # raw index of the next raw token to predict, -1: no LM loss
+    span_start: np.ndarray  # gists: first raw index of the span it summarises, else -1
+
+    @property
+    def shape(self) -> LayoutShape:
+        return LayoutShape(self.num_segments, self.segment_length, self.slots, self.num_sinks)
+
+    @property
+    def length(self) -> int:
+        return self.shape.length
+
+    @property
+    def memory_size(self) -> int:
+        return self.shape.memory_size
+
+    @property
+    def padded_raw(self) -> int:
+        return self.shape.padded_raw
+
+    def segment_slice(self, i: int) -> slice:
+        return self.shape.segment_slice(i)
+
+    def loss_mask(self, include_first_segment: bool = True) -> np.ndarray:
+        mask = self.label >= 0
+        if not include_first_segment:
+            mask &= self.segment > 0
+        return mask
+
+    def live_gists(self) -> int:
+        return int((self.is_gist & self.alive).sum())
+
+
+def _segment_order(granularity: str, segment_length: int, ratio: int, slots: int) -> list[int]:
+    """Order of one segment's tokens: raw offsets 0..L-1, gist slots as -(slot + 1)."""
+    live = segment_length // ratio
+    if granularity == "coarse":
+        order = list(range(segment_length)) + [-(j + 1) for j in range(live)]
+    else:
+        order = []
+        for j in range(live):
+            order += list(range(j * ratio, (j + 1) * ratio)) + [-(j + 1)]
+    return order + [-(j + 1) for j in range(live, slots)]
+
+
+def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] | None = None,
+                 slots: int | None = None) -> GistLayout:
+    """Layout for ``num_raw`` raw tokens with one ratio per segment.
+
+    ``ratios`` defaults to the single ratio of a fixed config; ``slots`` to L / min(ratios).
+    """
+    if not cfg.enabled:
+        raise ConfigError("build_layout needs compression.memory 'kv' or 'recurrent'")
+    L, s = cfg.segment_length, cfg.num_sinks
+    num_segments = cfg.num_segments(num_raw)
+    if ratios is None:
+        ratios = (cfg.ratios[0],) * num_segments
+    ratios = tuple(int(r) for r in ratios)
+    if len(ratios) != num_segments:
+        raise ConfigError(f"{len(ratios)} ratios given for {num_segments} segments")
+    if any(L % r for r in ratios):
+        raise ConfigError(f"ratios {ratios} must divide compression.segment_length={L}")
+    slots = slots or L // min(ratios)
+    if slots < L // min(ratios):
+        raise ConfigError(f"{slots} gist slots cannot hold L / r = {L // min(ratios)} gists")
+
+    cols = {k: [] for k in ("raw_index", "segment", "is_gist", "alive", "gist_slot", "position",
+                            "memory_position", "memory_slot", "span_start")}
+    gists_before = 0  # live gists of earlier segments (memory grows by these)
+    for i, r in enumerate(ratios):
+        live = L // r
+        offset_in_memory = 0 if i == 0 else s + gists_before
+        for k, item in enumerate(_segment_order(cfg.granularity, L, r, slots)):
+            is_gist = item < 0
+            slot = -item - 1 if is_gist else 0
+            raw = -1 if is_gist else i * L + item
+            alive = slot < live if is_gist else raw < num_raw
+            # A gist's span is the r raw tokens it summarises (fine: the ones before it;
+            # coarse: the slot-th block of r tokens); aligned position = the token after it.
+            span = i * L + slot * r if is_gist and alive else -1
+            if cfg.positions == "compressed":
+                position = offset_in_memory + k
+                memory_position = (s + gists_before + slot) if (is_gist and alive) else (
+                    raw if 0 <= raw < s else 0)
+            else:
+                after = (i + 1) * L if cfg.granularity == "coarse" or not alive else span + r
+                position = after if is_gist else raw
+                memory_position = position if (is_gist and alive) or 0 <= raw < s else 0
+            if is_gist:
+                memory_slot = s + i * slots + slot if alive else -1
+            else:
+                memory_slot = raw if raw < s and alive else -1
+            for key, value in (("raw_index", raw), ("segment", i), ("is_gist", is_gist),
+                               ("alive", alive), ("gist_slot", slot), ("position", position),
+                               ("memory_position", memory_position), ("memory_slot", memory_slot),
+                               ("span_start", span)):
+                cols[key].append(value)
+        gists_before += live
+
+    arrays = {k: np.asarray(v, dtype=bool if k in ("is_gist", "alive") else np.int32)
+              for k, v in cols.items()}
+    raw_index = arrays["raw_index"]
+    is_sink = (raw_index >= 0) & (raw_index < s) & arrays["alive"]
+    next_raw = raw_index + 1
+    label = np.where((raw_index >= 0) & (next_raw < num_raw), next_raw, -1).astype(np.int32)
+    return GistLayout(num_raw=num_raw, num_segments=num_segments, segment_length=L, slots=slots,
+                      num_sinks=s, ratios=ratios, is_sink=is_sink, label=label, **arrays)

@@ -1,0 +1,126 @@
+"""The training paths: every KV-variant segment in one pass, and Coarse-Rec as a scan.
+
+Both return logits in layout order, ``[B, T, V]`` with ``T = layout.shape.length``; the
+sequential reference (``sequential.py``) returns the same array, which is what the tests
+compare. ``raw_embeds_BxNxE`` feeds raw-token embeddings instead of token ids (gradient
+probes); gists always use the gist embedding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec
+from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.config import ModelConfig
+from gist_jax.model.transformer import Decoder, Params
+
+
+def _embed_kwargs(raw_embeds_BxNxE: jax.Array | None, shape: LayoutShape,
+                  raw_index_T: jax.Array) -> dict:
+    if raw_embeds_BxNxE is None:
+        return {}
+    embeds = gather_raw(pad_raw(raw_embeds_BxNxE, shape), raw_index_T)
+    mask = jnp.broadcast_to(raw_index_T >= 0, embeds.shape[:2])
+    return {"input_embeds_BxTxE": embeds, "input_embeds_mask_BxT": mask}
+
+
+def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
+                tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                raw_embeds_BxNxE: jax.Array | None = None,
+                stop_gist_memory_gradient: bool = False) -> jax.Array:
+    """Fine-KV / Coarse-KV in one pass with the dense reference masks."""
+    tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
+    spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
+    return Decoder(cfg).apply({"params": params}, tokens_BxT, spec,
+                              **_embed_kwargs(raw_embeds_BxNxE, shape, arrays["raw_index"]))
+
+
+def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
+                   tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                   raw_embeds_BxNxE: jax.Array | None = None,
+                   stop_gist_memory_gradient: bool = False) -> jax.Array:
+    """Coarse-Rec: ``lax.scan`` over segments with a fixed-size memory of gist states.
+
+    Step i runs ``[sinks | memory buffer | segment i raw + gists]`` causally; memory slots of
+    segments >= i are masked out, so one compiled step serves every segment. Gradients reach
+    at most ``comp.bptt_segments`` segments back through the memory (0: all).
+    """
+    b = tokens_BxN.shape[0]
+    s, slots, seg_len, nseg = shape.num_sinks, shape.slots, shape.segment_length, shape.num_segments
+    mem = nseg * slots
+    tokens_BxN = pad_raw(tokens_BxN, shape)
+    tokens_BxT = gather_raw(tokens_BxN, arrays["raw_index"])
+
+    def per_segment(x_BxT):  # [B, T, ...] -> [S, B, Ts, ...]
+        return x_BxT.reshape((x_BxT.shape[0], nseg, shape.segment_tokens) + x_BxT.shape[2:]).swapaxes(0, 1)
+
+    def per_segment_1d(x_T):  # [T] -> [S, Ts]
+        return x_T.reshape(nseg, shape.segment_tokens)
+
+    embeds = _embed_kwargs(raw_embeds_BxNxE, shape, arrays["raw_index"])
+    use_raw_embeds = bool(embeds)
+    xs = {
+        "i": jnp.arange(nseg),
+        "tokens": per_segment(tokens_BxT),
+        "position": per_segment_1d(arrays["position"]),
+        "alive": per_segment_1d(arrays["alive"]),
+        "is_gist": per_segment_1d(arrays["is_gist"]),
+        "row": per_segment_1d(embedding_rows(arrays, comp)),
+    }
+    if use_raw_embeds:
+        xs["embeds"] = per_segment(embeds["input_embeds_BxTxE"])
+    sink_tokens_Bxs = tokens_BxN[:, :s]
+    sink_embeds = pad_raw(raw_embeds_BxNxE, shape)[:, :s] if use_raw_embeds else None
+    sink_pos, sink_live = arrays["buffer_position"][:s], arrays["buffer_live"][:s]
+    mem_pos, mem_live, mem_seg = (arrays[f"buffer_{k}"][s:] for k in ("position", "live", "segment"))
+    prefix = s + mem
+
+    def step(memory_BxMxE, x):
+        i = x["i"]
+        if comp.bptt_segments:
+            hold = (mem_seg < i - comp.bptt_segments)[None, :, None]
+            memory_BxMxE = jnp.where(hold, jax.lax.stop_gradient(memory_BxMxE), memory_BxMxE)
+        if stop_gist_memory_gradient:
+            memory_BxMxE = jax.lax.stop_gradient(memory_BxMxE)
+        zeros_mem = jnp.zeros((b, mem), tokens_BxN.dtype)
+        tokens = jnp.concatenate([sink_tokens_Bxs, zeros_mem, x["tokens"]], axis=1)
+        valid = jnp.concatenate([sink_live & (i > 0), mem_live & (mem_seg < i), x["alive"]])
+        false_prefix = jnp.zeros(prefix, bool)
+        spec = AttentionSpec(
+            positions=jnp.broadcast_to(jnp.concatenate([sink_pos, mem_pos, x["position"]]), tokens.shape),
+            valid=jnp.broadcast_to(valid, tokens.shape),
+            is_gist=jnp.broadcast_to(jnp.concatenate([false_prefix, x["is_gist"]]), tokens.shape),
+            gist_slot=jnp.broadcast_to(jnp.concatenate([jnp.zeros(prefix, jnp.int32), x["row"]]),
+                                       tokens.shape),
+        )
+        seg_embeds = x["embeds"] if use_raw_embeds else jnp.zeros(
+            (b, shape.segment_tokens, cfg.hidden_size), memory_BxMxE.dtype)
+        first = sink_embeds if use_raw_embeds else jnp.zeros((b, s, cfg.hidden_size), memory_BxMxE.dtype)
+        input_embeds = jnp.concatenate([first.astype(memory_BxMxE.dtype), memory_BxMxE,
+                                        seg_embeds.astype(memory_BxMxE.dtype)], axis=1)
+        raw_mask = jnp.full((s,), use_raw_embeds)
+        seg_mask = (~x["is_gist"]) & use_raw_embeds
+        embeds_mask = jnp.concatenate([raw_mask, jnp.ones(mem, bool), seg_mask])
+        logits_BxTxV, hidden_BxTxE = Decoder(cfg).apply(
+            {"params": params}, tokens, spec, input_embeds_BxTxE=input_embeds,
+            input_embeds_mask_BxT=jnp.broadcast_to(embeds_mask, tokens.shape), return_hidden=True)
+        gist_states = hidden_BxTxE[:, prefix + seg_len:prefix + seg_len + slots]
+        memory_BxMxE = jax.lax.dynamic_update_slice(
+            memory_BxMxE, gist_states.astype(memory_BxMxE.dtype), (0, i * slots, 0))
+        return memory_BxMxE, logits_BxTxV[:, prefix:]
+
+    memory0 = jnp.zeros((b, mem, cfg.hidden_size), cfg.compute_dtype)
+    _, logits_SxBxTsxV = jax.lax.scan(step, memory0, xs)
+    return logits_SxBxTsxV.swapaxes(0, 1).reshape(b, shape.length, -1)
+
+
+def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays,
+                      **kwargs) -> jax.Array:
+    """Training forward for a compression config: KV variants in one pass, recurrent as a scan."""
+    fn = {"kv": kv_parallel, "recurrent": recurrent_scan}[comp.memory]
+    return fn(cfg, comp, shape, params, tokens_BxN, arrays, **kwargs)

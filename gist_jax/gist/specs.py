@@ -1,0 +1,88 @@
+"""From a host-side ``GistLayout`` to what the compiled model consumes: token ids in layout
+order and ``AttentionSpec``s for the parallel pass, one segment, or one recurrent step.
+
+Masks are built from per-token arrays inside the compiled function (broadcast comparisons),
+so nothing of size T x T ever crosses from the host.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import GistLayout, LayoutShape
+from gist_jax.model.attention import AttentionSpec
+
+LayoutArrays = dict[str, jax.Array]
+_FIELDS = ("raw_index", "segment", "is_gist", "is_sink", "alive", "gist_slot", "position",
+           "memory_position", "memory_slot", "label")
+
+
+def layout_arrays(layout: GistLayout) -> LayoutArrays:
+    """Per-token and memory-buffer layout arrays as device arrays: the data half of a layout,
+    passed through jit next to the static ``layout.shape``."""
+    arrays = {k: jnp.asarray(getattr(layout, k)) for k in _FIELDS}
+    arrays.update({f"buffer_{k}": jnp.asarray(v) for k, v in memory_buffer_arrays(layout).items()})
+    return arrays
+
+
+def embedding_rows(arrays: LayoutArrays, comp: CompressionConfig) -> jax.Array:
+    return arrays["gist_slot"] if comp.gist_embedding == "per_slot" else jnp.zeros_like(arrays["gist_slot"])
+
+
+def gather_raw(raw_BxN: jax.Array, raw_index_T: jax.Array) -> jax.Array:
+    """Raw tokens (or embeddings) in layout order; gist slots get index 0 (overwritten later)."""
+    return jnp.take(raw_BxN, jnp.maximum(raw_index_T, 0), axis=1)
+
+
+def pad_raw(tokens_BxN: jax.Array, shape: LayoutShape) -> jax.Array:
+    extra = shape.padded_raw - tokens_BxN.shape[1]
+    return tokens_BxN if extra == 0 else jnp.pad(tokens_BxN, ((0, 0), (0, extra)))
+
+
+def _broadcast(batch: int, **arrays: jax.Array) -> dict[str, jax.Array]:
+    return {k: jnp.broadcast_to(v, (batch,) + v.shape) for k, v in arrays.items()}
+
+
+def parallel_spec(arrays: LayoutArrays, comp: CompressionConfig, batch: int,
+                  stop_gist_memory_gradient: bool = False) -> AttentionSpec:
+    """The whole sequence in one pass (KV variants). Own segment: causal, keys at their
+    in-segment positions. Earlier segments: sinks and live gists only, keys at memory positions.
+    """
+    seg_T, alive_T = arrays["segment"], arrays["alive"]
+    idx_T = jnp.arange(seg_T.shape[0])
+    local_TxS = (seg_T[:, None] == seg_T[None, :]) & (idx_T[None, :] <= idx_T[:, None]) & alive_T[None, :]
+    memory_key_S = (arrays["is_gist"] & alive_T) | arrays["is_sink"]
+    memory_TxS = (seg_T[None, :] < seg_T[:, None]) & memory_key_S[None, :]
+    fields = _broadcast(batch, positions=arrays["position"], mask=local_TxS,
+                        memory_positions=arrays["memory_position"], memory_mask=memory_TxS,
+                        is_gist=arrays["is_gist"], gist_slot=embedding_rows(arrays, comp))
+    return AttentionSpec(stop_gist_memory_gradient=stop_gist_memory_gradient, **fields)
+
+
+def segment_spec(arrays: LayoutArrays, shape: LayoutShape, comp: CompressionConfig, i: int,
+                 batch: int, prefix_valid_BxM: jax.Array) -> AttentionSpec:
+    """Segment i alone against an external KV memory (sequential path and inference)."""
+    sl = shape.segment_slice(i)
+    alive_T = arrays["alive"][sl]
+    t = alive_T.shape[0]
+    local_TxS = jnp.tril(jnp.ones((t, t), bool)) & alive_T[None, :]
+    fields = _broadcast(batch, positions=arrays["position"][sl], mask=local_TxS,
+                        is_gist=arrays["is_gist"][sl], gist_slot=embedding_rows(arrays, comp)[sl])
+    return AttentionSpec(prefix_valid=prefix_valid_BxM, **fields)
+
+
+def memory_buffer_arrays(layout: GistLayout) -> dict[str, np.ndarray]:
+    """Host arrays over the memory buffer (sinks first, then S * slots gist slots)."""
+    size = layout.memory_size
+    position = np.zeros(size, np.int32)
+    live = np.zeros(size, bool)
+    segment = np.full(size, -1, np.int32)
+    kept = layout.memory_slot >= 0
+    slots = layout.memory_slot[kept]
+    position[slots] = layout.memory_position[kept]
+    live[slots] = True
+    segment[slots] = np.where(layout.is_gist[kept], layout.segment[kept], -1)
+    return {"position": position, "live": live, "segment": segment}
