@@ -20,6 +20,7 @@ slot j of segment i at ``num_sinks + i * slots + j``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -126,7 +127,7 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
     ``ratios`` defaults to the single ratio of a fixed config; ``slots`` to L / min(ratios).
     """
     if not cfg.enabled:
-        raise ConfigError("build_layout needs compression.memory 'kv' or 'recurrent'")
+        return _full_attention_layout(num_raw)
     L, s = cfg.segment_length, cfg.num_sinks
     num_segments = cfg.num_segments(num_raw)
     if ratios is None:
@@ -136,7 +137,7 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
         raise ConfigError(f"{len(ratios)} ratios given for {num_segments} segments")
     if any(L % r for r in ratios):
         raise ConfigError(f"ratios {ratios} must divide compression.segment_length={L}")
-    slots = slots or L // min(ratios)
+    slots = L // min(ratios) if slots is None else slots
     if slots < L // min(ratios):
         raise ConfigError(f"{slots} gist slots cannot hold L / r = {L // min(ratios)} gists")
 
@@ -181,3 +182,38 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
     label = np.where((raw_index >= 0) & (next_raw < num_raw), next_raw, -1).astype(np.int32)
     return GistLayout(num_raw=num_raw, num_segments=num_segments, segment_length=L, slots=slots,
                       num_sinks=s, ratios=ratios, is_sink=is_sink, label=label, **arrays)
+
+
+def _full_attention_layout(num_raw: int) -> GistLayout:
+    """memory='none': one segment, no gists, ordinary positions (same labels as any layout)."""
+    raw = np.arange(num_raw, dtype=np.int32)
+    zeros, false = np.zeros(num_raw, np.int32), np.zeros(num_raw, bool)
+    return GistLayout(
+        num_raw=num_raw, num_segments=1, segment_length=num_raw, slots=0, num_sinks=0,
+        ratios=(1,), raw_index=raw, segment=zeros, is_gist=false, is_sink=false,
+        alive=np.ones(num_raw, bool), gist_slot=zeros, position=raw, memory_position=zeros,
+        memory_slot=np.full(num_raw, -1, np.int32),
+        label=np.where(raw + 1 < num_raw, raw + 1, -1).astype(np.int32),
+        span_start=np.full(num_raw, -1, np.int32))
+
+
+@functools.lru_cache(maxsize=256)
+def cached_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] | None = None,
+                  slots: int | None = None) -> GistLayout:
+    """``build_layout`` memoised: a training run meets few distinct layouts, once each."""
+    return build_layout(num_raw, cfg, ratios, slots)
+
+
+def sample_ratios(cfg: CompressionConfig, num_segments: int,
+                  rng: np.random.Generator) -> tuple[tuple[int, ...], int]:
+    """Per-segment ratios and gist slots for one batch, drawn on the host.
+
+    ``per_instance`` draws one ratio for the whole batch (the layout, hence the compiled
+    shape, is shared by its sequences); ``per_segment`` draws one per segment and pads every
+    segment to L / min(ratios) slots, so its shape never changes.
+    """
+    if cfg.ratio_sampling == "per_segment":
+        ratios = tuple(int(r) for r in rng.choice(cfg.ratios, size=num_segments))
+        return ratios, cfg.max_gists_per_segment
+    r = cfg.ratios[0] if cfg.ratio_sampling == "fixed" else int(rng.choice(cfg.ratios))
+    return (r,) * num_segments, cfg.segment_length // r

@@ -69,7 +69,7 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
         "position": per_segment_1d(arrays["position"]),
         "alive": per_segment_1d(arrays["alive"]),
         "is_gist": per_segment_1d(arrays["is_gist"]),
-        "row": per_segment_1d(embedding_rows(arrays, comp)),
+        "row": per_segment_1d(embedding_rows(arrays["gist_slot"], comp)),
     }
     if use_raw_embeds:
         xs["embeds"] = per_segment(embeds["input_embeds_BxTxE"])
@@ -121,6 +121,10 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
 def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape,
                       params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays,
                       **kwargs) -> jax.Array:
-    """Training forward for a compression config: KV variants in one pass, recurrent as a scan."""
+    """Training forward for a compression config: KV variants in one pass, recurrent as a scan,
+    and ``none`` the plain model itself (its layout is the raw sequence)."""
+    if comp.memory == "none":
+        return Decoder(cfg).apply({"params": params}, tokens_BxN,
+                                  AttentionSpec.causal(*tokens_BxN.shape))
     fn = {"kv": kv_parallel, "recurrent": recurrent_scan}[comp.memory]
     return fn(cfg, comp, shape, params, tokens_BxN, arrays, **kwargs)

@@ -89,7 +89,7 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
     b, s = tokens_BxN.shape[0], layout.num_sinks
     tokens_BxN = pad_raw(tokens_BxN, layout.shape)
     raw_embeds = None if raw_embeds_BxNxE is None else pad_raw(raw_embeds_BxNxE, layout.shape)
-    rows = np.asarray(embedding_rows(layout_arrays(layout), comp))
+    rows = embedding_rows(layout.gist_slot, comp)
     sink_index = np.nonzero(layout.is_sink)[0]
     memory_states, memory_positions, outputs = [], [], []
     for i in range(layout.num_segments):
@@ -109,7 +109,8 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
             valid=jnp.broadcast_to(jnp.asarray(np.concatenate([np.ones(prefix, bool), layout.alive[sl]])), tokens.shape),
             is_gist=jnp.broadcast_to(jnp.asarray(flags), tokens.shape),
             gist_slot=jnp.broadcast_to(jnp.asarray(np.concatenate([np.zeros(prefix, np.int32), rows[sl]])), tokens.shape))
-        mem_E = [m for m in memory_states]
+        k = comp.bptt_segments  # same truncation as the scan: older memory is a constant
+        mem_E = [jax.lax.stop_gradient(m) if k and j < i - k else m for j, m in enumerate(memory_states)]
         parts, mask = [], []
         if raw_embeds is not None:
             parts.append(raw_embeds[:, :len(sinks)])

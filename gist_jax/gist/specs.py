@@ -28,8 +28,9 @@ def layout_arrays(layout: GistLayout) -> LayoutArrays:
     return arrays
 
 
-def embedding_rows(arrays: LayoutArrays, comp: CompressionConfig) -> jax.Array:
-    return arrays["gist_slot"] if comp.gist_embedding == "per_slot" else jnp.zeros_like(arrays["gist_slot"])
+def embedding_rows(gist_slot, comp: CompressionConfig):
+    """Gist embedding row per token (numpy or jax in, same kind out)."""
+    return gist_slot if comp.gist_embedding == "per_slot" else gist_slot * 0
 
 
 def gather_raw(raw_BxN: jax.Array, raw_index_T: jax.Array) -> jax.Array:
@@ -58,7 +59,7 @@ def parallel_spec(arrays: LayoutArrays, comp: CompressionConfig, batch: int,
     memory_TxS = (seg_T[None, :] < seg_T[:, None]) & memory_key_S[None, :]
     fields = _broadcast(batch, positions=arrays["position"], mask=local_TxS,
                         memory_positions=arrays["memory_position"], memory_mask=memory_TxS,
-                        is_gist=arrays["is_gist"], gist_slot=embedding_rows(arrays, comp))
+                        is_gist=arrays["is_gist"], gist_slot=embedding_rows(arrays["gist_slot"], comp))
     return AttentionSpec(stop_gist_memory_gradient=stop_gist_memory_gradient, **fields)
 
 
@@ -70,7 +71,7 @@ def segment_spec(arrays: LayoutArrays, shape: LayoutShape, comp: CompressionConf
     t = alive_T.shape[0]
     local_TxS = jnp.tril(jnp.ones((t, t), bool)) & alive_T[None, :]
     fields = _broadcast(batch, positions=arrays["position"][sl], mask=local_TxS,
-                        is_gist=arrays["is_gist"][sl], gist_slot=embedding_rows(arrays, comp)[sl])
+                        is_gist=arrays["is_gist"][sl], gist_slot=embedding_rows(arrays["gist_slot"], comp)[sl])
     return AttentionSpec(prefix_valid=prefix_valid_BxM, **fields)
 
 
