@@ -22,14 +22,14 @@ def _loss_weights(layout, vocab):
     return w * jnp.asarray(layout.alive)[None, :, None]
 
 
-def _both(comp, ratio_segments):
+def _both(comp, ratio_segments, per_segment_ratios=None, num_raw=None):
     """Logits and parameter gradients of a random linear loss, parallel and sequential, jitted."""
     ratio, segments = ratio_segments
     comp = comp.replace(ratios=(ratio,))
     cfg, params = model(comp)
-    n = segments * comp.segment_length
+    n = num_raw or segments * comp.segment_length
     toks = tokens(2, n, seed=segments)
-    layout = build_layout(n, comp)
+    layout = build_layout(n, comp, per_segment_ratios)
     arrays = layout_arrays(layout)
     weights = _loss_weights(layout, cfg.vocab_size)
 
@@ -99,3 +99,14 @@ def test_memory_is_actually_used():
         lb = compressed_logits(cfg, comp, layout.shape, params, b, arrays)
         last = layout.segment == 2
         assert float(jnp.abs(la - lb)[:, last].max()) > 1e-4
+
+
+@pytest.mark.parametrize("memory,granularity", [("kv", "fine"), ("kv", "coarse"),
+                                                ("recurrent", "coarse")])
+def test_per_segment_ratios_with_dead_slots_and_padding(memory, granularity):
+    """Beacon-style mixed ratios (segments padded to L / min r slots) and a sequence that is
+    not a whole number of segments (pad_to_segments): dead slots and padding change nothing."""
+    comp = comp_config(memory, granularity, sinks=4, pad_to_segments=True)
+    layout, par, seq, g_par, g_seq = _both(comp, (2, 3), per_segment_ratios=(2, 8, 4), num_raw=21)
+    assert layout.slots == 4 and (~layout.alive).sum() == (4 - 1) + (4 - 2) + 3
+    _assert_match(layout, par, seq, g_par, g_seq, "per-segment")

@@ -1,0 +1,72 @@
+"""Property tests of the layout builder over random segment lengths, ratios, lengths and sinks."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import build_layout
+
+
+@st.composite
+def layouts(draw):
+    ratio = draw(st.sampled_from([1, 2, 4, 8, 16]))
+    L = ratio * draw(st.integers(1, 8))
+    segments = draw(st.integers(1, 5))
+    sinks = draw(st.integers(0, L - 1))
+    comp = CompressionConfig(memory="kv", granularity=draw(st.sampled_from(["fine", "coarse"])),
+                             segment_length=L, ratios=(ratio,), ratio_sampling="fixed",
+                             num_sinks=sinks, positions=draw(st.sampled_from(["compressed", "aligned"])),
+                             pad_to_segments=True)
+    n = draw(st.integers((segments - 1) * L + 1, segments * L))
+    return comp, n, build_layout(n, comp)
+
+
+@settings(max_examples=150, deadline=None)
+@given(layouts())
+def test_layout_properties(case):
+    comp, n, lay = case
+    L, r, s, S = comp.segment_length, comp.ratios[0], comp.num_sinks, lay.num_segments
+    t = L // r
+    raw = lay.raw_index >= 0
+    # counts: every padded raw token once, in order; t gists per segment
+    assert lay.length == S * (L + t)
+    np.testing.assert_array_equal(lay.raw_index[raw], np.arange(S * L))
+    assert lay.is_gist.sum() == S * t == lay.live_gists()
+    np.testing.assert_array_equal(np.bincount(lay.segment[lay.is_gist], minlength=S), t)
+    # labels: a raw token predicts the next raw token, across gists; gists and the last token none
+    np.testing.assert_array_equal(lay.label[raw & (lay.raw_index < n - 1)],
+                                  lay.raw_index[raw & (lay.raw_index < n - 1)] + 1)
+    assert (lay.label[lay.is_gist] == -1).all() and (lay.label[raw & (lay.raw_index >= n - 1)] == -1).all()
+    assert (lay.loss_mask() == (lay.label >= 0)).all() and lay.loss_mask().sum() == n - 1
+    # granularity: fine puts a gist after every r raw tokens; coarse puts them all at the end
+    for i in range(S):
+        seg_gist = lay.is_gist[lay.segment_slice(i)]
+        expected = np.zeros(L + t, bool)
+        if comp.granularity == "fine":
+            expected[np.arange(1, t + 1) * (r + 1) - 1] = True
+        else:
+            expected[L:] = True
+        np.testing.assert_array_equal(seg_gist, expected)
+    # spans: gist j of a segment summarises raw tokens [span, span + r)
+    spans = lay.span_start[lay.is_gist]
+    np.testing.assert_array_equal(spans, np.arange(S * t) * r)
+    # memory: sinks then gists, unique slots in the buffer
+    slots = lay.memory_slot[lay.memory_slot >= 0]
+    assert len(set(slots.tolist())) == len(slots) == min(s, n) + S * t
+    assert lay.is_sink.sum() == min(s, n)
+    if comp.positions == "compressed":
+        assert lay.position.max() < s + S * L / r + L
+        for i in range(S):  # each segment continues right after its memory
+            start = 0 if i == 0 else s + i * t
+            np.testing.assert_array_equal(lay.position[lay.segment_slice(i)],
+                                          start + np.arange(L + t))
+        np.testing.assert_array_equal(lay.memory_position[lay.is_gist], s + np.arange(S * t))
+    else:
+        np.testing.assert_array_equal(lay.position[raw], lay.raw_index[raw])
+        after = spans + r if comp.granularity == "fine" else (lay.segment[lay.is_gist] + 1) * L
+        np.testing.assert_array_equal(lay.position[lay.is_gist], after)
+        np.testing.assert_array_equal(lay.memory_position[lay.is_gist], lay.position[lay.is_gist])
+    np.testing.assert_array_equal(lay.memory_position[lay.is_sink], np.arange(min(s, n)))
