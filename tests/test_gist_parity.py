@@ -110,3 +110,22 @@ def test_per_segment_ratios_with_dead_slots_and_padding(memory, granularity):
     layout, par, seq, g_par, g_seq = _both(comp, (2, 3), per_segment_ratios=(2, 8, 4), num_raw=21)
     assert layout.slots == 4 and (~layout.alive).sum() == (4 - 1) + (4 - 2) + 3
     _assert_match(layout, par, seq, g_par, g_seq, "per-segment")
+
+
+@pytest.mark.parametrize("layers", [dict(scan_layers=False), dict(remat_policy="full"),
+                                    dict(scan_layers=False, remat_policy="dots")])
+def test_sequential_memory_works_with_any_layer_layout(layers):
+    """The carried KV memory is collected per layer whether layers are scanned, unrolled or
+    rematerialised."""
+    from gist_jax.model.transformer import to_layout
+
+    comp = comp_config("kv", "fine", sinks=2, gist_projections=True)
+    cfg, params = model(comp)
+    layout = build_layout(24, comp)
+    toks = tokens(1, 24)
+    reference = sequential_logits(cfg, comp, layout, params, toks)
+    cfg2 = cfg.replace(**layers)
+    params2 = to_layout(params, cfg2)
+    for logits in (sequential_logits(cfg2, comp, layout, params2, toks),
+                   compressed_logits(cfg2, comp, layout.shape, params2, toks, layout_arrays(layout))):
+        np.testing.assert_allclose(logits[:, layout.alive], reference[:, layout.alive], atol=1e-5)

@@ -13,19 +13,11 @@ import jax.numpy as jnp
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec
+from gist_jax.gist.specs import (LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec,
+                                 raw_embed_inputs)
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Decoder, Params
-
-
-def _embed_kwargs(raw_embeds_BxNxE: jax.Array | None, shape: LayoutShape,
-                  raw_index_T: jax.Array) -> dict:
-    if raw_embeds_BxNxE is None:
-        return {}
-    embeds = gather_raw(pad_raw(raw_embeds_BxNxE, shape), raw_index_T)
-    mask = jnp.broadcast_to(raw_index_T >= 0, embeds.shape[:2])
-    return {"input_embeds_BxTxE": embeds, "input_embeds_mask_BxT": mask}
 
 
 def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
@@ -36,7 +28,7 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
     spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     return Decoder(cfg).apply({"params": params}, tokens_BxT, spec,
-                              **_embed_kwargs(raw_embeds_BxNxE, shape, arrays["raw_index"]))
+                              **raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"]))
 
 
 def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
@@ -61,7 +53,7 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
     def per_segment_1d(x_T):  # [T] -> [S, Ts]
         return x_T.reshape(nseg, shape.segment_tokens)
 
-    embeds = _embed_kwargs(raw_embeds_BxNxE, shape, arrays["raw_index"])
+    embeds = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     use_raw_embeds = bool(embeds)
     xs = {
         "i": jnp.arange(nseg),

@@ -15,7 +15,8 @@ import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout
-from gist_jax.gist.specs import embedding_rows, gather_raw, layout_arrays, pad_raw, segment_spec
+from gist_jax.gist.specs import (embedding_rows, gather_raw, layout_arrays, pad_raw, raw_embed_inputs,
+                                 segment_spec)
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, rope_inverse_frequencies
@@ -51,14 +52,6 @@ class KVMemory:
                         self.valid.at[:, slot].set(True))
 
 
-def _raw_embed_kwargs(raw_embeds_BxNxE, layout, raw_index):
-    if raw_embeds_BxNxE is None:
-        return {}
-    embeds = gather_raw(pad_raw(raw_embeds_BxNxE, layout.shape), jnp.asarray(raw_index))
-    return {"input_embeds_BxTxE": embeds,
-            "input_embeds_mask_BxT": jnp.broadcast_to(jnp.asarray(raw_index >= 0), embeds.shape[:2])}
-
-
 def sequential_kv(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout, params: Params,
                   tokens_BxN: jax.Array, *, raw_embeds_BxNxE: jax.Array | None = None
                   ) -> tuple[jax.Array, KVMemory]:
@@ -73,7 +66,7 @@ def sequential_kv(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,
         spec = segment_spec(arrays, layout.shape, comp, i, b, memory.valid)
         logits, state = Decoder(cfg).apply(
             {"params": params}, tokens_BxT[:, sl], spec, memory=LayerMemory(memory.k, memory.v),
-            mutable=["intermediates"], **_raw_embed_kwargs(raw_embeds_BxNxE, layout, layout.raw_index[sl]))
+            mutable=["intermediates"], **raw_embed_inputs(raw_embeds_BxNxE, layout.shape, layout.raw_index[sl]))
         k_un, v = collect_kv(state["intermediates"], cfg)
         keep = np.nonzero(layout.memory_slot[sl] >= 0)[0]
         memory = memory.append(cfg, k_un, v, keep, layout.memory_slot[sl][keep],
@@ -86,7 +79,7 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
                          params: Params, tokens_BxN: jax.Array, *,
                          raw_embeds_BxNxE: jax.Array | None = None) -> jax.Array:
     """Coarse-Rec segment by segment with exact-length inputs ``[sinks ; memory ; segment]``."""
-    b, s = tokens_BxN.shape[0], layout.num_sinks
+    b = tokens_BxN.shape[0]
     tokens_BxN = pad_raw(tokens_BxN, layout.shape)
     raw_embeds = None if raw_embeds_BxNxE is None else pad_raw(raw_embeds_BxNxE, layout.shape)
     rows = embedding_rows(layout.gist_slot, comp)
@@ -103,32 +96,32 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
                                   seg_tokens], axis=1)
         positions = np.concatenate([layout.memory_position[sinks], *memory_positions,
                                     layout.position[sl]]).astype(np.int32)
-        flags = np.concatenate([np.zeros(prefix, bool), layout.is_gist[sl]])
+
+        def per_token(x):
+            return jnp.broadcast_to(jnp.asarray(x), tokens.shape)
+
         spec = AttentionSpec(
-            positions=jnp.broadcast_to(jnp.asarray(positions), tokens.shape),
-            valid=jnp.broadcast_to(jnp.asarray(np.concatenate([np.ones(prefix, bool), layout.alive[sl]])), tokens.shape),
-            is_gist=jnp.broadcast_to(jnp.asarray(flags), tokens.shape),
-            gist_slot=jnp.broadcast_to(jnp.asarray(np.concatenate([np.zeros(prefix, np.int32), rows[sl]])), tokens.shape))
+            positions=per_token(positions),
+            valid=per_token(np.concatenate([np.ones(prefix, bool), layout.alive[sl]])),
+            is_gist=per_token(np.concatenate([np.zeros(prefix, bool), layout.is_gist[sl]])),
+            gist_slot=per_token(np.concatenate([np.zeros(prefix, np.int32), rows[sl]])))
         k = comp.bptt_segments  # same truncation as the scan: older memory is a constant
         mem_E = [jax.lax.stop_gradient(m) if k and j < i - k else m for j, m in enumerate(memory_states)]
-        parts, mask = [], []
-        if raw_embeds is not None:
-            parts.append(raw_embeds[:, :len(sinks)])
-        else:
-            parts.append(jnp.zeros((b, len(sinks), cfg.hidden_size), cfg.compute_dtype))
-        mask.append(np.full(len(sinks), raw_embeds is not None))
-        parts += mem_E
-        mask.append(np.ones(n_mem, bool))
-        if raw_embeds is not None:
-            parts.append(gather_raw(raw_embeds, jnp.asarray(raw_index)))
-        else:
-            parts.append(jnp.zeros((b, len(raw_index), cfg.hidden_size), cfg.compute_dtype))
-        mask.append((raw_index >= 0) & (raw_embeds is not None))
-        embeds = jnp.concatenate([p.astype(cfg.compute_dtype) for p in parts], axis=1)
+        # Input embeddings: memory states after the sinks; raw-token embeddings for the sinks and
+        # the segment only when probing with raw_embeds; gists keep their gist embedding.
+        probe = raw_embeds is not None
+
+        def zeros(t):
+            return jnp.zeros((b, t, cfg.hidden_size), cfg.compute_dtype)
+
+        sink_E = raw_embeds[:, :len(sinks)] if probe else zeros(len(sinks))
+        seg_E = gather_raw(raw_embeds, jnp.asarray(raw_index)) if probe else zeros(len(raw_index))
+        embeds = jnp.concatenate([x.astype(cfg.compute_dtype) for x in (sink_E, *mem_E, seg_E)], axis=1)
+        embeds_mask = np.concatenate([np.full(len(sinks), probe), np.ones(n_mem, bool),
+                                      (raw_index >= 0) & probe])
         logits, hidden = Decoder(cfg).apply(
             {"params": params}, tokens, spec, input_embeds_BxTxE=embeds,
-            input_embeds_mask_BxT=jnp.broadcast_to(jnp.asarray(np.concatenate(mask)), tokens.shape),
-            return_hidden=True)
+            input_embeds_mask_BxT=per_token(embeds_mask), return_hidden=True)
         live = np.nonzero(layout.is_gist[sl] & layout.alive[sl])[0]
         memory_states.append(hidden[:, prefix + live])
         memory_positions.append(layout.memory_position[sl][live])

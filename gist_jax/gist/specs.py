@@ -43,6 +43,18 @@ def pad_raw(tokens_BxN: jax.Array, shape: LayoutShape) -> jax.Array:
     return tokens_BxN if extra == 0 else jnp.pad(tokens_BxN, ((0, 0), (0, extra)))
 
 
+def raw_embed_inputs(raw_embeds_BxNxE: jax.Array | None, shape: LayoutShape,
+                     raw_index_T) -> dict[str, jax.Array]:
+    """Decoder kwargs that feed raw-token embeddings (gradient probes) in layout order;
+    gist slots keep their gist embedding. Empty when no embeddings are given."""
+    if raw_embeds_BxNxE is None:
+        return {}
+    raw_index_T = jnp.asarray(raw_index_T)
+    embeds = gather_raw(pad_raw(raw_embeds_BxNxE, shape), raw_index_T)
+    mask = jnp.broadcast_to(raw_index_T >= 0, embeds.shape[:2])
+    return {"input_embeds_BxTxE": embeds, "input_embeds_mask_BxT": mask}
+
+
 def _broadcast(batch: int, **arrays: jax.Array) -> dict[str, jax.Array]:
     return {k: jnp.broadcast_to(v, (batch,) + v.shape) for k, v in arrays.items()}
 
