@@ -129,3 +129,23 @@ def test_sequential_memory_works_with_any_layer_layout(layers):
     for logits in (sequential_logits(cfg2, comp, layout, params2, toks),
                    compressed_logits(cfg2, comp, layout.shape, params2, toks, layout_arrays(layout))):
         np.testing.assert_allclose(logits[:, layout.alive], reference[:, layout.alive], atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", ["kv", "recurrent"])
+def test_layer_kv_output_matches_the_sequential_memory(memory):
+    """``kv_layer`` returns a layer's keys/values without changing the logits; for KV variants
+    the gists' values equal what the sequential reference keeps in memory."""
+    from gist_jax.gist.sequential import sequential_kv
+
+    comp = comp_config(memory, "coarse", sinks=2)
+    cfg, params = model(comp)
+    layout = build_layout(24, comp)
+    toks, arrays = tokens(1, 24), layout_arrays(layout)
+    plain = compressed_logits(cfg, comp, layout.shape, params, toks, arrays)
+    logits, (k, v) = compressed_logits(cfg, comp, layout.shape, params, toks, arrays, kv_layer=-1)
+    np.testing.assert_array_equal(plain, logits)
+    assert k.shape == v.shape == (1, layout.length, cfg.num_kv_heads, cfg.head_dim)
+    if memory == "kv":
+        memory_state = sequential_kv(cfg, comp, layout, params, toks)[1]
+        gist = layout.is_gist
+        np.testing.assert_allclose(memory_state.v[-1][:, layout.memory_slot[gist]], v[:, gist], atol=1e-5)

@@ -17,24 +17,32 @@ from gist_jax.gist.specs import (LayoutArrays, embedding_rows, gather_raw, pad_r
                                  raw_embed_inputs)
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.transformer import Decoder, Params
+from gist_jax.model.transformer import Decoder, Params, collect_kv
 
 
 def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
                 tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                 raw_embeds_BxNxE: jax.Array | None = None,
-                stop_gist_memory_gradient: bool = False) -> jax.Array:
-    """Fine-KV / Coarse-KV in one pass with the dense reference masks."""
+                stop_gist_memory_gradient: bool = False, kv_layer: int | None = None):
+    """Fine-KV / Coarse-KV in one pass with the dense reference masks.
+
+    With ``kv_layer`` set, also returns that layer's un-rotated (k, v) ``[B, T, K, H]`` for
+    every layout token (the autoencoding objective reads the gists' entries)."""
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
     spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
-    return Decoder(cfg).apply({"params": params}, tokens_BxT, spec,
-                              **raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"]))
+    kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
+    if kv_layer is None:
+        return Decoder(cfg).apply({"params": params}, tokens_BxT, spec, **kwargs)
+    logits, state = Decoder(cfg).apply({"params": params}, tokens_BxT, spec,
+                                       mutable=["intermediates"], **kwargs)
+    k_LxBxTxKxH, v_LxBxTxKxH = collect_kv(state["intermediates"], cfg)
+    return logits, (k_LxBxTxKxH[kv_layer], v_LxBxTxKxH[kv_layer])
 
 
 def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
                    tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                    raw_embeds_BxNxE: jax.Array | None = None,
-                   stop_gist_memory_gradient: bool = False) -> jax.Array:
+                   stop_gist_memory_gradient: bool = False, kv_layer: int | None = None):
     """Coarse-Rec: ``lax.scan`` over segments with a fixed-size memory of gist states.
 
     Step i runs ``[sinks | memory buffer | segment i raw + gists]`` causally; memory slots of
@@ -97,24 +105,38 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
         raw_mask = jnp.full((s,), use_raw_embeds)
         seg_mask = (~x["is_gist"]) & use_raw_embeds
         embeds_mask = jnp.concatenate([raw_mask, jnp.ones(mem, bool), seg_mask])
-        logits_BxTxV, hidden_BxTxE = Decoder(cfg).apply(
+        outputs = Decoder(cfg).apply(
             {"params": params}, tokens, spec, input_embeds_BxTxE=input_embeds,
-            input_embeds_mask_BxT=jnp.broadcast_to(embeds_mask, tokens.shape), return_hidden=True)
+            input_embeds_mask_BxT=jnp.broadcast_to(embeds_mask, tokens.shape), return_hidden=True,
+            mutable=["intermediates"] if kv_layer is not None else False)
+        if kv_layer is None:
+            (logits_BxTxV, hidden_BxTxE), layer_kv = outputs, ()
+        else:
+            (logits_BxTxV, hidden_BxTxE), state = outputs
+            k_all, v_all = collect_kv(state["intermediates"], cfg)
+            layer_kv = (k_all[kv_layer][:, prefix:], v_all[kv_layer][:, prefix:])
         gist_states = hidden_BxTxE[:, prefix + seg_len:prefix + seg_len + slots]
         memory_BxMxE = jax.lax.dynamic_update_slice(
             memory_BxMxE, gist_states.astype(memory_BxMxE.dtype), (0, i * slots, 0))
-        return memory_BxMxE, logits_BxTxV[:, prefix:]
+        return memory_BxMxE, (logits_BxTxV[:, prefix:], layer_kv)
+
+    def layout_order(x_SxBxTs):  # [S, B, Ts, ...] -> [B, T, ...]
+        return x_SxBxTs.swapaxes(0, 1).reshape((b, shape.length) + x_SxBxTs.shape[3:])
 
     memory0 = jnp.zeros((b, mem, cfg.hidden_size), cfg.compute_dtype)
-    _, logits_SxBxTsxV = jax.lax.scan(step, memory0, xs)
-    return logits_SxBxTsxV.swapaxes(0, 1).reshape(b, shape.length, -1)
+    _, (logits_SxBxTsxV, layer_kv) = jax.lax.scan(step, memory0, xs)
+    logits = layout_order(logits_SxBxTsxV)
+    if kv_layer is None:
+        return logits
+    return logits, tuple(layout_order(x) for x in layer_kv)
 
 
 def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape,
                       params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays,
                       **kwargs) -> jax.Array:
     """Training forward for a compression config: KV variants in one pass, recurrent as a scan,
-    and ``none`` the plain model itself (its layout is the raw sequence)."""
+    and ``none`` the plain model itself (its layout is the raw sequence). Returns logits, or
+    ``(logits, (k, v))`` of layer ``kv_layer`` when that keyword is given (not for ``none``)."""
     if comp.memory == "none":
         return Decoder(cfg).apply({"params": params}, tokens_BxN,
                                   AttentionSpec.causal(*tokens_BxN.shape))
