@@ -1,0 +1,212 @@
+"""Fine-grained autoencoding objective (method.md section 4.1).
+
+Every live gist must let a weak decoder (one transformer block with its own parameters,
+initialised as a copy of base layer ``ae_layer``) rebuild the r raw tokens it covers:
+
+    decoder input for gist i: [ g_i^kv ; [ae]_r ; x_1 .. x_(r-1) ]  predicting x_1 .. x_r
+    L_ae = mean over live gists i of ( mean over j of -log P(x_j | g_i^kv, [ae]_r, x_<j) )
+
+Decoder positions are local: the gist's key/value is a one-entry prefix memory at position 0,
+``[ae]_r`` sits at 1 and x_j at j + 1. The raw inputs use the model's token embedding; the final
+norm and LM head are the model's, so both train through this loss as well.
+
+Batching: all ``S * slots`` gist slots of all sequences form one batch of ``B * S * slots``
+short sequences of static length R (the longest span a gist can have), padded and masked, so
+shorter spans, dead slots and padding tokens past the real sequence contribute nothing and
+nothing loops over gists. Per-gist facts (layout index, span start, ratio, ratio row) are
+derived on device from the ordinary ``specs.layout_arrays``: the caller passes no extra
+arrays. A segment's ratio is L / (live gists of the segment), and a gist in slot j of segment i
+covers raw tokens ``i * L + j * r ..`` for both granularities (this is ``layout.span_start``).
+Gists whose span lies wholly in padding (``pad_to_segments``) have no target and are left out
+of the mean.
+
+Cost: the decoder sees ``S * slots * R`` tokens per sequence, i.e. the raw length for one ratio
+per batch, more with ``per_segment`` (R = max ratio, slots = L / min ratio).
+
+lambda_ae = 0: ``total_ae_term(0.0, None)`` is an exact 0 without a gradient path, so a caller
+whose ``lambda_ae`` is 0 (a static Python float) should skip ``ae_loss`` and the ``kv_layer``
+request to ``compressed_logits`` altogether.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import GistLayout, LayoutShape
+from gist_jax.gist.params import GIST_PARAM_NAMES
+from gist_jax.gist.specs import LayoutArrays, pad_raw
+from gist_jax.model.attention import AttentionSpec, LayerMemory
+from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
+from gist_jax.model.transformer import Block, Params
+
+
+def decoder_config(cfg: ModelConfig) -> ModelConfig:
+    """The AE decoder is a plain block: no gist projections (it never sees gist tokens)."""
+    return cfg.replace(gist_projections=False)
+
+
+def init_ae_params(cfg: ModelConfig, comp: CompressionConfig, params: Params,
+                   ae_layer: int = -1, eos_id: int | None = None) -> dict:
+    """``{'block': copy of layer ae_layer (scanned or unscanned params), 'ae_embedding':
+    [len(comp.ratios), E] rows = EOS embedding}``. Gist projections are dropped from the copy."""
+    if not comp.enabled:
+        raise ConfigError("the autoencoding objective needs gists; compression.memory='none' has none")
+    layer = ae_layer % cfg.num_layers
+    if "layers" in params:
+        block = jax.tree.map(lambda x: jnp.array(x[layer]), params["layers"])
+    else:
+        block = jax.tree.map(jnp.array, params[f"layers_{layer}"])
+    block = dict(block)
+    block["attn"] = {k: v for k, v in block["attn"].items() if k not in GIST_PARAM_NAMES}
+    eos_id = cfg.eos_token_id if eos_id is None else eos_id
+    if eos_id is None:
+        raise ConfigError("model.eos_token_id is unset; [ae]_r is initialised from the EOS "
+                          "embedding, so set it (or pass eos_id)")
+    row_E = params["embed"]["embedding"][eos_id]
+    return {"block": block, "ae_embedding": jnp.tile(row_E[None], (len(comp.ratios), 1))}
+
+
+def max_span(comp: CompressionConfig, shape: LayoutShape) -> int:
+    """R: the longest span one gist can cover (static decoder length)."""
+    if comp.ratio_sampling == "per_segment":
+        return max(comp.ratios)
+    return shape.segment_length // shape.slots
+
+
+def _logits(cfg: ModelConfig, params: Params, hidden_XxE: jax.Array) -> jax.Array:
+    """The model's own final norm and LM head (tied or not), float32 logits."""
+    norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype)
+    h = norm.apply({"params": params["final_norm"]}, hidden_XxE)
+    if cfg.tie_embeddings:
+        w_ExV = params["embed"]["embedding"].astype(cfg.compute_dtype).T
+    else:
+        w_ExV = params["lm_head"]["kernel"].astype(cfg.compute_dtype)
+    return jnp.einsum("...E,EV->...V", h.astype(cfg.compute_dtype), w_ExV).astype(jnp.float32)
+
+
+def _memory(cfg: ModelConfig, k_XxKxH: jax.Array, v_XxKxH: jax.Array) -> LayerMemory:
+    """One-entry prefix memory; the key is rotated at local position 0 (a no-op, kept explicit)."""
+    inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    k_Xx1xKxH = apply_rope(k_XxKxH[:, None], jnp.zeros((k_XxKxH.shape[0], 1), jnp.int32), inv_freq)
+    return LayerMemory(k_Xx1xKxH, v_XxKxH[:, None])
+
+
+def gist_table(comp: CompressionConfig, shape: LayoutShape, arrays: LayoutArrays) -> dict:
+    """Per gist slot (G = S * slots, layout order), derived on device from layout arrays:
+    ``token`` layout index, ``live``, ``ratio``, ``ratio_row`` (row of comp.ratios; 0 if the
+    ratio is not in the set), ``start`` first raw index of the span."""
+    g = shape.num_segments * shape.slots
+    (token_G,) = jnp.nonzero(arrays["is_gist"], size=g, fill_value=0)
+    seg_G, slot_G = arrays["segment"][token_G], arrays["gist_slot"][token_G]
+    live_G = arrays["alive"][token_G]
+    live_per_segment_S = jax.ops.segment_sum(live_G.astype(jnp.int32), seg_G, shape.num_segments)
+    ratio_G = shape.segment_length // jnp.maximum(live_per_segment_S[seg_G], 1)
+    ratio_row_G = jnp.argmax(ratio_G[:, None] == jnp.asarray(comp.ratios)[None, :], axis=1)
+    start_G = seg_G * shape.segment_length + slot_G * ratio_G
+    return {"token": token_G, "live": live_G, "ratio": ratio_G, "ratio_row": ratio_row_G,
+            "start": start_G}
+
+
+def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
+            ae_params: dict, tokens_BxN: jax.Array, arrays: LayoutArrays,
+            gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array) -> tuple[jax.Array, dict]:
+    """Batched L_ae. ``arrays`` = ``specs.layout_arrays(layout)`` (nothing extra);
+    ``gist_*`` = layer ``ae_layer`` un-rotated (k, v) of every layout token, as returned by
+    ``compressed_logits(..., kv_layer=ae_layer)``. Returns (scalar loss, metrics)."""
+    b, p, r_max = tokens_BxN.shape[0], shape.padded_raw, max_span(comp, shape)
+    gists = gist_table(comp, shape, arrays)
+    g = gists["token"].shape[0]
+    # Real raw tokens (not padding past the sequence), from the layout's alive raw tokens.
+    is_raw_T = ~arrays["is_gist"]
+    real_P = jnp.zeros(p, bool).at[jnp.where(is_raw_T, arrays["raw_index"], p)].set(
+        arrays["alive"], mode="drop")
+    j_R = jnp.arange(r_max)
+    raw_GxR = gists["start"][:, None] + j_R[None, :]
+    in_span_GxR = (j_R[None, :] < gists["ratio"][:, None]) & gists["live"][:, None] & (raw_GxR < p)
+    raw_GxR = jnp.clip(raw_GxR, 0, p - 1)
+    target_valid_GxR = in_span_GxR & real_P[raw_GxR]
+
+    toks_BxP = pad_raw(tokens_BxN, shape)
+    target_BxGxR = toks_BxP[:, raw_GxR]
+    # Inputs: [ae]_r at row 0, then x_1 .. x_(R-1) (the targets shifted right by one).
+    dtype = cfg.compute_dtype
+    x_BxGxRxE = params["embed"]["embedding"][target_BxGxR[..., :-1]].astype(dtype)
+    ae_GxE = ae_params["ae_embedding"][gists["ratio_row"]].astype(dtype)
+    x_BxGxRxE = jnp.concatenate(
+        [jnp.broadcast_to(ae_GxE[None, :, None], (b, g, 1, ae_GxE.shape[-1])), x_BxGxRxE], axis=2)
+
+    bg = b * g
+    x_XxRxE = x_BxGxRxE.reshape(bg, r_max, -1)
+    k_XxKxH = gist_k_BxTxKxH[:, gists["token"]].reshape((bg,) + gist_k_BxTxKxH.shape[2:])
+    v_XxKxH = gist_v_BxTxKxH[:, gists["token"]].reshape((bg,) + gist_v_BxTxKxH.shape[2:])
+    spec = AttentionSpec(
+        positions=jnp.broadcast_to(j_R + 1, (bg, r_max)).astype(jnp.int32),
+        valid=jnp.broadcast_to(in_span_GxR, (b, g, r_max)).reshape(bg, r_max),
+        prefix_valid=jnp.broadcast_to(gists["live"], (b, g)).reshape(bg, 1),
+        is_gist=jnp.zeros((bg, r_max), bool))
+    dec = decoder_config(cfg)
+    hidden_XxRxE, _ = Block(dec).apply({"params": ae_params["block"]}, x_XxRxE, spec,
+                                       _memory(dec, k_XxKxH, v_XxKxH))
+    logits_BxGxRxV = _logits(cfg, params, hidden_XxRxE).reshape(b, g, r_max, -1)
+
+    nll_BxGxR = (jax.nn.logsumexp(logits_BxGxRxV, axis=-1)
+                 - jnp.take_along_axis(logits_BxGxRxV, target_BxGxR[..., None], axis=-1)[..., 0])
+    weight_BxGxR = jnp.broadcast_to(target_valid_GxR, (b, g, r_max)).astype(jnp.float32)
+    count_BxG = weight_BxGxR.sum(-1)
+    per_gist_BxG = (nll_BxGxR * weight_BxGxR).sum(-1) / jnp.maximum(count_BxG, 1.0)
+    has_target_BxG = (count_BxG > 0).astype(jnp.float32)
+    loss = (per_gist_BxG * has_target_BxG).sum() / jnp.maximum(has_target_BxG.sum(), 1.0)
+    correct = (jnp.argmax(logits_BxGxRxV, axis=-1) == target_BxGxR).astype(jnp.float32)
+    tokens = weight_BxGxR.sum()
+    metrics = {"ae_loss": loss, "ae_accuracy": (correct * weight_BxGxR).sum() / jnp.maximum(tokens, 1.0),
+               "ae_tokens": tokens}
+    return loss, metrics
+
+
+def total_ae_term(lambda_ae: float, loss: jax.Array | None) -> jax.Array:
+    """``lambda_ae * L_ae``. With ``lambda_ae == 0`` an exact 0 that does not touch ``loss``
+    (pass None: the caller skipped computing it), so no gradient or NaN can leak from it."""
+    if lambda_ae == 0:
+        return jnp.zeros((), jnp.float32)
+    if loss is None:
+        raise ValueError(f"lambda_ae={lambda_ae} is non-zero but no AE loss was computed")
+    return lambda_ae * loss
+
+
+def ae_loss_reference(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,
+                      params: Params, ae_params: dict, tokens_BxN: jax.Array,
+                      gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array) -> jax.Array:
+    """Slow reference (tests): a Python loop over sequences and live gists, each span built
+    from the host layout (``span_start``, ``ratios``) and decoded alone at its exact length."""
+    tokens = np.asarray(tokens_BxN)
+    losses = []
+    for bi in range(tokens.shape[0]):
+        for t in np.flatnonzero(layout.is_gist & layout.alive):
+            r = layout.ratios[layout.segment[t]]
+            start = int(layout.span_start[t])
+            targets = tokens[bi, start:min(start + r, layout.num_raw)]
+            if targets.size:
+                ae_E = ae_params["ae_embedding"][comp.ratios.index(r)]
+                losses.append(_span_loss(cfg, params, ae_params["block"], ae_E,
+                                         gist_k_BxTxKxH[bi, t], gist_v_BxTxKxH[bi, t], targets))
+    return jnp.mean(jnp.stack(losses))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _span_loss(cfg: ModelConfig, params: Params, block: Params, ae_E: jax.Array,
+               k_KxH: jax.Array, v_KxH: jax.Array, targets_n: jax.Array) -> jax.Array:
+    """One gist's span decoded alone at its exact length n (jitted: one compile per length)."""
+    dec, n = decoder_config(cfg), targets_n.shape[0]
+    x_1xnxE = jnp.concatenate([ae_E[None], params["embed"]["embedding"][targets_n[:-1]]])
+    spec = AttentionSpec(positions=jnp.arange(1, n + 1, dtype=jnp.int32)[None],
+                         prefix_valid=jnp.ones((1, 1), bool))
+    hidden, _ = Block(dec).apply({"params": block}, x_1xnxE[None].astype(cfg.compute_dtype), spec,
+                                 _memory(dec, k_KxH[None], v_KxH[None]))
+    logp_nxV = jax.nn.log_softmax(_logits(cfg, params, hidden)[0], axis=-1)
+    return -jnp.mean(logp_nxV[jnp.arange(n), targets_n])

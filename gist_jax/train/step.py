@@ -1,0 +1,159 @@
+"""The training update: compressed forward, TIE-weighted LM loss, lambda * AE loss, gradient
+accumulation over microbatches, AdamW, all in one jitted and sharded function.
+
+Normalisation: the LM loss is ``sum(w * CE) / D`` where D is computed from the whole batch's
+masks before any forward pass (loss tokens; or, for TIE without rescaling, sequences), so
+accumulating microbatch gradients is exactly the gradient of the full batch whatever the
+per-microbatch token counts. The AE loss is the mean over microbatches of the per-microbatch
+mean over gists (every microbatch has the same layout, hence the same gist count).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.params import model_config_for
+from gist_jax.gist.parallel import compressed_logits
+from gist_jax.gist.specs import LayoutArrays
+from gist_jax.model.config import ModelConfig
+from gist_jax.sharding import LOGICAL_AXIS_RULES
+from gist_jax.train.config import StepConfig
+from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
+from gist_jax.train.optimizer import learning_rate_schedule
+from gist_jax.train.state import TrainState, trainable_tree
+
+Batch = dict[str, jax.Array]
+
+
+def loss_positions(tokens_BxN: jax.Array, loss_mask_BxN: jax.Array, segment_length: int,
+                   include_first_segment: bool) -> jax.Array:
+    """Raw positions j that carry an LM loss (predicting token j + 1)."""
+    n = tokens_BxN.shape[1]
+    j = jnp.arange(n)
+    mask = loss_mask_BxN & (j < n - 1)[None]
+    if not include_first_segment:
+        mask &= (j >= segment_length)[None]
+    return mask
+
+
+def _denominator(mask_BxN: jax.Array, tie_without_rescale: bool) -> jax.Array:
+    if tie_without_rescale:
+        return jnp.maximum(jnp.sum(jnp.any(mask_BxN, axis=1)), 1).astype(jnp.float32)
+    return jnp.maximum(jnp.sum(mask_BxN), 1).astype(jnp.float32)
+
+
+def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
+                     shape: LayoutShape, tx: optax.GradientTransformation, mesh: Mesh,
+                     state_shardings: Any) -> Callable[[TrainState, Batch, LayoutArrays], tuple]:
+    """A jitted ``(state, batch, layout_arrays) -> (state, metrics)`` for one layout shape.
+
+    ``batch``: ``tokens`` [B, N] int32, ``loss_mask`` [B, N] bool (document/padding masks from
+    the data pipeline), and ``tie_weights`` [B, N] when TIE weights are precomputed. The state
+    is donated.
+    """
+    check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
+    cfg = model_config_for(base_cfg, comp)
+    obj = step_cfg.objective
+    use_tie = obj.tie and comp.enabled
+    use_ae = obj.ae and comp.enabled
+    seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
+    m = step_cfg.microbatches
+    schedule = learning_rate_schedule(step_cfg.optimizer)
+
+    def microbatch_loss(params, ref_params, micro: Batch, arrays: LayoutArrays, denom):
+        tokens = micro["tokens"]
+        mask = loss_positions(tokens, micro["loss_mask"], seg_len, obj.include_first_segment)
+        out = compressed_logits(cfg, comp, shape, params["model"], tokens, arrays,
+                                **({"kv_layer": obj.ae_layer} if use_ae else {}))
+        logits, gist_kv = (out if use_ae else (out, None))
+        raw_logits = jnp.take(logits, arrays["raw_position"], axis=1)[:, :tokens.shape[1]]
+        labels = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        logp = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
+        ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+        metrics = {"correct": jnp.sum((jnp.argmax(raw_logits, -1) == labels) & mask),
+                   "tokens": jnp.sum(mask)}
+        if use_tie:
+            from gist_jax.train.tie import compute_tie_weights, weight_entropy
+
+            if obj.tie_source == "precomputed":
+                weights = micro["tie_weights"] * mask
+            else:
+                weights = compute_tie_weights(base_cfg, ref_params, tokens, mask, seg_len,
+                                              obj.tie_gamma, obj.tie_rescale)
+            metrics["tie_entropy"] = weight_entropy(weights, mask)
+        else:
+            weights = mask.astype(jnp.float32)
+        lm_num = jnp.sum(weights * ce * mask)
+        loss = lm_num / denom
+        metrics["lm_num"] = lm_num
+        if use_ae:
+            from gist_jax.train.ae import ae_loss
+
+            ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv)
+            loss = loss + obj.ae_lambda * ae / m
+            metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])
+        return loss, metrics
+
+    def step(state: TrainState, batch: Batch, arrays: LayoutArrays):
+        trainable = trainable_tree(state.params, comp)
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), state.params, trainable)
+        full_mask = loss_positions(batch["tokens"], batch["loss_mask"], seg_len, obj.include_first_segment)
+        denom = _denominator(full_mask, use_tie and not obj.tie_rescale)
+
+        def split(x):  # [B, ...] -> [M, B/M, ...], each microbatch spread over every device
+            x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+            spec = PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 2)))
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+        micro_batches = jax.tree.map(split, batch)
+        grad_fn = jax.value_and_grad(microbatch_loss, has_aux=True)
+
+        def accumulate(carry, micro):
+            grads_acc, loss_acc, metrics_acc = carry
+            (loss, metrics), grads = grad_fn(params, state.ref_params, micro, arrays, denom)
+            return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
+                    jax.tree.map(jnp.add, metrics_acc, metrics)), None
+
+        zero_metrics = jax.eval_shape(
+            lambda: microbatch_loss(params, state.ref_params,
+                                    jax.tree.map(lambda x: x[0], micro_batches), arrays, denom)[1])
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros((), jnp.float32),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_metrics))
+        (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro_batches)
+
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        new_params = optax.apply_updates(state.params, updates)
+        trained_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+        metrics = {
+            "loss": loss,
+            "lm_loss": sums["lm_num"] / denom,
+            "accuracy": sums["correct"] / jnp.maximum(sums["tokens"], 1),
+            "tokens": sums["tokens"],
+            "grad_norm": optax.global_norm(trained_grads),
+            "learning_rate": schedule(state.step),
+        }
+        if use_tie:
+            metrics["tie_entropy"] = sums["tie_entropy"] / m
+        if use_ae:
+            metrics["ae_loss"] = sums["ae_loss"] / m
+            metrics["ae_accuracy"] = sums["ae_accuracy"] / m
+        new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
+        return new_state, metrics
+
+    def traced(state, batch, arrays):
+        with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return step(state, batch, arrays)
+
+    batch_spec = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
+    if use_tie and obj.tie_source == "precomputed":
+        batch_spec["tie_weights"] = batch_sharding(mesh)
+    return jax.jit(traced, in_shardings=(state_shardings, batch_spec, replicated(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
