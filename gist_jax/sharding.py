@@ -1,17 +1,20 @@
 """Sharding declared once: logical axis names on params and activations, one rules table.
 
 Modules annotate parameters with ``nn.with_logical_partitioning`` and activations with
-``constrain`` using the logical names below; only this table knows which mesh axis each name
-lands on. Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters
+``constrain`` (active inside ``activation_mesh``) using the logical names below; only this
+table knows which mesh axis each name lands on. Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters
 and optimizer state sharded), ``tensor`` (Megatron-style model parallel over heads and MLP).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -46,16 +49,45 @@ BATCH_LENGTH_MLP = ("activation_batch", "activation_length", "activation_mlp")
 BATCH_LENGTH_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
 
 
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh) -> Iterator[None]:
+    """While tracing under this context, ``constrain`` emits real sharding constraints on
+    ``mesh``. (Flax's own mesh hook would also constrain parameter initialisers, which are
+    traced with flattened shapes, so the model uses this one instead.)"""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> PartitionSpec:
+    """Drop mesh axes that do not divide their dimension (replicate there instead), so e.g.
+    9 heads on tensor=2 still run."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept, size = [], 1
+        for name in names:
+            if dim % (size * mesh_shape[name]) == 0:
+                kept.append(name)
+                size *= mesh_shape[name]
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint by logical names; a no-op outside a mesh + rules context."""
-    return nn.with_logical_constraint(x, tuple(logical_axes))
+    """Sharding constraint by logical names; a no-op outside ``activation_mesh``."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return x
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh.shape)))
 
 
 def logical_to_mesh(logical_specs: Any, rules=LOGICAL_AXIS_RULES) -> Any:
     """Tree of logical ``PartitionSpec``s -> tree of mesh ``PartitionSpec``s."""
     return nn.logical_to_mesh(logical_specs, rules)
-
-
-def axis_rules(rules=LOGICAL_AXIS_RULES):
-    """Context manager that activates the rules table for ``constrain`` inside a trace."""
-    return nn.logical_axis_rules(rules)

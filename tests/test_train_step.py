@@ -80,6 +80,17 @@ def test_sharded_step_equals_unsharded(unsharded, mesh):
     assert q.addressable_shards[0].data.shape == (2, 64 // mesh[1], 4 // mesh[2], 16)
 
 
+def test_activation_constraints_reach_the_compiled_step():
+    cfg = StepConfig(batch_size=8, seq_len=SEQ, mesh=MeshConfig(2, 2, 2), optimizer=OPT)
+    mesh = make_mesh(cfg.mesh)
+    state, tx, shardings = create_train_state(BASE, FINE, cfg, mesh)
+    layout = build_layout(SEQ, FINE)
+    step = build_train_step(BASE, FINE, cfg, layout.shape, tx, mesh, shardings)
+    text = step.lower(state, _batch(_text_batch(8)), layout_arrays(layout)).as_text()
+    # embeddings, q/k, MLP hidden and logits of every layer are constrained by logical names
+    assert text.count("sharding_constraint") >= 6
+
+
 def test_parameter_shardings_follow_the_golden_logical_table():
     specs = logical_param_specs(BASE, comp_config("kv", "fine", gist_projections=True),
                                 StepConfig(objective=ObjectiveConfig(ae=False)))["model"]

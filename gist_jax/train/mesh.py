@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gist_jax.model.config import ConfigError
-from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_mesh
+from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
 from gist_jax.train.config import MeshConfig
 
 BATCH_AXES = ("data", "fsdp")
@@ -65,25 +65,11 @@ def check_batch(global_batch: int, microbatches: int, mesh: Mesh) -> None:
             f"multiple of {dp * microbatches}")
 
 
-def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """Drop mesh axes that do not divide their dimension (replicate there instead)."""
-    out = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        kept, size = [], 1
-        for name in names:
-            if dim % (size * mesh.shape[name]) == 0:
-                kept.append(name)
-                size *= mesh.shape[name]
-        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
-    return PartitionSpec(*out)
-
-
 def shardings_for(logical_specs: Any, abstract: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
     """Tree of NamedShardings for ``abstract`` (arrays or ShapeDtypeStructs) from its logical
     PartitionSpecs."""
     mesh_specs = logical_to_mesh(logical_specs, rules)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, fit_spec(spec, x.shape, mesh.shape)),
                         mesh_specs, abstract, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

@@ -33,7 +33,7 @@ from gist_jax.gist.layout import build_layout
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.transformer import init_params, param_logical_specs
-from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, logical_to_mesh
+from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
 from gist_jax.train.state import logical_param_specs, trainable_tree
@@ -45,14 +45,11 @@ SAVED_VECTORS_PER_LAYER = {"none": 34.0, "dots": 20.0, "dots_no_batch": 16.0,
 
 
 def _shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec, sizes: dict[str, int]) -> int:
+    fitted = fit_spec(spec, shape, sizes)  # the same divisibility fallback as the real state
     count = 1
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    for dim, axes in zip(shape, tuple(fitted) + (None,) * (len(shape) - len(fitted))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        div = 1
-        for name in names:  # the same divisibility fallback as train.mesh._fit
-            if dim % (div * sizes[name]) == 0:
-                div *= sizes[name]
-        count *= dim // div
+        count *= dim // math.prod(sizes[n] for n in names)
     return count * np.dtype(dtype).itemsize
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,7 +23,7 @@ from gist_jax.gist.params import model_config_for
 from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.specs import LayoutArrays
 from gist_jax.model.config import ModelConfig
-from gist_jax.sharding import LOGICAL_AXIS_RULES
+from gist_jax.sharding import activation_mesh
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
 from gist_jax.train.optimizer import learning_rate_schedule
@@ -149,7 +148,8 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         return new_state, metrics
 
     def traced(state, batch, arrays):
-        with nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        # Turns the model's logical activation constraints into real ones while tracing.
+        with activation_mesh(mesh):
             return step(state, batch, arrays)
 
     batch_spec = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
