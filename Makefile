@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m gist_jax.demo_parity
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 clean-cache:
 	rm -rf .jax_cache
