@@ -27,7 +27,9 @@ from gist_jax.sharding import activation_mesh
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
 from gist_jax.train.optimizer import learning_rate_schedule
+from gist_jax.train.ae import ae_loss
 from gist_jax.train.state import TrainState, trainable_tree
+from gist_jax.train.tie import compute_tie_weights, weight_entropy
 
 Batch = dict[str, jax.Array]
 
@@ -62,7 +64,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
     cfg = model_config_for(base_cfg, comp)
     obj = step_cfg.objective
     use_tie = obj.tie and comp.enabled
-    use_ae = obj.ae and comp.enabled
+    use_ae = obj.ae and comp.enabled and obj.ae_lambda > 0  # lambda 0: skip the decoder entirely
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
     m = step_cfg.microbatches
     schedule = learning_rate_schedule(step_cfg.optimizer)
@@ -80,8 +82,6 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         metrics = {"correct": jnp.sum((jnp.argmax(raw_logits, -1) == labels) & mask),
                    "tokens": jnp.sum(mask)}
         if use_tie:
-            from gist_jax.train.tie import compute_tie_weights, weight_entropy
-
             if obj.tie_source == "precomputed":
                 weights = micro["tie_weights"] * mask
             else:
@@ -94,8 +94,6 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         loss = lm_num / denom
         metrics["lm_num"] = lm_num
         if use_ae:
-            from gist_jax.train.ae import ae_loss
-
             ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv)
             loss = loss + obj.ae_lambda * ae / m
             metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])

@@ -1,0 +1,17 @@
+"""The core (model, attention, gist, train step) imports without tensorflow, seqio or torch:
+the GPU machines have none of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CORE = ["gist_jax.model.transformer", "gist_jax.gist.parallel", "gist_jax.gist.sequential",
+        "gist_jax.train.step", "gist_jax.train.plan", "gist_jax.hf.importer", "gist_jax.tokenizer"]
+
+
+def test_core_imports_without_tensorflow_or_torch():
+    code = ("import sys; " + "; ".join(f"import {m}" for m in CORE) +
+            "; print(','.join(m for m in ('tensorflow', 'seqio', 'torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"core imported: {out.stdout.strip()}"
