@@ -12,7 +12,6 @@ import pathlib
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from gist_jax.model.config import ModelConfig
@@ -71,7 +70,3 @@ def load_tokenizer(directory: str | pathlib.Path):
 
     return HFTokenizer.from_dir(pathlib.Path(directory) / TOKENIZER_DIR)
 
-
-def tree_max_abs_diff(a: Params, b: Params) -> float:
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))

@@ -16,7 +16,7 @@ from gist_jax.gist.layout import build_layout
 from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.transformer import unstack_layers
-from gist_jax.train.ae import ae_loss, ae_loss_reference, init_ae_params, total_ae_term
+from gist_jax.train.ae import ae_loss, ae_loss_reference, init_ae_params
 
 PER_SEGMENT = CompressionConfig(memory="kv", granularity="fine", segment_length=8, ratios=(2, 4, 8),
                                 ratio_sampling="per_segment", num_sinks=2)
@@ -94,24 +94,6 @@ def test_gradient_reaches_decoder_gist_embedding_and_base_layers():
     k_proj = np.asarray(g_params["layers"]["attn"]["k_proj"]["kernel"])
     assert all(nonzero(k_proj[i]) for i in range(cfg.num_layers)), "gist KV path to every layer"
     assert nonzero(np.asarray(g_params["layers"]["attn"]["q_proj"]["kernel"])[0])
-
-
-def test_lambda_zero_gives_exactly_zero_gradient_and_can_be_skipped():
-    comp = CASES["fine_kv"][0]
-    cfg, params, layout, arrays, toks, ae_params = _setup(comp, 24)
-
-    def total(params, ae_params, lam):
-        _, (k, v) = compressed_logits(cfg, comp, layout.shape, params, toks, arrays, kv_layer=-1)
-        return total_ae_term(lam, ae_loss(cfg, comp, layout.shape, params, ae_params, toks,
-                                          arrays, k, v)[0])
-
-    g = jax.jit(jax.grad(functools.partial(total, lam=0.0), argnums=(0, 1)))(params, ae_params)
-    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(g))
-    g1 = jax.jit(jax.grad(functools.partial(total, lam=1.0), argnums=(0, 1)))(params, ae_params)
-    assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(g1))
-    assert float(total_ae_term(0.0, None)) == 0.0  # lambda 0: the caller skips ae_loss
-    with pytest.raises(ValueError):
-        total_ae_term(0.5, None)
 
 
 @pytest.mark.parametrize("projections", [False, True])

@@ -194,6 +194,21 @@ def test_fifty_steps_halve_the_loss(name):
         assert float(metrics["ae_loss"]) > 0 and "ae_accuracy" in metrics
 
 
+def test_ae_lambda_zero_is_exactly_the_step_without_ae():
+    def run(objective):
+        cfg = StepConfig(batch_size=8, seq_len=SEQ, mesh=MeshConfig(2, 4, 1), optimizer=OPT, objective=objective)
+        state, (metrics,) = _run(FINE, cfg, [_batch(_text_batch(8))])
+        return jax.device_get(state.params), metrics
+
+    off, m_off = run(ObjectiveConfig(ae=False))
+    zero, m_zero = run(ObjectiveConfig(ae=True, ae_lambda=0.0))
+    on, m_on = run(ObjectiveConfig(ae=True, ae_lambda=1.0))
+    assert m_zero["loss"] == m_off["loss"] and "ae_loss" not in m_zero and "ae" not in zero
+    for a, b in zip(jax.tree.leaves(zero), jax.tree.leaves(off)):
+        np.testing.assert_array_equal(a, b)
+    assert m_on["loss"] > m_off["loss"] and m_on["ae_loss"] > 0
+
+
 def test_precomputed_tie_weights_match_online_tie(tmp_path):
     """The offline tool's weights fed through the batch give the same step as online TIE."""
     from gist_jax.train.tie import load_precomputed_tie_weights, precompute_tie_weights

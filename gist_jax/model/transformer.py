@@ -111,6 +111,15 @@ class Decoder(nn.Module):
         return (logits_BxTxV, hidden_BxTxE) if return_hidden else logits_BxTxV
 
 
+def head_weights(cfg: ModelConfig, params: Params) -> jax.Array:
+    """The LM head as an [E, V] matrix in the compute dtype (the embedding when tied), for code
+    that applies the head outside ``Decoder`` (chunked TIE log-probs, the AE decoder). Equal to
+    what ``Decoder`` computes with ``embed.attend`` / ``lm_head``."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].astype(cfg.compute_dtype).T
+    return params["lm_head"]["kernel"].astype(cfg.compute_dtype)
+
+
 def _dummy_inputs(batch: int = 1, length: int = 8) -> tuple[jax.Array, AttentionSpec]:
     spec = AttentionSpec.causal(batch, length)
     spec = spec.replace(is_gist=jnp.zeros((batch, length), bool),

@@ -23,9 +23,8 @@ of the mean.
 Cost: the decoder sees ``S * slots * R`` tokens per sequence, i.e. the raw length for one ratio
 per batch, more with ``per_segment`` (R = max ratio, slots = L / min ratio).
 
-lambda_ae = 0: ``total_ae_term(0.0, None)`` is an exact 0 without a gradient path, so a caller
-whose ``lambda_ae`` is 0 (a static Python float) should skip ``ae_loss`` and the ``kv_layer``
-request to ``compressed_logits`` altogether.
+lambda_ae = 0: the train step skips ``ae_loss`` and the ``kv_layer`` request altogether, so the
+step is exactly the step without AE (tested in tests/test_train_step.py).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from gist_jax.gist.specs import LayoutArrays, pad_raw
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
-from gist_jax.model.transformer import Block, Params
+from gist_jax.model.transformer import Block, Params, head_weights
 
 
 def decoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -83,11 +82,8 @@ def _logits(cfg: ModelConfig, params: Params, hidden_XxE: jax.Array) -> jax.Arra
     """The model's own final norm and LM head (tied or not), float32 logits."""
     norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype)
     h = norm.apply({"params": params["final_norm"]}, hidden_XxE)
-    if cfg.tie_embeddings:
-        w_ExV = params["embed"]["embedding"].astype(cfg.compute_dtype).T
-    else:
-        w_ExV = params["lm_head"]["kernel"].astype(cfg.compute_dtype)
-    return jnp.einsum("...E,EV->...V", h.astype(cfg.compute_dtype), w_ExV).astype(jnp.float32)
+    return jnp.einsum("...E,EV->...V", h.astype(cfg.compute_dtype),
+                      head_weights(cfg, params)).astype(jnp.float32)
 
 
 def _memory(cfg: ModelConfig, k_XxKxH: jax.Array, v_XxKxH: jax.Array) -> LayerMemory:
@@ -167,16 +163,6 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
     metrics = {"ae_loss": loss, "ae_accuracy": (correct * weight_BxGxR).sum() / jnp.maximum(tokens, 1.0),
                "ae_tokens": tokens}
     return loss, metrics
-
-
-def total_ae_term(lambda_ae: float, loss: jax.Array | None) -> jax.Array:
-    """``lambda_ae * L_ae``. With ``lambda_ae == 0`` an exact 0 that does not touch ``loss``
-    (pass None: the caller skipped computing it), so no gradient or NaN can leak from it."""
-    if lambda_ae == 0:
-        return jnp.zeros((), jnp.float32)
-    if loss is None:
-        raise ValueError(f"lambda_ae={lambda_ae} is non-zero but no AE loss was computed")
-    return lambda_ae * loss
 
 
 def ae_loss_reference(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,

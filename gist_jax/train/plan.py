@@ -36,7 +36,7 @@ from gist_jax.model.transformer import init_params, param_logical_specs
 from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
-from gist_jax.train.state import logical_param_specs, trainable_tree
+from gist_jax.train.state import logical_param_specs, trainable_tree, uses_ae
 
 # Fraction of a block's activations kept for the backward pass, in units of hidden-size
 # vectors per token (rough, documented in docs/training.md).
@@ -66,7 +66,7 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     cfg = model_config_for(base, comp)
     abstract = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
-    if step.objective.ae and comp.enabled:
+    if uses_ae(step, comp):
         from gist_jax.train.ae import init_ae_params
 
         abstract = jax.eval_shape(lambda p: {**p, "ae": init_ae_params(cfg, comp, p["model"])}, abstract)

@@ -41,15 +41,17 @@ def _needs_reference(step_cfg: StepConfig, comp: CompressionConfig) -> bool:
     return obj.tie and obj.tie_source == "online" and comp.enabled
 
 
-def _uses_ae(step_cfg: StepConfig, comp: CompressionConfig) -> bool:
-    return step_cfg.objective.ae and comp.enabled
+def uses_ae(step_cfg: StepConfig, comp: CompressionConfig) -> bool:
+    """The AE decoder exists only when it contributes: compression on and lambda > 0."""
+    obj = step_cfg.objective
+    return obj.ae and comp.enabled and obj.ae_lambda > 0
 
 
 def logical_param_specs(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig) -> dict:
     """Logical PartitionSpecs of ``state.params`` (the golden table tests compare against)."""
     cfg = model_config_for(base_cfg, comp)
     specs = {"model": param_logical_specs(cfg)}
-    if _uses_ae(step_cfg, comp):
+    if uses_ae(step_cfg, comp):
         layer = param_logical_specs(cfg.replace(scan_layers=False, gist_projections=False))["layers_0"]
         specs["ae"] = {"block": layer, "ae_embedding": PartitionSpec(None, "embed")}
     return specs
@@ -104,7 +106,7 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
 
     def build(base):
         params = {"model": add_gist_params(base, cfg)}
-        if _uses_ae(step_cfg, comp):
+        if uses_ae(step_cfg, comp):
             from gist_jax.train.ae import init_ae_params
 
             params["ae"] = init_ae_params(cfg, comp, params["model"], step_cfg.objective.ae_layer)

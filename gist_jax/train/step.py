@@ -28,7 +28,7 @@ from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
 from gist_jax.train.optimizer import learning_rate_schedule
 from gist_jax.train.ae import ae_loss
-from gist_jax.train.state import TrainState, trainable_tree
+from gist_jax.train.state import TrainState, trainable_tree, uses_ae
 from gist_jax.train.tie import compute_tie_weights, weight_entropy
 
 Batch = dict[str, jax.Array]
@@ -64,7 +64,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
     cfg = model_config_for(base_cfg, comp)
     obj = step_cfg.objective
     use_tie = obj.tie and comp.enabled
-    use_ae = obj.ae and comp.enabled and obj.ae_lambda > 0  # lambda 0: skip the decoder entirely
+    use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
     m = step_cfg.microbatches
     schedule = learning_rate_schedule(step_cfg.optimizer)

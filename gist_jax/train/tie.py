@@ -28,7 +28,7 @@ import numpy as np
 
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.transformer import Decoder, to_layout
+from gist_jax.model.transformer import Decoder, head_weights, to_layout
 
 # Sequence chunk for the LM head: log-probs of the targets are computed chunk by chunk so the
 # [B, N, V] float32 logits (8 GiB per 16K-token Llama-3 sequence) are never materialised.
@@ -38,11 +38,7 @@ LOGIT_CHUNK = 1024
 def _target_log_probs(cfg: ModelConfig, params: Any, hidden_BxNxE: jax.Array,
                       targets_BxN: jax.Array) -> jax.Array:
     """log softmax(head(hidden))[target], the head applied like ``Decoder`` applies it."""
-    if cfg.tie_embeddings:
-        head_ExV = params["embed"]["embedding"].T
-    else:
-        head_ExV = params["lm_head"]["kernel"]
-    head_ExV = head_ExV.astype(cfg.compute_dtype)
+    head_ExV = head_weights(cfg, params)
 
     def chunk(h_BxCxE: jax.Array, t_BxC: jax.Array) -> jax.Array:
         logits = jnp.dot(h_BxCxE.astype(cfg.compute_dtype), head_ExV).astype(jnp.float32)
