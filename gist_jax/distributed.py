@@ -1,0 +1,60 @@
+"""Joining JAX's distributed runtime: one call, the same on a TPU pod, a SLURM cluster and
+local CPU processes (gloo collectives on loopback, which is how the tests run multi-host code).
+
+Environment (set by the scripts in ``launch/``):
+  GIST_JAX_COORDINATOR   host:port of process 0 (unset: single process, or cluster auto-detect)
+  GIST_JAX_NUM_PROCESSES number of processes
+  GIST_JAX_PROCESS_ID    this process's rank
+  GIST_JAX_DISTRIBUTED   ``auto``: let JAX detect the cluster (Cloud TPU, SLURM, Open MPI)
+  GIST_JAX_INIT_TIMEOUT  seconds to wait for every worker (default 300)
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+_initialized = False
+
+
+class DistributedInitError(RuntimeError):
+    pass
+
+
+def initialize_from_env() -> bool:
+    """Initialises ``jax.distributed`` when the environment asks for it; returns whether it did."""
+    global _initialized
+    if _initialized:
+        return True
+    coordinator = os.environ.get("GIST_JAX_COORDINATOR")
+    auto = os.environ.get("GIST_JAX_DISTRIBUTED") == "auto"
+    if not coordinator and not auto:
+        return False
+    timeout = int(os.environ.get("GIST_JAX_INIT_TIMEOUT", "300"))
+    kwargs: dict = {"initialization_timeout": timeout}
+    if coordinator:
+        try:
+            kwargs.update(coordinator_address=coordinator, num_processes=int(os.environ["GIST_JAX_NUM_PROCESSES"]),
+                          process_id=int(os.environ["GIST_JAX_PROCESS_ID"]))
+        except KeyError as e:
+            raise DistributedInitError(f"GIST_JAX_COORDINATOR is set but {e.args[0]} is not; set "
+                                       "GIST_JAX_NUM_PROCESSES and GIST_JAX_PROCESS_ID too") from None
+        if coordinator.startswith(("127.", "localhost")):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - re-raised with the facts a user needs
+        where = coordinator or "auto-detected cluster"
+        raise DistributedInitError(
+            f"jax.distributed.initialize failed after up to {timeout}s (coordinator {where}, process "
+            f"{os.environ.get('GIST_JAX_PROCESS_ID', '?')} of {os.environ.get('GIST_JAX_NUM_PROCESSES', '?')}): "
+            f"{e}. Check that every worker was started with the same coordinator address and process "
+            "count, and that the coordinator port is reachable.") from e
+    _initialized = True
+    return True
+
+
+def is_primary() -> bool:
+    """Process 0 writes logs, metrics and summaries; every process checkpoints."""
+    return jax.process_index() == 0
