@@ -15,6 +15,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
@@ -101,7 +102,8 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
     if base_params is None:
         base = jax.jit(lambda: init_params(base_cfg, rng), out_shardings=base_shardings)()
     else:
-        base = jax.tree.map(lambda x, s: jax.device_put(jnp.asarray(x, base_cfg.storage_dtype), s),
+        # numpy in, so every process contributes its shards of a global array (multi-host safe)
+        base = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(base_cfg.storage_dtype), s),
                             to_layout(base_params, base_cfg), base_shardings)
 
     def build(base):
@@ -120,9 +122,9 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
     opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(opt_abstract, param_shardings, mesh))(params)
     ref = jax.jit(lambda b: jax.tree.map(jnp.copy, b), out_shardings=base_shardings)(base) \
         if _needs_reference(step_cfg, comp) else None
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh)),
+    state = TrainState(step=jax.device_put(np.zeros((), np.int32), replicated(mesh)),
                        params=params, opt_state=opt_state,
-                       rng=jax.device_put(jax.random.key_data(rng), replicated(mesh)),
+                       rng=jax.device_put(np.asarray(jax.random.key_data(rng)), replicated(mesh)),
                        ref_params=ref)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     return state, tx, shardings

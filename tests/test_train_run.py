@@ -1,0 +1,145 @@
+"""Training runs as a user starts them (``python -m gist_jax.main`` subprocesses): exact resume
+after SIGKILL, clean SIGTERM, damaged checkpoints, two processes, startup errors, divergence."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from run_helpers import REPO, checkpoint_steps, logged, losses, main_command, main_env, run, start, wait_for_step
+
+# Fine-KV with AE + TIE (the tiny variant's defaults), 16 steps, no eval: seconds per run.
+STEPS = 16
+RUN = (f"--config.optimizer.total_steps={STEPS}", "--config.checkpoint.every=2", "--config.checkpoint.keep=3",
+       "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.eval_at_start=False",
+       "--config.objective.ae=True", "--config.objective.tie=True")
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, token_cache):
+    """An uninterrupted run: its per-step losses are what every resumed run must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run(workdir, token_cache, *RUN)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ref = losses(workdir)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return workdir, ref
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float], steps) -> None:
+    for step in steps:
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_points_then_resume_is_exact(reference, token_cache, tmp_path):
+    _, ref = reference
+    for kill_at in (3, 7, 11):
+        proc = start(tmp_path, token_cache, *RUN)
+        wait_for_step(proc, tmp_path, kill_at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "final_metrics.json").exists(), "the run ended before it was killed"
+    result = run(tmp_path, token_cache, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout
+    assert_same_losses(losses(tmp_path), ref, range(1, STEPS + 1))
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(reference, token_cache, tmp_path):
+    _, ref = reference
+    overrides = (*RUN, "--config.checkpoint.every=1000")  # only the preemption save can write a checkpoint
+    proc = start(tmp_path, token_cache, *overrides)
+    wait_for_step(proc, tmp_path, 4)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)  # the grace period a scheduler gives
+    assert proc.returncode == 0, out[-3000:]
+    final = logged(tmp_path)
+    stopped = max(losses(tmp_path))
+    assert checkpoint_steps(tmp_path) == [stopped] and stopped < STEPS
+    assert "preempted" in out
+    result = run(tmp_path, token_cache, *overrides)
+    assert result.returncode == 0 and f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in result.stdout
+    assert_same_losses(losses(tmp_path), ref, range(1, STEPS + 1))
+    assert final
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference, token_cache, tmp_path):
+    ref_dir, ref = reference
+    workdir = tmp_path / "run"
+    shutil.copytree(ref_dir, workdir)
+    ckpts = workdir / "checkpoints"
+    assert checkpoint_steps(workdir) == [STEPS - 4, STEPS - 2, STEPS]
+    shutil.rmtree(ckpts / str(STEPS) / "state")  # newest step dir present but incomplete
+    shutil.copytree(ckpts / str(STEPS - 2), ckpts / f"{STEPS + 2}.orbax-checkpoint-tmp-1234")  # an unfinished save
+    (workdir / "metrics.jsonl").unlink()
+    result = run(workdir, token_cache, *RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {ckpts}/{STEPS - 2}" in result.stdout
+    assert sorted(losses(workdir)) == [STEPS - 1, STEPS]
+    assert_same_losses(losses(workdir), ref, (STEPS - 1, STEPS))
+
+
+def test_restore_refuses_a_different_layout(reference, token_cache, tmp_path):
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir, tmp_path / "run")
+    result = run(tmp_path / "run", token_cache, *RUN, "--config.compression.gist_embedding=per_slot")
+    assert result.returncode == 2
+    assert "different layout" in result.stderr and "num_gist_embeddings" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(token_cache, tmp_path):
+    sys.path.insert(0, str(REPO))
+    from launch.local import run_local
+
+    overrides = (*RUN, "--config.optimizer.total_steps=10", "--config.mesh.data=2", "--config.mesh.fsdp=4")
+    single = run(tmp_path / "single", token_cache, *overrides)
+    assert single.returncode == 0, single.stderr[-3000:]
+    code, logs = run_local(main_command(tmp_path / "multi", *overrides), num_processes=2, devices_per_process=4,
+                           timeout=400, env=main_env(token_cache), echo=False, cwd=str(REPO))
+    assert code == 0, logs[0][-3000:] + logs[1][-3000:]
+    one, two = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    assert sorted(one) == sorted(two) == list(range(1, 11))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    assert checkpoint_steps(tmp_path / "multi") == [6, 8, 10]
+
+
+BAD_CONFIGS = {
+    "compression.foo": ("--config.compression.foo=1",),
+    "mesh.data": ("--config.mesh.data=3",),
+    "step.batch_size": ("--config.step.batch_size=4",),
+    "compression.segment_length": ("--config.compression.segment_length=18",),
+    "step.seq_len": ("--config.step.seq_len=72",),
+    "data.tokenizer": ("--config.data.tokenizer=gguf:smollm2",),
+}
+
+
+def test_config_errors_exit_nonzero_naming_the_key(token_cache, tmp_path):
+    procs = {key: subprocess.Popen(main_command(tmp_path / key, *RUN, *args), cwd=REPO, env=main_env(token_cache),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for key, args in BAD_CONFIGS.items()}
+    for key, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, key
+        lines = [line for line in err.splitlines() if key.split(".")[-1] in line]
+        assert lines, (key, err[-2000:])
+        assert not (tmp_path / key / "checkpoints").exists(), key  # failed before doing anything
+
+
+def test_divergence_stops_with_step_metric_and_checkpoint(token_cache, tmp_path):
+    result = run(tmp_path, token_cache, *RUN, "--config.optimizer.learning_rate=1e30",
+                 "--config.optimizer.warmup_fraction=0.0", "--config.optimizer.grad_clip_norm=1e30")
+    assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "at step" in message and "Last good checkpoint" in message and ("loss" in message or "grad_norm" in message)
