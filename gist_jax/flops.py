@@ -1,0 +1,294 @@
+"""Model FLOPs of a gist-compressed training step, counted with causal and mask sparsity, and MFU.
+
+Gist compression saves compute only through the attention pairs it removes, so a "6 x params
+x tokens" figure says nothing about it, and a dense-kernel count would make compression look
+*more* expensive than full attention. This module counts what the model needs, not what a
+particular kernel happens to execute:
+
+    forward(sequence) = dense + attention
+    dense     = 2 * ( num_layers * P_layer * tokens_processed  +  E * V * logit_tokens )
+    P_layer   = E*H*(N_q + 2*N_kv) + N_q*H*E + 3*E*F          (q, k, v, o projections; SwiGLU)
+    attention = 4 * H * N_q * visible_pairs * num_layers       (QK^T and PV, 2 FLOPs per MAC)
+    train(sequence) = 3 * forward                              (backward = 2 x forward)
+                    + TIE: forward of the frozen reference, causal + segment-local (no backward)
+                    + AE: 3 * forward of the one-block weak decoder
+    per step  = train(sequence) * global batch;  MFU = per step / (seconds * devices * peak)
+
+with E hidden size, F MLP size, V vocabulary, H head dim, N_q / N_kv query / KV heads.
+
+Counted: every matmul with a weight (biases, norms, RoPE, softmax, SwiGLU gating, residuals and
+the loss are elementwise and ignored; embedding lookups are free). ``tokens_processed`` is raw
+tokens plus live gist tokens (dead per-segment slots and padding are not counted); Coarse-Rec
+also re-encodes its memory (sinks and earlier gists) in front of every segment, which counts.
+Logits are counted for raw tokens only (gists predict nothing), although the reference
+implementation applies the head to every layout token. ``visible_pairs`` counts the (query,
+key) pairs the attention mask allows, with live queries only (see
+``visible_attention_pairs``): causal masking halves full attention, gist masks remove much
+more. Separate gist projections replace the base ones at gist tokens, so they cost nothing
+extra (the dense reference computes both and selects). Remat recomputation is not counted (this is MFU, not hardware FLOPs utilisation).
+
+Throughput unit: raw tokens per second. Gist tokens are work the model does, hence in the
+FLOPs, but they are not text the run consumed; report tokens/s over raw tokens.
+
+``model_flops_6n`` is the usual non-sparsity-aware figure (6 x parameter count x raw tokens,
+attention ignored, embedding table included), reported only for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import GistLayout, cached_layout
+from gist_jax.gist.specs import memory_buffer_arrays
+from gist_jax.model.config import ModelConfig, preset
+from gist_jax.train.config import StepConfig
+
+PEAK_FLOPS_ENV = "GIST_JAX_PEAK_FLOPS"
+
+# Dense (no structured sparsity) bf16 peak FLOP/s per jax device, keyed by a case-insensitive
+# substring of ``jax.Device.device_kind``; the first matching key wins, so more specific keys
+# come first. TPU v4 and later expose one device per chip (megacore); v5p reports "TPU v5".
+PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v4": 275e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,  # "NVIDIA H100 80GB HBM3": SXM
+    "H200": 989e12,  # also matches "NVIDIA GH200 480GB"
+    "B200": 2250e12,
+    "A100": 312e12,
+    "L40S": 362e12, "L4": 121e12,
+}
+
+
+class _SequenceCounts(NamedTuple):
+    """What one sequence's forward pass works on."""
+
+    tokens: int  # tokens through every layer (raw + live gists [+ re-encoded memory])
+    logit_tokens: int  # tokens that get LM-head logits (raw tokens)
+    pairs: int  # visible (query, key) attention pairs per layer
+
+
+def layer_matmul_params(cfg: ModelConfig) -> int:
+    """Weights one token multiplies in one layer: q, k, v, o projections and the SwiGLU MLP."""
+    e, h = cfg.hidden_size, cfg.head_dim
+    return e * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + 3 * e * cfg.intermediate_size
+
+
+def _layout(num_raw: int, comp: CompressionConfig, ratios: tuple[int, ...] | None) -> GistLayout:
+    """The layout the training step builds (per-segment sampling pads to L / min(ratios) slots)."""
+    slots = comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None
+    return cached_layout(num_raw, comp, None if ratios is None else tuple(ratios), slots)
+
+
+def _causal_pairs(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def _sequence_counts(num_raw: int, comp: CompressionConfig,
+                     ratios: tuple[int, ...] | None) -> _SequenceCounts:
+    """Tokens and visible pairs from the layout arrays the model's masks are built from.
+
+    KV (``specs.parallel_spec``): a live query sees the live tokens of its own segment up to
+    itself, plus every memory key ((live gist) | sink) of earlier segments. Recurrent
+    (``parallel.recurrent_scan``): step i runs ``[sinks | memory buffer | segment]`` causally
+    with only the P_i valid prefix entries (sinks if i > 0, live gists of segments < i), so it
+    adds P_i re-encoded tokens with P_i (P_i + 1) / 2 prefix pairs to the KV count.
+    """
+    if not comp.enabled:
+        return _SequenceCounts(num_raw, num_raw, _causal_pairs(num_raw))
+    layout = _layout(num_raw, comp, ratios)
+    shape = layout.shape
+    alive_SxT = layout.alive.reshape(shape.num_segments, shape.segment_tokens).astype(np.int64)
+    # Live keys at or before each position of its segment; a live query sees exactly these.
+    local_pairs = int((alive_SxT * np.cumsum(alive_SxT, axis=1)).sum())
+    live_per_segment_S = alive_SxT.sum(axis=1)
+    if comp.memory == "kv":
+        memory_key_T = (layout.is_gist & layout.alive) | layout.is_sink
+        keys_S = np.bincount(layout.segment[memory_key_T], minlength=shape.num_segments)
+        earlier_keys_S = np.cumsum(keys_S) - keys_S  # memory keys of segments < i
+        return _SequenceCounts(int(live_per_segment_S.sum()), num_raw,
+                               local_pairs + int((live_per_segment_S * earlier_keys_S).sum()))
+    buffer = memory_buffer_arrays(layout)
+    s = shape.num_sinks
+    live_sinks = int(buffer["live"][:s].sum())
+    gist_segment = buffer["segment"][s:][buffer["live"][s:]]
+    gists_S = np.bincount(gist_segment, minlength=shape.num_segments)
+    prefix_S = np.cumsum(gists_S) - gists_S + live_sinks * (np.arange(shape.num_segments) > 0)
+    pairs = local_pairs + int((live_per_segment_S * prefix_S).sum()) + int(
+        (prefix_S * (prefix_S + 1) // 2).sum())
+    return _SequenceCounts(int(live_per_segment_S.sum() + prefix_S.sum()), num_raw, pairs)
+
+
+def visible_attention_pairs(num_raw: int, comp: CompressionConfig,
+                            ratios: tuple[int, ...] | None = None) -> int:
+    """(query, key) pairs the attention mask allows for one sequence of ``num_raw`` raw tokens,
+    per layer and head, over live queries (dead gist slots and padding compute nothing useful).
+
+    ``memory='none'``: N (N + 1) / 2. KV variants and Coarse-Rec: counted exactly per segment
+    from the layout (``ratios``: one per segment, as ``build_layout`` takes them); O(tokens)
+    numpy, no T x T matrix.
+    """
+    return _sequence_counts(num_raw, comp, ratios).pairs
+
+
+def _forward(cfg: ModelConfig, counts: _SequenceCounts, num_layers: int) -> dict[str, float]:
+    dense = 2.0 * (num_layers * layer_matmul_params(cfg) * counts.tokens
+                   + cfg.hidden_size * cfg.vocab_size * counts.logit_tokens)
+    attention = 4.0 * cfg.head_dim * cfg.num_heads * counts.pairs * num_layers
+    return {"dense": dense, "attention": attention, "total": dense + attention}
+
+
+def forward_flops_per_sequence(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
+                               ratios: tuple[int, ...] | None = None) -> dict[str, float]:
+    """``{'dense', 'attention', 'total'}`` FLOPs of one compressed forward pass (module doc)."""
+    return _forward(model_cfg, _sequence_counts(num_raw, comp, ratios), model_cfg.num_layers)
+
+
+def tie_reference_flops(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int) -> float:
+    """Online TIE: two forward passes of the frozen base model over the raw sequence, causal
+    and segment-local causal (``train/tie.py``), each with logits on every raw token."""
+    L = comp.segment_length
+    whole, rest = divmod(num_raw, L)
+    segment_local = whole * _causal_pairs(L) + _causal_pairs(rest)
+    total = 0.0
+    for pairs in (_causal_pairs(num_raw), segment_local):
+        total += _forward(model_cfg, _SequenceCounts(num_raw, num_raw, pairs), model_cfg.num_layers)["total"]
+    return total
+
+
+def ae_decoder_forward_flops(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
+                             ratios: tuple[int, ...] | None = None) -> dict[str, float]:
+    """Forward of the AE weak decoder (``train/ae.py``): one block plus the LM head over each
+    live gist's span of n real raw tokens, inputs ``[ae]_r x_1 .. x_(n-1)``; query j sees the
+    gist's key/value and inputs 0..j, so a span has n + n (n + 1) / 2 pairs."""
+    layout = _layout(num_raw, comp, ratios)
+    live_gist = layout.is_gist & layout.alive
+    ratio_G = np.asarray(layout.ratios)[layout.segment[live_gist]]
+    span_G = np.clip(np.minimum(ratio_G, num_raw - layout.span_start[live_gist]), 0, None).astype(np.int64)
+    tokens = int(span_G.sum())
+    counts = _SequenceCounts(tokens, tokens, tokens + int((span_G * (span_G + 1) // 2).sum()))
+    return _forward(model_cfg, counts, num_layers=1)
+
+
+def train_flops_per_sequence(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
+                             ratios: tuple[int, ...] | None = None, *, tie: bool = False,
+                             ae: bool = False) -> dict[str, float]:
+    """``{'dense', 'attention', 'tie', 'ae', 'total'}`` for one sequence of one update.
+
+    dense / attention: 3 x forward of the trained model. ``tie``: online TIE only (precomputed
+    weights cost nothing in the step); ``ae``: the decoder runs (lambda > 0). Like the step,
+    both count only with compression on; ``step_objectives`` derives the flags from a
+    ``StepConfig``.
+    """
+    forward = forward_flops_per_sequence(model_cfg, comp, num_raw, ratios)
+    tie_flops = tie_reference_flops(model_cfg, comp, num_raw) if tie and comp.enabled else 0.0
+    ae_flops = 3.0 * ae_decoder_forward_flops(model_cfg, comp, num_raw, ratios)["total"] \
+        if ae and comp.enabled else 0.0
+    out = {"dense": 3.0 * forward["dense"], "attention": 3.0 * forward["attention"],
+           "tie": tie_flops, "ae": ae_flops}
+    out["total"] = sum(out.values())
+    return out
+
+
+def train_flops_per_step(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
+                         batch_size: int, ratios: tuple[int, ...] | None = None, *,
+                         tie: bool = False, ae: bool = False) -> dict[str, float]:
+    """``train_flops_per_sequence`` times the global batch (every sequence of a step shares the
+    layout, so pass that step's sampled ``ratios``)."""
+    per_sequence = train_flops_per_sequence(model_cfg, comp, num_raw, ratios, tie=tie, ae=ae)
+    return {k: v * batch_size for k, v in per_sequence.items()}
+
+
+def step_objectives(step_cfg: StepConfig, comp: CompressionConfig) -> tuple[bool, bool]:
+    """(tie, ae) flags for the FLOP count, exactly when the step runs the TIE reference passes
+    and the AE decoder (``train/state.py``: online TIE; AE with lambda > 0; compression on)."""
+    obj = step_cfg.objective
+    return (obj.tie and obj.tie_source == "online" and comp.enabled,
+            obj.ae and obj.ae_lambda > 0 and comp.enabled)
+
+
+def model_flops_6n(model_cfg: ModelConfig, tokens: int) -> float:
+    """6 x ``num_params()`` x tokens: the common, non-sparsity-aware training figure (ignores
+    attention and gists, counts the embedding table); for comparison only."""
+    return 6.0 * model_cfg.num_params() * tokens
+
+
+def peak_flops(device: Any = None, override: float | None = None) -> float | None:
+    """Dense bf16 peak FLOP/s of one device, or None (CPU, unknown kind): print MFU as n/a.
+
+    ``device``: a ``jax.Device`` or a ``device_kind`` string (default: ``jax.devices()[0]``).
+    Precedence: ``override``, then the ``GIST_JAX_PEAK_FLOPS`` environment variable, then
+    ``PEAK_FLOPS_PER_DEVICE``.
+    """
+    if override is not None:
+        return float(override)
+    if os.environ.get(PEAK_FLOPS_ENV):
+        try:
+            return float(os.environ[PEAK_FLOPS_ENV])
+        except ValueError as e:
+            raise ValueError(f"{PEAK_FLOPS_ENV}={os.environ[PEAK_FLOPS_ENV]!r} is not a number of "
+                             "FLOP/s (e.g. 989e12); fix or unset it") from e
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    if not isinstance(device, str) and getattr(device, "platform", None) == "cpu":
+        return None
+    kind = (device if isinstance(device, str) else device.device_kind).lower()
+    return next((peak for key, peak in PEAK_FLOPS_PER_DEVICE.items() if key.lower() in kind), None)
+
+
+def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
+        peak_per_device: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]; None when the peak is unknown."""
+    if peak_per_device is None:
+        return None
+    if step_seconds <= 0 or num_devices <= 0 or peak_per_device <= 0:
+        raise ValueError(f"mfu needs positive step_seconds ({step_seconds}), num_devices "
+                         f"({num_devices}) and peak_per_device ({peak_per_device})")
+    return flops_per_step / (step_seconds * num_devices * peak_per_device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Compare a compression config with full attention: pairs, FLOPs per raw token, 6N."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--model", default="llama3_8b")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
+                   help="model config overrides, e.g. num_layers=16 hidden_size=2048")
+    p.add_argument("--seq", type=int, default=16384)
+    p.add_argument("--segment", type=int, default=2048)
+    p.add_argument("--ratio", type=int, default=8)
+    p.add_argument("--memory", default="kv")
+    p.add_argument("--granularity", default="fine")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--tie", action="store_true")
+    p.add_argument("--ae", action="store_true")
+    args = p.parse_args(argv)
+    cfg = preset(args.model, **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    comp = CompressionConfig(memory=args.memory, granularity=args.granularity,
+                             segment_length=args.segment, ratios=(args.ratio,),
+                             ratio_sampling="fixed", num_sinks=args.sinks)
+    full = comp.replace(memory="none", granularity="fine")
+    n = args.seq
+    print(f"{args.model} {args.set} raw tokens {n}; 6N: {model_flops_6n(cfg, n) / n / 1e9:.2f} "
+          "GFLOP/token")
+    rows = []
+    for name, c in ((f"{args.memory}/{args.granularity} L={args.segment} r={args.ratio}", comp),
+                    ("full attention", full)):
+        fwd = forward_flops_per_sequence(cfg, c, n)
+        train = train_flops_per_sequence(cfg, c, n, tie=args.tie, ae=args.ae)
+        rows.append(train["total"])
+        print(f"{name:>28}: pairs {visible_attention_pairs(n, c):,}  forward GFLOP/token dense "
+              f"{fwd['dense'] / n / 1e9:.3f} attention {fwd['attention'] / n / 1e9:.3f} total "
+              f"{fwd['total'] / n / 1e9:.3f}  train GFLOP/token {train['total'] / n / 1e9:.3f}")
+    print(f"train FLOPs, compressed / full attention: {rows[0] / rows[1]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

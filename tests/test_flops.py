@@ -1,0 +1,235 @@
+"""Sparsity-aware FLOP counting (gist_jax/flops.py): visible pairs against the masks the model
+really builds, the FLOP formula by hand, peak table and MFU arithmetic."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import gist_jax.model.attention as attention_module
+from gist_jax import flops
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import build_layout
+from gist_jax.gist.parallel import compressed_logits
+from gist_jax.gist.params import add_gist_params, model_config_for
+from gist_jax.gist.specs import layout_arrays
+from gist_jax.model.config import ModelConfig, preset
+from gist_jax.model.transformer import init_params
+from gist_jax.train.config import ObjectiveConfig, StepConfig
+from gist_jax.train.state import _needs_reference, uses_ae
+
+# Unrolled: flax nn.scan keeps a second traced copy of the body, which would record twice.
+ONE_LAYER = preset("tiny", eos_token_id=3, num_layers=1, scan_layers=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _base_params():
+    return jax.jit(init_params, static_argnums=0)(ONE_LAYER, jax.random.key(0))
+
+
+def _comp(memory: str, granularity: str, sinks: int, positions: str = "compressed",
+          ratios: tuple[int, ...] = (4,), **kw) -> CompressionConfig:
+    sampling = "fixed" if len(ratios) == 1 else "per_segment"
+    return CompressionConfig(memory=memory, granularity=granularity, segment_length=8,
+                             ratios=ratios, ratio_sampling=sampling, num_sinks=sinks,
+                             positions=positions, **kw)
+
+
+def _model_masks(comp: CompressionConfig, num_raw: int, ratios, monkeypatch) -> list[np.ndarray]:
+    """Every [T, S] boolean mask the one-layer model hands to its dense attention while running
+    ``compressed_logits`` (one per layer call: one for KV, one per segment for recurrent)."""
+    cfg = model_config_for(ONE_LAYER, comp)
+    params = add_gist_params(_base_params(), cfg)
+    layout = build_layout(num_raw, comp, ratios,
+                          comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None)
+    tokens = jax.random.randint(jax.random.key(1), (1, num_raw), 0, ONE_LAYER.vocab_size)
+    captured: list[np.ndarray] = []
+    original = attention_module.dot_product_attention
+
+    def recording(q, k, v, mask_BxTxS):
+        jax.debug.callback(lambda m: captured.append(np.asarray(m)[0]), mask_BxTxS)
+        return original(q, k, v, mask_BxTxS)
+
+    monkeypatch.setattr(attention_module, "dot_product_attention", recording)
+    run = jax.jit(lambda p, t, a: compressed_logits(cfg, comp, layout.shape, p, t, a))
+    jax.block_until_ready(run(params, tokens, layout_arrays(layout)))
+    jax.effects_barrier()
+    return captured
+
+
+def _brute_force(masks: list[np.ndarray]) -> tuple[int, int]:
+    """(live queries, allowed pairs of live queries). A query is live iff it may see itself: the
+    model's masks put each token's own key first (no external memory in these paths), and the
+    diagonal is False exactly for padding / dead slots / unused memory entries."""
+    queries = pairs = 0
+    for mask_TxS in masks:
+        live_T = np.diagonal(mask_TxS[:, :mask_TxS.shape[0]])
+        queries += int(live_T.sum())
+        pairs += int(mask_TxS[live_T].sum())
+    return queries, pairs
+
+
+CASES = [  # (memory, granularity, sinks, positions, ratios config, num_raw, per-segment ratios)
+    ("none", "fine", 0, "compressed", (4,), 24, None),
+    ("kv", "fine", 0, "compressed", (4,), 24, None),
+    ("kv", "fine", 4, "aligned", (2,), 24, None),
+    ("kv", "coarse", 0, "compressed", (4,), 16, None),
+    ("kv", "fine", 4, "compressed", (2, 4), 20, (4, 2, 4)),  # dead slots + padded last segment
+    ("kv", "coarse", 4, "aligned", (2, 8), 24, (8, 2, 8)),
+    ("recurrent", "coarse", 0, "compressed", (4,), 24, None),
+    ("recurrent", "coarse", 4, "aligned", (2,), 24, None),
+    ("recurrent", "coarse", 4, "compressed", (2, 4), 20, (4, 2, 4)),
+]
+
+
+@pytest.mark.parametrize("memory,granularity,sinks,positions,ratio_set,num_raw,ratios", CASES)
+def test_visible_pairs_and_tokens_equal_the_models_own_masks(
+        memory, granularity, sinks, positions, ratio_set, num_raw, ratios, monkeypatch):
+    comp = _comp(memory, granularity, sinks, positions, ratio_set,
+                 pad_to_segments=num_raw % 8 != 0)
+    masks = _model_masks(comp, num_raw, ratios, monkeypatch)
+    assert len(masks) == (3 if memory == "recurrent" else 1)
+    live_queries, pairs = _brute_force(masks)
+    assert flops.visible_attention_pairs(num_raw, comp, ratios) == pairs
+    # Dense FLOPs count exactly the live tokens the model processes, logits on raw tokens.
+    cfg = ONE_LAYER
+    dense = flops.forward_flops_per_sequence(cfg, comp, num_raw, ratios)["dense"]
+    assert dense == 2.0 * (flops.layer_matmul_params(cfg) * live_queries
+                           + cfg.hidden_size * cfg.vocab_size * num_raw)
+
+
+def test_kv_pairs_match_a_direct_per_token_rule():
+    """docs/compression.md: own segment causally, earlier segments' sinks and live gists only."""
+    comp = _comp("kv", "fine", 4, ratios=(2, 4))
+    layout = build_layout(32, comp, (2, 4, 4, 2), 4)
+    t = np.arange(layout.length)
+    memory_key = (layout.is_gist & layout.alive) | layout.is_sink
+    expected = 0
+    for q in np.flatnonzero(layout.alive):
+        own = (layout.segment == layout.segment[q]) & (t <= q) & layout.alive
+        earlier = (layout.segment < layout.segment[q]) & memory_key
+        expected += int(own.sum() + earlier.sum())
+    assert flops.visible_attention_pairs(32, comp, (2, 4, 4, 2)) == expected
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 32768])
+def test_full_attention_pairs_are_causal(n):
+    comp = CompressionConfig(memory="none", ratios=(8,), ratio_sampling="fixed")
+    assert flops.visible_attention_pairs(n, comp) == n * (n + 1) // 2
+
+
+def test_fine_kv_at_16k_sees_far_fewer_pairs_than_full_attention():
+    n, L, r, s = 16384, 2048, 8, 4
+    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=L, ratios=(r,),
+                             ratio_sampling="fixed", num_sinks=s)
+    pairs = flops.visible_attention_pairs(n, comp)
+    segments, t = n // L, L + L // r
+    local = segments * t * (t + 1) // 2  # every layout token is live
+    memory = sum(t * ((s if i else 0) + i * L // r) for i in range(segments))
+    assert pairs == local + memory
+    ratio = pairs / (n * (n + 1) / 2)
+    # ~ (1 + 1/r)^2 L/n (local) + (1 + 1/r)(1/r)(1 - L/n) (memory): 0.158 + 0.123
+    assert 0.25 < ratio < 0.30
+
+
+def _tiny(**kw) -> ModelConfig:
+    return ModelConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_layers=3,
+                       num_heads=4, num_kv_heads=2, head_dim=8, eos_token_id=1, **kw)
+
+
+def test_forward_flops_full_attention_by_hand():
+    cfg, n = _tiny(), 10
+    comp = CompressionConfig(memory="none", ratios=(2,), ratio_sampling="fixed")
+    per_layer = 32 * 8 * 4 + 2 * 32 * 8 * 2 + 4 * 8 * 32 + 3 * 32 * 64  # q, k+v, o, MLP
+    dense = 2 * (3 * per_layer * n + 32 * 100 * n)
+    attention = 4 * 8 * 4 * (n * (n + 1) // 2) * 3
+    out = flops.forward_flops_per_sequence(cfg, comp, n)
+    assert out == {"dense": dense, "attention": attention, "total": dense + attention}
+
+
+def test_gist_tokens_are_processed_but_only_raw_tokens_get_logits():
+    cfg = _tiny()
+    comp = CompressionConfig(memory="kv", segment_length=8, ratios=(4,), ratio_sampling="fixed",
+                             num_sinks=0)
+    dense = flops.forward_flops_per_sequence(cfg, comp, 16)["dense"]
+    assert dense == 2 * (3 * flops.layer_matmul_params(cfg) * (16 + 4) + 32 * 100 * 16)
+
+
+def test_train_flops_are_three_forwards_plus_tie_and_ae():
+    cfg = _tiny()
+    comp = CompressionConfig(memory="kv", segment_length=8, ratios=(4,), ratio_sampling="fixed",
+                             num_sinks=2)
+    n = 24
+    fwd = flops.forward_flops_per_sequence(cfg, comp, n)
+    plain = flops.train_flops_per_sequence(cfg, comp, n)
+    assert plain["total"] == pytest.approx(3 * fwd["total"])
+    assert plain["tie"] == plain["ae"] == 0
+    both = flops.train_flops_per_sequence(cfg, comp, n, tie=True, ae=True)
+    assert both["tie"] > 0 and both["ae"] > 0
+    assert both["total"] == pytest.approx(plain["total"] + both["tie"] + both["ae"])
+    # TIE by hand: two forwards over n raw tokens, causal and segment-local (3 x 8-token blocks).
+    full = flops.forward_flops_per_sequence(cfg, comp.replace(memory="none"), n)["total"]
+    seg_local = full - 4 * 8 * 4 * 3 * (n * (n + 1) // 2 - 3 * 36)
+    assert both["tie"] == pytest.approx(full + seg_local)
+    # AE by hand: 6 spans of 4 tokens, one block, head on each token, 4 + 10 pairs per span.
+    ae_fwd = 2 * (flops.layer_matmul_params(cfg) * n + 32 * 100 * n) + 4 * 8 * 4 * 6 * 14
+    assert both["ae"] == pytest.approx(3 * ae_fwd)
+    step = flops.train_flops_per_step(cfg, comp, n, 5, tie=True)
+    assert step["total"] == pytest.approx(5 * (plain["total"] + both["tie"]))
+    # Like the step: no TIE / AE without compression.
+    none = flops.train_flops_per_sequence(cfg, comp.replace(memory="none"), n, tie=True, ae=True)
+    assert none["tie"] == none["ae"] == 0
+
+
+@pytest.mark.parametrize("tie,source,ae,lam,memory", [
+    (True, "online", True, 1.0, "kv"), (True, "precomputed", True, 0.0, "kv"),
+    (False, "online", True, 0.5, "recurrent"), (True, "online", True, 1.0, "none")])
+def test_step_objectives_mirror_the_train_state(tie, source, ae, lam, memory):
+    comp = CompressionConfig(memory=memory, granularity="coarse", ratios=(4,),
+                             ratio_sampling="fixed")
+    step_cfg = StepConfig(objective=ObjectiveConfig(tie=tie, tie_source=source, ae=ae, ae_lambda=lam))
+    assert flops.step_objectives(step_cfg, comp) == (_needs_reference(step_cfg, comp),
+                                                     uses_ae(step_cfg, comp))
+
+
+def test_six_n_is_six_times_params_times_tokens():
+    cfg = _tiny()
+    assert flops.model_flops_6n(cfg, 1000) == 6 * cfg.num_params() * 1000
+
+
+@pytest.mark.parametrize("kind,peak", [
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40S", 362e12), ("cpu", None), ("Some Future Chip", None)])
+def test_peak_flops_by_device_kind(kind, peak, monkeypatch):
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)
+    assert flops.peak_flops(kind) == peak
+
+
+def test_peak_flops_override_env_and_cpu(monkeypatch):
+    monkeypatch.delenv(flops.PEAK_FLOPS_ENV, raising=False)
+    assert flops.peak_flops() is None  # the test devices are CPUs
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", override=5e14) == 5e14
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "1e15")
+    assert flops.peak_flops() == 1e15
+    monkeypatch.setenv(flops.PEAK_FLOPS_ENV, "fast")
+    with pytest.raises(ValueError, match=flops.PEAK_FLOPS_ENV):
+        flops.peak_flops()
+
+
+def test_mfu_arithmetic():
+    assert flops.mfu(4e15, 2.0, 8, 1e15) == pytest.approx(0.25)
+    assert flops.mfu(4e15, 2.0, 8, None) is None
+    with pytest.raises(ValueError):
+        flops.mfu(4e15, 0.0, 8, 1e15)
+
+
+def test_cli_compares_with_full_attention(capsys):
+    flops.main(["--model", "tiny", "--set", "num_layers=1", "--seq", "64", "--segment", "16",
+                "--ratio", "4", "--tie", "--ae"])
+    out = capsys.readouterr().out
+    assert "full attention" in out and "compressed / full attention" in out
