@@ -1,7 +1,8 @@
-"""Tokenizers for training/eval: a tiny interface and three implementations.
+"""Tokenizers for training/eval: a tiny interface, four implementations, and `tokenizer_from_spec`.
 
 Only `tokenizers`, numpy and the stdlib are imported here (no torch/transformers/tensorflow), so
-data pipelines and JAX jobs can use this module cheaply; `gguf` is imported lazily.
+data pipelines and JAX jobs can use this module cheaply; `gguf` and `sentencepiece` are imported
+lazily.
 
 `encode` never adds special tokens unless asked (`add_bos=True`): the gist/data code decides where
 BOS/EOS go, not the tokenizer.
@@ -10,9 +11,11 @@ BOS/EOS go, not the tokenizer.
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -62,6 +65,10 @@ class Tokenizer(abc.ABC):
     @property
     @abc.abstractmethod
     def pad_id(self) -> int | None: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``[encode(t) for t in texts]`` (no specials); subclasses with a faster batch path override it."""
+        return [self.encode(text) for text in texts]
 
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
         if add_bos:
@@ -120,6 +127,14 @@ class HFTokenizer(Tokenizer):
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return self._wrap(ids, add_bos, add_eos)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Same ids as `encode` per text, tokenised on all cores (the `tokenizers` Rust thread pool).
+
+        `encode_batch_fast` (tokenizers >= 0.21) skips character offsets: same ids, ~30% less CPU.
+        """
+        batch_encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [e.ids for e in batch_encode(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -133,6 +148,10 @@ class HFTokenizer(Tokenizer):
     @property
     def bos_id(self) -> int | None:
         return self._id(self.bos_token)
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._id(self.unk_token)
 
     @property
     def eos_id(self) -> int | None:
@@ -232,6 +251,104 @@ class HFTokenizer(Tokenizer):
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model file (Llama 2, T5...). Ids of -1 (sentencepiece's "none") become None.
+
+    Pickles as the serialized model, so it can travel to data-loading worker processes.
+    """
+
+    def __init__(self, processor: Any, path: str | None = None) -> None:
+        self.processor = processor  # sentencepiece.SentencePieceProcessor
+        self.path = path
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path) -> SentencePieceTokenizer:
+        import sentencepiece
+
+        if not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"SentencePiece model {str(path)!r} not found")
+        return cls(sentencepiece.SentencePieceProcessor(model_file=str(path)), str(path))
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return self._wrap(list(self.processor.encode(text, out_type=int)), add_bos, add_eos)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [list(ids) for ids in self.processor.encode(list(texts), out_type=int)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.processor.decode([int(i) for i in ids])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.processor.get_piece_size())
+
+    @staticmethod
+    def _optional(token_id: int) -> int | None:
+        return None if token_id < 0 else int(token_id)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._optional(self.processor.bos_id())
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._optional(self.processor.eos_id())
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._optional(self.processor.pad_id())
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._optional(self.processor.unk_id())
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"model": self.processor.serialized_model_proto(), "path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import sentencepiece
+
+        self.processor = sentencepiece.SentencePieceProcessor(model_proto=state["model"])
+        self.path = state["path"]
+
+
+TOKENIZER_SPEC_FORMS = ("bytes", "gguf:smollm2", "gguf:<file.gguf>", "hf:<dir>", "sentencepiece:<file.model>",
+                        "checkpoint:<dir>")
+
+
+@functools.cache
+def tokenizer_from_spec(spec: str) -> Tokenizer:
+    """The tokenizer a compact spec names (one of `TOKENIZER_SPEC_FORMS`), built once per spec.
+
+    Cached because parsing a GGUF vocabulary takes seconds and every data source asks for it.
+    """
+    kind, sep, arg = spec.partition(":")
+    if spec == "bytes":
+        return ByteTokenizer()
+    if sep and arg:
+        if kind == "gguf":
+            from gist_jax.hf.gguf import smollm2_gguf_path
+
+            path = smollm2_gguf_path() if arg == "smollm2" else _existing(arg, spec, is_dir=False)
+            return HFTokenizer.from_gguf(path)
+        if kind == "hf":
+            return HFTokenizer.from_dir(_existing(arg, spec, is_dir=True))
+        if kind == "sentencepiece":
+            return SentencePieceTokenizer.from_file(_existing(arg, spec, is_dir=False))
+        if kind == "checkpoint":
+            from gist_jax.params_io import load_tokenizer
+
+            return load_tokenizer(_existing(arg, spec, is_dir=True))
+    raise ValueError(f"unknown tokenizer spec {spec!r}; expected one of: {', '.join(TOKENIZER_SPEC_FORMS)}")
+
+
+def _existing(path: str, spec: str, is_dir: bool) -> pathlib.Path:
+    resolved = pathlib.Path(path).expanduser()
+    if not (resolved.is_dir() if is_dir else resolved.is_file()):
+        raise FileNotFoundError(f"tokenizer spec {spec!r}: no {'directory' if is_dir else 'file'} {path!r}")
+    return resolved
 
 
 def gguf_tokenizer(path: str | pathlib.Path) -> HFTokenizer:
