@@ -1,0 +1,139 @@
+"""What every experiment file shares: the variant convention and the named variant tables.
+
+Convention (one for every file in ``experiments/``): the text after ``:`` in
+``--config experiments/<file>.py:<arg>`` is a comma-separated list of named variants, applied
+left to right on top of the file's base config, e.g. ``llama3_8b_paper.py:coarse_rec,noae,tiny``.
+Names, not ``key=value`` pairs, because a variant is usually several keys that only make sense
+together (Coarse-Rec is memory *and* granularity); single keys are changed with
+``--config.<key>=<value>`` after the variants. Each variant belongs to a group (architecture,
+ae, tie, size); naming two of one group is an error, so ``fine_kv,coarse_kv`` never silently
+means whichever came last.
+
+``experiments/`` is not an installed package, so each file puts the repository root on
+``sys.path`` before ``from experiments import _common``; that works whatever the working
+directory and however the file is loaded (config_flags, importlib, the sweep launcher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named change to a config. ``group``: at most one variant per group per run."""
+
+    group: str
+    apply: Callable[[ConfigDict], None]
+    help: str = ""
+
+
+# -- architectures (Deng et al. 2025 names) ----------------------------------------------------------
+def _architecture(memory: str, granularity: str) -> Callable[[ConfigDict], None]:
+    def apply(c: ConfigDict) -> None:
+        c.compression.memory = memory
+        c.compression.granularity = granularity
+        if memory == "none":  # the full-attention baseline has no gists to autoencode or weigh against
+            c.objective.ae = False
+            c.objective.tie = False
+            c.compression.trainable = "all"
+            c.compression.bptt_segments = 0
+        if memory != "recurrent":
+            c.compression.bptt_segments = 0
+
+    return apply
+
+
+def _switch(key: str, value: bool) -> Callable[[ConfigDict], None]:
+    section, field = key.split(".")
+
+    def apply(c: ConfigDict) -> None:
+        c[section][field] = value
+
+    return apply
+
+
+ARCHITECTURES: dict[str, Variant] = {
+    "fine_kv": Variant("architecture", _architecture("kv", "fine"), "Fine-KV: a gist after every r tokens, KV memory"),
+    "coarse_kv": Variant("architecture", _architecture("kv", "coarse"), "Coarse-KV: gists after the segment, KV memory"),
+    "coarse_rec": Variant("architecture", _architecture("recurrent", "coarse"),
+                          "Coarse-Rec: gists after the segment, last-layer states fed back as inputs"),
+    "full": Variant("architecture", _architecture("none", "fine"), "full-attention baseline (no gists, no AE/TIE)"),
+}
+OBJECTIVES: dict[str, Variant] = {
+    "ae": Variant("ae", _switch("objective.ae", True), "fine-grained autoencoding loss on"),
+    "noae": Variant("ae", _switch("objective.ae", False), "fine-grained autoencoding loss off"),
+    "tie": Variant("tie", _switch("objective.tie", True), "token importance estimation weighting on"),
+    "notie": Variant("tie", _switch("objective.tie", False), "token importance estimation weighting off"),
+}
+SHARED: dict[str, Variant] = {**ARCHITECTURES, **OBJECTIVES}
+
+
+def parse_variants(arg: str | None) -> list[str]:
+    """``"coarse_rec, tiny"`` -> ``["coarse_rec", "tiny"]``; None or "" -> []."""
+    return [name.strip() for name in (arg or "").split(",") if name.strip()]
+
+
+def apply_variants(config: ConfigDict, arg: str | None, table: Mapping[str, Variant], file: str) -> ConfigDict:
+    """Applies the variants named in ``arg`` in order; unknown or conflicting names raise ValueError."""
+    names = parse_variants(arg)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"{file}: unknown variant {unknown[0]!r} (from {arg!r}); known variants: "
+                         f"{', '.join(sorted(table))}. Give a comma-separated list, e.g. {file}:{next(iter(table))}")
+    seen: dict[str, str] = {}
+    for name in names:
+        group = table[name].group
+        if group in seen:
+            raise ValueError(f"{file}: variants {seen[group]!r} and {name!r} both set the {group}; name one")
+        seen[group] = name
+    for name in names:
+        table[name].apply(config)
+    config.name = f"{file.removesuffix('.py')}:{','.join(names)}" if names else file.removesuffix(".py")
+    return config
+
+
+def describe(table: Mapping[str, Variant]) -> str:
+    """One line per variant, for error messages and ``--help``-like listings."""
+    return "\n".join(f"  {name:<11} [{v.group}] {v.help}" for name, v in sorted(table.items()))
+
+
+# -- the small local variant ---------------------------------------------------------------------------
+def make_tiny(c: ConfigDict, *, seq_len: int = 64, segment_length: int = 16, ratios: tuple[int, ...] = (4, 8),
+              batch_size: int = 8, total_steps: int = 6, max_documents: int = 20) -> None:
+    """Shrinks a recipe to seconds on one CPU while keeping its structure (variant, ratio sampling,
+    objectives, packing): random ``preset:tiny`` weights, the byte tokenizer, the stdlib corpus,
+    float32, one device's mesh, a checkpoint every 2 steps and an eval at the start and end."""
+    c.model.init = "preset:tiny"
+    c.model.dtype = "float32"
+    c.model.param_dtype = ""
+    c.model.remat_policy = "none"
+    c.data.tokenizer = "bytes"
+    c.data.sources = (("stdlib", 1.0),)
+    c.data.upsampling = ()
+    c.data.max_documents = max_documents
+    c.data.add_bos = False
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.step.batch_size = batch_size
+    c.step.seq_len = seq_len
+    c.step.microbatches = 1
+    c.compression.segment_length = segment_length
+    c.compression.ratios = ratios if c.compression.ratio_sampling != "fixed" else (min(ratios),)
+    c.compression.num_sinks = min(c.compression.num_sinks, segment_length // 4)
+    c.optimizer.total_steps = total_steps
+    c.optimizer.warmup_fraction = 0.0
+    c.train.max_steps = 0
+    c.train.log_every = 1
+    c.train.eval_every = total_steps
+    c.train.eval_batches = 2
+    c.train.eval_at_start = True
+    c.train.profile_steps = 0
+    c.checkpoint.every = 2
+    c.checkpoint.keep = 2
+    c.checkpoint.milestone_every = 0
+    c.checkpoint.async_save = False
