@@ -23,8 +23,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -c "import jax, flax, optax, orbax.checkpoint, transformers, gguf, gist_jax"
 	touch $(STAMP)
 
+# DEMO_WORKDIR holds checkpoints and metrics; rerunning resumes (or re-reports a finished run).
+DEMO_WORKDIR ?= runs/demo
 demo: $(STAMP)
-	$(PY) -m gist_jax.demo_parity
+	$(PY) -m gist_jax.demo --workdir $(DEMO_WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

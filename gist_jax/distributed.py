@@ -55,6 +55,15 @@ def initialize_from_env() -> bool:
     return True
 
 
+def enable_compilation_cache() -> None:
+    """Persistent XLA compilation cache (``GIST_JAX_COMPILE_CACHE``, ``off`` to disable): a
+    restarted or resumed run skips recompiling its train steps."""
+    cache = os.environ.get("GIST_JAX_COMPILE_CACHE", os.path.expanduser("~/.cache/gist_jax/jax"))
+    if cache != "off":
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def is_primary() -> bool:
     """Process 0 writes logs, metrics and summaries; every process checkpoints."""
     return jax.process_index() == 0

@@ -11,7 +11,6 @@ Exit codes: 0 done or preempted cleanly (checkpoint saved), 2 configuration erro
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -23,28 +22,19 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, met
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _enable_compilation_cache() -> None:
-    import jax
-
-    cache = os.environ.get("GIST_JAX_COMPILE_CACHE", os.path.expanduser("~/.cache/gist_jax/jax"))
-    if cache != "off":
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.<key>=<value>")
     if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    from gist_jax.distributed import DistributedInitError, initialize_from_env
+    from gist_jax.distributed import DistributedInitError, enable_compilation_cache, initialize_from_env
     from gist_jax.experiment import run_config
     from gist_jax.model.config import ConfigError
     from gist_jax.train.hooks import TrainingDiverged
 
     try:
         run = run_config(_CONFIG.value)
-        _enable_compilation_cache()
+        enable_compilation_cache()
         initialize_from_env()
         from gist_jax.train.loop import train
 

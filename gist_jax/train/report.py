@@ -1,0 +1,66 @@
+"""Reading a finished run back: the perplexity table (before vs after training, full attention
+vs each compression ratio) and its plot, from ``<workdir>/metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+
+def eval_entries(workdir: str | pathlib.Path) -> list[dict]:
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in entries if any(k.startswith("eval/ppl_") for k in e)]
+
+
+def before_after(workdir: str | pathlib.Path) -> tuple[dict, dict]:
+    """The first evaluation (step 0 when the run evaluated at start) and the last one."""
+    entries = eval_entries(workdir)
+    if not entries:
+        raise ValueError(f"{workdir}/metrics.jsonl has no evaluation; set train.eval_at_start or train.eval_every")
+    return min(entries, key=lambda e: e["step"]), max(entries, key=lambda e: e["step"])
+
+
+def _settings(entry: dict) -> list[str]:
+    names = [k[len("eval/ppl_"):] for k in entry if k.startswith("eval/ppl_")]
+    return sorted(names, key=lambda n: (n != "full", int(n[1:]) if n[1:].isdigit() else 0))
+
+
+def perplexity_table(workdir: str | pathlib.Path) -> str:
+    """Markdown table: validation perplexity per setting, before and after training."""
+    before, after = before_after(workdir)
+    rows = [f"| setting | ppl at step {before['step']} | ppl at step {after['step']} | change |",
+            "|---|---|---|---|"]
+    for name in _settings(after):
+        a, b = before.get(f"eval/ppl_{name}"), after[f"eval/ppl_{name}"]
+        label = "full attention" if name == "full" else f"compressed, ratio {name[1:]}"
+        change = f"{(b - a) / a:+.1%}" if a else "n/a"
+        rows.append(f"| {label} | {a:.3f} | {b:.3f} | {change} |" if a else f"| {label} | n/a | {b:.3f} | n/a |")
+    return "\n".join(rows)
+
+
+def plot_perplexity(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Grouped bars (before / after) per setting; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    before, after = before_after(workdir)
+    names = _settings(after)
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.38
+    ax.bar([i - width / 2 for i in x], [before.get(f"eval/ppl_{n}", 0) for n in names], width,
+           label=f"step {before['step']}")
+    ax.bar([i + width / 2 for i in x], [after[f"eval/ppl_{n}"] for n in names], width, label=f"step {after['step']}")
+    ax.set_xticks(list(x), ["full" if n == "full" else f"r = {n[1:]}" for n in names])
+    ax.set_ylabel("validation perplexity (segments 2+)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("Full attention vs gist compression")
+    fig.tight_layout()
+    out = pathlib.Path(out) if out else pathlib.Path(workdir) / "perplexity.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
