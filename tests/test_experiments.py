@@ -139,9 +139,9 @@ def test_demo_config_is_the_cpu_demo():
     assert run.data.sources == (("stdlib", 1.0),)
     assert (run.compression.memory, run.compression.granularity) == ("kv", "fine")
     assert run.step.objective.ae and run.step.objective.tie
-    assert (run.step.seq_len, run.compression.segment_length, run.compression.ratios) == (1024, 256, (4, 8))
+    assert (run.step.seq_len, run.compression.segment_length, run.compression.ratios) == (512, 128, (4, 8))
     assert run.compression.ratio_sampling == "per_instance" and run.compression.num_sinks == 4
-    assert run.model.dtype == "float32" and run.step.batch_size == 2
+    assert run.model.dtype == "float32" and run.step.batch_size == 1
     assert run.train.eval_at_start and run.train.eval_every == run.num_steps
     assert run.checkpoint.every == 10
     tiny = run_config(load("demo.py").get_config("tiny"))

@@ -143,3 +143,12 @@ def test_divergence_stops_with_step_metric_and_checkpoint(token_cache, tmp_path)
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
     message = result.stderr.strip().splitlines()[-1]
     assert "at step" in message and "Last good checkpoint" in message and ("loss" in message or "grad_norm" in message)
+
+
+def test_url_workdir_is_refused_before_anything_loads():
+    from gist_jax.experiment import default_config, run_config
+    from gist_jax.model.config import ConfigError
+    from gist_jax.train.loop import train
+
+    with pytest.raises(ConfigError, match="gcsfuse"):
+        train(run_config(default_config()), "gs://bucket/run")

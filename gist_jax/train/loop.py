@@ -25,7 +25,7 @@ from gist_jax.flops import peak_flops, step_objectives, train_flops_per_step
 from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
-from gist_jax.model.config import ModelConfig, preset
+from gist_jax.model.config import ConfigError, ModelConfig, preset
 from gist_jax.train.checkpoint import Checkpointer, layout_metadata
 from gist_jax.train.evaluation import PerplexityEvaluator
 from gist_jax.train.hooks import (MetricsWriter, PreemptionWatch, Profiler, Throughput, check_finite,
@@ -90,6 +90,9 @@ class StepFunctions:
 
 def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     # ------------------------------------------------------------------ set-up
+    if "://" in str(workdir):
+        raise ConfigError(f"--workdir={workdir}: use a filesystem path that every process sees (for a bucket, "
+                          "mount it with gcsfuse, e.g. /gcs/<bucket>/runs/<name>); URLs are not supported")
     workdir = pathlib.Path(workdir).absolute()
     comp, step_cfg = run.compression, run.step
     if is_primary():
