@@ -27,7 +27,8 @@ class DataConfig:
     sources:      ``(source_spec, rate)`` pairs; rates are the share of *tokens* each source
                   contributes per epoch (after length upsampling). Specs: ``stdlib`` (the built-in
                   corpus), ``files:<glob>``, ``jsonl:<glob>#<field>``, ``tfds:<name>...#<field>``,
-                  ``seqio:<task>`` (see ``gist_jax.data.tasks``).
+                  ``seqio:<task>`` (see ``gist_jax.data.tasks``), ``synthetic:<kind>?<params>``
+                  (recall tasks over a haystack, ``gist_jax.data.sources``; docs/data.md).
     tokenizer:    ``bytes``, ``gguf:smollm2``, ``gguf:<path>``, ``hf:<dir>``,
                   ``sentencepiece:<path>``, ``checkpoint:<dir>``.
     packing:      ``concat`` (documents joined with EOS and cut into sequences; no padding but the

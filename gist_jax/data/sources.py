@@ -1,4 +1,5 @@
-"""Where documents come from: the built-in stdlib corpus, local text/JSONL files, source specs.
+"""Where documents come from: the built-in stdlib corpus, local text/JSONL files, synthetic
+recall examples, source specs.
 
 Pure Python (no tensorflow/seqio), so the token store can read local corpora on machines
 without tf, and so one split rule serves the Python path, the seqio tasks and the tfds builder.
@@ -19,6 +20,9 @@ import os
 import pathlib
 import sysconfig
 from collections.abc import Iterator, Sequence
+from typing import Any
+
+from gist_jax.data import synthetic
 
 SPLITS = ("train", "validation")
 VALIDATION_FRACTION = 0.05
@@ -32,6 +36,7 @@ SOURCE_SPEC_FORMS = (
     "jsonl:<glob>[,<glob>...][#<field>]",
     "tfds:<name>[:<version>][@<data_dir>][#<field>]",
     "seqio:<registered task name>",
+    "synthetic:<kind>[?<param>=<value>[&...]]",
 )
 
 Document = tuple[str, str]
@@ -199,23 +204,148 @@ def iter_files(
             yield from read_documents(file, fmt, text_field)
 
 
+# -- synthetic recall sources -------------------------------------------------------------------------
+# Kind options of `synthetic.generate`, per kind, with their defaults there (None: drawn per example).
+SYNTHETIC_KIND_PARAMS: dict[str, dict[str, Any]] = {
+    "multikey_needle": {"num_keys": 4}, "multikey_uuid": {"num_keys": 4}, "multivalue": {"num_values": 4},
+    "json_kv": {"num_pairs": 8}, "passkey": {"filler": False},
+    "surprise_needle": {"relevant": None, "attribute": None}, "uuid_recall": {},
+}
+assert tuple(SYNTHETIC_KIND_PARAMS) == synthetic.KINDS
+_PARAM_TYPES: dict[str, type] = {"relevant": bool, "attribute": str, "filler": bool}
+_EXAMPLE_SPEC = "synthetic:passkey?haystack=stdlib&context_tokens=2048&num_examples=200&seed=0"
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticSpec:
+    """``synthetic:<kind>?...``: `synthetic.generate` arguments, minus the split-derived seed."""
+
+    kind: str
+    haystack: str = "stdlib"
+    context_tokens: int = 1024
+    depth_min: float = 0.0
+    depth_max: float = 1.0
+    num_examples: int = 100
+    seed: int = 0
+    tokenizer: str = ""  # "": the data tokenizer (the store's or task's), so context_tokens are model tokens
+    options: tuple[tuple[str, Any], ...] = ()  # kind options given in the spec, e.g. (("num_keys", 2),)
+
+    def split_seed(self, split: str) -> int:
+        """Train and validation draw disjoint example seeds (and their haystacks come from their own split)."""
+        _check_split(split, allow_none=False)
+        return self.seed * len(SPLITS) + SPLITS.index(split)
+
+
+# Parameters every kind takes, with their defaults (the fields above).
+SYNTHETIC_PARAMS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SyntheticSpec)
+                                    if f.name not in ("kind", "options")}
+
+
+def _synthetic_value(spec: str, kind: str, key: str, raw: str) -> Any:
+    default = SYNTHETIC_PARAMS.get(key, SYNTHETIC_KIND_PARAMS[kind].get(key))
+    want = _PARAM_TYPES.get(key, type(default))
+    try:
+        if want is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        value = want(raw)
+    except ValueError:
+        what = {bool: "true/false", int: "an integer", float: "a number"}.get(want, want.__name__)
+        raise ValueError(f"source spec {spec!r}: parameter {key}={raw!r} is not {what}; "
+                         f"write e.g. {key}={default if default is not None else 'true'}") from None
+    if key == "attribute" and value not in ("food", "number"):
+        raise ValueError(f"source spec {spec!r}: attribute={raw!r}; use attribute=food or attribute=number")
+    return value
+
+
+def parse_synthetic_spec(spec: str) -> SyntheticSpec:
+    """``synthetic:<kind>[?k=v&...]`` -> `SyntheticSpec`; errors name the offending key and the fix."""
+    body = spec.partition(":")[2]
+    kind, _, query = body.partition("?")
+    if kind not in synthetic.KINDS:
+        raise ValueError(f"source spec {spec!r}: unknown synthetic kind {kind!r}; use one of {synthetic.KINDS}, "
+                         f"e.g. {_EXAMPLE_SPEC}")
+    known = [*SYNTHETIC_PARAMS, *SYNTHETIC_KIND_PARAMS[kind]]
+    values: dict[str, Any] = {}
+    for item in (part for part in query.split("&") if part):
+        key, eq, raw = item.partition("=")
+        if not eq or not key or not raw:
+            raise ValueError(f"source spec {spec!r}: parameter {item!r} is not key=value; e.g. {_EXAMPLE_SPEC}")
+        if key not in known:
+            raise ValueError(f"source spec {spec!r}: unknown parameter {key!r} for synthetic kind {kind!r}; "
+                             f"known parameters: {', '.join(known)}")
+        if key in values:
+            raise ValueError(f"source spec {spec!r}: parameter {key!r} is given twice; keep one")
+        values[key] = _synthetic_value(spec, kind, key, raw)
+    options = tuple((k, values.pop(k)) for k in list(values) if k in SYNTHETIC_KIND_PARAMS[kind])
+    parsed = SyntheticSpec(kind, options=options, **values)
+    if parsed.context_tokens < 1 or parsed.num_examples < 1 or parsed.seed < 0:
+        raise ValueError(f"source spec {spec!r}: need context_tokens >= 1, num_examples >= 1 and seed >= 0 "
+                         f"(got {parsed.context_tokens}, {parsed.num_examples}, {parsed.seed})")
+    for key, value in options:
+        if key.startswith("num_") and value < 1:
+            raise ValueError(f"source spec {spec!r}: {key}={value} must be >= 1")
+    if not 0.0 <= parsed.depth_min <= parsed.depth_max <= 1.0:
+        raise ValueError(f"source spec {spec!r}: need 0 <= depth_min <= depth_max <= 1 "
+                         f"(got depth_min={parsed.depth_min}, depth_max={parsed.depth_max})")
+    try:
+        haystack = parse_source_spec(parsed.haystack) if parsed.haystack else None
+    except ValueError:
+        haystack = None
+    if haystack is None or not haystack.is_local or haystack.kind == "synthetic":
+        raise ValueError(f"source spec {spec!r}: haystack={parsed.haystack!r} must be a local text source "
+                         "(stdlib, files:<glob> or jsonl:<glob>); e.g. haystack=stdlib")
+    return parsed
+
+
+def synthetic_examples(parsed: SyntheticSpec, split: str,
+                       tokenizer_spec: str | None) -> Iterator[synthetic.RecallExample]:
+    """The examples of a synthetic source in ``split``, one at a time, deterministic in (spec, split, tokenizer).
+
+    The haystack is the haystack source's own ``split``, so validation contexts never reuse
+    training text. ``context_tokens`` is measured in ``parsed.tokenizer`` tokens, else in
+    ``tokenizer_spec``'s (the data tokenizer), so a context fits the model's sequence budget.
+    """
+    from gist_jax.tokenizer import tokenizer_from_spec  # lazy: the tokenizers package is only needed here
+
+    spec = parsed.tokenizer or tokenizer_spec
+    if not spec:
+        raise ValueError(f"synthetic:{parsed.kind} counts context_tokens in tokens of a tokenizer: add "
+                         "&tokenizer=<spec> (e.g. tokenizer=bytes) to the source spec or pass tokenizer_spec")
+    tokenizer = tokenizer_from_spec(spec)
+    haystack = [text for _, text in iter_source(parsed.haystack, split)]
+    for index in range(parsed.num_examples):
+        yield from synthetic.generate(parsed.kind, haystack, tokenizer, context_tokens=parsed.context_tokens,
+                                      depth=(parsed.depth_min, parsed.depth_max), seed=parsed.split_seed(split),
+                                      num_examples=1, start=index, **dict(parsed.options))
+
+
+def iter_synthetic(parsed: SyntheticSpec, split: str, tokenizer_spec: str | None) -> Iterator[Document]:
+    """One training document per example: context, question and answer (`synthetic.as_text` joined)."""
+    for index, example in enumerate(synthetic_examples(parsed, split, tokenizer_spec)):
+        inputs, targets = synthetic.as_text(example)
+        yield f"synthetic:{parsed.kind}/{split}/{index}", inputs + targets
+
+
 # -- source specs ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
     """A parsed source spec (the compact string a config or command line names a corpus with)."""
 
     spec: str
-    kind: str  # stdlib | files | jsonl | tfds | seqio
+    kind: str  # stdlib | files | jsonl | tfds | seqio | synthetic
     patterns: tuple[str, ...] = ()
     text_field: str = "text"
     tfds_name: str = ""
     data_dir: str | None = None
     task_name: str = ""
+    synthetic: SyntheticSpec | None = None
 
     @property
     def is_local(self) -> bool:
-        """Read by plain Python (no tf needed): ``stdlib``, ``files``, ``jsonl``."""
-        return self.kind in ("stdlib", "files", "jsonl")
+        """Read by plain Python (no tf needed): ``stdlib``, ``files``, ``jsonl``, ``synthetic``."""
+        return self.kind in ("stdlib", "files", "jsonl", "synthetic")
 
 
 def parse_source_spec(spec: str) -> SourceSpec:
@@ -223,6 +353,8 @@ def parse_source_spec(spec: str) -> SourceSpec:
     kind, sep, rest = spec.partition(":")
     if spec == "stdlib":
         return SourceSpec(spec, "stdlib")
+    if sep and rest and kind == "synthetic":
+        return SourceSpec(spec, "synthetic", synthetic=parse_synthetic_spec(spec))
     if sep and rest and kind in ("files", "jsonl", "tfds", "seqio"):
         if kind == "seqio":
             return SourceSpec(spec, "seqio", task_name=rest)
@@ -242,12 +374,19 @@ def parse_source_spec(spec: str) -> SourceSpec:
     raise ValueError(f"unknown source spec {spec!r}; expected one of: {', '.join(SOURCE_SPEC_FORMS)}")
 
 
-def iter_source(spec: str | SourceSpec, split: str) -> Iterator[Document]:
-    """Documents of a local source spec (``stdlib``, ``files:``, ``jsonl:``) in ``split``."""
+def iter_source(spec: str | SourceSpec, split: str, tokenizer_spec: str | None = None) -> Iterator[Document]:
+    """Documents of a local source spec (``stdlib``, ``files:``, ``jsonl:``, ``synthetic:``) in ``split``.
+
+    ``tokenizer_spec`` only matters to ``synthetic:`` sources, whose context length is counted in
+    tokens (the data tokenizer's, unless the spec names its own ``tokenizer=``).
+    """
     parsed = parse_source_spec(spec) if isinstance(spec, str) else spec
     if parsed.kind == "stdlib":
         return iter_stdlib(split)
     if parsed.kind in ("files", "jsonl"):
         _check_split(split, allow_none=False)
         return iter_files(parsed.patterns, split, "jsonl" if parsed.kind == "jsonl" else "auto", parsed.text_field)
+    if parsed.kind == "synthetic":
+        _check_split(split, allow_none=False)
+        return iter_synthetic(parsed.synthetic, split, tokenizer_spec)
     raise ValueError(f"source {parsed.spec!r} is not local: read it through gist_jax.data.tasks")

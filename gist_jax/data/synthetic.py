@@ -125,9 +125,11 @@ def generate(
     depth: float | tuple[float, float] | Sequence[float] = 0.5,
     seed: int = 0,
     num_examples: int = 1,
+    start: int = 0,
     **kind_options: Any,
 ) -> list[RecallExample]:
-    """`num_examples` examples of `kind` whose contexts have at most (and close to) `context_tokens` tokens.
+    """Examples ``start .. start + num_examples - 1`` of `kind`, contexts of at most (and close to)
+    `context_tokens` tokens (``start`` lets a stream draw them one at a time, same examples).
 
     `depth`: a float puts every needle there (multi-needle kinds: consecutively); a 2-tuple
     ``(lo, hi)`` is a range -- single-needle kinds draw a depth uniformly from it per example,
@@ -143,12 +145,12 @@ def generate(
     if isinstance(haystack, str):
         raise TypeError("haystack must be a sequence of documents, not a single string")
     counts = {k: v for k, v in kind_options.items() if k.startswith("num_")}
-    if context_tokens < 1 or seed < 0 or num_examples < 0 or any(int(v) < 1 for v in counts.values()):
-        raise ValueError(f"need context_tokens >= 1, seed >= 0, num_examples >= 0 and num_* >= 1; got "
-                         f"{context_tokens=}, {seed=}, {num_examples=}, {counts}")
+    if context_tokens < 1 or seed < 0 or num_examples < 0 or start < 0 or any(int(v) < 1 for v in counts.values()):
+        raise ValueError(f"need context_tokens >= 1, seed >= 0, num_examples >= 0, start >= 0 and num_* >= 1; got "
+                         f"{context_tokens=}, {seed=}, {num_examples=}, {start=}, {counts}")
     corpus = haystack if isinstance(haystack, Sequence) else list(haystack)
     request = _Request(corpus, tokenizer, context_tokens, depth)
-    return [_generate_one(kind, request, seed, index, kind_options) for index in range(num_examples)]
+    return [_generate_one(kind, request, seed, index, kind_options) for index in range(start, start + num_examples)]
 
 
 def as_text(example: RecallExample) -> tuple[str, str]:

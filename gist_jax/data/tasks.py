@@ -8,6 +8,7 @@ A *source spec* is a compact string (so a command line can override it), see
     jsonl:<glob>[,<glob>...][#<field>]      JSON lines, one document per line (field "text")
     tfds:<name>[:<version>][@<data_dir>][#<field>]   a prepared tfds dataset (e.g. local_text)
     seqio:<task>                            a registered seqio task, used as is ("targets")
+    synthetic:<kind>[?<param>=<value>&...]  RULER-style recall examples (`gist_jax.data.synthetic`)
 
 `text_task(source_spec, vocab_spec)` registers a seqio Task whose ``"targets"`` are the token ids
 of each document (no EOS: the packer adds EOS at document boundaries), with the raw ``"text"``
@@ -15,6 +16,10 @@ and ``"doc_id"`` passed through. `document_stream` yields those ids as numpy arr
 document, in the source's own order; for local sources it tokenises in Python batches on all
 cores instead of one tf py-function call per document (same ids, tested), which is several
 times faster.
+
+A ``synthetic:`` source trains on whole examples (context, question and answer as one document);
+`synthetic_eval_task(source_spec, vocab_spec)` registers the same examples for evaluation, with
+``"inputs"`` (context + question) and ``"targets"`` (the answer) kept apart and a recall metric.
 """
 
 from __future__ import annotations
@@ -31,19 +36,20 @@ import numpy as np
 import seqio
 import tensorflow_datasets as tfds
 
-from gist_jax.data import sources
+from gist_jax.data import sources, synthetic
 from gist_jax.data.local_text_builder import LOCAL_TEXT_VERSION, build_local_text, local_text_spec  # noqa: F401
 from gist_jax.data.vocabularies import encode_batch, tf, vocabulary_from_spec
 
 TASK_PREFIX = "gist_jax_text"
+EVAL_TASK_PREFIX = "gist_jax_synthetic_eval"
 _BATCH_CHARS = 1 << 21  # characters per Python tokenisation batch: big enough to keep both cores busy
 
 
-def task_name(source_spec: str, vocab_spec: str) -> str:
+def task_name(source_spec: str, vocab_spec: str, prefix: str = TASK_PREFIX) -> str:
     """A valid seqio task name unique to (source, vocabulary): readable prefix plus a hash of both."""
     digest = hashlib.sha1(f"{source_spec}\0{vocab_spec}".encode()).hexdigest()[:10]
     readable = re.sub(r"[^\w.]+", "_", f"{source_spec}.{vocab_spec}").strip("_")[:80]
-    return f"{TASK_PREFIX}.{readable}.{digest}"
+    return f"{prefix}.{readable}.{digest}"
 
 
 def text_task(source_spec: str, vocab_spec: str) -> seqio.Task:
@@ -62,7 +68,7 @@ def text_task(source_spec: str, vocab_spec: str) -> seqio.Task:
     doc_id_key = "doc_id" if parsed.kind != "tfds" or "doc_id" in _tfds_features(parsed) else None
     return seqio.TaskRegistry.add(
         name,
-        source=_data_source(parsed),
+        source=_data_source(parsed, vocab_spec),
         preprocessors=[
             functools.partial(seqio.preprocessors.rekey,
                               key_map={"targets": parsed.text_field, "text": parsed.text_field, "doc_id": doc_id_key}),
@@ -91,14 +97,15 @@ def document_stream(source_spec: str, split: str, vocab_spec: str) -> Iterator[n
         raise ValueError(f"split={split!r} must be one of {sources.SPLITS}")
     parsed = sources.parse_source_spec(source_spec)
     if parsed.is_local:
-        return _python_stream(parsed, split, vocabulary_from_spec(vocab_spec))
+        return _python_stream(parsed, split, vocab_spec)
     return _seqio_stream(source_spec, split, vocab_spec)
 
 
-def _python_stream(parsed: sources.SourceSpec, split: str, vocabulary: seqio.Vocabulary) -> Iterator[np.ndarray]:
+def _python_stream(parsed: sources.SourceSpec, split: str, vocab_spec: str) -> Iterator[np.ndarray]:
+    vocabulary = vocabulary_from_spec(vocab_spec)
     batch: list[str] = []
     size = 0
-    for _, text in sources.iter_source(parsed, split):
+    for _, text in sources.iter_source(parsed, split, vocab_spec):
         batch.append(text)
         size += len(text)
         if size >= _BATCH_CHARS:
@@ -127,15 +134,82 @@ def _seqio_stream(source_spec: str, split: str, vocab_spec: str) -> Iterator[np.
             yield ids.astype(np.int32, copy=False)
 
 
+# -- synthetic recall evaluation ------------------------------------------------------------------------
+def synthetic_eval_task(source_spec: str, vocab_spec: str) -> seqio.Task:
+    """The seqio task evaluating a ``synthetic:<kind>?...`` source, registered once per (source, vocab).
+
+    Examples: ``"inputs"`` (context, blank line, question ending in the answer prefix) and
+    ``"targets"`` (" " + the answer(s)) as ids without EOS, their ``*_pretokenized`` strings,
+    ``"answers"`` (every acceptable answer), ``"example_id"``, ``"context_tokens"`` and
+    ``"needle_depths"``. Same examples as the source's training documents of that split (the split
+    picks the seed). Metric: `recall_metrics` on the decoded predictions.
+    """
+    parsed = sources.parse_source_spec(source_spec)
+    if parsed.kind != "synthetic":
+        raise ValueError(f"synthetic_eval_task needs a synthetic source spec, got {source_spec!r}; "
+                         "e.g. synthetic:passkey?context_tokens=2048&num_examples=200")
+    name = task_name(source_spec, vocab_spec, EVAL_TASK_PREFIX)
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    spec, vocabulary = parsed.synthetic, vocabulary_from_spec(vocab_spec)
+
+    def examples(split: str) -> Iterator[dict]:
+        for index, example in enumerate(sources.synthetic_examples(spec, split, vocab_spec)):
+            inputs, targets = synthetic.as_text(example)
+            yield {"example_id": f"synthetic:{spec.kind}/{split}/{index}", "inputs": inputs, "targets": targets,
+                   "answers": list(example.answers), "context_tokens": example.context_tokens,
+                   "needle_depths": np.asarray(example.needle_depths, np.float32)}
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        del shuffle_files, seed  # example order is the seed's order
+        strings = {k: tf.TensorSpec([], tf.string) for k in ("example_id", "inputs", "targets")}
+        return tf.data.Dataset.from_generator(lambda: examples(split), output_signature={
+            **strings, "answers": tf.TensorSpec([None], tf.string), "context_tokens": tf.TensorSpec([], tf.int32),
+            "needle_depths": tf.TensorSpec([None], tf.float32)})
+
+    feature = seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32, rank=1)
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(dataset_fn, splits=sources.SPLITS, caching_permitted=False),
+        preprocessors=[functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=True)],
+        output_features={"inputs": feature, "targets": feature},
+        metric_fns=[functools.partial(recall_metrics, spec.kind)],
+        shuffle_buffer_size=None,
+    )
+
+
+def recall_metrics(kind: str, targets: Sequence[str | bytes], predictions: Sequence[str | bytes]) -> dict[str, float]:
+    """seqio metric: mean `synthetic.score_exact` (RULER string match; multivalue: fraction of values found).
+
+    ``targets`` are the pretokenized targets (" a" or " a, b, ..."), the answers joined by ", ".
+    UUID recall also reports the paper's prefix scores (8/16/32 characters).
+    """
+    def text(s: str | bytes) -> str:
+        return s.decode("utf-8", errors="replace") if isinstance(s, bytes) else str(s)
+
+    scores, prefixes = [], []
+    for target, prediction in zip(targets, predictions):
+        answers = tuple(a.strip() for a in text(target).split(", "))
+        example = synthetic.RecallExample(kind, "", "", answers, (), 0)
+        scores.append(synthetic.score_exact(text(prediction), example))
+        if kind == "uuid_recall":
+            prefixes.append(synthetic.score_uuid_prefixes(text(prediction), answers[0]))
+    out = {"recall": float(np.mean(scores)) if scores else 0.0}
+    for p in (8, 16, 32) if prefixes else ():
+        out[f"uuid_prefix_{p}"] = float(np.mean([s[p] for s in prefixes]))
+    return out
+
+
 # -- sources --------------------------------------------------------------------------------------------
-def _data_source(parsed: sources.SourceSpec) -> seqio.DataSource:
+def _data_source(parsed: sources.SourceSpec, vocab_spec: str) -> seqio.DataSource:
     if parsed.kind == "tfds":
         return seqio.TfdsDataSource(tfds_name=parsed.tfds_name, tfds_data_dir=parsed.data_dir, read_only=True)
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
         del shuffle_files, seed  # corpus order: determinism and resume come from the token store
         return tf.data.Dataset.from_generator(
-            lambda: ({"doc_id": doc_id, "text": text} for doc_id, text in sources.iter_source(parsed, split)),
+            lambda: ({"doc_id": doc_id, "text": text}
+                     for doc_id, text in sources.iter_source(parsed, split, vocab_spec)),
             output_signature={"doc_id": tf.TensorSpec([], tf.string), "text": tf.TensorSpec([], tf.string)},
         )
 
