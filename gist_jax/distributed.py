@@ -12,10 +12,16 @@ Environment (set by the scripts in ``launch/``):
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 
 _initialized = False
+
+
+MISSING_WORKER_HINT = ("If it stops with DEADLINE_EXCEEDED (RegisterTask), a worker is missing: start every worker "
+                       "with the same GIST_JAX_COORDINATOR and GIST_JAX_NUM_PROCESSES, a distinct "
+                       "GIST_JAX_PROCESS_ID, and make the coordinator port reachable.")
 
 
 class DistributedInitError(RuntimeError):
@@ -42,15 +48,19 @@ def initialize_from_env() -> bool:
                                        "GIST_JAX_NUM_PROCESSES and GIST_JAX_PROCESS_ID too") from None
         if coordinator.startswith(("127.", "localhost")):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's coordination client aborts the process (a C++ fatal error, no Python exception) when a
+    # worker never joins, so the facts a user needs are printed before it can happen.
+    where = coordinator or "auto-detected cluster"
+    print(f"jax.distributed: process {os.environ.get('GIST_JAX_PROCESS_ID', '?')} of "
+          f"{os.environ.get('GIST_JAX_NUM_PROCESSES', '?')} joining {where}, waiting up to {timeout}s "
+          f"(GIST_JAX_INIT_TIMEOUT) for every worker. {MISSING_WORKER_HINT}", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the facts a user needs
-        where = coordinator or "auto-detected cluster"
         raise DistributedInitError(
             f"jax.distributed.initialize failed after up to {timeout}s (coordinator {where}, process "
             f"{os.environ.get('GIST_JAX_PROCESS_ID', '?')} of {os.environ.get('GIST_JAX_NUM_PROCESSES', '?')}): "
-            f"{e}. Check that every worker was started with the same coordinator address and process "
-            "count, and that the coordinator port is reachable.") from e
+            f"{e}. {MISSING_WORKER_HINT}") from e
     _initialized = True
     return True
 

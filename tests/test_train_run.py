@@ -152,3 +152,15 @@ def test_url_workdir_is_refused_before_anything_loads():
 
     with pytest.raises(ConfigError, match="gcsfuse"):
         train(run_config(default_config()), "gs://bucket/run")
+
+
+def test_missing_worker_fails_within_the_timeout_with_the_fix(token_cache, tmp_path):
+    """Process 0 of 2 alone: JAX's client aborts after GIST_JAX_INIT_TIMEOUT; the log says why and what to do."""
+    env = {**main_env(token_cache), "GIST_JAX_COORDINATOR": "127.0.0.1:29531", "GIST_JAX_NUM_PROCESSES": "2",
+           "GIST_JAX_PROCESS_ID": "0", "GIST_JAX_INIT_TIMEOUT": "3"}
+    result = subprocess.run(main_command(tmp_path, *RUN), cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "a worker is missing" in result.stderr and "GIST_JAX_NUM_PROCESSES" in result.stderr
+    assert "DEADLINE_EXCEEDED" in result.stderr
+    assert not (tmp_path / "checkpoints").exists()
