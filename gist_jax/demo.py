@@ -12,8 +12,11 @@ resumes (or, when finished, just re-evaluates and reprints).
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the data path imports tensorflow; its C++ start-up log is noise here
 
 from absl import app, flags, logging
 from ml_collections import config_flags

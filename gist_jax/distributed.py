@@ -56,7 +56,7 @@ def initialize_from_env() -> bool:
           f"(GIST_JAX_INIT_TIMEOUT) for every worker. {MISSING_WORKER_HINT}", file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the facts a user needs
+    except Exception as e:
         raise DistributedInitError(
             f"jax.distributed.initialize failed after up to {timeout}s (coordinator {where}, process "
             f"{os.environ.get('GIST_JAX_PROCESS_ID', '?')} of {os.environ.get('GIST_JAX_NUM_PROCESSES', '?')}): "

@@ -11,7 +11,10 @@ Exit codes: 0 done or preempted cleanly (checkpoint saved), 2 configuration erro
 
 from __future__ import annotations
 
+import os
 import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the data path imports tensorflow; its C++ start-up log is noise here
 
 from absl import app, flags, logging
 from ml_collections import config_flags
