@@ -1,7 +1,8 @@
 """The demo (the README's first command): continue training the real SmolLM2-135M as a Fine-KV
 compressor with AE and TIE on the built-in corpus, checkpointing as it goes, then print the
 validation perplexity of full attention vs compression at each ratio, before and after
-training, and write the plot.
+training, write the plot, export the result to Hugging Face and generate from it with
+transformers and compressed memory.
 
     python -m gist_jax.demo --workdir runs/demo
     python -m gist_jax.demo --workdir runs/demo_tiny --config experiments/demo.py:tiny
@@ -52,7 +53,41 @@ def main(argv: list[str]) -> int:
     png = plot_perplexity(_WORKDIR.value)
     print(f"\nplot: {png}\nrun: {pathlib.Path(_WORKDIR.value).absolute()} (checkpoints, metrics.jsonl, tensorboard)")
     print(f"wall time {final['wall_seconds']:.0f}s, of which train-step compilation {final['compile_seconds']:.0f}s")
+    if run.compression.enabled:
+        export_and_generate(pathlib.Path(_WORKDIR.value))
     return 0
+
+
+def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tokens: int = 24) -> None:
+    """Ships the trained compressor the way a user would: a Hugging Face export, reloaded by
+    transformers with the exported ``modeling_gist.py``, generating from a held-out file with
+    compressed memory (and, for comparison, the same weights with full attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from gist_jax.data.sources import stdlib_files
+    from gist_jax.hf.export import export_checkpoint
+
+    out = workdir / "hf"
+    if not (out / "config.json").exists():
+        export_checkpoint(workdir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    prompt = stdlib_files("validation")[0].read_text(encoding="utf-8", errors="replace")[:prompt_chars]
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    gist = model.config.gist
+    compressed = model.generate(ids, max_new_tokens=new_tokens)[0, ids.shape[1]:]
+    full = model.generate(ids, max_new_tokens=new_tokens, compressed=False, do_sample=False)[0, ids.shape[1]:]
+    print(f"\nexported to {out} ({gist['variant']}, segments of {gist['segment_length']}, ratio "
+          f"{gist['inference_ratio']}); reloaded with transformers "
+          f"AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+    print(f"prompt: the first {ids.shape[1]} tokens of {stdlib_files('validation')[0].name}, ending "
+          f"{prompt[-80:]!r}")
+    print(f"compressed memory: {tokenizer.decode(compressed)!r}")
+    print(f"full attention:    {tokenizer.decode(full)!r}")
 
 
 if __name__ == "__main__":

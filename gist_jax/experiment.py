@@ -65,17 +65,21 @@ class TrainSection:
 @dataclasses.dataclass(frozen=True)
 class CheckpointSection:
     """Orbax checkpoints in ``<workdir>/checkpoints``: every N steps and at exit, the last
-    ``keep`` plus every ``milestone_every``-th step forever."""
+    ``keep`` plus every ``milestone_every``-th step forever. ``export_hf_every``: also write a
+    Hugging Face export (``gist_jax.hf.export``) to ``<workdir>/hf/<step>`` every N steps and at
+    the end (0: never)."""
 
     every: int = 100
     keep: int = 3
     milestone_every: int = 0
     async_save: bool = True
+    export_hf_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.every <= 0 or self.keep <= 0 or self.milestone_every < 0:
+        if self.every <= 0 or self.keep <= 0 or self.milestone_every < 0 or self.export_hf_every < 0:
             raise ConfigError(f"checkpoint.every={self.every} and checkpoint.keep={self.keep} must be positive, "
-                              f"checkpoint.milestone_every={self.milestone_every} >= 0")
+                              f"checkpoint.milestone_every={self.milestone_every} and checkpoint.export_hf_every="
+                              f"{self.export_hf_every} >= 0")
 
 
 SECTIONS: dict[str, type] = {

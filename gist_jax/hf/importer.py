@@ -24,10 +24,11 @@ class CheckpointMismatch(ValueError):
 
 
 def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray],
-                           available: Iterable[str]) -> Params:
-    """Apply the family's name table; returns params in ``cfg``'s layer layout (host numpy)."""
+                           available: Iterable[str], rules: list | None = None) -> Params:
+    """Apply the family's name table (or ``rules``: the table plus gist tensors, see
+    ``gist_names.all_rules``); returns params in ``cfg``'s layer layout (host numpy)."""
     available = set(available)
-    rules = families.expand_rules(cfg)
+    rules = families.expand_rules(cfg) if rules is None else rules
     missing = [r.hf_name for r in rules if r.hf_name not in available]
     if missing:
         raise CheckpointMismatch(
@@ -62,7 +63,29 @@ def load_hf_dir(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelC
     hf_config = json.loads((directory / "config.json").read_text())
     cfg = families.config_from_hf(hf_config, **overrides)
     ckpt = SafetensorsCheckpoint(directory)
-    return cfg, params_from_hf_tensors(cfg, ckpt.get, ckpt.keys())
+    keys = ckpt.keys()
+    if "gist" in hf_config:  # a gist_jax export: the base model only (load_gist_hf_dir keeps the gists)
+        keys = [k for k in keys if not k.startswith("gist.")]
+    return cfg, params_from_hf_tensors(cfg, ckpt.get, keys)
+
+
+def load_gist_hf_dir(directory: str | pathlib.Path, **overrides: Any):
+    """A gist_jax export (``gist_jax.hf.export``) -> (gist model config, CompressionConfig,
+    params with the gist embedding and projections). A directory without a ``gist`` section
+    gives ``memory='none'`` and the plain model."""
+    from gist_jax.gist.config import CompressionConfig
+    from gist_jax.gist.params import model_config_for
+    from gist_jax.hf import gist_names
+    from gist_jax.hf.safetensors_io import SafetensorsCheckpoint
+
+    directory = pathlib.Path(directory)
+    hf_config = json.loads((directory / "config.json").read_text())
+    section = hf_config.get(gist_names.SECTION)
+    comp = (gist_names.compression_from_section(section) if section
+            else CompressionConfig(memory="none", ratios=(1,), ratio_sampling="fixed", num_sinks=0))
+    cfg = model_config_for(families.config_from_hf(hf_config, **overrides), comp)
+    ckpt = SafetensorsCheckpoint(directory)
+    return cfg, comp, params_from_hf_tensors(cfg, ckpt.get, ckpt.keys(), gist_names.all_rules(cfg))
 
 
 def load_gguf(path: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, Params]:

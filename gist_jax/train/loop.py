@@ -132,6 +132,16 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     def save(step: int) -> None:
         ckpt.save(step, state, loader.state(), run.to_dict(), layout_meta)
 
+    def export_hf(step: int) -> None:  # every process: leaves are gathered collectively, process 0 writes
+        from gist_jax.hf.export import export_params
+
+        out = workdir / "hf" / str(step)
+        # config.json is written last, after the collective gather, so every process sees the same
+        # answer here; a partial export (a kill mid-write) has none and is redone.
+        if not (out / "config.json").exists():
+            export_params(base_cfg, comp, state.params, run.data.tokenizer, out)
+            writer.console(f"exported Hugging Face model to {out}")
+
     # ------------------------------------------------------------------ hooks
     total = run.num_steps
     tie, ae = step_objectives(step_cfg, comp)
@@ -199,6 +209,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
             finish_step(*pending)  # never save a diverged state
             pending = None
             save(step)
+        if run.checkpoint.export_hf_every and step % run.checkpoint.export_hf_every == 0 and step < total:
+            if pending is not None:
+                finish_step(*pending)
+                pending = None
+            export_hf(step)
         if run.train.eval_every and step % run.train.eval_every == 0 and step < total:
             evaluate(step)
         if preemption.should_stop(step):
@@ -211,6 +226,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     if step > start or restored is None:
         if ckpt.latest_step() != step:
             save(step)
+        if run.checkpoint.export_hf_every and not stopped_early:
+            export_hf(step)
     if not stopped_early and (run.train.eval_every or run.train.eval_at_start):
         evaluate(step)
     ckpt.close()

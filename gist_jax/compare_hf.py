@@ -1,0 +1,111 @@
+"""Load both sides of an export and report how far apart they are on some text.
+
+    python -m gist_jax.compare_hf --hf HF_DIR [--checkpoint WORKDIR [--step N]] [--text "..." | --text_file F]
+        [--ratio R] [--mode compressed|plain|both]
+
+gist_jax side: the params imported back from ``HF_DIR`` (or, with ``--checkpoint``, the training
+checkpoint itself, so a broken export cannot hide behind a matching import). transformers side:
+``modeling_gist.py`` (compressed) and the stock model (plain). Prints one JSON line per mode
+with max/mean |logit difference|, mean KL(transformers || gist_jax) and top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+DEFAULT_TEXT = ("Gist tokens compress a long context segment by segment. " * 40).strip()
+
+
+def load_gist_jax(hf_dir: pathlib.Path, checkpoint: str | None, step: int | None):
+    """(cfg, comp, params) in float32 from the export or from the training checkpoint."""
+    from gist_jax.hf.importer import load_gist_hf_dir
+
+    if checkpoint is None:
+        return load_gist_hf_dir(hf_dir, dtype="float32")
+    from gist_jax.hf.export import CheckpointSource, checkpoint_configs, resolve_step_dir
+    from gist_jax.model.transformer import to_layout
+
+    step_dir = resolve_step_dir(checkpoint, step)
+    cfg, comp, _ = checkpoint_configs(step_dir)
+    source = CheckpointSource(step_dir / "state")
+    params: dict = {}
+    for path in source.leaves:
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = source.load(path)
+    return cfg.replace(dtype="float32"), comp, to_layout(params, cfg)
+
+
+def gist_jax_logits(cfg, comp, params, tokens, ratio: int | None, compressed: bool):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gist_jax.gist.layout import build_layout
+    from gist_jax.gist.parallel import compressed_logits
+    from gist_jax.gist.specs import layout_arrays
+    from gist_jax.model.transformer import forward
+
+    if not compressed:
+        base = cfg.replace(num_gist_embeddings=0, gist_projections=False)
+        return np.asarray(forward(base, _strip_gist(params), jnp.asarray(tokens)))
+    r = ratio or comp.ratios[0]
+    case = comp.replace(ratios=(r,), ratio_sampling="fixed", pad_to_segments=True)
+    layout = build_layout(tokens.shape[1], case)
+    logits = compressed_logits(cfg, case, layout.shape, params, jnp.asarray(tokens), layout_arrays(layout))
+    return np.asarray(logits)[:, np.nonzero((layout.raw_index >= 0) & layout.alive)[0]]
+
+
+def _strip_gist(params: dict) -> dict:
+    if isinstance(params, dict):
+        return {k: _strip_gist(v) for k, v in params.items() if k != "gist_embedding" and not k.startswith("gist_")}
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf", required=True, help="exported directory")
+    parser.add_argument("--checkpoint", default=None, help="compare against this training checkpoint instead")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--text", default=None)
+    parser.add_argument("--text_file", default=None)
+    parser.add_argument("--max_tokens", type=int, default=512)
+    parser.add_argument("--ratio", type=int, default=None, help="inference compression ratio")
+    parser.add_argument("--mode", choices=("compressed", "plain", "both"), default="both")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import numpy as np
+    import torch
+    import transformers
+
+    from gist_jax.hf.reference import logit_agreement
+
+    hf_dir = pathlib.Path(args.hf)
+    text = pathlib.Path(args.text_file).read_text() if args.text_file else (args.text or DEFAULT_TEXT)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:args.max_tokens]
+    tokens = np.asarray([ids], np.int32)
+    cfg, comp, params = load_gist_jax(hf_dir, args.checkpoint, args.step)
+    modes = ["compressed", "plain"] if args.mode == "both" else [args.mode]
+    if not comp.enabled:
+        modes = ["plain"]
+    for mode in modes:
+        compressed = mode == "compressed"
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(hf_dir), trust_remote_code=compressed, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            ids_t = torch.from_numpy(tokens.astype(np.int64))
+            theirs = model.compressed_forward(ids_t, ratio=args.ratio) if compressed else model(input_ids=ids_t).logits
+        ours = gist_jax_logits(cfg, comp, params, tokens, args.ratio, compressed)
+        report = {"mode": mode, "tokens": int(tokens.shape[1]), **logit_agreement(ours, theirs.float().numpy())}
+        print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Gist-token compressed inference for transformers (written by gist_jax into every export).
+
+Self-contained: imports only torch and transformers. Load with
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
+    out = model.compressed_forward(input_ids)          # logits of every raw token
+    ids = model.generate(input_ids, max_new_tokens=32)  # greedy, with compression
+
+The classes subclass transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` and add the gist
+parameters (``gist.embedding`` and, with Beacon-style projections, ``gist.layers.{i}.{q,k,v}_proj``).
+``forward`` is the stock uncompressed model; ``compressed_forward`` and ``generate`` follow
+gist_jax's sequential path (``gist_jax/gist/sequential.py``) segment by segment:
+
+  * KV variants (Fine-KV, Coarse-KV): each segment (raw tokens with gist tokens inserted: fine,
+    one after every r raw tokens; coarse, all after the segment) attends causally to itself and
+    to a per-layer memory holding the keys (rotated at their memory positions) and values of the
+    sink tokens and of the gists of earlier segments; raw KV of finished segments is dropped.
+  * Coarse-Rec: each segment runs as ``[sinks ; memory ; raw ; gists]`` with plain causal
+    attention, where memory is the post-norm last-layer states of all earlier gists fed back as
+    input embeddings.
+  * Positions: ``compressed`` (memory at 0..m-1, the segment after it) or ``aligned`` (raw
+    tokens keep their index, a gist takes the index of the raw token after it).
+An unfinished last segment runs with the gists of its complete groups (fine) or none (coarse);
+when it fills up it is compressed like any other. Gist logits are never returned or sampled.
+The settings come from ``config.gist`` (written by the exporter).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x_BxHxTxD: torch.Tensor, cos_BxTxD: torch.Tensor, sin_BxTxD: torch.Tensor) -> torch.Tensor:
+    return x_BxHxTxD * cos_BxTxD[:, None] + _rotate_half(x_BxHxTxD) * sin_BxTxD[:, None]
+
+
+class GistProjections(nn.Module):
+    """Separate q/k/v projections applied only at gist positions (Activation Beacon)."""
+
+    def __init__(self, config):
+        super().__init__()
+        e, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        bias = config.model_type == "qwen2"
+        self.q_proj = nn.Linear(e, config.num_attention_heads * d, bias=bias)
+        self.k_proj = nn.Linear(e, config.num_key_value_heads * d, bias=bias)
+        self.v_proj = nn.Linear(e, config.num_key_value_heads * d, bias=bias)
+
+
+class GistParameters(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        g = config.gist
+        self.embedding = nn.Parameter(torch.zeros(g["num_gist_embeddings"], config.hidden_size))
+        self.layers = (nn.ModuleList([GistProjections(config) for _ in range(config.num_hidden_layers)])
+                       if g["gist_projections"] else None)
+
+
+class _Segment:
+    """One segment's token order, positions and gist bookkeeping (host-side lists)."""
+
+    def __init__(self, g: dict, index: int, num_raw: int, ratio: int, gists_before: int):
+        L, s = g["segment_length"], g["num_sinks"]
+        full = num_raw == L
+        fine = g["granularity"] == "fine"
+        self.order: list[int] = []  # raw offset >= 0, gist slot j as -(j + 1)
+        if fine:
+            for j in range(num_raw // ratio):
+                self.order += list(range(j * ratio, (j + 1) * ratio)) + [-(j + 1)]
+            self.order += list(range(num_raw // ratio * ratio, num_raw))
+        else:
+            self.order = list(range(num_raw)) + ([-(j + 1) for j in range(L // ratio)] if full else [])
+        self.full = full
+        offset = 0 if index == 0 else s + gists_before
+        compressed = g["positions"] == "compressed"
+        self.position, self.memory_position = [], {}
+        for k, item in enumerate(self.order):
+            raw = index * L + item
+            if item >= 0:
+                self.position.append(offset + k if compressed else raw)
+            else:
+                slot = -item - 1
+                aligned = (index + 1) * L if not fine else index * L + slot * ratio + ratio
+                self.position.append(offset + k if compressed else aligned)
+                self.memory_position[k] = s + gists_before + slot if compressed else aligned
+        self.is_gist = [item < 0 for item in self.order]
+        self.rows = [(-item - 1) if (item < 0 and g["gist_embedding"] == "per_slot") else 0 for item in self.order]
+        self.raw_at = [k for k, item in enumerate(self.order) if item >= 0]
+        # Tokens kept in memory once the segment is finished: sinks, then its gists in order.
+        self.sinks = [k for k, item in enumerate(self.order) if index == 0 and 0 <= item < s]
+        self.gists = [k for k, item in enumerate(self.order) if item < 0] if full else []
+
+
+class GistState:
+    """What compressed inference carries between calls: the memory and the unfinished segment."""
+
+    def __init__(self):
+        self.segments = 0  # finished segments
+        self.gists = 0  # gists in memory
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [B, K, M, D]
+        self.states: torch.Tensor | None = None  # recurrent: [B, M, E]
+        self.state_positions: list[int] = []
+        self.sink_ids: torch.Tensor | None = None  # [B, s]
+        self.tail: torch.Tensor | None = None  # raw ids of the unfinished segment [B, t]
+
+
+class GistCompressionMixin:
+    """Compressed forward and greedy generation on top of a Llama/Qwen2 causal LM."""
+
+    def _gist_setup(self, config) -> None:
+        if getattr(config, "gist", None) is None:
+            raise ValueError("config.json has no 'gist' section: this is not a gist_jax export with compression")
+        self.gist = GistParameters(config)
+
+    def gist_settings(self, ratio: int | None = None) -> tuple[dict, int]:
+        g = dict(self.config.gist)
+        ratio = int(ratio or g["inference_ratio"])
+        L = g["segment_length"]
+        if L % ratio:
+            raise ValueError(f"compression ratio {ratio} must divide gist.segment_length={L}")
+        if g["gist_embedding"] == "per_slot" and L // ratio > g["num_gist_embeddings"]:
+            raise ValueError(f"ratio {ratio} needs {L // ratio} gist embeddings, the export has "
+                             f"{g['num_gist_embeddings']}; use a ratio >= {L // g['num_gist_embeddings']}")
+        if g["memory"] not in ("kv", "recurrent"):
+            raise ValueError(f"gist.memory={g['memory']!r}: use the plain forward for memory='none'")
+        return g, ratio
+
+    # ------------------------------------------------------------------ one pass
+    def _embed(self, ids_BxT: torch.Tensor, seg: _Segment | None, prefix: int) -> torch.Tensor:
+        x = self.model.embed_tokens(ids_BxT)
+        if seg is not None:
+            is_gist = torch.tensor([False] * prefix + seg.is_gist, device=x.device)
+            rows = torch.tensor([0] * prefix + seg.rows, device=x.device)
+            gist = self.gist.embedding[rows].to(x.dtype)
+            x = torch.where(is_gist[None, :, None], gist[None], x)
+        return x
+
+    def _qkv(self, layer_index: int, attn, h: torch.Tensor, is_gist: torch.Tensor):
+        q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        if self.gist.layers is not None:
+            gp = self.gist.layers[layer_index]
+            m = is_gist[None, :, None]
+            q, k, v = (torch.where(m, gp_proj(h), base)
+                       for gp_proj, base in ((gp.q_proj, q), (gp.k_proj, k), (gp.v_proj, v)))
+        return q, k, v
+
+    def _pass(self, x: torch.Tensor, positions: list[int], is_gist: list[bool],
+              memory: list[tuple[torch.Tensor, torch.Tensor]] | None):
+        """Decoder layers over ``x`` [B, T, E] (causal) after an optional per-layer KV memory.
+        Returns (logits, post-norm hidden, per-layer un-rotated (k, v))."""
+        b, t, _ = x.shape
+        cfg = self.config
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        pos = torch.tensor(positions, device=x.device)[None].expand(b, t)
+        cos, sin = self.model.rotary_emb(x, pos)
+        gist_mask = torch.tensor(is_gist, device=x.device)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        kv_out = []
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._qkv(i, attn, h, gist_mask)
+            q = q.view(b, t, n, d).transpose(1, 2)
+            k = k.view(b, t, kv_heads, d).transpose(1, 2)
+            v = v.view(b, t, kv_heads, d).transpose(1, 2)
+            kv_out.append((k, v))
+            keys, values, mask = _rope(k, cos, sin), v, causal
+            if memory is not None and memory[i][0].shape[2]:
+                mk, mv = memory[i]
+                keys, values = torch.cat([mk, keys], dim=2), torch.cat([mv, values], dim=2)
+                mask = torch.cat([torch.ones(t, mk.shape[2], dtype=torch.bool, device=x.device), causal], dim=1)
+            q = _rope(q, cos, sin)
+            groups = n // kv_heads
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(q.float(), keys.float().transpose(2, 3)) * (d ** -0.5)
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+            out = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, n * d)
+            x = x + attn.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.model.norm(x)
+        return self.lm_head(hidden).float(), hidden, kv_out
+
+    # ------------------------------------------------------------------ one segment
+    def _segment(self, g: dict, state: GistState, raw_ids: torch.Tensor, ratio: int, commit: bool) -> torch.Tensor:
+        """Run one (possibly unfinished) segment against the memory; returns raw-token logits.
+        With ``commit`` (a finished segment) its sinks and gists enter the memory."""
+        b, num_raw = raw_ids.shape
+        seg = _Segment(g, state.segments, num_raw, ratio, state.gists)
+        order = torch.tensor([max(item, 0) for item in seg.order], device=raw_ids.device)
+        ids = raw_ids[:, order]
+        if g["memory"] == "kv":
+            x = self._embed(ids, seg, 0)
+            logits, _, kv = self._pass(x, seg.position, seg.is_gist, state.kv)
+            if commit:
+                keep = seg.sinks + seg.gists  # sinks sit at their raw index in both schemes
+                mem_pos = [seg.order[k] for k in seg.sinks] + [seg.memory_position[k] for k in seg.gists]
+                pos = torch.tensor(mem_pos, device=ids.device)[None].expand(b, len(keep))
+                cos, sin = self.model.rotary_emb(x, pos)
+                idx = torch.tensor(keep, dtype=torch.long, device=ids.device)
+                new = [(_rope(k[:, :, idx], cos, sin), v[:, :, idx]) for k, v in kv]
+                state.kv = new if state.kv is None else [
+                    (torch.cat([mk, nk], 2), torch.cat([mv, nv], 2)) for (mk, mv), (nk, nv) in zip(state.kv, new)]
+        else:
+            prefix_ids, prefix_pos = [], []
+            if state.segments > 0 and state.sink_ids is not None and state.sink_ids.shape[1]:
+                prefix_ids.append(state.sink_ids)  # sinks again, at their raw index, before the memory
+                prefix_pos += list(range(state.sink_ids.shape[1]))
+            n_mem = 0 if state.states is None else state.states.shape[1]
+            s = sum(p.shape[1] for p in prefix_ids)
+            zeros = torch.zeros(b, n_mem, dtype=ids.dtype, device=ids.device)
+            all_ids = torch.cat(prefix_ids + [zeros, ids], dim=1)
+            prefix = s + n_mem
+            x = self._embed(all_ids, seg, prefix)
+            if n_mem:
+                x = torch.cat([x[:, :s], state.states.to(x.dtype), x[:, prefix:]], dim=1)
+            positions = prefix_pos + state.state_positions + seg.position
+            logits, hidden, _ = self._pass(x, positions, [False] * prefix + seg.is_gist, None)
+            logits = logits[:, prefix:]
+            if commit:
+                if state.segments == 0:
+                    state.sink_ids = raw_ids[:, :g["num_sinks"]]
+                gist_idx = torch.tensor([prefix + k for k in seg.gists], dtype=torch.long, device=ids.device)
+                new = hidden[:, gist_idx]
+                state.states = new if state.states is None else torch.cat([state.states, new], dim=1)
+                state.state_positions = state.state_positions + [seg.memory_position[k] for k in seg.gists]
+        if commit:
+            state.segments += 1
+            state.gists += len(seg.gists)
+        return logits[:, seg.raw_at]
+
+    def consume(self, input_ids: torch.Tensor, state: GistState | None = None,
+                ratio: int | None = None) -> tuple[torch.Tensor, GistState]:
+        """Append ``input_ids`` [B, n] to the sequence in ``state``; returns the logits of these
+        n tokens [B, n, V] and the updated state (finished segments compressed into memory)."""
+        g, ratio = self.gist_settings(ratio)
+        if g.get("gist_token_id") is not None and bool((input_ids == g["gist_token_id"]).any()):
+            raise ValueError(f"input_ids contain the <gist> marker (id {g['gist_token_id']}); the model inserts "
+                             "gist tokens itself: remove it from the text (or tokenize with split_special_tokens=True)")
+        state = GistState() if state is None else state
+        L = g["segment_length"]
+        seq = input_ids if state.tail is None else torch.cat([state.tail, input_ids], dim=1)
+        outputs = []
+        while seq.shape[1] >= L:
+            outputs.append(self._segment(g, state, seq[:, :L], ratio, commit=True))
+            seq = seq[:, L:]
+        if seq.shape[1]:
+            outputs.append(self._segment(g, state, seq, ratio, commit=False))
+        state.tail = seq
+        logits = torch.cat(outputs, dim=1)
+        return logits[:, logits.shape[1] - input_ids.shape[1]:], state
+
+    @torch.no_grad()
+    def compressed_forward(self, input_ids: torch.Tensor, ratio: int | None = None) -> torch.Tensor:
+        """Float32 logits [B, n, V] of every raw token under gist compression."""
+        return self.consume(input_ids, None, ratio)[0]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 20, *,
+                 compressed: bool = True, ratio: int | None = None, eos_token_id: int | None = None,
+                 **kwargs):
+        """Greedy compressed generation: returns ``[B, prompt + new]`` ids like transformers'
+        ``generate``. ``compressed=False`` (or sampling / beam options) hands over to the stock
+        ``generate`` of the uncompressed model."""
+        if not compressed:
+            return super().generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        unsupported = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "pad_token_id", "do_sample")
+                       or (k == "do_sample" and v)}
+        if unsupported:
+            raise ValueError(f"compressed generate is greedy only; unsupported options {sorted(unsupported)} "
+                             "(pass compressed=False for the uncompressed model)")
+        logits, state = self.consume(input_ids, None, ratio)
+        out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            next_ids = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(next_ids)
+            if eos_token_id is not None:
+                done |= next_ids[:, 0] == eos_token_id
+                if bool(done.all()):
+                    break
+            logits, state = self.consume(next_ids, state, ratio)
+        return torch.cat(out, dim=1)
+
+
+class GistLlamaForCausalLM(GistCompressionMixin, LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._gist_setup(config)
+        self.post_init()
+
+
+class GistQwen2ForCausalLM(GistCompressionMixin, Qwen2ForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self._gist_setup(config)
+        self.post_init()

@@ -1,0 +1,26 @@
+"""The demo end to end at toy scale (``experiments/demo.py:tiny``): train, report, plot, export
+to Hugging Face and generate from the export with compressed memory, as ``make demo`` does with
+the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from run_helpers import REPO, main_env
+
+
+def test_tiny_demo_trains_reports_exports_and_generates(tmp_path):
+    workdir = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "gist_jax.demo", "--config=experiments/demo.py:tiny", f"--workdir={workdir}"]
+    result = subprocess.run(cmd, cwd=REPO, env=main_env(str(tmp_path / "tokens"), devices=1), capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    for row in ("| full attention |", "| compressed, ratio 4 |", "| compressed, ratio 8 |"):
+        assert row in out, out[-3000:]
+    assert (workdir / "perplexity.png").stat().st_size > 1000
+    config = json.loads((workdir / "hf" / "config.json").read_text())
+    assert config["gist"]["variant"] == "fine_kv" and (workdir / "hf" / "modeling_gist.py").exists()
+    assert "compressed memory: " in out and "full attention:    " in out
