@@ -9,6 +9,9 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+from ml_collections import config_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "experiments/demo.py:tiny"
 
@@ -64,3 +67,12 @@ def wait_for_step(proc: subprocess.Popen, workdir: pathlib.Path, step: int, time
 def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
     root = workdir / "checkpoints"
     return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+
+
+def parse_like_main(argv: list[str]) -> flags.FlagValues:
+    """The flags of ``gist_jax.main`` (config file + overrides, workdir), on a fresh flag set."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=["main", *argv])
+    flags.DEFINE_string("workdir", None, "", flag_values=fv)
+    fv(["main", *argv])
+    return fv

@@ -10,8 +10,7 @@ import shlex
 import types
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
+from run_helpers import parse_like_main
 
 from gist_jax.experiment import run_config
 
@@ -85,14 +84,6 @@ def documented_commands(doc: str) -> list[list[str]]:
             commands.append([a for a in argv if a != "..."])
     return commands
 
-
-def parse_like_main(argv: list[str]):
-    """The flags of ``gist_jax.main`` (config file + overrides, workdir), on a fresh flag set."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=["main", *argv])
-    flags.DEFINE_string("workdir", None, "", flag_values=fv)
-    fv(["main", *argv])
-    return fv
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)

@@ -14,8 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
+from run_helpers import parse_like_main
 
 from gist_jax.experiment import run_config
 from launch import sweep as sw
@@ -30,13 +29,6 @@ def read_csv(path: pathlib.Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
-
-def parse_like_main(argv: list[str]):
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=["main", *argv])
-    flags.DEFINE_string("workdir", None, "", flag_values=fv)
-    fv(["main", *argv])
-    return fv
 
 
 # -- expansion ----------------------------------------------------------------------------------------
