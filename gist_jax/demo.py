@@ -1,7 +1,8 @@
 """The demo (the README's first command): continue training the real SmolLM2-135M as a Fine-KV
 compressor with AE and TIE on the built-in corpus, checkpointing as it goes, then print the
 validation perplexity of full attention vs compression at each ratio, before and after
-training, write the plot, export the result to Hugging Face and generate from it with
+training, write the plot, run the evaluation suites (perplexity, loss by position in a
+segment, UUID recall), export the result to Hugging Face and generate from it with
 transformers and compressed memory.
 
     python -m gist_jax.demo --workdir runs/demo
@@ -26,6 +27,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _CONFIG = config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "demo.py"),
                                           "Experiment file (default: experiments/demo.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory")
+EVAL_SUITES = "perplexity,boundary,uuid"
 
 
 def main(argv: list[str]) -> int:
@@ -54,8 +56,20 @@ def main(argv: list[str]) -> int:
     print(f"\nplot: {png}\nrun: {pathlib.Path(_WORKDIR.value).absolute()} (checkpoints, metrics.jsonl, tensorboard)")
     print(f"wall time {final['wall_seconds']:.0f}s, of which train-step compilation {final['compile_seconds']:.0f}s")
     if run.compression.enabled:
-        export_and_generate(pathlib.Path(_WORKDIR.value))
+        workdir = pathlib.Path(_WORKDIR.value)
+        evaluate(workdir)
+        export_and_generate(workdir)
     return 0
+
+
+def evaluate(workdir: pathlib.Path) -> None:
+    """The paper's probes at demo scale (docs/evaluation.md): perplexity by ratio, loss by
+    position inside a segment, UUID recall; tables printed, JSON/CSV/PNG in <workdir>/eval."""
+    from gist_jax.evaluate import run_suites
+
+    print("\nEvaluation suites (python -m gist_jax.evaluate; small scale: 4 validation windows, 4 UUID examples)")
+    run_suites(workdir, EVAL_SUITES, workdir / "eval", num_windows=4, batch=2, num_examples=4)
+    print(f"\nplots: {workdir / 'eval'}/*.png")
 
 
 def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tokens: int = 24) -> None:

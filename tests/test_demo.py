@@ -24,3 +24,7 @@ def test_tiny_demo_trains_reports_exports_and_generates(tmp_path):
     config = json.loads((workdir / "hf" / "config.json").read_text())
     assert config["gist"]["variant"] == "fine_kv" and (workdir / "hf" / "modeling_gist.py").exists()
     assert "compressed memory: " in out and "full attention:    " in out
+    for suite, plot in (("perplexity", "perplexity_vs_ratio"), ("boundary", "boundary_loss_by_position"),
+                        ("uuid", "uuid_prefix_accuracy")):
+        assert f"## {suite} (" in out
+        assert (workdir / "eval" / f"{suite}.json").exists() and (workdir / "eval" / f"{plot}.png").exists()

@@ -1,0 +1,99 @@
+"""Evaluation suites for gist checkpoints (``python -m gist_jax.evaluate``, docs/evaluation.md).
+
+``run_suites(checkpoint_dir, suites, out_dir, **options)`` is the library entry point (the demo
+calls it): it loads the checkpoint once, runs each suite, writes ``<suite>.json``, ``.csv`` and
+PNG plots into ``out_dir``, prints a summary table per suite and returns ``{suite: payload}``.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+from gist_jax.model.config import ConfigError
+
+SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
+
+
+def _suite_fn(name: str) -> Callable:
+    if name == "perplexity":
+        from gist_jax.evaluate.perplexity import run
+    elif name == "boundary":
+        from gist_jax.evaluate.boundary import run
+    elif name == "surprise":
+        from gist_jax.evaluate.probes import run_surprise as run
+    elif name == "uuid":
+        from gist_jax.evaluate.probes import run_uuid as run
+    elif name == "recall":
+        from gist_jax.evaluate.probes import run_recall as run
+    elif name == "reconstruction":
+        from gist_jax.evaluate.reconstruction import run
+    else:
+        raise ConfigError(f"--suite={name!r} is unknown; use one of {', '.join(SUITES)} or all")
+    return run
+
+
+def resolve_suites(suites: str | Sequence[str]) -> list[str]:
+    names = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
+    if "all" in names:
+        return list(SUITES)
+    for name in names:
+        _suite_fn(name)
+    if not names:
+        raise ConfigError(f"--suite is empty; use one of {', '.join(SUITES)} or all")
+    return names
+
+
+SUMMARY_COLUMNS = {
+    "perplexity": ("checkpoint", "dataset", "setting", "ppl", "tokens"),
+    "boundary": None,
+    "surprise": ("checkpoint", "setting", "acc_relevant", "acc_unrelated", "gap"),
+    "uuid": ("checkpoint", "setting", "prefix8", "prefix16", "prefix32"),
+    "recall": ("checkpoint", "setting", "kind", "context_tokens", "depth", "accuracy"),
+    "reconstruction": None,
+}
+
+
+def run_suites(checkpoint_dir: str | pathlib.Path, suites: str | Sequence[str], out_dir: str | pathlib.Path, *,
+               step: int | None = None, verbose: bool = True, **options: Any) -> dict[str, dict]:
+    """Run ``suites`` on one checkpoint; see the suite modules for ``options`` (all small-scale
+    knobs: num_windows, window, num_examples, context_tokens, ratios, max_documents, ...)."""
+    from gist_jax.evaluate.common import format_table, load_checkpoint
+
+    names = resolve_suites(suites)
+    out_dir = pathlib.Path(out_dir)
+    ck = load_checkpoint(checkpoint_dir, step)
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        payload = _suite_fn(name)(ck, out_dir, **options)
+        payload["seconds"] = time.perf_counter() - start
+        results[name] = payload
+        if verbose:
+            print(f"\n## {name} ({ck.step_dir}, {payload['seconds']:.1f}s)\n")
+            print(format_table(payload["rows"], SUMMARY_COLUMNS.get(name)))
+            if name == "boundary":
+                print()
+                print(format_table(payload["continuation"]))
+    return results
+
+
+def compare(checkpoint_dirs: Sequence[str | pathlib.Path], suites: str | Sequence[str], out_dir: str | pathlib.Path,
+            **options: Any) -> dict[str, list[dict]]:
+    """Several checkpoints side by side: each runs into ``out_dir/<i>_<name>/``; the rows of every
+    suite are merged (a ``checkpoint`` column tells them apart) into ``out_dir/compare_<suite>``."""
+    from gist_jax.evaluate.common import format_table, write_results
+
+    out_dir = pathlib.Path(out_dir)
+    merged: dict[str, list[dict]] = {}
+    for i, path in enumerate(checkpoint_dirs):
+        sub = out_dir / f"{i}_{pathlib.Path(path).absolute().name}"
+        for name, payload in run_suites(path, suites, sub, verbose=False, **options).items():
+            merged.setdefault(name, []).extend({**row, "checkpoint": f"{i}:{row.get('checkpoint', path)}"}
+                                               for row in payload["rows"])
+    for name, rows in merged.items():
+        write_results(out_dir, f"compare_{name}", rows)
+        print(f"\n## {name}: {len(checkpoint_dirs)} checkpoints\n")
+        print(format_table(rows, SUMMARY_COLUMNS.get(name)))
+    return merged

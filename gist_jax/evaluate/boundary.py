@@ -1,0 +1,80 @@
+"""Suite ``boundary`` ("lost by the boundary", method.md section 6).
+
+1. Mean loss by position inside a segment (1-based, first segment skipped) for full attention
+   and each ratio, on the same windows; log2 position buckets; the first-k vs last-k gap
+   (k = 16, or L / 2 when segments are shorter than 32).
+2. Continuation starting exactly at a segment boundary vs mid-segment: the same ``gen_tokens``
+   reference tokens are scored after a context truncated to the last ``k`` tokens, with
+   ``k = m * L`` (the continuation opens a fresh segment: everything before it is compressed)
+   or ``k = m * L + L / 2`` (half a segment of raw context is still visible). Scored by teacher
+   forcing: mean NLL and greedy (argmax) next-token accuracy of the continuation.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from gist_jax.evaluate import common
+from gist_jax.evaluate.metrics import bucket_means, edge_gap, log_buckets, loss_by_position
+
+
+def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ...] = ("stdlib",),
+        split: str = "validation", window: int | None = None, num_windows: int = 4, max_documents: int = 0,
+        ratios=None, batch: int = 4, edge: int = 16, gen_tokens: int | None = None,
+        context_segments: int | None = None, **_: Any) -> dict:
+    if not ck.comp.enabled:
+        raise common.ConfigError(f"{ck.step_dir} is a full-attention checkpoint (compression.memory='none'); "
+                                 "the boundary suite needs a compressed one")
+    L = ck.comp.segment_length
+    window = window or ck.seq_len
+    texts = common.documents(datasets[0], split, ck.tokenizer_spec, max_documents)
+    tokens = common.windows(ck, texts, window, num_windows)
+    buckets = log_buckets(L)
+    rows, curves, gen_rows = [], {}, []
+    # Continuation probe: context of m * L (+ L / 2) tokens before a fixed start.
+    m = context_segments or max(1, window // L - 2)
+    gen = gen_tokens or L // 2
+    start = m * L + L // 2
+    if start + gen > window:
+        raise common.ConfigError(f"--window={window} is too short for a {m}-segment context plus half a segment "
+                                 f"and {gen} continuation tokens; lower --context_segments or --gen_tokens")
+    for setting in common.settings(ck, ratios):
+        nll, _ = common.token_nll(ck, setting, tokens, batch)
+        curve = loss_by_position(nll, L)
+        curves[setting.name] = curve
+        first, last, gap = edge_gap(curve, edge)
+        row = {"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1,
+               f"first{min(edge, L // 2)}": first, f"last{min(edge, L // 2)}": last, "gap": gap}
+        row.update({f"pos{lo}-{hi}": v for (lo, hi), v in zip(buckets, bucket_means(curve, buckets))})
+        rows.append(row)
+        for kind, k in (("boundary", m * L), ("mid_segment", m * L + L // 2)):
+            ctx = tokens[:, start - k:start + gen]
+            g_nll, g_ok = common.token_nll(ck, setting, ctx, batch)
+            gen_rows.append({"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1,
+                             "start": kind, "context_tokens": k, "continuation_nll": float(g_nll[:, k - 1:].mean()),
+                             "continuation_accuracy": float(g_ok[:, k - 1:].mean())})
+    _plot(curves, L, out_dir / "boundary_loss_by_position.png")
+    extra = {"loss_by_position": {k: v.tolist() for k, v in curves.items()}, "continuation": gen_rows,
+             "buckets": buckets, "segment_length": L, "windows": int(tokens.shape[0]), "window": window}
+    payload = common.write_results(out_dir, "boundary", rows, extra)
+    common.write_results(out_dir, "boundary_continuation", gen_rows)
+    return payload
+
+
+def _plot(curves: dict[str, np.ndarray], L: int, path: pathlib.Path) -> None:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    x = np.arange(1, L + 1)
+    for name, curve in curves.items():
+        ax.plot(x, curve, label=name, ls="--" if name == "full" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position inside segment (first segment skipped)")
+    ax.set_ylabel("mean loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,234 @@
+"""What every suite shares: the checkpoint, its settings (full attention and each ratio), text,
+token log-likelihoods through the training forward, generation, and the result files."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import cached_layout
+from gist_jax.gist.params import model_config_for
+from gist_jax.gist.parallel import compressed_logits
+from gist_jax.gist.specs import layout_arrays
+from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.transformer import Params
+from gist_jax.train.evaluation import strip_gist_params
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A trained model ready to evaluate: gist model config, compression config, model params."""
+
+    name: str
+    step_dir: pathlib.Path
+    cfg: ModelConfig  # with gist parameters
+    comp: CompressionConfig
+    params: Params  # state.params["model"]
+    run: dict[str, Any]
+
+    @property
+    def tokenizer_spec(self) -> str:
+        return (self.run.get("data") or {}).get("tokenizer", "bytes")
+
+    @functools.cached_property
+    def tokenizer(self):
+        from gist_jax.tokenizer import tokenizer_from_spec
+
+        return tokenizer_from_spec(self.tokenizer_spec)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.run["step"]["seq_len"])
+
+
+def load_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkpoint:
+    """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir; only ``params['model']``
+    is read (not the optimizer state), in float32 compute for exact comparisons."""
+    import orbax.checkpoint as ocp
+
+    from gist_jax.hf.export import checkpoint_configs, resolve_step_dir
+
+    step_dir = resolve_step_dir(path, step)
+    cfg, comp, run = checkpoint_configs(step_dir)
+    ckpt = ocp.PyTreeCheckpointer()
+    meta = ckpt.metadata(step_dir / "state")
+    tree = getattr(getattr(meta, "item_metadata", None), "tree", meta)
+    model_meta = tree["params"]["model"]
+    item = {"params": {"model": jax.tree.map(lambda _: 0, model_meta)}}
+    args = {"params": {"model": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), model_meta)}}
+    restored = ckpt.restore(step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                            partial_restore=True))
+    params = jax.tree.map(jnp.asarray, restored["params"]["model"])
+    name = step_dir.parent.parent.name  # the run's workdir name
+    return Checkpoint(name, step_dir, cfg, comp, params, run)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One way to run the checkpoint: ``full`` (the base model, gist params unused) or ``r<k>``."""
+
+    name: str
+    ratio: int | None  # None: full attention
+    cfg: ModelConfig
+    comp: CompressionConfig
+
+
+def settings(ck: Checkpoint, ratios: Sequence[int] | None = None) -> list[Setting]:
+    """Full attention plus every ratio the checkpoint trained (or ``ratios``)."""
+    none = ck.comp.replace(memory="none", trainable="all", bptt_segments=0)
+    out = [Setting("full", None, model_config_for(ck.cfg, none), none)]
+    if ck.comp.enabled:
+        for r in (ck.comp.ratios if ratios is None else ratios):
+            if ck.comp.segment_length % int(r):
+                raise ConfigError(f"--ratios: {r} does not divide the checkpoint's segment length "
+                                  f"{ck.comp.segment_length}; use ratios from {ck.comp.ratios}")
+            comp = ck.comp.replace(ratios=(int(r),), ratio_sampling="fixed", pad_to_segments=True)
+            out.append(Setting(f"r{r}", int(r), ck.cfg, comp))
+    return out
+
+
+def setting_params(ck: Checkpoint, setting: Setting) -> Params:
+    return strip_gist_params(ck.params) if setting.ratio is None else ck.params
+
+
+# ----------------------------------------------------------------------------- text
+def documents(spec: str, split: str, tokenizer_spec: str, max_documents: int = 0) -> list[str]:
+    """Texts of a local source spec (``stdlib``, ``files:<glob>``, ``jsonl:<glob>#field``)."""
+    from gist_jax.data.sources import iter_source
+
+    out = []
+    for _, text in iter_source(spec, split, tokenizer_spec):
+        out.append(text)
+        if max_documents and len(out) >= max_documents:
+            break
+    if not out:
+        raise ConfigError(f"--data={spec} split {split} has no documents; pass another source spec")
+    return out
+
+
+def windows(ck: Checkpoint, texts: Iterable[str], length: int, count: int) -> np.ndarray:
+    """``count`` non-overlapping windows of ``length`` tokens (stride = window) cut from the
+    documents joined by EOS, the way training packs them. Fewer if the text runs out."""
+    eos = ck.tokenizer.eos_id
+    stream: list[int] = []
+    for text in texts:
+        stream += ck.tokenizer.encode(text) + ([eos] if eos is not None else [])
+        if len(stream) >= length * count:
+            break
+    n = min(count, len(stream) // length)
+    if n == 0:
+        raise ConfigError(f"the evaluation text has {len(stream)} tokens, less than one window of {length}; "
+                          "use more documents (--max_documents 0) or a shorter --window")
+    return np.asarray(stream[:n * length], np.int32).reshape(n, length)
+
+
+# ----------------------------------------------------------------------------- log-likelihoods
+@functools.lru_cache(maxsize=64)
+def _nll_fn(setting: Setting, length: int) -> Callable:
+    if setting.ratio is None:
+        def run(params, tokens):
+            return compressed_logits(setting.cfg, setting.comp, None, params, tokens, {})
+        arrays = {}
+    else:
+        layout = cached_layout(length, setting.comp)
+        arrays, shape = layout_arrays(layout), layout.shape
+
+        def run(params, tokens):
+            logits = compressed_logits(setting.cfg, setting.comp, shape, params, tokens, arrays)
+            return jnp.take(logits, arrays["raw_position"], axis=1)[:, :length]
+
+    @jax.jit
+    def nll(params, tokens_BxN):
+        logits = run(params, tokens_BxN).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, tokens_BxN[:, 1:, None], axis=-1)[..., 0]
+        correct = jnp.argmax(logits[:, :-1], axis=-1) == tokens_BxN[:, 1:]
+        return -picked, correct
+
+    return nll
+
+
+def token_nll(ck: Checkpoint, setting: Setting, tokens_BxN: np.ndarray,
+              batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """NLL and argmax-correctness ``[B, N-1]`` of token j+1 given tokens <= j (teacher forcing)."""
+    fn = _nll_fn(setting, tokens_BxN.shape[1])
+    params = setting_params(ck, setting)
+    nll, correct = [], []
+    for i in range(0, len(tokens_BxN), batch):
+        a, b = fn(params, jnp.asarray(tokens_BxN[i:i + batch]))
+        nll.append(np.asarray(a))
+        correct.append(np.asarray(b))
+    return np.concatenate(nll), np.concatenate(correct)
+
+
+def generate_texts(ck: Checkpoint, setting: Setting, prompts: Sequence[str], max_new_tokens: int,
+                   batch: int = 8) -> list[str]:
+    """Greedy continuations from the gist-compressed cache (full attention: a plain cache)."""
+    from gist_jax.inference import generate
+
+    tok = ck.tokenizer
+    ids = [tok.encode(p) for p in prompts]
+    params = setting_params(ck, setting)
+    out: list[str] = []
+    for i in range(0, len(ids), batch):
+        chunk = ids[i:i + batch]
+        capacity = -(-(max(len(p) for p in ids) + max_new_tokens) // 64) * 64  # one compilation for all chunks
+        gen = generate(setting.cfg, setting.comp, params, chunk, max_new_tokens, ratio=setting.ratio, capacity=capacity,
+                       pad_batch_to=batch)
+        out += [tok.decode(t) for t in gen.tokens]
+    return out
+
+
+# ----------------------------------------------------------------------------- results
+def write_results(out_dir: pathlib.Path, suite: str, rows: list[dict[str, Any]], extra: dict | None = None) -> dict:
+    """``<suite>.json`` (rows + extra) and ``<suite>.csv`` (rows)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"suite": suite, "rows": rows, **(extra or {})}
+    (out_dir / f"{suite}.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(out_dir / f"{suite}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return payload
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def format_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A markdown table (floats to 4 significant digits)."""
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

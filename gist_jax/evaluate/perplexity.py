@@ -1,0 +1,57 @@
+"""Suite ``perplexity``: long documents in windows (stride = window), full attention against
+every compression ratio the checkpoint supports, per dataset (method.md section 6).
+
+Perplexity counts the targets after the first segment only (tokens j >= L predicting j + 1),
+as the in-training evaluation does: only there does compression change what a token sees, so
+every setting is scored on exactly the same targets.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from gist_jax.evaluate import common
+from gist_jax.evaluate.metrics import perplexity
+
+
+def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ...] = ("stdlib",),
+        split: str = "validation", window: int | None = None, num_windows: int = 4,
+        max_documents: int = 0, ratios=None, batch: int = 4, **_: Any) -> dict:
+    window = window or ck.seq_len
+    first = ck.comp.segment_length if ck.comp.enabled else 0
+    rows = []
+    for dataset in datasets:
+        texts = common.documents(dataset, split, ck.tokenizer_spec, max_documents)
+        tokens = common.windows(ck, texts, window, num_windows)
+        for setting in common.settings(ck, ratios):
+            nll, _ = common.token_nll(ck, setting, tokens, batch)
+            mask = np.zeros(nll.shape, bool)
+            mask[:, max(first - 1, 0):] = True  # target index j + 1 >= L
+            rows.append({"checkpoint": ck.name, "dataset": dataset, "setting": setting.name,
+                         "ratio": setting.ratio or 1, "ppl": perplexity(nll, mask), "tokens": int(mask.sum()),
+                         "windows": int(tokens.shape[0]), "window": window})
+    _plot(rows, out_dir / "perplexity_vs_ratio.png")
+    return common.write_results(out_dir, "perplexity", rows)
+
+
+def _plot(rows: list[dict], path: pathlib.Path) -> None:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        sub = [r for r in rows if r["dataset"] == dataset]
+        comp = [r for r in sub if r["setting"] != "full"]
+        line = ax.plot([r["ratio"] for r in comp], [r["ppl"] for r in comp], "o-", label=f"{dataset} compressed")
+        full = [r["ppl"] for r in sub if r["setting"] == "full"]
+        if full:
+            ax.axhline(full[0], ls="--", color=line[0].get_color() if comp else None, label=f"{dataset} full")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("compression ratio")
+    ax.set_ylabel("perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,6 @@
+"""Compressed inference: a fixed-size gist KV cache, segment-wise prefill and jitted decoding."""
+
+from gist_jax.inference.cache import Cache, Plan, cache_stats, expected_entries
+from gist_jax.inference.decode import Generation, generate
+
+__all__ = ["Cache", "Plan", "Generation", "cache_stats", "expected_entries", "generate"]

@@ -1,0 +1,138 @@
+"""Evaluation suites (gist_jax/evaluate): metrics against hand-computed values, and every suite
+on a tiny checkpoint producing its JSON, CSV and PNG files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from gist_jax.evaluate import metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_perplexity_of_a_known_distribution():
+    # a model that is uniform over 4 choices has perplexity 4 whatever the targets
+    assert metrics.perplexity(np.full((3, 5), math.log(4))) == pytest.approx(4.0)
+    nll = np.asarray([[math.log(2), 99.0], [math.log(8), 99.0]])
+    mask = np.asarray([[True, False], [True, False]])
+    assert metrics.perplexity(nll, mask) == pytest.approx(4.0)  # exp(mean(log 2, log 8)) = 4
+    assert math.isnan(metrics.perplexity(nll, np.zeros_like(mask)))
+
+
+def test_uuid_prefix_scoring():
+    uuid = "0123456789abcdef0123456789abcdef"
+    preds = [" " + uuid + ".", "0123456789abcdeX" + "0" * 16, "01234567" + "z" * 24, "nothing"]
+    got = metrics.mean_prefix_scores(preds, [uuid] * 4)
+    assert got == {8: 3 / 4, 16: 1 / 4, 32: 1 / 4}  # hand count: 8 chars right in 3, 16 in 1 (the full one)
+
+
+def test_position_in_segment_bucketing():
+    seg, pos = metrics.target_positions_in_segment(7, 4)  # targets are raw tokens 1..7, L = 4
+    assert seg.tolist() == [0, 0, 0, 1, 1, 1, 1] and pos.tolist() == [2, 3, 4, 1, 2, 3, 4]
+    nll = np.asarray([[9, 9, 9, 1, 2, 3, 4], [9, 9, 9, 3, 4, 5, 6]], float)  # first segment skipped
+    np.testing.assert_allclose(metrics.loss_by_position(nll, 4), [2, 3, 4, 5])
+    both = metrics.loss_by_position(nll, 4, skip_first_segment=False)
+    np.testing.assert_allclose(both, [2, (2 * 9 + 2 + 4) / 4, (2 * 9 + 3 + 5) / 4, (2 * 9 + 4 + 6) / 4])
+    assert metrics.log_buckets(16) == [(1, 1), (2, 3), (4, 7), (8, 15), (16, 16)]
+    assert metrics.bucket_means(np.arange(1.0, 17.0), metrics.log_buckets(16)) == [1, 2.5, 5.5, 11.5, 16]
+    first, last, gap = metrics.edge_gap(np.arange(1.0, 33.0), 16)
+    assert (first, last, gap) == (8.5, 24.5, -16.0)
+
+
+# ----------------------------------------------------------------------------- suites
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+    """A step-0 checkpoint of ``experiments/demo.py:tiny`` (random preset:tiny, Fine-KV, L = 16,
+    ratios 4/8, byte tokenizer), written by the training Checkpointer without training."""
+    import jax
+
+    sys.path.insert(0, str(REPO))
+    from experiments.demo import get_config
+    from gist_jax.experiment import run_config
+    from gist_jax.gist.params import model_config_for
+    from gist_jax.model.config import preset
+    from gist_jax.train.checkpoint import Checkpointer, layout_metadata
+    from gist_jax.train.mesh import make_mesh
+    from gist_jax.train.state import create_train_state
+
+    run = run_config(get_config("tiny"))
+    base = preset("tiny").replace(dtype="float32")
+    mesh = make_mesh(run.step.mesh, jax.devices()[:1])
+    state, _, _ = create_train_state(base, run.compression, run.step, mesh)
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    ckpt = Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
+    meta = layout_metadata(model_config_for(base, run.compression), run.compression, state)
+    ckpt.save(0, state, {}, run.to_dict(), meta)
+    ckpt.close()
+    return workdir
+
+
+SMALL = dict(num_windows=2, num_examples=2, context_tokens=128, recall_lengths=(96, 128), depths=(0.2, 0.8),
+             kinds=("passkey",), probe_steps=3, batch=2)
+FILES = {
+    "perplexity": ["perplexity.json", "perplexity.csv", "perplexity_vs_ratio.png"],
+    "boundary": ["boundary.json", "boundary.csv", "boundary_continuation.csv", "boundary_loss_by_position.png"],
+    "uuid": ["uuid.json", "uuid.csv", "uuid_prefix_accuracy.png"],
+    "surprise": ["surprise.json", "surprise.csv", "surprise_accuracy_vs_ratio.png"],
+    "recall": ["recall.json", "recall.csv", "recall_depth_heatmap.png"],
+    "reconstruction": ["reconstruction.json", "reconstruction.csv", "reconstruction_accuracy_vs_ratio.png"],
+}
+
+
+@pytest.fixture(scope="module")
+def results(checkpoint, tmp_path_factory):
+    from gist_jax.evaluate import run_suites
+
+    out = tmp_path_factory.mktemp("eval")
+    return out, run_suites(checkpoint, "all", out, **SMALL)
+
+
+@pytest.mark.parametrize("suite", list(FILES))
+def test_suite_writes_its_files(results, suite):
+    out, payloads = results
+    for name in FILES[suite]:
+        path = out / name
+        assert path.exists() and path.stat().st_size > 0, name
+    rows = json.loads((out / f"{suite}.json").read_text())["rows"]
+    with open(out / f"{suite}.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows) > 0
+    settings = {r["setting"] for r in rows}
+    assert settings == ({"r4", "r8"} if suite == "reconstruction" else {"full", "r4", "r8"})
+    assert (out / f"{suite}.png").exists() is False  # plots carry descriptive names
+    assert payloads[suite]["rows"] == rows
+
+
+def test_suite_values_are_sane(results):
+    _, p = results
+    for row in p["perplexity"]["rows"]:
+        assert 1.0 < row["ppl"] < 2 * 264 and row["tokens"] == 2 * (64 - 16)  # random model, bytes
+    boundary = p["boundary"]
+    assert len(boundary["loss_by_position"]["full"]) == 16
+    assert {r["start"] for r in boundary["continuation"]} == {"boundary", "mid_segment"}
+    for row in p["uuid"]["rows"]:
+        assert row["prefix8"] >= row["prefix16"] >= row["prefix32"]
+    for row in p["surprise"]["rows"]:
+        assert row["gap"] == pytest.approx(row["acc_relevant"] - row["acc_unrelated"])
+    assert len(p["recall"]["rows"]) == 3 * 2 * 2
+    for row in p["reconstruction"]["rows"]:
+        assert 0.0 <= row["token_accuracy"] <= 1.0 and row["test_tokens"] > 0
+
+
+def test_compare_and_cli_errors(checkpoint, tmp_path, capsys):
+    from gist_jax.evaluate import compare
+    from gist_jax.evaluate.__main__ import main
+
+    merged = compare([checkpoint, checkpoint], "perplexity", tmp_path, num_windows=1)
+    assert len(merged["perplexity"]) == 6 and (tmp_path / "compare_perplexity.csv").exists()
+    assert {r["checkpoint"][:2] for r in merged["perplexity"]} == {"0:", "1:"}
+    assert main(["--checkpoint", str(checkpoint), "--suite", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "--suite='nonsense' is unknown" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--suite", "uuid", "--out", str(tmp_path)]) == 2
