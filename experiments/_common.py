@@ -45,6 +45,8 @@ def _architecture(memory: str, granularity: str) -> Callable[[ConfigDict], None]
             c.compression.bptt_segments = 0
         if memory != "recurrent":
             c.compression.bptt_segments = 0
+        if memory != "kv":  # the decomposed attention is for KV memory; the others use their own paths
+            c.compression.attention_impl = "dense"
 
     return apply
 

@@ -18,6 +18,7 @@ RATIO_SAMPLING = ("fixed", "per_instance", "per_segment")
 POSITIONS = ("compressed", "aligned")
 GIST_EMBEDDING = ("shared", "per_slot")
 TRAINABLE = ("all", "gist_only")
+ATTENTION_IMPL = ("dense", "decomposed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,10 @@ class CompressionConfig:
                      earlier segments (AutoCompressors: 2); 0 = unlimited.
     pad_to_segments: accept sequence lengths that are not a whole number of segments by
                      padding the last segment (padding carries no loss).
+    attention_impl:  KV variants' parallel (training) pass: ``dense`` (reference masks, a
+                     T x 2T score matrix per head) or ``decomposed`` (segment-local causal
+                     attention + gist-memory attention merged by log-sum-exp, no T x T matrix;
+                     same values and gradients, ``gist/structured.py``).
     """
 
     memory: str = "kv"
@@ -57,6 +62,7 @@ class CompressionConfig:
     trainable: str = "all"
     bptt_segments: int = 0
     pad_to_segments: bool = False
+    attention_impl: str = "dense"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratios, int):
@@ -102,6 +108,13 @@ def validate(c: CompressionConfig) -> None:
     _one_of("positions", c.positions, POSITIONS)
     _one_of("gist_embedding", c.gist_embedding, GIST_EMBEDDING)
     _one_of("trainable", c.trainable, TRAINABLE)
+    _one_of("attention_impl", c.attention_impl, ATTENTION_IMPL)
+    if c.attention_impl == "decomposed" and c.memory != "kv":
+        raise ConfigError(
+            f"compression.attention_impl='decomposed' applies to memory='kv' (Fine-KV, Coarse-KV); "
+            f"memory={c.memory!r} has no gist-memory attention to decompose "
+            "(recurrent runs a segment scan, none is plain causal attention): set "
+            "attention_impl='dense'")
     if c.memory == "recurrent" and c.granularity == "fine":
         raise ConfigError(
             "compression.granularity='fine' with compression.memory='recurrent' is not supported "

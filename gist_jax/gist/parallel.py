@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.structured import decomposed_spec
 from gist_jax.gist.specs import (LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec,
                                  raw_embed_inputs)
 from gist_jax.model.attention import AttentionSpec
@@ -24,12 +25,17 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
                 tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                 raw_embeds_BxNxE: jax.Array | None = None,
                 stop_gist_memory_gradient: bool = False, kv_layer: int | None = None):
-    """Fine-KV / Coarse-KV in one pass with the dense reference masks.
+    """Fine-KV / Coarse-KV in one pass: the dense reference masks, or with
+    ``comp.attention_impl == "decomposed"`` segment-local + gist-memory attention merged by
+    log-sum-exp (``structured.py``; equal values and gradients, no T x T score matrix).
 
     With ``kv_layer`` set, also returns that layer's un-rotated (k, v) ``[B, T, K, H]`` for
     every layout token (the autoencoding objective reads the gists' entries)."""
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
-    spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
+    if comp.attention_impl == "decomposed":
+        spec = decomposed_spec(arrays, shape, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
+    else:
+        spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:
         return Decoder(cfg).apply({"params": params}, tokens_BxT, spec, **kwargs)

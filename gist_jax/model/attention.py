@@ -7,6 +7,8 @@ what lets compression plug in without touching the model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -35,6 +37,9 @@ class AttentionSpec:
                      between segments) that are filled; the memory itself is a model input.
     is_gist:         [B, T] bool (optional): gist tokens (own embedding, own projections).
     gist_slot:       [B, T] int (optional): row of the gist embedding table for each gist.
+    structure:       (optional) a pytree with ``attend(q_rot, k, v, spec, inv_freq)`` that
+                     computes this attention without dense masks (``gist/structured.py``);
+                     used instead of ``mask``/``memory_mask`` when there is no external memory.
     stop_gist_memory_gradient: hold the gist memory fixed (no gradient through the memory
                      view's gist keys/values); used by truncation and the no-leak tests.
     """
@@ -47,6 +52,7 @@ class AttentionSpec:
     prefix_valid: jax.Array | None = None
     is_gist: jax.Array | None = None
     gist_slot: jax.Array | None = None
+    structure: Any = None
     stop_gist_memory_gradient: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
@@ -138,6 +144,9 @@ class Attention(nn.Module):
 
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, spec.positions, inv_freq), BATCH_LENGTH_HEADS)
+        if spec.structure is not None and memory is None:
+            out_BxTxNxH = spec.structure.attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec, inv_freq)
+            return self._o_proj(checkpoint_name(out_BxTxNxH, ATTN_OUT))
         keys, values, masks = [], [], []
         b, t = spec.positions.shape
         if memory is not None:
@@ -166,6 +175,10 @@ class Attention(nn.Module):
 
         out_BxTxNxH = dot_product_attention(q_BxTxNxH, cat(keys), cat(values), cat(masks))
         out_BxTxNxH = checkpoint_name(out_BxTxNxH, ATTN_OUT)
+        return self._o_proj(out_BxTxNxH)
+
+    def _o_proj(self, out_BxTxNxH: jax.Array) -> jax.Array:
+        cfg = self.cfg
         return nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
             param_dtype=cfg.storage_dtype,
