@@ -71,10 +71,4 @@ def _plot(curves: dict[str, np.ndarray], L: int, path: pathlib.Path) -> None:
     for name, curve in curves.items():
         ax.plot(x, curve, label=name, ls="--" if name == "full" else "-")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("position inside segment (first segment skipped)")
-    ax.set_ylabel("mean loss")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, ax, "position inside segment (first segment skipped)", "mean loss", path)

@@ -232,3 +232,14 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, ax, xlabel: str, ylabel: str, path: pathlib.Path) -> None:
+    """The labels, legend and file handling every suite's line plot shares."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)

@@ -48,10 +48,4 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
         if full:
             ax.axhline(full[0], ls="--", color=line[0].get_color() if comp else None, label=f"{dataset} full")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression ratio")
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    common.save_figure(fig, ax, "compression ratio", "perplexity", path)
