@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 from gist_jax.bench.__main__ import main
@@ -24,7 +26,18 @@ def test_train_bench_compare_and_peer(tmp_path):
     assert out["decomposed_over_dense"] > 0
     assert out["peer"]["sdpa"]["ours_over_peer"] > 0
     assert json.loads(out_path.read_text())["results"][0]["variant"] == "fine_kv"
-    assert "tensorflow" not in sys.modules
+
+
+def test_bench_runs_without_tensorflow():
+    """In a fresh process (this worker may have imported tensorflow for the data tests): the GPU
+    machines have no tensorflow, so a benchmark run must never import it."""
+    code = ("import sys; from gist_jax.bench.__main__ import main; "
+            "main(['--model', 'tiny', '--seq', '64', '--segment', '16', '--ratio', '4', '--steps', '1']); "
+            "print('LOADED', [m for m in ('tensorflow', 'seqio') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOADED []" in result.stdout, result.stdout[-2000:]
 
 
 def test_sweep_table_and_plot(tmp_path, capsys):
