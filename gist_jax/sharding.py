@@ -79,6 +79,18 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str,
     return PartitionSpec(*out)
 
 
+def active_mesh_spec(logical_axes: Sequence[str | None],
+                     shape: Sequence[int]) -> tuple[Mesh, PartitionSpec] | None:
+    """(mesh, mesh spec) of an activation with these logical names inside ``activation_mesh``
+    (axes that do not divide a dimension dropped), or None outside it. For ``shard_map``
+    around kernels XLA cannot partition (Pallas calls)."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return None
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    return mesh, fit_spec(spec, shape, mesh.shape)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside ``activation_mesh``."""
     mesh = _ACTIVATION_MESH.get()

@@ -131,6 +131,49 @@ def test_sequential_memory_works_with_any_layer_layout(layers):
         np.testing.assert_allclose(logits[:, layout.alive], reference[:, layout.alive], atol=1e-5)
 
 
+def test_recurrent_scan_remat_at_segment_boundaries():
+    """With a remat policy the recurrent scan's step is checkpointed (the backward's scan keeps
+    one gist memory per segment, not every activation) and gives the same values and gradients."""
+    from gist_jax.model.transformer import to_layout
+
+    comp = comp_config("recurrent", "coarse", sinks=2)
+    cfg, params = model(comp)
+    layout = build_layout(32, comp)
+    arrays, toks = layout_arrays(layout), tokens(2, 32)
+    weights = _loss_weights(layout, cfg.vocab_size)
+    cfg2 = cfg.replace(remat_policy="full")
+    params2 = to_layout(params, cfg2)
+
+    def loss(p, c):
+        return jnp.sum(compressed_logits(c, comp, layout.shape, p, toks, arrays) * weights)
+
+    ref, g_ref = jax.jit(jax.value_and_grad(lambda p: loss(p, cfg)))(params)
+    out, g_out = jax.jit(jax.value_and_grad(lambda p: loss(p, cfg2)))(params2)
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(to_layout(g_ref, cfg2))):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)
+
+    def eqns(jaxpr, name):  # every equation named ``name``, sub-jaxprs included
+        for e in jaxpr.eqns:
+            if e.primitive.name == name:
+                yield e
+            for sub in e.params.values():
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from eqns(inner, name)
+
+    def segment_scan_is_checkpointed(c, p):
+        """Some scan whose body is a checkpoint around the layer stack (a scan of its own):
+        the layer scan's own per-layer remat does not count."""
+        jaxpr = jax.make_jaxpr(lambda q: loss(q, c))(p).jaxpr
+        return any(any(True for _ in eqns(ck.params["jaxpr"], "scan"))
+                   for sc in eqns(jaxpr, "scan") for ck in sc.params["jaxpr"].jaxpr.eqns
+                   if ck.primitive.name in ("checkpoint", "remat2"))
+
+    assert segment_scan_is_checkpointed(cfg2, params2)
+    assert not segment_scan_is_checkpointed(cfg, params)
+
+
 @pytest.mark.parametrize("memory", ["kv", "recurrent"])
 def test_layer_kv_output_matches_the_sequential_memory(memory):
     """``kv_layer`` returns a layer's keys/values without changing the logits; for KV variants

@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 CORE = ["gist_jax.model.transformer", "gist_jax.gist.parallel", "gist_jax.gist.sequential",
-        "gist_jax.train.step", "gist_jax.train.plan", "gist_jax.train.loop", "gist_jax.flops", "gist_jax.hf.importer",
-        "gist_jax.hf.export", "gist_jax.tokenizer", "gist_jax.data.loader", "gist_jax.inference.decode",
-        "gist_jax.evaluate", "gist_jax.evaluate.perplexity", "gist_jax.evaluate.boundary", "gist_jax.evaluate.probes",
-        "gist_jax.evaluate.reconstruction", "gist_jax.gist.structured", "gist_jax.bench.train_bench",
-        "gist_jax.bench.sweep", "gist_jax.bench.decode_bench"]
+        "gist_jax.train.step", "gist_jax.train.plan", "gist_jax.train.loop", "gist_jax.flops",
+        "gist_jax.hf.importer", "gist_jax.hf.export", "gist_jax.tokenizer", "gist_jax.data.loader",
+        "gist_jax.inference.decode", "gist_jax.evaluate", "gist_jax.evaluate.perplexity",
+        "gist_jax.evaluate.boundary", "gist_jax.evaluate.probes",
+        "gist_jax.evaluate.reconstruction", "gist_jax.gist.structured", "gist_jax.gist.flash",
+        "gist_jax.gist.bank", "gist_jax.bench.train_bench", "gist_jax.bench.sweep",
+        "gist_jax.bench.decode_bench"]
 
 
 def test_core_imports_without_tensorflow_or_torch():

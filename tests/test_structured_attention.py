@@ -1,8 +1,7 @@
-"""The decomposed attention path against the dense-mask reference: values and gradients."""
+"""The structured attention paths (decomposed, flash, gist bank) against the dense-mask
+reference: values and gradients."""
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,16 +9,18 @@ import numpy as np
 import pytest
 from gist_helpers import comp_config, model, tokens
 
+from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
-from gist_jax.gist.specs import layout_arrays, parallel_spec
+from gist_jax.gist.parallel import compressed_logits, resolve_attention_impl
+from gist_jax.gist.specs import layout_arrays
 from gist_jax.gist.structured import merge_partials, partial_attention
 from gist_jax.model.attention import dot_product_attention
 from gist_jax.model.config import ConfigError
 
 
-def _dense_and_decomposed(comp, num_raw, per_segment_ratios=None, batch=2, **kwargs):
-    """Logits and parameter gradients of a random linear loss on live tokens, both paths."""
+def _dense_and_structured(comp, num_raw, per_segment_ratios=None, batch=2,
+                          impls=("decomposed", "flash"), **kwargs):
+    """Logits and parameter gradients of a random linear loss on live tokens, per path."""
     cfg, params = model(comp)
     toks = tokens(batch, num_raw, seed=num_raw)
     layout = build_layout(num_raw, comp, per_segment_ratios)
@@ -27,7 +28,7 @@ def _dense_and_decomposed(comp, num_raw, per_segment_ratios=None, batch=2, **kwa
     weights = jax.random.normal(jax.random.key(3), (batch, layout.length, cfg.vocab_size))
     weights = weights * jnp.asarray(layout.alive)[None, :, None]
     out = {}
-    for impl in ("dense", "decomposed"):
+    for impl in ("dense",) + tuple(impls):
         c = comp.replace(attention_impl=impl)
 
         def loss(p, c=c):
@@ -40,12 +41,14 @@ def _dense_and_decomposed(comp, num_raw, per_segment_ratios=None, batch=2, **kwa
 
 def _assert_equal(layout, out, what):
     (_, dense), g_dense = out["dense"]
-    (_, dec), g_dec = out["decomposed"]
     alive = layout.alive
-    np.testing.assert_allclose(dec[:, alive], dense[:, alive], atol=1e-5, rtol=0, err_msg=f"logits {what}")
-    for a, b in zip(jax.tree.leaves(g_dec), jax.tree.leaves(g_dense)):
-        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0,
-                                   err_msg=f"gradients {what}")
+    for impl in out.keys() - {"dense"}:
+        (_, dec), g_dec = out[impl]
+        np.testing.assert_allclose(dec[:, alive], dense[:, alive], atol=1e-5, rtol=0,
+                                   err_msg=f"{impl} logits {what}")
+        for a, b in zip(jax.tree.leaves(g_dec), jax.tree.leaves(g_dense)):
+            np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0,
+                                       err_msg=f"{impl} gradients {what}")
 
 
 # (granularity, positions, sinks, segment_length L, ratio r, segments): both schemes, fine and
@@ -64,7 +67,7 @@ CASES = [
 def test_decomposed_equals_dense(case):
     granularity, positions, sinks, seg_len, ratio, segments = case
     comp = comp_config("kv", granularity, positions, sinks, ratio=ratio, segment_length=seg_len)
-    layout, out = _dense_and_decomposed(comp, segments * seg_len)
+    layout, out = _dense_and_structured(comp, segments * seg_len)
     _assert_equal(layout, out, case)
 
 
@@ -73,7 +76,7 @@ def test_decomposed_dead_slots_padding_projections_per_slot():
     embeddings at once (L = 8, ratios 2/8/4, 4 sinks)."""
     comp = comp_config("kv", "fine", "aligned", sinks=4, ratio=2, pad_to_segments=True,
                        gist_projections=True, gist_embedding="per_slot")
-    layout, out = _dense_and_decomposed(comp, 21, per_segment_ratios=(2, 8, 4))
+    layout, out = _dense_and_structured(comp, 21, per_segment_ratios=(2, 8, 4))
     assert (~layout.alive).sum() > 0
     _assert_equal(layout, out, "per-segment ratios")
 
@@ -82,7 +85,7 @@ def test_decomposed_stop_gradient_and_kv_layer():
     """``stop_gist_memory_gradient`` holds the same memory fixed; ``kv_layer`` still returns the
     layer's keys and values."""
     comp = comp_config("kv", "fine", sinks=2, ratio=4)
-    layout, out = _dense_and_decomposed(comp, 24, batch=1, stop_gist_memory_gradient=True)
+    layout, out = _dense_and_structured(comp, 24, batch=1, stop_gist_memory_gradient=True)
     _assert_equal(layout, out, "stop_gist_memory_gradient")
     cfg, params = model(comp)
     arrays, toks = layout_arrays(layout), tokens(1, 24)
@@ -119,7 +122,7 @@ def _avals(jaxpr):
                     yield from _avals(inner)
 
 
-@pytest.mark.parametrize("impl,expect_square", [("dense", True), ("decomposed", False)])
+@pytest.mark.parametrize("impl,expect_square", [("dense", True), ("decomposed", False), ("flash", False)])
 def test_no_t_by_t_array_in_forward_or_backward(impl, expect_square):
     comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16, attention_impl=impl)
     cfg, params = model(comp.replace(attention_impl="dense"))
@@ -139,9 +142,15 @@ def test_no_t_by_t_array_in_forward_or_backward(impl, expect_square):
 def test_config_selects_and_rejects():
     assert comp_config("kv", "coarse").attention_impl == "dense"
     with pytest.raises(ConfigError, match="attention_impl"):
-        comp_config("kv", "fine", attention_impl="flash")
-    with pytest.raises(ConfigError, match="memory='kv'"):
-        comp_config("recurrent", "coarse", attention_impl="decomposed")
+        comp_config("kv", "fine", attention_impl="splash")
+    for impl in ("decomposed", "flash", "bank", "auto"):
+        with pytest.raises(ConfigError, match="memory='kv'"):
+            comp_config("recurrent", "coarse", attention_impl=impl)
+    with pytest.raises(ConfigError, match="positions='aligned'"):
+        comp_config("kv", "fine", "compressed", attention_impl="bank")
+    with pytest.raises(ConfigError, match="per_segment"):
+        CompressionConfig(memory="kv", ratios=(4, 8), ratio_sampling="per_segment",
+                          positions="aligned", attention_impl="bank")
 
 
 @pytest.mark.parametrize("layers", [dict(scan_layers=False, remat_policy="full")])
@@ -161,31 +170,107 @@ def test_decomposed_under_any_layer_layout_and_remat(layers):
     np.testing.assert_allclose(out[:, layout.alive], ref[:, layout.alive], atol=1e-5)
 
 
-@pytest.mark.parametrize("granularity,sinks,ratio", [("fine", 4, 4)])
-def test_gist_bank_splash_interpret_equals_dense(granularity, sinks, ratio):
-    """Gist bank (Splash, Pallas interpret mode on CPU) vs the dense masked attention, values
-    and gradients, aligned scheme (one position per key)."""
-    from gist_jax.gist.structured import gist_bank_attention, gist_bank_mask
+# -- flash (memory prefix + one causal call) and gist bank (Splash) ---------------------------
 
-    comp = comp_config("kv", granularity, "aligned", sinks, ratio=ratio, segment_length=32)
-    layout = build_layout(96, comp)
-    _, bank_mask = gist_bank_mask(layout)
-    assert bank_mask.shape == (128, 128)
-    spec = parallel_spec(layout_arrays(layout), comp, batch=1)
-    dense_mask = spec.mask | spec.memory_mask
-    keys = jax.random.split(jax.random.key(0), 3)
-    t = layout.length
-    q = jax.random.normal(keys[0], (1, t, 4, 16))
-    k = jax.random.normal(keys[1], (1, t, 2, 16))
-    v = jax.random.normal(keys[2], (1, t, 2, 16))
-    live = jnp.asarray(layout.alive)[None, :, None, None]
 
-    def loss(fn, q, k, v):
-        return jnp.sum(jnp.sin(fn(q, k, v)) * live)
+def test_flash_dead_slots_projections_per_slot():
+    """Per-segment ratios leave dead slots at segment tails; flash must still equal dense
+    (whole segments, so the flash path really runs: ``resolve_attention_impl`` keeps it)."""
+    comp = comp_config("kv", "fine", "compressed", sinks=3, ratio=2, gist_projections=True,
+                       gist_embedding="per_slot")
+    assert resolve_attention_impl("flash", whole_segments=True) == "flash"
+    layout, out = _dense_and_structured(comp, 32, per_segment_ratios=(2, 8, 4, 8), impls=("flash",))
+    assert (~layout.alive).sum() > 0
+    _assert_equal(layout, out, "flash, per-segment ratios")
 
-    bank = functools.partial(gist_bank_attention, layout=layout)
-    dense = lambda q, k, v: dot_product_attention(q, k, v, dense_mask)  # noqa: E731
-    np.testing.assert_allclose(bank(q, k, v), dense(q, k, v), atol=1e-5)
-    for a, b in zip(jax.grad(functools.partial(loss, bank), (0, 1, 2))(q, k, v),
-                    jax.grad(functools.partial(loss, dense), (0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+
+def test_flash_extended_rows_put_memory_in_front_of_each_segment():
+    """The index tables: segment i's rows are its c_i memory entries (live, earlier segments),
+    then its own tokens in order; outputs are read back from those rows."""
+    from gist_jax.gist.flash import PrefixCausalKV
+
+    comp = comp_config("kv", "coarse", sinks=2, ratio=4)
+    layout = build_layout(24, comp, (4, 8, 4))
+    arrays = layout_arrays(layout)
+    flash = PrefixCausalKV.from_arrays(arrays, layout.shape)
+    key_src, query_src, length, out_row = map(np.asarray, flash.extended_indices())
+    m, ts, e = layout.memory_size, layout.shape.segment_tokens, layout.memory_size + layout.shape.segment_tokens
+    live = np.asarray(arrays["buffer_live"])
+    for i in range(layout.num_segments):
+        c = length[i] - ts
+        owner = np.concatenate([np.zeros(2, int), np.repeat(np.arange(3), layout.slots)])
+        assert sorted(key_src[i, :c]) == list(np.nonzero(live & (owner < i))[0])
+        assert list(key_src[i, c:c + ts] - m) == list(range(i * ts, (i + 1) * ts))
+        assert list(query_src[i, c:c + ts]) == list(range(i * ts, (i + 1) * ts))
+        assert list(out_row[i * ts:(i + 1) * ts]) == list(range(i * e + c, i * e + c + ts))
+    assert list(length - ts) == [0, 2 + 2, 2 + 2 + 1]  # sinks, then 2 and 1 live gists
+
+
+@pytest.mark.parametrize("granularity,sinks,ratio,segments,seg_len",
+                         [("fine", 4, 4, 3, 16), ("fine", 0, 8, 2, 16), ("coarse", 3, 2, 4, 8),
+                          ("coarse", 0, 4, 1, 16)])
+def test_gist_bank_mask_function_is_the_layout_mask(granularity, sinks, ratio, segments, seg_len):
+    """The bank's arithmetic mask and permutation (no layout, no T x T host array) equal the
+    dense mask of the built layout in bank order; padding rows see only themselves."""
+    from gist_jax.gist.bank import GistBankKV, gist_bank_mask, gist_bank_permutation
+
+    comp = comp_config("kv", granularity, "aligned", sinks, ratio=ratio, segment_length=seg_len)
+    layout = build_layout(segments * seg_len, comp)
+    bank = GistBankKV.for_shape(layout.shape, comp, block=32)
+    t, tp = layout.length, bank.padded_length
+    np.testing.assert_array_equal(bank.permutation()[:t], gist_bank_permutation(layout))
+    assert (bank.permutation()[t:] == -1).all() and tp % 32 == 0
+    ids = np.arange(tp)
+    mask = bank.mask_function(ids[:, None], ids[None, :])
+    np.testing.assert_array_equal(mask[:t, :t], gist_bank_mask(layout))
+    np.testing.assert_array_equal(mask[t:], np.eye(tp, dtype=bool)[t:])
+    assert not mask[:t, t:].any()
+    jax_mask = bank.mask_function(jnp.asarray(ids)[:, None], jnp.asarray(ids)[None, :])
+    np.testing.assert_array_equal(np.asarray(jax_mask), mask)  # the in-kernel (jax) evaluation
+
+
+@pytest.mark.parametrize("granularity,sinks", [("fine", 4), ("coarse", 1)])
+def test_gist_bank_model_equals_dense(granularity, sinks):
+    """The whole model with attention_impl='bank' (Splash in Pallas interpret mode on CPU):
+    logits and parameter gradients equal the dense reference, aligned scheme."""
+    comp = comp_config("kv", granularity, "aligned", sinks, ratio=4, segment_length=16)
+    layout, out = _dense_and_structured(comp, 48, batch=1, impls=("bank",))
+    _assert_equal(layout, out, f"bank {granularity}")
+
+
+def test_resolve_attention_impl_on_this_backend():
+    cpu = jax.default_backend() == "cpu"
+    assert resolve_attention_impl("auto") == ("decomposed" if cpu else "flash")
+    assert resolve_attention_impl("auto", compute_dtype="float32") == "decomposed"
+    assert resolve_attention_impl("bank") == ("bank" if cpu else "flash")
+    assert resolve_attention_impl("flash", whole_segments=False) == "decomposed"
+    assert resolve_attention_impl("bank", whole_segments=False) == "decomposed"
+    assert resolve_attention_impl("dense", whole_segments=False) == "dense"
+
+
+def test_gist_bank_under_a_sharded_mesh():
+    """Inside the train step's activation mesh (data 2 x fsdp 2 x tensor 2 on 8 CPU devices) the
+    Splash kernel runs under shard_map over batch and heads, and still equals dense."""
+    from jax.sharding import Mesh
+
+    from gist_jax.sharding import MESH_AXES, activation_mesh
+
+    comp = comp_config("kv", "fine", "aligned", sinks=2, ratio=4, segment_length=16)
+    cfg, params = model(comp)
+    layout = build_layout(32, comp)
+    arrays, toks = layout_arrays(layout), tokens(4, 32)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), MESH_AXES)
+    weights = jax.random.normal(jax.random.key(3), (4, layout.length, cfg.vocab_size))
+    weights = weights * jnp.asarray(layout.alive)[None, :, None]
+
+    def loss(p, impl):
+        with activation_mesh(mesh):
+            logits = compressed_logits(cfg, comp.replace(attention_impl=impl), layout.shape, p, toks, arrays)
+        return jnp.sum(logits * weights)
+
+    assert "shard_map" in str(jax.make_jaxpr(lambda p: loss(p, "bank"))(params))
+    (ref, g_ref), (out, g_out) = (jax.jit(jax.value_and_grad(lambda p, i=i: loss(p, i)))(params)
+                                  for i in ("dense", "bank"))
+    np.testing.assert_allclose(out, ref, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)

@@ -3,7 +3,7 @@
 Examples::
 
     python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --ratio 8 --attention decomposed
-    python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --compare   # dense vs decomposed
+    python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --compare   # dense/decomposed/flash
     python -m gist_jax.bench --model tiny --sweep --contexts 1024 2048 4096 --plot sweep.png
     python -m gist_jax.bench --model tiny --seq 2048 --variant fine_kv --peer       # vs PyTorch
     python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --decode 256  # + decoding
@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from gist_jax.bench.train_bench import ATTENTION, VARIANTS, BenchSpec, format_result, run_train_bench
+from gist_jax.bench.train_bench import ATTENTION, COMPARE, VARIANTS, BenchSpec, format_result, run_train_bench
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=4096, help="raw tokens per sequence")
     p.add_argument("--variant", default="fine_kv", choices=sorted(VARIANTS))
     p.add_argument("--ratio", type=int, default=8)
-    p.add_argument("--attention", default="decomposed", choices=ATTENTION,
-                   help="KV variants' attention implementation")
+    p.add_argument("--attention", default="auto", choices=ATTENTION,
+                   help="KV variants' attention implementation (auto: flash on GPU, decomposed elsewhere)")
     p.add_argument("--segment", type=int, default=512, help="segment length L")
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--positions", default="compressed", choices=("compressed", "aligned"))
@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=None,
                    help="device peak FLOP/s for MFU (default: flops.PEAK_FLOPS_PER_DEVICE; none on CPU)")
     p.add_argument("--compare", action="store_true",
-                   help="run the KV variant with dense and decomposed attention; print the ratio")
+                   help="run the KV variant with dense, decomposed and flash attention; print the "
+                        "ratios to dense")
     p.add_argument("--sweep", action="store_true", help="sweep --contexts x --variants")
     p.add_argument("--contexts", type=int, nargs="*", default=[4096, 8192, 16384, 32768])
     p.add_argument("--variants", nargs="*", default=["full", "fine_kv", "coarse_kv"],
@@ -76,16 +77,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out["sweep"] = run_sweep(args, spec_from_args)
     else:
         results = []
-        impls = ATTENTION if args.compare else (args.attention,)
+        impls = COMPARE if args.compare else (args.attention,)
         for impl in impls:
             r = run_train_bench(spec_from_args(args, attention=impl), args.peak_flops)
             print(format_result(r), flush=True)
             results.append(r)
         out["results"] = results
         if args.compare:
-            out["decomposed_over_dense"] = results[1]["tokens_per_s"] / results[0]["tokens_per_s"]
-            print(f"decomposed / dense tokens/s: {out['decomposed_over_dense']:.2f}x; peak memory "
-                  f"{_ratio(results[1]['peak_bytes'], results[0]['peak_bytes'])}")
+            dense = results[0]
+            for impl, r in zip(impls[1:], results[1:]):
+                out[f"{impl}_over_dense"] = r["tokens_per_s"] / dense["tokens_per_s"]
+                print(f"{impl} ({r['attention']}) / dense tokens/s: {out[f'{impl}_over_dense']:.2f}x; "
+                      f"peak memory {_ratio(r['peak_bytes'], dense['peak_bytes'])}")
         if args.decode:
             from gist_jax.bench.decode_bench import format_decode, run_decode_bench
 

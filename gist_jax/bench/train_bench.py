@@ -34,6 +34,7 @@ import numpy as np
 from gist_jax import flops
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
+from gist_jax.gist.parallel import resolve_attention_impl
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train.config import MeshConfig, OptimizerConfig, StepConfig
@@ -47,7 +48,8 @@ VARIANTS = {  # name -> (memory, granularity)
     "coarse_kv": ("kv", "coarse"),
     "coarse_rec": ("recurrent", "coarse"),
 }
-ATTENTION = ("dense", "decomposed")
+ATTENTION = ("dense", "decomposed", "flash", "bank", "auto")
+COMPARE = ("dense", "decomposed", "flash")  # --compare (bank: TPU only, interpret mode elsewhere)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ class BenchSpec:
     seq: int = 4096
     variant: str = "fine_kv"
     ratio: int = 8
-    attention: str = "decomposed"
+    attention: str = "auto"
     segment: int = 512
     sinks: int = 4
     positions: str = "compressed"
@@ -91,7 +93,11 @@ class BenchSpec:
 
     @property
     def attention_used(self) -> str:
-        return self.attention if VARIANTS[self.variant][0] == "kv" else "n/a"
+        """The implementation that runs on this backend (``auto``/``bank`` resolved)."""
+        if VARIANTS[self.variant][0] != "kv":
+            return "n/a"
+        return resolve_attention_impl(self.attention, self.seq % min(self.segment, self.seq) == 0,
+                                      self.model_config().dtype)
 
 
 def _memory_bytes(compiled: Any) -> dict[str, int | None]:
@@ -165,8 +171,11 @@ def _cpu_model() -> str:
 
 
 def format_result(r: dict[str, Any]) -> str:
-    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f} MiB"
+    if "step_s" not in r:  # --steps 0: compiled, not run
+        return (f"{r['model']} {r['variant']} attention={r['attention']} seq={r['seq']} "
+                f"L={r['segment']}: compile {r['compile_s']:.1f} s, peak {peak} (compile only)")
+    mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
     return (f"{r['model']} {r['variant']} attention={r['attention']} seq={r['seq']} "
             f"r={r['ratio']} L={r['segment']} batch={r['batch']}: {r['tokens_per_s']:,.0f} tok/s, "
             f"step {1e3 * r['step_s']:.1f} ms (median of {r['steps']}), compile {r['compile_s']:.1f} s, "

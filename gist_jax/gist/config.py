@@ -18,7 +18,7 @@ RATIO_SAMPLING = ("fixed", "per_instance", "per_segment")
 POSITIONS = ("compressed", "aligned")
 GIST_EMBEDDING = ("shared", "per_slot")
 TRAINABLE = ("all", "gist_only")
-ATTENTION_IMPL = ("dense", "decomposed")
+ATTENTION_IMPL = ("dense", "decomposed", "flash", "bank", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +44,15 @@ class CompressionConfig:
                      earlier segments (AutoCompressors: 2); 0 = unlimited.
     pad_to_segments: accept sequence lengths that are not a whole number of segments by
                      padding the last segment (padding carries no loss).
-    attention_impl:  KV variants' parallel (training) pass: ``dense`` (reference masks, a
-                     T x 2T score matrix per head) or ``decomposed`` (segment-local causal
-                     attention + gist-memory attention merged by log-sum-exp, no T x T matrix;
-                     same values and gradients, ``gist/structured.py``).
+    attention_impl:  KV variants' parallel (training) pass, all with the same values and
+                     gradients (docs/performance.md): ``dense`` (reference masks, a T x 2T
+                     score matrix per head); ``decomposed`` (segment-local causal attention +
+                     gist-memory attention merged by log-sum-exp, no T x T matrix,
+                     ``gist/structured.py``); ``flash`` (memory laid in front of each segment,
+                     one causal ``jax.nn.dot_product_attention`` call: cuDNN on NVIDIA GPUs,
+                     ``gist/flash.py``); ``bank`` (gists-first permutation, one block-sparse
+                     Splash kernel on TPU; aligned positions, one ratio per step,
+                     ``gist/bank.py``); ``auto`` (``flash`` on GPU in bf16/fp16, else ``decomposed``).
     """
 
     memory: str = "kv"
@@ -109,12 +114,22 @@ def validate(c: CompressionConfig) -> None:
     _one_of("gist_embedding", c.gist_embedding, GIST_EMBEDDING)
     _one_of("trainable", c.trainable, TRAINABLE)
     _one_of("attention_impl", c.attention_impl, ATTENTION_IMPL)
-    if c.attention_impl == "decomposed" and c.memory != "kv":
+    if c.attention_impl != "dense" and c.memory != "kv":
         raise ConfigError(
-            f"compression.attention_impl='decomposed' applies to memory='kv' (Fine-KV, Coarse-KV); "
-            f"memory={c.memory!r} has no gist-memory attention to decompose "
+            f"compression.attention_impl={c.attention_impl!r} applies to memory='kv' (Fine-KV, "
+            f"Coarse-KV); memory={c.memory!r} has no gist-memory attention to restructure "
             "(recurrent runs a segment scan, none is plain causal attention): set "
             "attention_impl='dense'")
+    if c.attention_impl == "bank" and c.positions != "aligned":
+        raise ConfigError(
+            "compression.attention_impl='bank' is exact only when every key has one position: "
+            f"set compression.positions='aligned' (got {c.positions!r}), or use "
+            "attention_impl='decomposed'/'flash', which handle both schemes")
+    if c.attention_impl == "bank" and c.ratio_sampling == "per_segment":
+        raise ConfigError(
+            "compression.attention_impl='bank' needs every gist slot live (one ratio per step); "
+            "compression.ratio_sampling='per_segment' leaves dead slots: use 'per_instance' or "
+            "attention_impl='decomposed'/'flash'")
     if c.memory == "recurrent" and c.granularity == "fine":
         raise ConfigError(
             "compression.granularity='fine' with compression.memory='recurrent' is not supported "

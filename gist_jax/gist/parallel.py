@@ -11,31 +11,59 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gist_jax.gist.bank import GistBankKV
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.structured import decomposed_spec
-from gist_jax.gist.specs import (LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec,
-                                 raw_embed_inputs)
+from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
+from gist_jax.gist.structured import DecomposedKV, structured_spec
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Decoder, Params, collect_kv
+
+
+def resolve_attention_impl(impl: str, whole_segments: bool = True,
+                           compute_dtype: str = "bfloat16") -> str:
+    """The implementation a KV pass runs, decided at trace time from the backend: ``auto`` is
+    ``flash`` on GPU with a bf16/fp16 compute dtype (where cuDNN runs it) and ``decomposed``
+    otherwise; ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash``
+    and ``bank`` need whole segments (a padded segment has dead raw tokens before live
+    gists); a padded call runs ``decomposed``, which is exact for every layout."""
+    on_gpu = jax.default_backend() == "gpu"
+    if impl == "auto":
+        half = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
+        impl = "flash" if on_gpu and half else "decomposed"
+    if impl == "bank" and on_gpu:
+        impl = "flash"
+    if impl in ("flash", "bank") and not whole_segments:
+        impl = "decomposed"
+    return impl
 
 
 def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
                 tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                 raw_embeds_BxNxE: jax.Array | None = None,
                 stop_gist_memory_gradient: bool = False, kv_layer: int | None = None):
-    """Fine-KV / Coarse-KV in one pass: the dense reference masks, or with
-    ``comp.attention_impl == "decomposed"`` segment-local + gist-memory attention merged by
-    log-sum-exp (``structured.py``; equal values and gradients, no T x T score matrix).
+    """Fine-KV / Coarse-KV in one pass: the dense reference masks, or a structured path
+    chosen by ``comp.attention_impl`` (``resolve_attention_impl``; decomposed
+    ``structured.py``, flash ``flash.py``, bank ``bank.py``): equal values and gradients, no
+    T x T score matrix.
 
     With ``kv_layer`` set, also returns that layer's un-rotated (k, v) ``[B, T, K, H]`` for
     every layout token (the autoencoding objective reads the gists' entries)."""
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
-    if comp.attention_impl == "decomposed":
-        spec = decomposed_spec(arrays, shape, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
-    else:
+    impl = resolve_attention_impl(comp.attention_impl, tokens_BxN.shape[1] == shape.padded_raw,
+                                  cfg.dtype)
+    if impl == "dense":
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
+    else:
+        if impl == "decomposed":
+            structure = DecomposedKV.from_arrays(arrays, shape)
+        elif impl == "flash":
+            structure = PrefixCausalKV.from_arrays(arrays, shape)
+        else:
+            structure = GistBankKV.for_shape(shape, comp)
+        spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:
         return Decoder(cfg).apply({"params": params}, tokens_BxT, spec, **kwargs)
@@ -53,7 +81,8 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
 
     Step i runs ``[sinks | memory buffer | segment i raw + gists]`` causally; memory slots of
     segments >= i are masked out, so one compiled step serves every segment. Gradients reach
-    at most ``comp.bptt_segments`` segments back through the memory (0: all).
+    at most ``comp.bptt_segments`` segments back through the memory (0: all). With any
+    ``cfg.remat_policy`` but ``none`` the step is also rematerialised at segment boundaries.
     """
     b = tokens_BxN.shape[0]
     s, slots, seg_len, nseg = shape.num_sinks, shape.slots, shape.segment_length, shape.num_segments
@@ -129,6 +158,11 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
     def layout_order(x_SxBxTs):  # [S, B, Ts, ...] -> [B, T, ...]
         return x_SxBxTs.swapaxes(0, 1).reshape((b, shape.length) + x_SxBxTs.shape[3:])
 
+    if cfg.remat_policy != "none":
+        # Remat at segment boundaries: the backward keeps each segment's incoming gist memory
+        # and recomputes the segment (whose layers remat by the model's own policy), instead of
+        # holding every segment's activations at once.
+        step = jax.checkpoint(step)
     memory0 = jnp.zeros((b, mem, cfg.hidden_size), cfg.compute_dtype)
     _, (logits_SxBxTsxV, layer_kv) = jax.lax.scan(step, memory0, xs)
     logits = layout_order(logits_SxBxTsxV)

@@ -30,20 +30,21 @@ in-segment position, the memory part at its memory position, as the dense mask p
 Selected by ``CompressionConfig.attention_impl = "decomposed"`` (``parallel.kv_parallel``);
 the dense path stays the reference (``tests/test_structured_attention.py``). Queries whose
 every key is masked (never a live token) get 0 here and a uniform average in the dense path;
-nothing live reads them. On GPU, part (a) is where ``jax.nn.dot_product_attention(...,
-implementation="cudnn", is_causal=True)`` would slot in, but only with a backward that accepts
-the log-sum-exp cotangent the merge needs; not wired (no GPU to verify it on).
+nothing live reads them. cuDNN's fused attention cannot serve part (a) here: its backward
+ignores the log-sum-exp cotangent the merge needs. ``flash.py`` lays each segment out so that
+one causal call needs no merge; that is the GPU path (``attention_impl="flash"``/``"auto"``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import GistLayout, LayoutShape
+from gist_jax.gist.layout import LayoutShape
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 
@@ -118,6 +119,27 @@ class DecomposedKV:
         return cls(memory_token_M, arrays["buffer_position"], arrays["buffer_live"],
                    shape.num_segments, shape.segment_tokens, shape.num_sinks, shape.slots)
 
+    def key_segment(self) -> jax.Array:
+        """[M] segment that owns buffer entry m (sinks: 0); segment i sees entries owned by
+        segments < i."""
+        return jnp.concatenate([jnp.zeros(self.num_sinks, jnp.int32),
+                                jnp.repeat(jnp.arange(self.num_segments, dtype=jnp.int32), self.slots)])
+
+    def memory_kv(self, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, spec: AttentionSpec,
+                  inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The memory buffer's keys and values [B, M, K, H], keys rotated at their memory
+        positions, gist entries held fixed under ``stop_gist_memory_gradient``."""
+        b = k_BxTxKxH.shape[0]
+        k_mem_BxMxKxH = jnp.take(k_BxTxKxH, self.memory_token_M, axis=1)
+        v_mem_BxMxKxH = jnp.take(v_BxTxKxH, self.memory_token_M, axis=1)
+        pos_BxM = jnp.broadcast_to(self.memory_position_M, (b, self.memory_token_M.shape[0]))
+        k_mem_BxMxKxH = apply_rope(k_mem_BxMxKxH, pos_BxM, inv_freq)
+        if spec.stop_gist_memory_gradient:  # every entry after the sinks is a gist
+            hold_M = (jnp.arange(k_mem_BxMxKxH.shape[1]) >= self.num_sinks)[None, :, None, None]
+            k_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(k_mem_BxMxKxH), k_mem_BxMxKxH)
+            v_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(v_mem_BxMxKxH), v_mem_BxMxKxH)
+        return k_mem_BxMxKxH, v_mem_BxMxKxH
+
     def _memory_scan(self, q_BxTxNxH: jax.Array, k_mem_BxMxKxH: jax.Array,
                      v_mem_BxMxKxH: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Segments 1..S-1 against the whole buffer, masked to entries of earlier segments, in a
@@ -126,8 +148,7 @@ class DecomposedKV:
         staircase's memory FLOPs (masked entries are computed)."""
         b, t, n, h = q_BxTxNxH.shape
         s, ts = self.num_segments, self.segment_tokens
-        key_segment_M = jnp.concatenate([jnp.zeros(self.num_sinks, jnp.int32),
-                                         jnp.repeat(jnp.arange(s, dtype=jnp.int32), self.slots)])
+        key_segment_M = self.key_segment()
         q_SxBxTsxNxH = q_BxTxNxH.reshape(b, s, ts, n, h).swapaxes(0, 1)[1:]
 
         @jax.checkpoint
@@ -166,14 +187,7 @@ class DecomposedKV:
             return out_loc_BxTxNxH.astype(v_BxTxKxH.dtype)
 
         # (b) memory: keys gathered once, rotated at their memory positions.
-        k_mem_BxMxKxH = jnp.take(k_BxTxKxH, self.memory_token_M, axis=1)
-        v_mem_BxMxKxH = jnp.take(v_BxTxKxH, self.memory_token_M, axis=1)
-        pos_BxM = jnp.broadcast_to(self.memory_position_M, (b, self.memory_token_M.shape[0]))
-        k_mem_BxMxKxH = apply_rope(k_mem_BxMxKxH, pos_BxM, inv_freq)
-        if spec.stop_gist_memory_gradient:  # every entry after the sinks is a gist
-            hold_M = (jnp.arange(k_mem_BxMxKxH.shape[1]) >= self.num_sinks)[None, :, None, None]
-            k_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(k_mem_BxMxKxH), k_mem_BxMxKxH)
-            v_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(v_mem_BxMxKxH), v_mem_BxMxKxH)
+        k_mem_BxMxKxH, v_mem_BxMxKxH = self.memory_kv(k_BxTxKxH, v_BxTxKxH, spec, inv_freq)
         outs = [jnp.zeros((b, ts, n, h), jnp.float32)]
         lses = [jnp.full((b, ts, n), NEG, jnp.float32)]
         out_S, lse_S = self._memory_scan(q_BxTxNxH, k_mem_BxMxKxH, v_mem_BxMxKxH)
@@ -184,9 +198,10 @@ class DecomposedKV:
         return out.astype(v_BxTxKxH.dtype)
 
 
-def decomposed_spec(arrays: dict[str, jax.Array], shape: LayoutShape, comp: CompressionConfig,
-                    batch: int, stop_gist_memory_gradient: bool = False) -> AttentionSpec:
-    """The ``parallel_spec`` of the decomposed path: per-token arrays and ``DecomposedKV``,
+def structured_spec(arrays: dict[str, jax.Array], comp: CompressionConfig, batch: int,
+                    structure: Any, stop_gist_memory_gradient: bool = False) -> AttentionSpec:
+    """The ``parallel_spec`` of a structured path: per-token arrays and ``structure`` (an
+    object with ``attend``: ``DecomposedKV``, ``flash.PrefixCausalKV``, ``bank.GistBankKV``),
     no masks (``valid`` carries the live tokens; ``mask``/``memory_mask`` stay None)."""
     from gist_jax.gist.specs import embedding_rows
 
@@ -198,69 +213,5 @@ def decomposed_spec(arrays: dict[str, jax.Array], shape: LayoutShape, comp: Comp
         memory_positions=per_batch(arrays["memory_position"]),
         is_gist=per_batch(arrays["is_gist"]),
         gist_slot=per_batch(embedding_rows(arrays["gist_slot"], comp)),
-        structure=DecomposedKV.from_arrays(arrays, shape),
+        structure=structure,
         stop_gist_memory_gradient=stop_gist_memory_gradient)
-
-
-# --- Gist bank: one block-sparse kernel over a permuted sequence (Pallas Splash) -------------
-#
-# Permuting every example to [all gist slots, segment-major | all raw tokens] makes the gist
-# mask a few contiguous block patterns (gist x gist and raw x gist staircases, raw x raw block
-# diagonal plus the sink columns), which a block-skipping kernel exploits. Attention is
-# permutation-invariant given each key's position, so this is exact when every key has one
-# position: the aligned scheme (and ``compressed`` with one segment). TPU only in production;
-# on CPU it runs in Pallas interpret mode, for correctness. Not wired into the model: the
-# attention-level function below is what a TPU ``attention_impl="bank"`` would call.
-
-
-def gist_bank_permutation(layout: GistLayout) -> np.ndarray:
-    """Layout index of every bank position: gist slots in layout order, then raw tokens."""
-    return np.concatenate([np.nonzero(layout.is_gist)[0], np.nonzero(~layout.is_gist)[0]])
-
-
-def gist_bank_mask(layout: GistLayout, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(permutation padded to a multiple of ``block``, [Tp, Tp] bool mask in bank order).
-
-    Host numpy, O(T^2) (a ``NumpyMask`` for Splash; a TPU run at 32K would use a computable
-    mask class instead). Padding rows see only themselves so no row is empty."""
-    seg, alive, t = layout.segment, layout.alive, layout.length
-    idx = np.arange(t)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None]) & alive[None, :]
-    memory_key = (layout.is_gist & layout.alive) | layout.is_sink
-    allowed |= (seg[None, :] < seg[:, None]) & memory_key[None, :]
-    perm = gist_bank_permutation(layout)
-    tp = -(-t // block) * block
-    mask = np.eye(tp, dtype=bool)
-    mask[:t, :t] = allowed[perm][:, perm]
-    return np.concatenate([perm, np.full(tp - t, -1)]), mask
-
-
-def gist_bank_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
-                        layout: GistLayout, *, block: int = 128, interpret: bool | None = None) -> jax.Array:
-    """Attention of the dense gist mask via Splash over the bank order; q and k already rotated
-    (one position per key). Returns [B, T, N, H] in layout order. ``interpret`` defaults to
-    True off TPU."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    b, t, n, h = q_BxTxNxH.shape
-    groups = n // k_BxTxKxH.shape[2]
-    perm, mask = gist_bank_mask(layout, block)
-    if interpret is None:
-        interpret = jax.devices()[0].platform != "tpu"
-    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                 block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.NumpyMask(mask)] * n),
-                                block_sizes=sk.BlockSizes(**sizes), head_shards=1,
-                                q_seq_shards=1, interpret=interpret)
-    take = jnp.asarray(np.maximum(perm, 0))
-
-    def to_bank(x_BxTxNxH):  # [B, T, N, H] -> [B, N, Tp, H] (padding rows copy token 0)
-        return jnp.take(x_BxTxNxH, take, axis=1).transpose(0, 2, 1, 3)
-
-    q = to_bank(q_BxTxNxH * (h ** -0.5))
-    k = to_bank(jnp.repeat(k_BxTxKxH, groups, axis=2))
-    v = to_bank(jnp.repeat(v_BxTxKxH, groups, axis=2))
-    out_BxNxTpxH = jax.vmap(kernel)(q, k, v)
-    inverse = np.argsort(perm[:t])
-    return out_BxNxTpxH[:, :, :t][:, :, inverse].transpose(0, 2, 1, 3)

@@ -157,6 +157,12 @@ PRESETS: dict[str, ModelConfig] = {
         rope_theta=100000.0, max_position_embeddings=8192, tie_embeddings=True,
         bos_token_id=1, eos_token_id=2,
     ),
+    # The performance issue's 1B-class benchmark model (no pretrained weights: random init).
+    "bench_1b": ModelConfig(
+        family="llama", vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=65536, bos_token_id=1, eos_token_id=2,
+    ),
     "llama3_8b": ModelConfig(
         family="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
