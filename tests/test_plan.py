@@ -40,3 +40,20 @@ def test_llama3_8b_at_16k_is_planned_without_allocating():
     step = StepConfig(batch_size=64, seq_len=16384, mesh=MeshConfig(1, 64, 1))
     result = plan.plan(plan.preset("llama3_8b"), comp_config("kv", "fine", segment_length=2048), step, 64)
     assert 0.4 * 2**30 < result["params"] < 0.6 * 2**30  # 8B fp32 / 64 devices
+
+
+def test_attention_scores_follow_the_implementation():
+    """Per row (sequence x head), float32: L = 8, r = 4, 2 sinks, 32 tokens -> S = 4 segments of
+    Ts = 10 layout tokens, T = 40, memory M = 2 + 4 x 2 = 10, flash rows E = M + Ts = 20."""
+    def per_row(impl, backend, positions="compressed"):
+        comp = comp_config("kv", "fine", positions, sinks=2, attention_impl=impl)
+        return plan.attention_score_bytes(comp, 32, 1, backend) // 4
+
+    assert per_row("dense", "gpu") == 40 * 80
+    assert per_row("decomposed", "gpu") == 4 * 10 * 10 + 10 * 10
+    assert per_row("flash", "gpu") == 4 * 20 and per_row("auto", "gpu") == 4 * 20
+    assert per_row("flash", "cpu") == 4 * 20 * 20
+    assert per_row("auto", "tpu") == per_row("decomposed", "tpu")
+    assert per_row("bank", "tpu", "aligned") == 2 * 40
+    assert per_row("bank", "gpu", "aligned") == per_row("flash", "gpu")
+    assert plan.attention_score_bytes(comp_config("none", "fine"), 32, 3) == 3 * 32 * 32 * 4

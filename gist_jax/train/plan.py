@@ -9,8 +9,9 @@ step uses, Adam moments for trainable leaves, the gradient accumulator, the froz
 reference) and estimated for activations:
 
   saved per layer  = tokens_per_device * hidden * bytes(dtype) * saved_factor(remat policy)
-  attention scores = microbatch_per_device * heads_per_device * T * K * 4   (dense reference:
-                     T layout tokens x K keys, K = 2T for compressed positions, T otherwise)
+  attention scores = microbatch_per_device * heads_per_device * (largest score tensor of the
+                     attention implementation, ``attention_score_bytes``: T x 2T for the dense
+                     reference, S x Ts^2 + Ts x M decomposed, O(T) for cuDNN flash / Splash)
   logits           = tokens_per_device * vocab_per_device * 4 * 2          (logits + log-softmax)
 
 ``--compile`` (small configs, mesh <= local devices) also lowers and compiles the real step on
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import ATTENTION_IMPL, CompressionConfig
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.model.config import ModelConfig, preset
@@ -61,8 +62,35 @@ def _tree_bytes(abstract: Any, logical: Any, sizes: dict[str, int], select: Any 
     return sum(_shard_bytes(x.shape, x.dtype, s, sizes) for x, s, k in zip(leaves, specs, keep) if k)
 
 
-def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int) -> dict[str, float]:
-    """Per-device bytes by category (and the total)."""
+def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, backend: str = "gpu") -> int:
+    """float32 bytes of the largest per-layer score tensor the attention implementation holds
+    (``rows`` = sequences x heads per device), for ``comp.attention_impl`` as it resolves on
+    ``backend`` (``parallel.resolve_attention_impl``):
+
+      dense       T x K per row (K = 2T with compression: every token also as memory)
+      decomposed  S segments x Ts^2 (local, all at once) + Ts x M (one memory step of the scan)
+      flash       cuDNN (gpu): S x E softmax statistics, E = M + Ts; XLA: S x E^2
+      bank        Splash (tpu): T softmax statistics (x2)
+    """
+    if not comp.enabled:
+        return rows * seq_len * seq_len * 4
+    shape = build_layout(seq_len, comp).shape
+    t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
+    impl = comp.attention_impl
+    if impl == "auto":
+        impl = "flash" if backend == "gpu" else "decomposed"
+    if impl == "bank" and backend == "gpu":
+        impl = "flash"
+    if impl == "bank" and backend != "tpu":  # Pallas interpret mode: plain XLA arrays per block
+        impl = "dense"
+    per_row = {"dense": t * 2 * t, "decomposed": s * ts * ts + ts * m, "bank": 2 * t,
+               "flash": s * (m + ts) * (1 if backend == "gpu" else m + ts)}[impl]
+    return rows * per_row * 4
+
+
+def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
+         backend: str = "gpu") -> dict[str, float]:
+    """Per-device bytes by category (and the total); attention as it runs on ``backend``."""
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     cfg = model_config_for(base, comp)
     abstract = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
@@ -86,9 +114,8 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     act_bytes = np.dtype(cfg.dtype).itemsize
     saved = SAVED_VECTORS_PER_LAYER.get(cfg.remat_policy, 34.0)
     out["activations_saved"] = cfg.num_layers * tokens * cfg.hidden_size * act_bytes * saved
-    keys = 2 * layout_len if comp.enabled else layout_len
     heads = cfg.num_heads // sizes["tensor"] if cfg.num_heads % sizes["tensor"] == 0 else cfg.num_heads
-    out["attention_scores"] = micro_per_device * heads * layout_len * keys * 4
+    out["attention_scores"] = attention_score_bytes(comp, step.seq_len, micro_per_device * heads, backend)
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
     out["logits"] = tokens * vocab * 4 * 2
     out["total"] = sum(out.values())
@@ -112,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=None, help="device count (default: product of --mesh)")
     p.add_argument("--memory", default="kv", choices=["kv", "recurrent", "none"])
     p.add_argument("--granularity", default="fine", choices=["fine", "coarse"])
+    p.add_argument("--positions", default="compressed", choices=["compressed", "aligned"])
+    p.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPL),
+                   help="compression.attention_impl (KV variants; others use dense)")
+    p.add_argument("--backend", default="gpu", choices=["gpu", "tpu", "cpu"],
+                   help="where the run will be: decides what auto/flash/bank hold")
     p.add_argument("--segment", type=int, default=2048)
     p.add_argument("--ratio", type=int, default=4)
     p.add_argument("--tie", action="store_true")
@@ -125,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     devices = args.devices or math.prod(v for v in mesh_cfg.sizes().values() if v > 0)
     base = preset(args.model, remat_policy=args.remat)
     comp = CompressionConfig(memory=args.memory, granularity=args.granularity, segment_length=args.segment,
-                             ratios=(args.ratio,), ratio_sampling="fixed")
+                             ratios=(args.ratio,), ratio_sampling="fixed", positions=args.positions,
+                             attention_impl=args.attention if args.memory == "kv" else "dense")
     step = StepConfig(batch_size=args.batch, seq_len=args.seq, microbatches=args.microbatches, mesh=mesh_cfg,
                       objective=ObjectiveConfig(tie=args.tie, ae=args.ae))
-    result = plan(base, comp, step, devices)
+    result = plan(base, comp, step, devices, args.backend)
     gib = 2 ** 30
     print(f"{args.model}, {args.seq} tokens x {args.batch} sequences, mesh {resolve_mesh_shape(mesh_cfg, devices)}, "
-          f"{args.memory}/{args.granularity} r={args.ratio}, remat={args.remat}")
+          f"{args.memory}/{args.granularity} r={args.ratio}, remat={args.remat}, "
+          f"attention={comp.attention_impl} on {args.backend}")
     for key, value in result.items():
         print(f"  {key:>18}: {value / gib:9.2f} GiB per device")
     verdict = "fits" if result["total"] <= args.device_gib * gib else "does NOT fit"
