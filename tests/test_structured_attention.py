@@ -146,6 +146,10 @@ def test_config_selects_and_rejects():
     for impl in ("decomposed", "flash", "bank", "auto"):
         with pytest.raises(ConfigError, match="memory='kv'"):
             comp_config("recurrent", "coarse", attention_impl=impl)
+    for impl in ("decomposed", "flash", "bank", "auto"):  # the baseline the evaluations build
+        base = comp_config("kv", "fine", "aligned", attention_impl=impl, trainable="gist_only").full_attention()
+        assert (base.memory, base.attention_impl, base.trainable) == ("none", "dense", "all")
+    assert comp_config("recurrent", "coarse", bptt_segments=2).full_attention().bptt_segments == 0
     with pytest.raises(ConfigError, match="positions='aligned'"):
         comp_config("kv", "fine", "compressed", attention_impl="bank")
     with pytest.raises(ConfigError, match="per_segment"):

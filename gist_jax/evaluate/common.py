@@ -85,7 +85,7 @@ class Setting:
 
 def settings(ck: Checkpoint, ratios: Sequence[int] | None = None) -> list[Setting]:
     """Full attention plus every ratio the checkpoint trained (or ``ratios``)."""
-    none = ck.comp.replace(memory="none", trainable="all", bptt_segments=0)
+    none = ck.comp.full_attention()
     out = [Setting("full", None, model_config_for(ck.cfg, none), none)]
     if ck.comp.enabled:
         for r in (ck.comp.ratios if ratios is None else ratios):

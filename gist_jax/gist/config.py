@@ -87,6 +87,11 @@ class CompressionConfig:
     def replace(self, **changes: Any) -> "CompressionConfig":
         return dataclasses.replace(self, **changes)
 
+    def full_attention(self) -> "CompressionConfig":
+        """This config's full-attention baseline (``memory='none'``), with the settings that
+        only apply to compression reset, so it is valid whatever this config trains."""
+        return self.replace(memory="none", trainable="all", bptt_segments=0, attention_impl="dense")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -65,8 +65,8 @@ class PerplexityEvaluator:
             return self._fns[name]
         comp, first = self.comp, self.first_target
         if ratios is None:
-            cfg = model_config_for(self.base_cfg, comp.replace(memory="none"))
-            none = comp.replace(memory="none")
+            none = comp.full_attention()
+            cfg = model_config_for(self.base_cfg, none)
 
             def loss(params, tokens, loss_mask, arrays):
                 logits = compressed_logits(cfg, none, None, strip_gist_params(params), tokens, arrays)
