@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import comp_config, model, tokens
+from gist_helpers import BASE, comp_config, model, tokens
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
@@ -278,3 +278,20 @@ def test_gist_bank_under_a_sharded_mesh():
     np.testing.assert_allclose(out, ref, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)
+
+
+@pytest.mark.parametrize("comp", [
+    comp_config("kv", "fine", sinks=2, attention_impl="flash", trainable="gist_only"),
+    comp_config("recurrent", "coarse", sinks=2, bptt_segments=1),
+], ids=["flash-gist_only", "recurrent-bptt"])
+def test_in_training_perplexity_builds_its_full_attention_baseline(comp):
+    """The evaluator's full-attention setting comes from ``comp.full_attention()``; with
+    ``replace(memory='none')`` these configs failed validation at the first eval."""
+    from gist_jax.train.evaluation import PerplexityEvaluator
+
+    cfg, params = model(comp)
+    toks = tokens(2, 32)
+    batch = {"tokens": toks, "loss_mask": jnp.ones(toks.shape, bool)}
+    out = PerplexityEvaluator(BASE, comp, 32, [batch])(params)
+    assert set(out) == {"eval/ppl_full", "eval/ppl_r4", "eval/tokens"}
+    assert all(np.isfinite(v) and v > 1 for v in out.values())
