@@ -52,6 +52,20 @@ def test_no_leak_raw_tokens_reach_later_segments_only_through_gists(memory, gran
     assert np.all(free[earlier[s:]] > 0), "earlier segments must reach later ones through gists"
 
 
+@pytest.mark.parametrize("impl", ["decomposed", "flash"])
+@pytest.mark.parametrize("granularity", ["fine", "coarse"])
+@pytest.mark.parametrize("positions", ["compressed", "aligned"])
+def test_no_leak_in_structured_attention(impl, granularity, positions):
+    """The same no-leak check on the structured KV paths (the gist bank's mask is checked in
+    tests/test_structured_attention.py: it has one view per key, so no held-memory switch)."""
+    comp = comp_config("kv", granularity, positions, sinks=2, ratio=4, attention_impl=impl)
+    L, s = comp.segment_length, comp.num_sinks
+    held = _raw_embedding_grads(comp, stop=True)
+    assert np.all(held[s:2 * L] == 0.0), "a raw token leaked past its segment"
+    assert np.all(held[:s] > 0) and np.all(held[2 * L:] > 0)
+    assert np.all(_raw_embedding_grads(comp, stop=False)[s:2 * L] > 0)
+
+
 @pytest.mark.parametrize("positions", ["compressed", "aligned"])
 def test_parallel_masks_never_connect_raw_tokens_across_segments(positions):
     for granularity in ("fine", "coarse"):

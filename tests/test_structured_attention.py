@@ -228,6 +228,11 @@ def test_gist_bank_mask_function_is_the_layout_mask(granularity, sinks, ratio, s
     mask = bank.mask_function(ids[:, None], ids[None, :])
     np.testing.assert_array_equal(mask[:t, :t], gist_bank_mask(layout))
     np.testing.assert_array_equal(mask[t:], np.eye(tp, dtype=bool)[t:])
+    # No leak, read off the arithmetic mask itself: a raw row never sees a raw row of an earlier
+    # segment unless that row is a sink.
+    seg, _, gist, sink = bank._rows(ids[:t])
+    raw_leak = (~gist[:, None] & ~gist[None, :] & (seg[None, :] < seg[:, None]) & ~sink[None, :])
+    assert not (mask[:t, :t] & raw_leak).any() and (mask[:t, :t] & sink[None, :]).any() == (sinks > 0)
     assert not mask[:t, t:].any()
     jax_mask = bank.mask_function(jnp.asarray(ids)[:, None], jnp.asarray(ids)[None, :])
     np.testing.assert_array_equal(np.asarray(jax_mask), mask)  # the in-kernel (jax) evaluation

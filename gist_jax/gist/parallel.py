@@ -54,6 +54,8 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
     impl = resolve_attention_impl(comp.attention_impl, tokens_BxN.shape[1] == shape.padded_raw,
                                   cfg.dtype)
+    if impl == "bank" and stop_gist_memory_gradient:
+        impl = "decomposed"  # the bank has one view of each gist key; this needs two
     if impl == "dense":
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
