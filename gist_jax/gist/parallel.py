@@ -23,13 +23,14 @@ from gist_jax.model.transformer import Decoder, Params, collect_kv
 
 
 def resolve_attention_impl(impl: str, whole_segments: bool = True,
-                           compute_dtype: str = "bfloat16") -> str:
-    """The implementation a KV pass runs, decided at trace time from the backend: ``auto`` is
-    ``flash`` on GPU with a bf16/fp16 compute dtype (where cuDNN runs it) and ``decomposed``
-    otherwise; ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash``
-    and ``bank`` need whole segments (a padded segment has dead raw tokens before live
-    gists); a padded call runs ``decomposed``, which is exact for every layout."""
-    on_gpu = jax.default_backend() == "gpu"
+                           compute_dtype: str = "bfloat16", backend: str | None = None) -> str:
+    """The implementation a KV pass runs, decided at trace time from the backend (default:
+    this process's; the memory planner passes the target's): ``auto`` is ``flash`` on GPU
+    with a bf16/fp16 compute dtype (where cuDNN runs it) and ``decomposed`` otherwise;
+    ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash`` and ``bank``
+    need whole segments (a padded segment has dead raw tokens before live gists); a padded
+    call runs ``decomposed``, which is exact for every layout."""
+    on_gpu = (backend or jax.default_backend()) == "gpu"
     if impl == "auto":
         half = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
         impl = "flash" if on_gpu and half else "decomposed"

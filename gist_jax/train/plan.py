@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec
 
 from gist_jax.gist.config import ATTENTION_IMPL, CompressionConfig
 from gist_jax.gist.layout import build_layout
+from gist_jax.gist.parallel import resolve_attention_impl
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.transformer import init_params, param_logical_specs
@@ -62,10 +63,11 @@ def _tree_bytes(abstract: Any, logical: Any, sizes: dict[str, int], select: Any 
     return sum(_shard_bytes(x.shape, x.dtype, s, sizes) for x, s, k in zip(leaves, specs, keep) if k)
 
 
-def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, backend: str = "gpu") -> int:
+def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, backend: str = "gpu",
+                          compute_dtype: str = "bfloat16") -> int:
     """float32 bytes of the largest per-layer score tensor the attention implementation holds
     (``rows`` = sequences x heads per device), for ``comp.attention_impl`` as it resolves on
-    ``backend`` (``parallel.resolve_attention_impl``):
+    ``backend`` with ``compute_dtype`` (``parallel.resolve_attention_impl``):
 
       dense       T x K per row (K = 2T with compression: every token also as memory)
       decomposed  S segments x Ts^2 (local, all at once) + Ts x M (one memory step of the scan)
@@ -76,11 +78,7 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
         return rows * seq_len * seq_len * 4
     shape = build_layout(seq_len, comp).shape
     t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
-    impl = comp.attention_impl
-    if impl == "auto":
-        impl = "flash" if backend == "gpu" else "decomposed"
-    if impl == "bank" and backend == "gpu":
-        impl = "flash"
+    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend)
     if impl == "bank" and backend != "tpu":  # Pallas interpret mode: plain XLA arrays per block
         impl = "dense"
     per_row = {"dense": t * 2 * t, "decomposed": s * ts * ts + ts * m, "bank": 2 * t,
@@ -115,7 +113,8 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     saved = SAVED_VECTORS_PER_LAYER.get(cfg.remat_policy, 34.0)
     out["activations_saved"] = cfg.num_layers * tokens * cfg.hidden_size * act_bytes * saved
     heads = cfg.num_heads // sizes["tensor"] if cfg.num_heads % sizes["tensor"] == 0 else cfg.num_heads
-    out["attention_scores"] = attention_score_bytes(comp, step.seq_len, micro_per_device * heads, backend)
+    out["attention_scores"] = attention_score_bytes(comp, step.seq_len, micro_per_device * heads, backend,
+                                                    cfg.dtype)
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
     out["logits"] = tokens * vocab * 4 * 2
     out["total"] = sum(out.values())
@@ -178,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
 def compiled_memory(base: ModelConfig, comp: CompressionConfig, step: StepConfig) -> int:
     """Compile the real step on this machine's devices and return XLA's per-device estimate
     (arguments + outputs + temporaries - aliased)."""
+    from gist_jax.gist.specs import layout_arrays
     from gist_jax.train.mesh import make_mesh
     from gist_jax.train.state import create_train_state
     from gist_jax.train.step import build_train_step
-    from gist_jax.gist.specs import layout_arrays
 
     mesh = make_mesh(step.mesh)
     state, tx, shardings = create_train_state(base, comp, step, mesh)
