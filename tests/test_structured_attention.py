@@ -12,7 +12,7 @@ from gist_helpers import BASE, comp_config, model, tokens
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.parallel import compressed_logits, resolve_attention_impl
-from gist_jax.gist.specs import layout_arrays
+from gist_jax.gist.specs import layout_arrays, parallel_spec
 from gist_jax.gist.structured import merge_partials, partial_attention
 from gist_jax.model.attention import dot_product_attention
 from gist_jax.model.config import ConfigError
@@ -213,20 +213,23 @@ def test_flash_extended_rows_put_memory_in_front_of_each_segment():
 @pytest.mark.parametrize("granularity,sinks,ratio,segments,seg_len",
                          [("fine", 4, 4, 3, 16), ("fine", 0, 8, 2, 16), ("coarse", 3, 2, 4, 8),
                           ("coarse", 0, 4, 1, 16)])
-def test_gist_bank_mask_function_is_the_layout_mask(granularity, sinks, ratio, segments, seg_len):
+def test_gist_bank_mask_function_is_the_dense_reference_mask(granularity, sinks, ratio, segments, seg_len):
     """The bank's arithmetic mask and permutation (no layout, no T x T host array) equal the
-    dense mask of the built layout in bank order; padding rows see only themselves."""
-    from gist_jax.gist.bank import GistBankKV, gist_bank_mask, gist_bank_permutation
+    dense reference mask (``parallel_spec``) in bank order; padding rows see only themselves."""
+    from gist_jax.gist.bank import GistBankKV
 
     comp = comp_config("kv", granularity, "aligned", sinks, ratio=ratio, segment_length=seg_len)
     layout = build_layout(segments * seg_len, comp)
     bank = GistBankKV.for_shape(layout.shape, comp, block=32)
     t, tp = layout.length, bank.padded_length
-    np.testing.assert_array_equal(bank.permutation()[:t], gist_bank_permutation(layout))
+    perm = np.concatenate([np.nonzero(layout.is_gist)[0], np.nonzero(~layout.is_gist)[0]])
+    np.testing.assert_array_equal(bank.permutation()[:t], perm)
     assert (bank.permutation()[t:] == -1).all() and tp % 32 == 0
     ids = np.arange(tp)
     mask = bank.mask_function(ids[:, None], ids[None, :])
-    np.testing.assert_array_equal(mask[:t, :t], gist_bank_mask(layout))
+    spec = parallel_spec(layout_arrays(layout), comp, batch=1)  # aligned: one position per key
+    dense = np.asarray(spec.mask[0] | spec.memory_mask[0])
+    np.testing.assert_array_equal(mask[:t, :t], dense[perm][:, perm])
     np.testing.assert_array_equal(mask[t:], np.eye(tp, dtype=bool)[t:])
     # No leak, read off the arithmetic mask itself: a raw row never sees a raw row of an earlier
     # segment unless that row is a sink.

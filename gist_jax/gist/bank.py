@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import GistLayout, LayoutShape
+from gist_jax.gist.layout import LayoutShape
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 from gist_jax.sharding import active_mesh_spec
@@ -179,23 +179,3 @@ def _run_sharded(bank: GistBankKV, interpret: bool, q_BxNxTpxH: jax.Array, k_BxN
     kernel = _splash_kernel(bank, local_heads, interpret)
     return jax.shard_map(jax.vmap(kernel), mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                          check_vma=False)(q_BxNxTpxH, k_BxNxTpxH, v_BxNxTpxH)
-
-
-# -- host references (tests) ------------------------------------------------------------------
-
-
-def gist_bank_permutation(layout: GistLayout) -> np.ndarray:
-    """Layout index of every bank row, read off a built layout: gist slots, then raw tokens."""
-    return np.concatenate([np.nonzero(layout.is_gist)[0], np.nonzero(~layout.is_gist)[0]])
-
-
-def gist_bank_mask(layout: GistLayout) -> np.ndarray:
-    """[T, T] bool: the dense gist mask of a built layout in bank order (what
-    ``GistBankKV.mask_function`` must reproduce without the layout)."""
-    seg, alive, t = layout.segment, layout.alive, layout.length
-    idx = np.arange(t)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None]) & alive[None, :]
-    memory_key = (layout.is_gist & layout.alive) | layout.is_sink
-    allowed |= (seg[None, :] < seg[:, None]) & memory_key[None, :]
-    perm = gist_bank_permutation(layout)
-    return allowed[perm][:, perm]
