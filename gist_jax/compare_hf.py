@@ -57,7 +57,7 @@ def gist_jax_logits(cfg, comp, params, tokens, ratio: int | None, compressed: bo
     case = comp.replace(ratios=(r,), ratio_sampling="fixed", pad_to_segments=True)
     layout = build_layout(tokens.shape[1], case)
     logits = compressed_logits(cfg, case, layout.shape, params, jnp.asarray(tokens), layout_arrays(layout))
-    return np.asarray(logits)[:, np.nonzero((layout.raw_index >= 0) & layout.alive)[0]]
+    return np.asarray(logits)[:, layout.live_raw_positions()]
 
 
 def _strip_gist(params: dict) -> dict:

@@ -17,7 +17,7 @@ from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.inference import Plan, expected_entries, generate
 from gist_jax.inference.cache import entry_bytes
-from gist_jax.inference.decode import sample
+from gist_jax.inference.decode import sample, sampleable_ids
 from gist_jax.model.config import ConfigError, preset
 from gist_jax.model.transformer import init_params
 
@@ -44,7 +44,7 @@ def model(comp: CompressionConfig):
 def parallel_raw_logits(cfg, comp, params, seq: list[int]) -> np.ndarray:
     layout = build_layout(len(seq), comp)
     logits = compressed_logits(cfg, comp, layout.shape, params, jnp.asarray([seq]), layout_arrays(layout))
-    return np.asarray(logits)[0][np.nonzero(layout.raw_index >= 0)[0]][:len(seq)]
+    return np.asarray(logits)[0][layout.live_raw_positions()]
 
 
 VARIANTS = [(m, g, p, s) for m, g in (("kv", "fine"), ("kv", "coarse"), ("recurrent", "coarse"))
@@ -105,6 +105,33 @@ def test_sampling_greedy_temperature_top_p():
     a = generate(cfg, comp, params, [[5, 6, 7]], 6, temperature=1.0, top_p=0.9, seed=1).tokens
     b = generate(cfg, comp, params, [[5, 6, 7]], 6, temperature=1.0, top_p=0.9, seed=1).tokens
     assert a == b and len(a[0]) == 6
+
+
+def test_never_samples_gist_or_ids_beyond_tokenizer():
+    """Greedy, temperature and nucleus sampling skip the ``<gist>`` id and ids at or beyond the
+    tokenizer's size even where they hold almost all the probability; so does ``generate`` on
+    a model whose LM-head rows past the byte tokenizer (259 ids of 264) dominate every step."""
+    allowed = sampleable_ids(6, tokenizer_size=5, gist_token_id=3)
+    assert allowed.tolist() == [True, True, True, False, True, False]
+    logits = jnp.log(jnp.asarray([[0.02, 0.01, 0.02, 0.5, 0.05, 0.4]]))
+    assert int(sample(logits, jax.random.key(0), 0.0, 1.0, allowed)[0]) == 4
+    for top_p in (1.0, 0.9, 0.5):
+        draws = {int(sample(logits, jax.random.key(i), 1.0, top_p, allowed)[0]) for i in range(40)}
+        assert draws <= {0, 1, 2, 4} and 4 in draws, top_p
+    with pytest.raises(ConfigError, match="no id can be generated"):
+        sampleable_ids(4, tokenizer_size=1, gist_token_id=0)
+    comp = comp_for("kv", "fine", "compressed", 4)
+    cfg, params = model(comp)
+    kernel_ExV = params["lm_head"]["kernel"].at[:, 259:].set(0.0)
+    for j, v in enumerate(range(259, cfg.vocab_size)):  # +-100 e_k: one of them wins everywhere
+        kernel_ExV = kernel_ExV.at[j // 2, v].set(100.0 * (1 - 2 * (j % 2)))
+    params = params | {"lm_head": {"kernel": kernel_ExV}}
+    prompt = list(range(30, 41))
+    kw = dict(temperature=1.0, top_p=0.9, seed=3)
+    unmasked = generate(cfg, comp, params, [prompt], 12, **kw).tokens[0]
+    assert min(unmasked) >= 259  # the test bites: unrestricted, only those rows are sampled
+    masked = generate(cfg, comp, params, [prompt], 12, tokenizer_size=259, **kw).tokens[0]
+    assert len(masked) == 12 and max(masked) < 259
 
 
 def test_full_attention_cache_matches_plain_forward():

@@ -42,9 +42,9 @@ VARIANTS = {"fine_kv": dict(memory="kv", granularity="fine"), "coarse_kv": dict(
             "coarse_rec": dict(memory="recurrent", granularity="coarse")}
 
 
-def tiny_model(family: str) -> tuple[ModelConfig, CompressionConfig, dict]:
+def tiny_model(family: str, vocab_size: int = 128) -> tuple[ModelConfig, CompressionConfig, dict]:
     spec = FAMILIES[family]
-    base = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+    base = ModelConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                        num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512,
                        bos_token_id=1, eos_token_id=2, dtype="float32", **spec["model"])
     comp = CompressionConfig(segment_length=L, num_sinks=4, **spec["comp"])
@@ -96,8 +96,7 @@ def jax_raw_logits(cfg, comp, params, tokens: np.ndarray) -> np.ndarray:
     padded[:, :tokens.shape[1]] = tokens
     canonical = comp.replace(granularity="coarse" if comp.memory == "recurrent" else "fine", positions="compressed")
     logits = _jax_logits(cfg, canonical, layout.shape, params, jnp.asarray(padded), layout_arrays(layout))
-    raw = np.nonzero((layout.raw_index >= 0) & layout.alive)[0]
-    return np.asarray(logits)[:, raw]
+    return np.asarray(logits)[:, layout.live_raw_positions()]
 
 
 def _case(comp: CompressionConfig, variant: str, positions: str, sinks: int, ratio: int) -> CompressionConfig:
@@ -203,6 +202,51 @@ def test_greedy_generation_matches(exported, family, variant, positions):
     ours = jax_greedy(cfg, case, params, prompt, 32)
     assert theirs.shape == (1, L + 5 + 32)
     np.testing.assert_array_equal(theirs, ours)
+
+
+# ----------------------------------------------------------------------------- padded vocabulary
+BYTE_IDS, GIST_ID, PADDED_VOCAB = 259, 259, 272  # byte tokenizer ids 0..258; <gist> next; LM head
+
+
+@pytest.fixture(scope="module")
+def padded_vocab_export(tmp_path_factory):
+    """A Qwen2 whose LM head (272 rows) is larger than its byte tokenizer (259 ids + ``<gist>``
+    at 259), as Qwen2's padded vocabulary is. The head rows of the gist id and beyond the
+    tokenizer are +-100 times unit vectors, so on any hidden state one of them has the largest
+    logit: unmasked greedy decoding would pick one at every step."""
+    cfg, comp, params = tiny_model("qwen2", vocab_size=PADDED_VOCAB)
+    banned = np.arange(PADDED_VOCAB - 1, GIST_ID - 1, -1)  # the gist id last: +e_6, picked most
+    kernel_ExV = np.asarray(params["lm_head"]["kernel"]).copy()
+    kernel_ExV[:, banned] = 0.0
+    kernel_ExV[np.arange(len(banned)) // 2, banned] = 100.0 * (1 - 2 * (np.arange(len(banned)) % 2))
+    params = {**params, "lm_head": {"kernel": jnp.asarray(kernel_ExV)}}
+    directory = tmp_path_factory.mktemp("padded") / "hf"
+    export.export_params(cfg, comp, params, "bytes", directory)
+    return cfg, comp, params, directory
+
+
+def test_generation_never_picks_gist_or_beyond_tokenizer(padded_vocab_export):
+    """Both generators exclude the ``<gist>`` id and ids beyond the tokenizer (the export records
+    ``tokenizer_vocab_size``) and agree token for token. The model's own argmax is one of them
+    almost everywhere: the exported ``generate`` raised ValueError on feeding ``<gist>`` back,
+    and ``gist_jax.inference`` returned such ids."""
+    from gist_jax.inference import generate
+
+    cfg, comp, params, directory = padded_vocab_export
+    section = json.loads((directory / "config.json").read_text())["gist"]
+    assert (section["gist_token_id"], section["tokenizer_vocab_size"]) == (GIST_ID, BYTE_IDS + 1)
+    model = _gist_model(directory)
+    case = _case(comp, "fine_kv", "compressed", 4, 4)
+    _set_gist(model, case, 4)
+    prompt = _tokens(L + 5, seed=6)[:1]
+    new = 2 * L  # crosses two segment boundaries while decoding
+    theirs = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=new).numpy()[0, L + 5:]
+    ours = generate(cfg, case, params, prompt.tolist(), new, tokenizer_size=BYTE_IDS,
+                    gist_token_id=GIST_ID, record_logits=True)
+    np.testing.assert_array_equal(theirs, ours.tokens[0])
+    assert len(ours.tokens[0]) == new and max(ours.tokens[0]) < BYTE_IDS
+    unmasked = ours.logits[0].argmax(-1)  # the model's own pick after every raw token
+    assert (unmasked == GIST_ID).any() and (unmasked > GIST_ID).any() and (unmasked >= GIST_ID).mean() > 0.9
 
 
 # ----------------------------------------------------------------------------- round trip

@@ -36,6 +36,15 @@ def test_layout_properties(case):
     np.testing.assert_array_equal(lay.raw_index[raw], np.arange(S * L))
     assert lay.is_gist.sum() == S * t == lay.live_gists()
     np.testing.assert_array_equal(np.bincount(lay.segment[lay.is_gist], minlength=S), t)
+    # live raw positions: every real raw token once, in order; padding excluded; with no padding
+    # exactly the raw slots
+    live = lay.live_raw_positions()
+    np.testing.assert_array_equal(lay.raw_index[live], np.arange(n))
+    assert lay.alive[live].all() and not lay.is_gist[live].any()
+    if n == S * L:
+        np.testing.assert_array_equal(live, np.nonzero(raw)[0])
+    else:
+        assert not np.isin(np.nonzero(raw & (lay.raw_index >= n))[0], live).any()
     # labels: a raw token predicts the next raw token, across gists; gists and the last token none
     np.testing.assert_array_equal(lay.label[raw & (lay.raw_index < n - 1)],
                                   lay.raw_index[raw & (lay.raw_index < n - 1)] + 1)
@@ -70,3 +79,25 @@ def test_layout_properties(case):
         np.testing.assert_array_equal(lay.position[lay.is_gist], after)
         np.testing.assert_array_equal(lay.memory_position[lay.is_gist], lay.position[lay.is_gist])
     np.testing.assert_array_equal(lay.memory_position[lay.is_sink], np.arange(min(s, n)))
+
+
+def test_live_raw_positions_skip_padding():
+    """21 raw tokens in segments of 8 (``pad_to_segments``): the 3 padding slots of the last
+    segment are raw slots (``raw_index >= 0``) but not live raw positions; 24 tokens have no
+    padding and select exactly the raw slots. Per-segment ratios (dead gist slots) and full
+    attention select the same way."""
+    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=8, ratios=(2,),
+                             ratio_sampling="fixed", num_sinks=2, pad_to_segments=True)
+    padded = build_layout(21, comp)
+    live = padded.live_raw_positions()
+    assert live.dtype == np.int32 and live.shape == (21,)
+    np.testing.assert_array_equal(padded.raw_index[live], np.arange(21))
+    np.testing.assert_array_equal(np.setdiff1d(np.nonzero(padded.raw_index >= 0)[0], live),
+                                  np.nonzero((padded.raw_index >= 21))[0])
+    whole = build_layout(24, comp)
+    np.testing.assert_array_equal(whole.live_raw_positions(), np.nonzero(whole.raw_index >= 0)[0])
+    dead = build_layout(21, comp, ratios=(2, 8, 4))
+    assert (~dead.alive & dead.is_gist).any()
+    np.testing.assert_array_equal(dead.raw_index[dead.live_raw_positions()], np.arange(21))
+    full = build_layout(21, CompressionConfig(memory="none"))
+    np.testing.assert_array_equal(full.live_raw_positions(), np.arange(21))

@@ -19,11 +19,14 @@ from gist_jax.model.config import ConfigError
 
 
 def _dense_and_structured(comp, num_raw, per_segment_ratios=None, batch=2,
-                          impls=("decomposed", "flash"), **kwargs):
-    """Logits and parameter gradients of a random linear loss on live tokens, per path."""
+                          impls=("decomposed", "flash"), pre_padded=False, **kwargs):
+    """Logits and parameter gradients of a random linear loss on live tokens, per path.
+    ``pre_padded``: the token array is already zero-padded to whole segments."""
     cfg, params = model(comp)
     toks = tokens(batch, num_raw, seed=num_raw)
     layout = build_layout(num_raw, comp, per_segment_ratios)
+    if pre_padded:
+        toks = jnp.pad(toks, ((0, 0), (0, layout.padded_raw - num_raw)))
     arrays = layout_arrays(layout)
     weights = jax.random.normal(jax.random.key(3), (batch, layout.length, cfg.vocab_size))
     weights = weights * jnp.asarray(layout.alive)[None, :, None]
@@ -248,6 +251,25 @@ def test_gist_bank_model_equals_dense(granularity, sinks):
     comp = comp_config("kv", granularity, "aligned", sinks, ratio=4, segment_length=16)
     layout, out = _dense_and_structured(comp, 48, batch=1, impls=("bank",))
     _assert_equal(layout, out, f"bank {granularity}")
+
+
+@pytest.mark.parametrize("granularity", ["fine", "coarse"])
+def test_pre_padded_tokens_every_path_equals_dense(granularity):
+    """Tokens the caller already padded to whole segments (``pad_to_segments``, 37 raw tokens in
+    3 segments of 16): the padding is still dead, so decomposed, flash and bank equal dense in
+    values and gradients at every live position, the gists after the padding included. Whole
+    segments is the layout's (``LayoutShape.whole_segments``), not the token array's width:
+    flash and bank once took the padded width for whole segments and let the last segment's
+    gists attend to the padding (gist logits off by ~1e-2)."""
+    comp = comp_config("kv", granularity, "aligned", sinks=2, ratio=4, segment_length=16,
+                       pad_to_segments=True)
+    layout, out = _dense_and_structured(comp, 37, batch=1, impls=("decomposed", "flash", "bank"),
+                                        pre_padded=True)
+    assert not layout.shape.whole_segments and layout.padded_raw == 48
+    last = layout.segment == layout.num_segments - 1
+    assert (layout.is_gist & layout.alive & last).sum() == 4  # compared below, after the padding
+    _assert_equal(layout, out, f"pre-padded {granularity}")
+    assert build_layout(48, comp).shape.whole_segments
 
 
 def test_resolve_attention_impl_on_this_backend():

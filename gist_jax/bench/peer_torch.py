@@ -74,7 +74,7 @@ def time_peer(spec: BenchSpec, impl: str = "sdpa") -> dict[str, Any]:
     ids = np.where(layout.raw_index >= 0, raw[:, np.maximum(layout.raw_index, 0)], 0)
     input_ids = torch.as_tensor(ids, dtype=torch.long)
     position_ids = torch.as_tensor(np.broadcast_to(layout.position, ids.shape).copy(), dtype=torch.long)
-    raw_pos = torch.as_tensor(np.nonzero(layout.raw_index >= 0)[0])
+    raw_pos = torch.as_tensor(layout.live_raw_positions())
     labels = torch.as_tensor(np.roll(raw, -1, axis=1), dtype=torch.long)[:, :-1]
     kwargs: dict[str, Any] = {}
     if comp.enabled and impl == "sdpa":

@@ -184,7 +184,7 @@ def generate_texts(ck: Checkpoint, setting: Setting, prompts: Sequence[str], max
         chunk = ids[i:i + batch]
         capacity = -(-(max(len(p) for p in ids) + max_new_tokens) // 64) * 64  # one compilation for all chunks
         gen = generate(setting.cfg, setting.comp, params, chunk, max_new_tokens, ratio=setting.ratio, capacity=capacity,
-                       pad_batch_to=batch)
+                       pad_batch_to=batch, tokenizer_size=tok.vocab_size)  # never an id the tokenizer lacks
         out += [tok.decode(t) for t in gen.tokens]
     return out
 

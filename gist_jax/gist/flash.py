@@ -18,10 +18,12 @@ Query ``c_i + j`` sees keys ``<= c_i + j``: the whole memory and segment tokens 
 ``jax.nn.dot_product_attention(is_causal=True)`` with per-row sequence lengths ``c_i + Ts``
 then computes every segment at once, segments folded into the batch axis, with the kernel's
 own forward and backward (``implementation="cudnn"`` skips the masked half and the padded
-tail). Dead tokens (per-segment-ratio slots, padding) only ever sit at the tail of a segment,
-after every live token, so causality already hides them from live queries; the memory is
-compacted (live entries first, in buffer order, which is segment order), so memory_i is a
-prefix of length ``c_i``. Exact for both position schemes: local keys are rotated at their
+tail). Dead gist slots (per-segment ratios) only ever sit at the tail of a segment, after
+every live token, so causality already hides them from live queries. Padding up to whole
+segments does not: it sits before the last segment's live gists, which causality would let
+see it, so a layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``
+instead (``parallel.resolve_attention_impl``). The memory is compacted (live entries first,
+in buffer order, which is segment order), so memory_i is a prefix of length ``c_i``. Exact for both position schemes: local keys are rotated at their
 in-segment positions, memory keys at their memory positions, as in the dense masks.
 
 Cost: the leading ``c_i`` rows are padding queries, so a segment costs ``(c_i + Ts)^2 / 2``

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 
 import numpy as np
 
@@ -31,12 +32,16 @@ from gist_jax.model.config import ConfigError
 @dataclasses.dataclass(frozen=True)
 class LayoutShape:
     """The static part of a layout: everything compiled code may branch or size on. Ratios and
-    the real raw length are data, so per-segment ratio sampling never recompiles."""
+    which tokens are alive are data, so per-segment ratio sampling never recompiles.
+    ``whole_segments`` is static because it picks the attention path: the prefix-causal
+    (``flash``) and bank paths are exact only when no padding raw token sits before a live
+    gist, and a token array padded by the caller looks the same as one that is not."""
 
     num_segments: int
     segment_length: int
     slots: int
     num_sinks: int
+    whole_segments: bool  # the real raw tokens fill every segment (no pad_to_segments padding)
 
     @property
     def segment_tokens(self) -> int:
@@ -81,7 +86,8 @@ class GistLayout:
 
     @property
     def shape(self) -> LayoutShape:
-        return LayoutShape(self.num_segments, self.segment_length, self.slots, self.num_sinks)
+        return LayoutShape(self.num_segments, self.segment_length, self.slots, self.num_sinks,
+                           self.num_raw == self.padded_raw)
 
     @property
     def length(self) -> int:
@@ -93,7 +99,14 @@ class GistLayout:
 
     @property
     def padded_raw(self) -> int:
-        return self.shape.padded_raw
+        return self.num_segments * self.segment_length
+
+    def live_raw_positions(self) -> np.ndarray:
+        """Layout indices of the real raw tokens, in raw order, ``[num_raw]`` int32: the rows
+        of layout-order logits that belong to the input tokens (raw token j at entry j).
+        ``raw_index >= 0`` alone would also pick the padding up to whole segments
+        (``pad_to_segments``); gists and dead slots are never raw."""
+        return np.nonzero((self.raw_index >= 0) & self.alive)[0].astype(np.int32)
 
     def segment_slice(self, i: int) -> slice:
         return self.shape.segment_slice(i)
@@ -106,6 +119,21 @@ class GistLayout:
 
     def live_gists(self) -> int:
         return int((self.is_gist & self.alive).sum())
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A key by value: equal for layouts with equal arrays, whatever object holds them.
+
+        Caches of device copies must use it, never ``id(layout)``: ``cached_layout`` evicts,
+        and a freed layout's id is reused by the next one (same shape, other masks)."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((self.num_raw, self.shape, self.ratios)).encode())
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.ndarray):
+                h.update(field.name.encode())
+                h.update(np.ascontiguousarray(value).tobytes())
+        return h.hexdigest()
 
 
 def _segment_order(granularity: str, segment_length: int, ratio: int, slots: int) -> list[int]:

@@ -28,8 +28,9 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
     this process's; the memory planner passes the target's): ``auto`` is ``flash`` on GPU
     with a bf16/fp16 compute dtype (where cuDNN runs it) and ``decomposed`` otherwise;
     ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash`` and ``bank``
-    need whole segments (a padded segment has dead raw tokens before live gists); a padded
-    call runs ``decomposed``, which is exact for every layout."""
+    need whole segments (a padded segment has dead raw tokens before live gists); a layout
+    with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``, which is exact
+    for every layout."""
     on_gpu = (backend or jax.default_backend()) == "gpu"
     if impl == "auto":
         half = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
@@ -53,8 +54,9 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     With ``kv_layer`` set, also returns that layer's un-rotated (k, v) ``[B, T, K, H]`` for
     every layout token (the autoencoding objective reads the gists' entries)."""
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
-    impl = resolve_attention_impl(comp.attention_impl, tokens_BxN.shape[1] == shape.padded_raw,
-                                  cfg.dtype)
+    # Whole segments is the layout's word, not the token array's width: a caller may pass
+    # tokens already padded to whole segments, and that padding is still dead.
+    impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments, cfg.dtype)
     if impl == "bank" and stop_gist_memory_gradient:
         impl = "decomposed"  # the bank has one view of each gist key; this needs two
     if impl == "dense":

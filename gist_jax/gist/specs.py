@@ -24,7 +24,10 @@ def layout_arrays(layout: GistLayout) -> LayoutArrays:
     """Per-token and memory-buffer layout arrays as device arrays: the data half of a layout,
     passed through jit next to the static ``layout.shape``."""
     arrays = {k: jnp.asarray(getattr(layout, k)) for k in _FIELDS}
-    # raw_position[j]: where raw token j sits in the layout (raw tokens keep their order).
+    # raw_position[j]: where raw token j of the *padded* raw sequence sits in the layout (raw
+    # tokens keep their order), [padded_raw]: its shape depends on layout.shape alone, so one
+    # compilation serves every real length; callers cut it to their token width. On the host,
+    # layout.live_raw_positions() selects the real raw tokens.
     arrays["raw_position"] = jnp.asarray(np.nonzero(layout.raw_index >= 0)[0].astype(np.int32))
     arrays.update({f"buffer_{k}": jnp.asarray(v) for k, v in memory_buffer_arrays(layout).items()})
     return arrays

@@ -196,20 +196,23 @@ def _byte_tokenizer():
     return HFTokenizer(tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def write_tokenizer(spec: str | None, out: pathlib.Path, with_gist: bool) -> int | None:
-    """Tokenizer files with ``<gist>`` added; returns the ``<gist>`` id (None: no tokenizer)."""
+def write_tokenizer(spec: str | None, out: pathlib.Path, with_gist: bool) -> tuple[int | None, int | None]:
+    """Tokenizer files with ``<gist>`` added; returns the ``<gist>`` id and the written
+    tokenizer's size, ``<gist>`` included (None, None: no tokenizer). Generation needs the
+    size: LM-head rows at or beyond it (a padded vocabulary) are never sampled. The size is
+    the largest id + 1, so a tokenizer with unused ids in between never loses a real one."""
     from tokenizers import AddedToken
 
     tok = _hf_tokenizer(spec) if spec else None
     if tok is None:
-        return None
+        return None, None
     gist_id = None
     if with_gist:
         if tok.tokenizer.token_to_id(gist_names.GIST_TOKEN) is None:
             tok.tokenizer.add_special_tokens([AddedToken(gist_names.GIST_TOKEN, special=True, normalized=False)])
         gist_id = tok.tokenizer.token_to_id(gist_names.GIST_TOKEN)
     tok.save_pretrained(out)
-    return gist_id
+    return gist_id, max(tok.tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
 
 # ----------------------------------------------------------------------------- whole directory
@@ -229,7 +232,7 @@ def _export(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer_spec: s
     write_weights(out, cfg, source, np_dtype, shard_size, primary)
     if not primary:
         return out
-    gist_id = write_tokenizer(tokenizer_spec, out, with_gist=comp.enabled)
+    gist_id, tokenizer_size = write_tokenizer(tokenizer_spec, out, with_gist=comp.enabled)
     if comp.enabled:
         shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
     stored = np_dtype or source.shape_dtype(next(iter(source.leaves)))[1]
@@ -238,7 +241,8 @@ def _export(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer_spec: s
     hf = families.config_to_hf(cfg.replace(num_gist_embeddings=0, gist_projections=False))
     hf["dtype"] = str(jax.numpy.dtype(stored))
     if comp.enabled:
-        hf["gist"] = gist_names.gist_section(cfg, comp, gist_id)
+        # modeling_gist.generate never samples ids >= tokenizer_vocab_size (nor the gist id).
+        hf["gist"] = {**gist_names.gist_section(cfg, comp, gist_id), "tokenizer_vocab_size": tokenizer_size}
         hf["auto_map"] = {"AutoModelForCausalLM": f"modeling_gist.{CLASS_NAMES[cfg.family]}"}
     tmp = out / "config.json.tmp"  # written last: a directory without config.json is incomplete
     tmp.write_text(json.dumps(hf, indent=2) + "\n")

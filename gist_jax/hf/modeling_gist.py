@@ -21,7 +21,9 @@ gist_jax's sequential path (``gist_jax/gist/sequential.py``) segment by segment:
   * Positions: ``compressed`` (memory at 0..m-1, the segment after it) or ``aligned`` (raw
     tokens keep their index, a gist takes the index of the raw token after it).
 An unfinished last segment runs with the gists of its complete groups (fine) or none (coarse);
-when it fills up it is compressed like any other. Gist logits are never returned or sampled.
+when it fills up it is compressed like any other. Gist logits are never returned or sampled,
+and ``generate`` never picks the ``<gist>`` id or an id beyond the tokenizer
+(``config.gist.tokenizer_vocab_size``), as ``gist_jax.inference`` does.
 The settings come from ``config.gist`` (written by the exporter).
 """
 
@@ -263,13 +265,28 @@ class GistCompressionMixin:
         """Float32 logits [B, n, V] of every raw token under gist compression."""
         return self.consume(input_ids, None, ratio)[0]
 
+    def _sampleable(self, logits_BxV: torch.Tensor) -> torch.Tensor:
+        """``logits`` with -inf on ids generation must never pick: the ``<gist>`` marker (the
+        model inserts gists itself, and ``consume`` refuses it as input) and LM-head rows at or
+        beyond the tokenizer's size (a vocabulary padded past the tokenizer, as Qwen2's is, has
+        rows no text decodes to). Same ids as ``gist_jax.inference.sampleable_ids``."""
+        g = self.config.gist
+        ids_V = torch.arange(logits_BxV.shape[-1], device=logits_BxV.device)
+        banned_V = torch.zeros_like(ids_V, dtype=torch.bool)
+        if g.get("tokenizer_vocab_size") is not None:
+            banned_V |= ids_V >= g["tokenizer_vocab_size"]
+        if g.get("gist_token_id") is not None:
+            banned_V |= ids_V == g["gist_token_id"]
+        return logits_BxV.masked_fill(banned_V, float("-inf"))
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 20, *,
                  compressed: bool = True, ratio: int | None = None, eos_token_id: int | None = None,
                  **kwargs):
         """Greedy compressed generation: returns ``[B, prompt + new]`` ids like transformers'
-        ``generate``. ``compressed=False`` (or sampling / beam options) hands over to the stock
-        ``generate`` of the uncompressed model."""
+        ``generate``, never the ``<gist>`` id nor one beyond the tokenizer (``_sampleable``).
+        ``compressed=False`` (or sampling / beam options) hands over to the stock ``generate``
+        of the uncompressed model."""
         if not compressed:
             return super().generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
         unsupported = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "pad_token_id", "do_sample")
@@ -280,7 +297,7 @@ class GistCompressionMixin:
         logits, state = self.consume(input_ids, None, ratio)
         out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            next_ids = logits[:, -1].argmax(-1, keepdim=True)
+            next_ids = self._sampleable(logits[:, -1]).argmax(-1, keepdim=True)
             out.append(next_ids)
             if eos_token_id is not None:
                 done |= next_ids[:, 0] == eos_token_id

@@ -6,7 +6,8 @@ keys/values into the current segment, and when a row's segment is complete compr
 way training does: the gists' KV (and the sinks', when segment 0 completes) move to memory at
 their memory positions (KV variants), or the gists' post-norm last-layer states join the
 recurrent memory and the prefix ``[sinks ; states]`` is re-encoded once (Coarse-Rec). The raw
-KV of a finished segment is dropped. Gist logits are never sampled.
+KV of a finished segment is dropped. Gist logits are never sampled, and neither are the
+``<gist>`` id and ids beyond the tokenizer (``sampleable_ids``).
 
 Prefill feeds whole segments (``C = L + t``); decoding is one jitted ``while_loop`` feeding one
 token per row per step, teacher-forcing the rest of each prompt and then sampling (greedy,
@@ -162,9 +163,31 @@ def feed_jit(cfg, plan, params, cache, tokens_BxC, valid_BxC):
     return feed(cfg, plan, params, cache, tokens_BxC, valid_BxC)
 
 
-def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
+def sampleable_ids(vocab_size: int, tokenizer_size: int | None = None,
+                   gist_token_id: int | None = None) -> np.ndarray:
+    """``[V]`` bool: the LM-head rows generation may pick. Not the ``<gist>`` marker (the model
+    inserts gists itself; fed back as a token it would be an ordinary embedding row no training
+    shaped), nor rows at or beyond the tokenizer's size: a vocabulary padded past the tokenizer
+    (Qwen2: 152064 rows for 151665 ids) has untrained rows that no text decodes to. The
+    exported ``modeling_gist.py`` excludes the same ids, so both generators agree."""
+    allowed_V = np.ones(vocab_size, bool)
+    if tokenizer_size is not None:
+        allowed_V[tokenizer_size:] = False
+    if gist_token_id is not None and 0 <= gist_token_id < vocab_size:
+        allowed_V[gist_token_id] = False
+    if not allowed_V.any():
+        raise ConfigError(f"no id can be generated: tokenizer_size={tokenizer_size}, "
+                          f"gist_token_id={gist_token_id}, model vocab_size={vocab_size}")
+    return allowed_V
+
+
+def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_p: float,
+           allowed_V: jax.Array | None = None) -> jax.Array:
     """Greedy when ``temperature == 0``; else temperature sampling from the smallest set of top
-    tokens whose probability reaches ``top_p`` (nucleus)."""
+    tokens whose probability reaches ``top_p`` (nucleus). Ids outside ``allowed_V``
+    (``sampleable_ids``) get -inf first, so no mode ever picks them."""
+    if allowed_V is not None:
+        logits_BxV = jnp.where(allowed_V, logits_BxV, -jnp.inf)
     if temperature == 0.0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits = logits_BxV.astype(jnp.float32) / temperature
@@ -180,11 +203,12 @@ def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_p: flo
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan", "max_new", "temperature", "top_p", "record"))
-def _decode_loop(cfg, plan, params, cache, pending_BxV, prompts_BxP, lengths_B, new_B, rng, max_new: int,
-                 temperature: float, top_p: float, record: int):
+def _decode_loop(cfg, plan, params, cache, pending_BxV, prompts_BxP, lengths_B, new_B, allowed_V, rng,
+                 max_new: int, temperature: float, top_p: float, record: int):
     """One layout token per row per step until every row has fed ``length + new`` raw tokens
     (``new <= max_new``, data, so nearby requests share a compilation); returns the generated
-    tokens, the cache and (``record`` > 0) raw-token logits."""
+    tokens, the cache and (``record`` > 0) raw-token logits. Only ``allowed_V`` ids (data) are
+    sampled; recorded logits are the model's, unmasked."""
     b = prompts_BxP.shape[0]
     raw_T = jnp.asarray(plan.order()[0])
     target = lengths_B + new_B
@@ -201,7 +225,7 @@ def _decode_loop(cfg, plan, params, cache, pending_BxV, prompts_BxP, lengths_B, 
         active = n < target
         is_raw = raw_T[jnp.minimum(cache.offset, plan.segment_tokens - 1)] >= 0
         in_prompt = n < lengths_B
-        sampled = sample(pending, key, temperature, top_p)
+        sampled = sample(pending, key, temperature, top_p, allowed_V)
         prompt_tok = jnp.take_along_axis(prompts_BxP, jnp.minimum(n, prompts_BxP.shape[1] - 1)[:, None], axis=1)[:, 0]
         token = jnp.where(in_prompt, prompt_tok, sampled)
         logits, cache = feed(cfg, plan, params, cache, token[:, None], active[:, None])
@@ -267,14 +291,18 @@ def _round_up(n: int, k: int) -> int:
 def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts: Sequence[Sequence[int]],
              max_new_tokens: int, *, ratio: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = None, record_logits: bool = False,
-             capacity: int | None = None, pad_batch_to: int | None = None) -> Generation:
+             capacity: int | None = None, pad_batch_to: int | None = None,
+             tokenizer_size: int | None = None, gist_token_id: int | None = None) -> Generation:
     """Generate from gist-compressed memory (``comp.memory='none'``: a plain KV cache).
 
     ``cfg`` is the model config with the gist parameters (``model_config_for``); ``ratio``
     picks one of ``comp.ratios`` (default: the first). ``capacity`` (raw tokens per row)
     sizes the memory; default the longest prompt + ``max_new_tokens`` rounded up to 64.
     ``pad_batch_to`` adds idle rows up to that batch size, so batches of a few sizes share
-    one compilation (their outputs are dropped).
+    one compilation (their outputs are dropped). Ids ``>= tokenizer_size`` (the tokenizer's
+    ``vocab_size``; None: every LM-head row) and ``gist_token_id`` (an export's ``<gist>``
+    marker; gist_jax's tokenizers have none, and an export puts it at ``tokenizer_size``) are
+    never sampled (``sampleable_ids``).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one non-empty prompt")
@@ -289,6 +317,7 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
     if capacity < total:
         raise ConfigError(f"capacity={capacity} is below the longest prompt + max_new_tokens = {total}")
     plan = Plan.create(comp, capacity, ratio)
+    allowed_V = jnp.asarray(sampleable_ids(cfg.vocab_size, tokenizer_size, gist_token_id))
     rows = max(len(prompts), pad_batch_to or 0)
     padded = np.zeros((rows, _round_up(int(lengths.max()), 64)), np.int32)
     for row, p in enumerate(prompts):
@@ -301,7 +330,7 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
     logits_out = np.zeros((rows, total, cfg.vocab_size), np.float32) if record_logits else None
     cache, pending, prefilled = prefill(cfg, plan, params, cache, padded, lengths, logits_out)
     out, cache, rec = _decode_loop(cfg, plan, params, cache, pending, jnp.asarray(padded),
-                                   jnp.asarray(lengths, jnp.int32), jnp.asarray(new), jax.random.key(seed),
+                                   jnp.asarray(lengths, jnp.int32), jnp.asarray(new), allowed_V, jax.random.key(seed),
                                    _round_up(max_new_tokens, 16), float(temperature), float(top_p), record)
     if record_logits:
         rec = np.asarray(rec)
