@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
+from gist_jax.model.config import ConfigError
+
 ConfigDict = ml_collections.ConfigDict
 
 
@@ -82,17 +84,19 @@ def parse_variants(arg: str | None) -> list[str]:
 
 
 def apply_variants(config: ConfigDict, arg: str | None, table: Mapping[str, Variant], file: str) -> ConfigDict:
-    """Applies the variants named in ``arg`` in order; unknown or conflicting names raise ValueError."""
+    """Applies the variants named in ``arg`` in order; unknown or conflicting names raise
+    ``ConfigError`` (a ValueError), which ``gist_jax.main`` reports as one line, exit code 2."""
     names = parse_variants(arg)
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"{file}: unknown variant {unknown[0]!r} (from {arg!r}); known variants: "
-                         f"{', '.join(sorted(table))}. Give a comma-separated list, e.g. {file}:{next(iter(table))}")
+        raise ConfigError(f"{file}:{arg}: unknown variant {unknown[0]!r}; known variants: "
+                          f"{', '.join(sorted(table))}. Give a comma-separated list, e.g. {file}:{next(iter(table))}")
     seen: dict[str, str] = {}
     for name in names:
         group = table[name].group
         if group in seen:
-            raise ValueError(f"{file}: variants {seen[group]!r} and {name!r} both set the {group}; name one")
+            raise ConfigError(f"{file}:{arg}: variants {seen[group]!r} and {name!r} both set the {group}; "
+                              "name one")
         seen[group] = name
     for name in names:
         table[name].apply(config)

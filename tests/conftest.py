@@ -23,3 +23,9 @@ def smollm2_gguf() -> pathlib.Path:
     from gist_jax.hf.gguf import smollm2_gguf_path
 
     return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> str:
+    """A token-store cache for the subprocess runs of ``gist_jax.main`` (tokenised once per worker)."""
+    return str(tmp_path_factory.mktemp("tokens"))

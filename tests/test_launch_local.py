@@ -124,7 +124,9 @@ def test_a_clean_run_says_nothing_and_exits_0():
 def test_run_local_returns_the_status_and_every_rank_s_output():
     from launch.local import run_local
 
-    script = "import os, sys; rank = os.environ['GIST_JAX_PROCESS_ID']; print('rank', rank); sys.exit(int(rank) * 4)"
+    # Rank 1 fails only after rank 0 has finished, so rank 0's output is complete (not cut by the kill).
+    script = ("import os, sys, time; rank = int(os.environ['GIST_JAX_PROCESS_ID']); time.sleep(2.0 * rank); "
+              "print('rank', rank); sys.exit(rank * 4)")
     code, logs = run_local([sys.executable, "-c", script], num_processes=2, timeout=30, echo=False)
     assert code == 4
     assert logs[0] == "rank 0\n" and logs[1] == "rank 1\n"

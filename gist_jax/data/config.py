@@ -11,7 +11,8 @@ import os
 import pathlib
 from typing import Any
 
-from gist_jax.model.config import ConfigError
+from gist_jax.data.sources import parse_source_spec
+from gist_jax.model.config import ConfigError, check_float, check_int
 
 PACKING = ("concat", "doc_start", "none")
 
@@ -60,26 +61,15 @@ class DataConfig:
     cache_dir: str = dataclasses.field(default_factory=default_cache_dir)
 
     def __post_init__(self) -> None:
-        sources = tuple((str(s), float(r)) for s, r in self.sources)
-        object.__setattr__(self, "sources", sources)
-        object.__setattr__(self, "upsampling",
-                           tuple((str(s), int(n), float(r)) for s, n, r in self.upsampling))
-        if not sources:
-            raise ConfigError("data.sources is empty; give at least one (source_spec, rate), e.g. ('stdlib', 1.0)")
-        if any(r <= 0 for _, r in sources):
-            raise ConfigError(f"data.sources rates {[r for _, r in sources]} must all be positive")
-        if len({s for s, _ in sources}) != len(sources):
-            raise ConfigError(f"data.sources lists a source twice: {[s for s, _ in sources]}")
+        object.__setattr__(self, "sources", _sources(self.sources))
+        object.__setattr__(self, "upsampling", _upsampling(self.upsampling, {s for s, _ in self.sources} | {"*"}))
         if self.packing not in PACKING:
             raise ConfigError(f"data.packing={self.packing!r} must be one of {PACKING}")
-        known = {s for s, _ in sources} | {"*"}
-        for spec, min_tokens, rate in self.upsampling:
-            if spec not in known:
-                raise ConfigError(f"data.upsampling rule for {spec!r} names no source in data.sources {sorted(known)}")
-            if min_tokens < 0 or rate < 0:
-                raise ConfigError(f"data.upsampling rule {(spec, min_tokens, rate)}: min_tokens and rate must be >= 0")
-        if self.max_documents < 0 or self.prefetch < 0:
-            raise ConfigError("data.max_documents and data.prefetch must be >= 0")
+        check_int("data.max_documents", self.max_documents, 0, fix="use 0 for all documents")
+        check_int("data.prefetch", self.prefetch, 0, fix="use 0 for no prefetching")
+        check_int("data.seed", self.seed, 0)
+        if not self.tokenizer:
+            raise ConfigError("data.tokenizer='': name a tokenizer, e.g. 'bytes' or 'gguf:smollm2'")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What the batch stream depends on (not the cache location or the prefetch depth)."""
@@ -87,3 +77,35 @@ class DataConfig:
         d.pop("cache_dir")
         d.pop("prefetch")
         return d
+
+
+def _sources(pairs: Any) -> tuple[tuple[str, float], ...]:
+    """``(spec, rate)`` pairs, checked before conversion (``float('x')`` would raise a bare ValueError)
+    and with each spec parsed, so a typo fails here and not when the loader first reads it."""
+    sources = []
+    for i, (spec, rate) in enumerate(pairs):
+        check_float(f"data.sources[{i}] rate", rate, low_open=True,
+                    fix=f"the rate of {spec!r} is its share of tokens; give a positive number, e.g. 1.0")
+        try:
+            parse_source_spec(str(spec))
+        except ValueError as e:
+            raise ConfigError(f"data.sources: {e}") from None
+        sources.append((str(spec), float(rate)))
+    if not sources:
+        raise ConfigError("data.sources is empty; give at least one (source_spec, rate), e.g. ('stdlib', 1.0)")
+    if len({s for s, _ in sources}) != len(sources):
+        raise ConfigError(f"data.sources lists a source twice: {[s for s, _ in sources]}")
+    return tuple(sources)
+
+
+def _upsampling(rules: Any, known: set[str]) -> tuple[tuple[str, int, float], ...]:
+    """``(spec or "*", min_tokens, rate)`` rules, each naming a source of ``known``."""
+    out = []
+    for spec, min_tokens, rate in rules:
+        if spec not in known:
+            raise ConfigError(f"data.upsampling rule for {spec!r} names no source in data.sources {sorted(known)}")
+        rule = f"data.upsampling rule {(spec, min_tokens, rate)}"
+        check_int(f"{rule}: min_tokens", min_tokens, 0)
+        check_float(f"{rule}: rate", rate, fix="use 0 to drop, 1 to keep, 2 to repeat such documents")
+        out.append((str(spec), int(min_tokens), float(rate)))
+    return tuple(out)

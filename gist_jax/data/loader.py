@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import logging
 import queue
 import threading
 from typing import Any, Iterator
@@ -165,9 +164,13 @@ class BatchLoader:
         return {"step": int(self.step), "fingerprint": self.fingerprint}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue at ``state['step']``; refused when the stream is not the one the checkpoint
+        was reading (another corpus, tokenizer or packing: resuming would silently train on other
+        batches than an uninterrupted run)."""
         if state.get("fingerprint") != self.fingerprint:
-            logging.warning("data config changed since the checkpoint (fingerprint %s -> %s): resuming at "
-                            "step %d of the new stream", state.get("fingerprint"), self.fingerprint, state["step"])
+            raise ConfigError(f"the data stream changed since the checkpoint (fingerprint {state.get('fingerprint')} "
+                              f"-> {self.fingerprint}: the corpus, its token store, the tokenizer or the packing "
+                              "differ); restore them or use a new --workdir")
         self.close()
         self.step = int(state["step"])
 

@@ -154,6 +154,27 @@ def _match_one(pattern: str) -> list[SourceFile]:
     return [items[rel] for rel in sorted(items)]
 
 
+def matches_any_file(pattern: str) -> bool:
+    """Whether ``match_files(pattern)`` would find a file, stopping at the first one: a start-up
+    check of a large corpus costs a directory listing, not the full walk the loader does later."""
+    expanded = os.path.expanduser(pattern)
+    hits = glob.iglob(expanded, recursive=True) if any(c in _GLOB_CHARS for c in expanded) else [expanded]
+    return any(_holds_a_file(pathlib.Path(hit)) for hit in hits)
+
+
+def _holds_a_file(path: pathlib.Path) -> bool:
+    """A file, or a directory with a file that ``_walk_relative`` would list."""
+    if path.is_file():
+        return True
+    if not path.is_dir():
+        return False
+    for _, subdirs, files in os.walk(path):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".") and d not in _EXCLUDED_DIRS]
+        if any(not f.startswith(".") for f in files):
+            return True
+    return False
+
+
 def read_documents(file: SourceFile, fmt: str = "auto", text_field: str = "text") -> Iterator[Document]:
     """The documents of one file: the whole file (text), or one per JSONL line (its ``text_field``).
 

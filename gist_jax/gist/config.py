@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gist_jax.model.config import ConfigError
+from gist_jax.model.config import ConfigError, check_int
 
 MEMORY = ("kv", "recurrent", "none")
 GRANULARITY = ("coarse", "fine")
@@ -72,6 +72,8 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         if isinstance(self.ratios, int):
             object.__setattr__(self, "ratios", (self.ratios,))
+        for r in self.ratios:  # before int(): int(2.5) would silently train ratio 2
+            check_int("compression.ratios", r, 1, fix="give whole compression ratios, e.g. (4, 8)")
         object.__setattr__(self, "ratios", tuple(int(r) for r in self.ratios))
         validate(self)
 
@@ -140,8 +142,9 @@ def validate(c: CompressionConfig) -> None:
             "compression.granularity='fine' with compression.memory='recurrent' is not supported "
             "(it needs a forward pass per gist); use granularity='coarse' (Coarse-Rec) or "
             "memory='kv' (Fine-KV)")
-    if c.segment_length <= 0:
-        raise ConfigError(f"compression.segment_length={c.segment_length} must be positive")
+    check_int("compression.segment_length", c.segment_length, 1, fix="use the raw tokens per segment, e.g. 2048")
+    check_int("compression.num_sinks", c.num_sinks, 0)
+    check_int("compression.bptt_segments", c.bptt_segments, 0, fix="use 0 for unlimited")
     if not c.ratios or min(c.ratios) < 1:
         raise ConfigError(f"compression.ratios={c.ratios} must be non-empty and >= 1")
     bad = [r for r in c.ratios if c.segment_length % r]
@@ -155,8 +158,6 @@ def validate(c: CompressionConfig) -> None:
     if not 0 <= c.num_sinks < c.segment_length:
         raise ConfigError(f"compression.num_sinks={c.num_sinks} must be >= 0 and smaller than "
                           f"compression.segment_length={c.segment_length}")
-    if c.bptt_segments < 0:
-        raise ConfigError(f"compression.bptt_segments={c.bptt_segments} must be >= 0 (0: unlimited)")
     if c.bptt_segments and c.memory != "recurrent":
         raise ConfigError("compression.bptt_segments only applies to memory='recurrent'; set it to 0")
     if c.trainable == "gist_only" and c.memory == "none":

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import mmap
 import pathlib
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -112,12 +115,149 @@ def _field_value(field: Any) -> Any:
     return field.contents()
 
 
-def read_gguf_metadata(path: str | pathlib.Path) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file, decoded to Python. Tensors are not touched."""
+GGUF_MAGIC = b"GGUF"
+
+
+def _damaged(path: str | pathlib.Path, why: str) -> Exception:
+    """The one error for a GGUF file that cannot be read: it names the file and the fix (a
+    ``ConfigError``, so the entry points print one line instead of a numpy traceback)."""
+    from gist_jax.model.config import ConfigError  # local: this module stays importable without jax
+
+    return ConfigError(f"GGUF file {str(path)!r} is truncated or damaged ({why}); re-download it")
+
+
+def check_magic(path: str | pathlib.Path) -> None:
+    """A missing file, or one that is not GGUF at all (an HF safetensors file, an HTML error page
+    saved under a .gguf name), as ``ConfigError`` naming the file."""
+    from gist_jax.model.config import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(GGUF_MAGIC))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ConfigError(f"GGUF file {str(path)!r} does not exist or is not a file; give the path of a .gguf "
+                          "file") from None
+    if head != GGUF_MAGIC:
+        raise ConfigError(f"{str(path)!r} is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r}); "
+                          "give a llama.cpp .gguf file (a Hugging Face model is a directory: hf:<dir>)")
+
+
+def open_reader(path: str | pathlib.Path) -> Any:
+    """``gguf.GGUFReader`` over ``path``; a file that is not GGUF or is cut short raises
+    ``ConfigError`` naming it. The reader itself fails deep inside numpy (``cannot reshape``,
+    ``size must be a divisor``), which says nothing about which file or what to do."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    check_magic(path)
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error) as e:
+        raise _damaged(path, f"{type(e).__name__}: {e}") from None
+
+
+def read_gguf_metadata(path: str | pathlib.Path) -> dict[str, Any]:
+    """All key/value metadata of a GGUF file, decoded to Python. Tensors are not touched."""
+    reader = open_reader(path)
     return {key: _field_value(field) for key, field in reader.fields.items()}
+
+
+# -- a cheap integrity check (start-up checks, before anything loads) ---------------------------------
+# ``gguf.GGUFReader`` builds a numpy view per metadata item (~2 s for SmolLM2's 49k-token
+# vocabulary); walking the header with ``struct`` takes a fraction of that and answers what a start-up
+# check needs: is it GGUF, does the file hold every byte its header promises, and what model is it.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFHeader:
+    """What a GGUF header declares: metadata (arrays included) and tensor names."""
+
+    metadata: dict[str, Any]
+    tensor_names: list[str]
+
+    def hf_config(self) -> dict[str, Any]:
+        return hf_config_from_metadata(self.metadata, self.tensor_names)
+
+
+class _Cursor:
+    """Sequential little/big-endian reads over the header bytes; running off the end is ``struct.error``."""
+
+    def __init__(self, data: bytes, order: str):
+        self.data, self.order, self.pos = data, order, 0
+
+    def take(self, fmt: str, count: int = 1) -> tuple:
+        fmt = f"{self.order}{count}{fmt}"
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str:
+        (length,) = self.take("Q")
+        if self.pos + length > len(self.data):
+            raise struct.error("string runs past the end of the file")
+        text = self.data[self.pos:self.pos + length].decode("utf-8", errors="replace")
+        self.pos += length
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item, count = self.take("I")[0], self.take("Q")[0]
+            if item in (_STRING, _ARRAY):
+                return [self.value(item) for _ in range(count)]
+            return list(self.take(_scalar_format(item), count))
+        return self.take(_scalar_format(kind))[0]
+
+
+def _scalar_format(kind: int) -> str:
+    if kind not in _SCALARS:
+        raise ValueError(f"unknown metadata value type {kind}")
+    return _SCALARS[kind]
+
+
+def read_gguf_header(path: str | pathlib.Path) -> GGUFHeader:
+    """The header of a GGUF file, checked against the file's size; ``ConfigError`` naming the file
+    when it is missing, not GGUF, or shorter than its tensors need (an interrupted download)."""
+    check_magic(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _parse_header(path, data)
+
+
+def _parse_header(path: str | pathlib.Path, data: Any) -> GGUFHeader:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
+        cur = _Cursor(data, order)
+        cur.pos = 4
+        (version,) = cur.take("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+        tensor_count, kv_count = cur.take("Q", 2)
+        metadata = {}
+        for _ in range(kv_count):
+            key = cur.string()
+            metadata[key] = cur.value(cur.take("I")[0])
+        names, end = [], 0
+        for _ in range(tensor_count):
+            name = cur.string()
+            (n_dims,) = cur.take("I")
+            dims = cur.take("Q", n_dims)
+            kind, offset = cur.take("I")[0], cur.take("Q")[0]
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            names.append(name)
+            end = max(end, offset + math.prod(dims) // block * type_size)
+        alignment = int(metadata.get("general.alignment", 32))
+        data_start = -(-cur.pos // alignment) * alignment
+    except struct.error:
+        raise _damaged(path, f"its header stops at byte {len(data)}, the end of the file") from None
+    except (ValueError, KeyError, OverflowError) as e:
+        raise _damaged(path, f"unreadable header: {e}") from None
+    if data_start + end > len(data):
+        raise _damaged(path, f"{len(data)} bytes, but its tensors need {data_start + end}")
+    return GGUFHeader(metadata, names)
 
 
 def tokenizer_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -193,9 +333,7 @@ def _dequantize(tensor: Any) -> np.ndarray:
 
 def read_gguf(path: str | pathlib.Path) -> GGUFContents:
     """Config, dequantized float32 state dict (transformers names/shapes) and tokenizer metadata."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = open_reader(path)
     metadata = {key: _field_value(field) for key, field in reader.fields.items()}
     tensor_names = [t.name for t in reader.tensors]
     config = hf_config_from_metadata(metadata, tensor_names)

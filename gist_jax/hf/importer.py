@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from gist_jax.hf import families
-from gist_jax.model.config import ModelConfig
+from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.transformer import Params, to_layout
 
 
@@ -55,13 +55,72 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray],
     return to_layout(params, cfg)
 
 
+def read_hf_config(directory: str | pathlib.Path) -> dict[str, Any]:
+    """``config.json`` of an HF directory; ``ConfigError`` naming the path when the directory, the
+    file or valid JSON is missing (instead of a bare ``FileNotFoundError`` traceback)."""
+    directory = pathlib.Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(f"HF directory {str(directory)!r} does not exist; give a directory with config.json "
+                          "and *.safetensors (a save_pretrained output)")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{str(directory)!r} has no config.json: not a Hugging Face model directory; give "
+                          "a save_pretrained output")
+    try:
+        hf_config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{str(path)!r} is not valid JSON ({e}); re-download or re-save the model") from None
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{str(path)!r} holds a {type(hf_config).__name__}, not a config object; re-save the model")
+    return hf_config
+
+
+def check_hf_weights(directory: str | pathlib.Path) -> None:
+    """The safetensors files ``SafetensorsCheckpoint`` will open exist (no tensor is read): one
+    ``model.safetensors``, or an index whose every shard is present."""
+    directory = pathlib.Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{str(index)!r} is not a safetensors index ({type(e).__name__}: {e}); "
+                              "re-download it") from None
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise ConfigError(f"{str(directory)!r} lacks {len(missing)} of the {len(shards)} shards its index names, "
+                              f"e.g. {missing[0]!r}; finish the download")
+    elif not (directory / "model.safetensors").is_file():
+        raise ConfigError(f"{str(directory)!r} has neither model.safetensors nor model.safetensors.index.json; "
+                          "save the model with save_pretrained(..., safe_serialization=True)")
+
+
+def model_config_from_hf(hf_config: dict[str, Any], source: str | pathlib.Path, **overrides: Any) -> ModelConfig:
+    """``families.config_from_hf``, with a key the family needs but ``source`` lacks reported as
+    ``ConfigError`` naming the file and the key (not a ``KeyError`` traceback)."""
+    try:
+        return families.config_from_hf(hf_config, **overrides)
+    except KeyError as e:
+        raise ConfigError(f"{str(source)!r} has no {e.args[0]!r}, which a {hf_config.get('model_type')!r} config "
+                          "needs; re-download or re-save the model") from None
+
+
+def hf_model_config(directory: str | pathlib.Path, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of an HF directory from ``config.json`` alone, its weight files checked
+    for presence: what start-up checks need to know before any tensor is read."""
+    cfg = model_config_from_hf(read_hf_config(directory), pathlib.Path(directory) / "config.json", **overrides)
+    check_hf_weights(directory)
+    return cfg
+
+
 def load_hf_dir(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, Params]:
     """Local HF directory (config.json + safetensors, sharded or not) -> (config, params)."""
     from gist_jax.hf.safetensors_io import SafetensorsCheckpoint
 
     directory = pathlib.Path(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
-    cfg = families.config_from_hf(hf_config, **overrides)
+    hf_config = read_hf_config(directory)
+    cfg = model_config_from_hf(hf_config, directory / "config.json", **overrides)
+    check_hf_weights(directory)
     ckpt = SafetensorsCheckpoint(directory)
     keys = ckpt.keys()
     if "gist" in hf_config:  # a gist_jax export: the base model only (load_gist_hf_dir keeps the gists)
@@ -79,11 +138,11 @@ def load_gist_hf_dir(directory: str | pathlib.Path, **overrides: Any):
     from gist_jax.hf.safetensors_io import SafetensorsCheckpoint
 
     directory = pathlib.Path(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
+    hf_config = read_hf_config(directory)
     section = hf_config.get(gist_names.SECTION)
     comp = (gist_names.compression_from_section(section) if section
             else CompressionConfig(memory="none", ratios=(1,), ratio_sampling="fixed", num_sinks=0))
-    cfg = model_config_for(families.config_from_hf(hf_config, **overrides), comp)
+    cfg = model_config_for(model_config_from_hf(hf_config, directory / "config.json", **overrides), comp)
     ckpt = SafetensorsCheckpoint(directory)
     return cfg, comp, params_from_hf_tensors(cfg, ckpt.get, ckpt.keys(), gist_names.all_rules(cfg))
 
@@ -93,6 +152,6 @@ def load_gguf(path: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, 
     from gist_jax.hf.gguf import read_gguf
 
     contents = read_gguf(path)
-    cfg = families.config_from_hf(contents.hf_config, **overrides)
+    cfg = model_config_from_hf(contents.hf_config, path, **overrides)
     state = contents.state_dict
     return cfg, params_from_hf_tensors(cfg, state.__getitem__, state.keys())

@@ -8,6 +8,8 @@ scaling, q/k/v bias, tied head), so one config and one implementation serve them
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,6 +20,54 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and the fix."""
+
+
+# -- value checks shared by every config dataclass ---------------------------------------------------
+# One wording for "a count must be >= n" and "a number must be finite and in range", so every
+# section's __post_init__ reports ``<section.key>=<value>: <what is wrong>; <fix>`` the same way.
+# Floats are checked for NaN/inf explicitly: every ordinary comparison with NaN is False, so a
+# plain ``value <= 0`` check lets NaN through to the first training step.
+
+def check_int(key: str, value: Any, minimum: int, fix: str = "") -> None:
+    """``value`` is an integer (numpy ints too, bools not) and ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{key}={value!r}: must be an integer; {fix or f'use a whole number >= {minimum}'}")
+    if value < minimum:
+        what = "positive" if minimum == 1 else f">= {minimum}"
+        raise ConfigError(f"{key}={value}: must be {what}; {fix or f'use a value >= {minimum}'}")
+
+
+def check_float(key: str, value: Any, low: float = 0.0, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False, fix: str = "") -> None:
+    """``value`` is a finite real number between ``low`` and ``high`` (each end included unless open)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: must be a finite number; {fix or 'give a real value'}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        raise ConfigError(f"{key}={value!r}: must be {_interval(low, high, low_open, high_open)}; "
+                          f"{fix or 'use a value in that range'}")
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if math.isinf(high):
+        return f"{'>' if low_open else '>='} {low:g}" if low or not low_open else "positive"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_dtype_name(key: str, value: str) -> None:
+    """``value`` names a numpy/JAX dtype (``float32``, ``bfloat16``, ...)."""
+    try:
+        jnp.dtype(value)
+    except TypeError as e:
+        raise ConfigError(f"{key}={value!r} is not a dtype name; use e.g. 'float32' or 'bfloat16'") from e
+
+
+def check_remat_policy(key: str, value: str) -> None:
+    from gist_jax.model.remat import REMAT_POLICIES  # local: avoids an import cycle
+
+    if value not in REMAT_POLICIES:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +167,11 @@ def validate(cfg: ModelConfig) -> None:
             f"use one of {ROPE_TYPES}"
         )
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"model.{key}={getattr(cfg, key)} must be positive")
+                "num_kv_heads", "head_dim", "max_position_embeddings"):
+        check_int(f"model.{key}", getattr(cfg, key), 1)
+    check_float("model.rms_norm_eps", cfg.rms_norm_eps, low_open=True)
+    check_float("model.rope_theta", cfg.rope_theta, low_open=True)
+    check_float("model.rope_scaling.factor", cfg.rope_scaling.factor, low_open=True)
     if cfg.num_heads % cfg.num_kv_heads:
         raise ConfigError(
             f"model.num_heads={cfg.num_heads} is not a multiple of model.num_kv_heads="
@@ -130,17 +182,8 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.num_gist_embeddings < 0:
         raise ConfigError(f"model.num_gist_embeddings={cfg.num_gist_embeddings} must be >= 0")
     for key in ("dtype", "param_dtype"):
-        try:
-            jnp.dtype(getattr(cfg, key))
-        except TypeError as e:
-            raise ConfigError(f"model.{key}={getattr(cfg, key)!r} is not a dtype name") from e
-    from gist_jax.model.remat import REMAT_POLICIES  # local: avoids an import cycle
-
-    if cfg.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(
-            f"model.remat_policy={cfg.remat_policy!r} is unknown; use one of "
-            f"{sorted(REMAT_POLICIES)}"
-        )
+        check_dtype_name(f"model.{key}", getattr(cfg, key))
+    check_remat_policy("model.remat_policy", cfg.remat_policy)
 
 
 # Named shapes. Real checkpoints bring their own config through the importers; these serve

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gist_jax.model.config import ConfigError
+from gist_jax.model.config import ConfigError, check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +45,20 @@ class OptimizerConfig:
     grad_clip_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ConfigError(f"optimizer.learning_rate={self.learning_rate} must be positive")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ConfigError(f"optimizer.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"optimizer.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.total_steps <= 0:
-            raise ConfigError(f"optimizer.total_steps={self.total_steps} must be positive")
+        check_float("optimizer.learning_rate", self.learning_rate, low_open=True, fix="use e.g. 1e-5")
+        check_float("optimizer.warmup_fraction", self.warmup_fraction, 0.0, 1.0, high_open=True,
+                    fix="use the share of total_steps spent warming up, e.g. 0.01")
+        check_float("optimizer.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0,
+                    fix="use the final learning rate as a fraction of the peak, e.g. 0.5")
+        check_int("optimizer.total_steps", self.total_steps, 1)
+        for key in ("b1", "b2"):
+            check_float(f"optimizer.{key}", getattr(self, key), 0.0, 1.0, high_open=True,
+                        fix="Adam's moment decay is in [0, 1), e.g. b1=0.9, b2=0.95")
+        check_float("optimizer.eps", self.eps, low_open=True, fix="use e.g. 1e-8 (0 divides by zero on unused rows)")
+        check_float("optimizer.weight_decay", self.weight_decay, fix="use 0 for none, e.g. 0.1")
+        check_float("optimizer.grad_clip_norm", self.grad_clip_norm, low_open=True,
+                    fix="gradients are always clipped to this global norm: use e.g. 1.0, or 1e9 to "
+                        "make the clip a no-op")
 
     @property
     def warmup_steps(self) -> int:
@@ -79,10 +85,10 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.tie_source not in ("online", "precomputed"):
             raise ConfigError(f"objective.tie_source={self.tie_source!r} must be 'online' or 'precomputed'")
-        if self.tie_gamma <= 0:
-            raise ConfigError(f"objective.tie_gamma={self.tie_gamma} must be positive")
-        if self.ae_lambda < 0:
-            raise ConfigError(f"objective.ae_lambda={self.ae_lambda} must be >= 0")
+        check_float("objective.tie_gamma", self.tie_gamma, low_open=True, fix="use e.g. 2.0")
+        check_float("objective.ae_lambda", self.ae_lambda, fix="use 0 to turn the AE loss off, e.g. 1.0")
+        # ae_layer's range needs the model's layer count: gist_jax.experiment.check_model_matches_run
+        # checks it once the model config is known (before the weights load where that is cheap).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +104,10 @@ class StepConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.microbatches <= 0 or self.batch_size % self.microbatches:
+        check_int("step.batch_size", self.batch_size, 1, fix="use the global number of sequences per step, e.g. 8")
+        check_int("step.seq_len", self.seq_len, 1, fix="use the raw tokens per sequence, e.g. 2048")
+        check_int("step.microbatches", self.microbatches, 1, fix="use 1 for no gradient accumulation")
+        check_int("step.seed", self.seed, 0)
+        if self.batch_size % self.microbatches:
             raise ConfigError(f"step.batch_size={self.batch_size} is not divisible by "
                               f"step.microbatches={self.microbatches}")

@@ -23,11 +23,12 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def check_finite(step: int, metrics: dict[str, float], last_checkpoint: str) -> None:
+def non_finite_metric(metrics: dict[str, float]) -> str | None:
+    """``key=value`` of the first non-finite training metric, or None."""
     for key in FINITE_KEYS:
         if key in metrics and not math.isfinite(metrics[key]):
-            raise TrainingDiverged(f"{key}={metrics[key]} at step {step}: stopping. Last good checkpoint: "
-                                   f"{last_checkpoint}. Lower optimizer.learning_rate or check the data, then resume.")
+            return f"{key}={metrics[key]}"
+    return None
 
 
 class MetricsWriter:

@@ -8,6 +8,7 @@ and RNG, so a run restored at step k continues exactly as if it had never stoppe
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -20,16 +21,16 @@ import numpy as np
 
 from gist_jax.data.loader import BatchLoader
 from gist_jax.distributed import is_primary
-from gist_jax.experiment import ModelSection, RunConfig, check_model_matches_data
+from gist_jax.experiment import ModelSection, RunConfig, check_model_matches_data, check_model_matches_run
 from gist_jax.flops import peak_flops, step_objectives, train_flops_per_step
 from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ConfigError, ModelConfig, preset
-from gist_jax.train.checkpoint import Checkpointer, layout_metadata
+from gist_jax.train.checkpoint import Checkpointer, NonFiniteState, layout_metadata
 from gist_jax.train.evaluation import PerplexityEvaluator
-from gist_jax.train.hooks import (MetricsWriter, PreemptionWatch, Profiler, Throughput, check_finite,
-                                  format_line)
+from gist_jax.train.hooks import (MetricsWriter, PreemptionWatch, Profiler, Throughput, TrainingDiverged,
+                                  format_line, non_finite_metric)
 from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh, replicated
 from gist_jax.train.state import create_train_state
 from gist_jax.train.step import build_train_step
@@ -63,18 +64,30 @@ def step_ratios(run: RunConfig, step: int, num_segments: int) -> tuple[tuple[int
 
 
 class StepFunctions:
-    """One AOT-compiled update per layout shape (per ratio with ``per_instance`` sampling)."""
+    """One AOT-compiled update per layout shape (per ratio with ``per_instance`` sampling).
+
+    The layout's arrays (masks, positions) are data, copied to the devices once per distinct
+    layout and kept in a small LRU keyed by the layout's value (``GistLayout.digest``):
+    per-segment ratio sampling meets thousands of layouts, and a key by object identity would
+    hand a step another layout's masks once ``cached_layout`` evicts and an id is reused.
+    """
+
+    MAX_DEVICE_LAYOUTS = 64
 
     def __init__(self, make: Callable, mesh, on_compile: Callable[[str, float], None]):
         self.make, self.mesh, self.on_compile = make, mesh, on_compile
         self._compiled: dict[Any, Callable] = {}
-        self._arrays: dict[int, dict] = {}
+        self._arrays: collections.OrderedDict[str, dict] = collections.OrderedDict()
 
     def arrays(self, layout: GistLayout) -> dict:
-        key = id(layout)  # layouts are memoised by cached_layout, so identity is stable
-        if key not in self._arrays:
+        key = layout.digest
+        if key in self._arrays:
+            self._arrays.move_to_end(key)
+        else:
             rep = replicated(self.mesh)
             self._arrays[key] = {k: jax.device_put(np.asarray(v), rep) for k, v in layout_arrays(layout).items()}
+            if len(self._arrays) > self.MAX_DEVICE_LAYOUTS:
+                self._arrays.popitem(last=False)
         return self._arrays[key]
 
     def __call__(self, state, batch, layout: GistLayout):
@@ -95,18 +108,29 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
                           "mount it with gcsfuse, e.g. /gcs/<bucket>/runs/<name>); URLs are not supported")
     workdir = pathlib.Path(workdir).absolute()
     comp, step_cfg = run.compression, run.step
-    if is_primary():
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
-    writer = MetricsWriter(workdir)
     run_start = time.perf_counter()
 
     # ------------------------------------------------------------------ mesh
     mesh = make_mesh(step_cfg.mesh)
     check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
 
+    # Before anything heavy loads: a workdir whose checkpoint this config cannot resume is refused.
+    # (The checkpoint directory is only created once the model, data and state are known to load.)
+    def open_checkpoints() -> Checkpointer:
+        return Checkpointer(workdir / "checkpoints", run.checkpoint.keep, run.checkpoint.milestone_every,
+                            run.checkpoint.async_save)
+
+    ckpt = open_checkpoints() if (workdir / "checkpoints").is_dir() else None
+    if ckpt is not None:
+        ckpt.check_resume(run.to_dict())
+    if is_primary():
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+    writer = MetricsWriter(workdir)
+
     # ------------------------------------------------------------------ model and data
     base_cfg, base_params = load_base_model(run.model)
+    check_model_matches_run(base_cfg, run)
     from gist_jax.tokenizer import tokenizer_from_spec
 
     tok = tokenizer_from_spec(run.data.tokenizer)
@@ -120,9 +144,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     layout_meta = layout_metadata(model_cfg, comp, state)
 
     # ------------------------------------------------------------------ restore
-    ckpt = Checkpointer(workdir / "checkpoints", run.checkpoint.keep, run.checkpoint.milestone_every,
-                        run.checkpoint.async_save)
-    restored = ckpt.restore_latest(state, layout_meta)
+    ckpt = ckpt or open_checkpoints()
+    restored = ckpt.restore_latest(state, layout_meta, run.to_dict())
     start = 0
     if restored is not None:
         start, state, data_state = restored
@@ -130,7 +153,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
         writer.console(f"resumed from {ckpt.directory}/{start}")
 
     def save(step: int) -> None:
-        ckpt.save(step, state, loader.state(), run.to_dict(), layout_meta)
+        try:
+            ckpt.save(step, state, loader.state(), run.to_dict(), layout_meta)
+        except NonFiniteState as e:
+            raise TrainingDiverged(f"{e}. Last good checkpoint: {ckpt.describe_latest()}. Lower "
+                                   "optimizer.learning_rate or check the data, then rerun to resume") from None
 
     def export_hf(step: int) -> None:  # every process: leaves are gathered collectively, process 0 writes
         from gist_jax.hf.export import export_params
@@ -177,15 +204,20 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     def finish_step(step: int, metrics_device: dict) -> None:
         metrics = {k: float(v) for k, v in jax.device_get(metrics_device).items()}
-        check_finite(step, metrics, last_checkpoint())
+        bad = non_finite_metric(metrics)
+        if bad is not None:
+            # The metrics of step k come from the weights after step k - 1: a checkpoint of that
+            # step (or later) holds the weights that diverged, and must not be resumed from.
+            suspect = [s for s in ckpt.all_steps() if s >= step - 1]
+            moved = [str(ckpt.set_aside(s, "diverged")) for s in suspect]
+            note = f" Moved the checkpoints of those weights aside: {', '.join(moved)}." if moved else ""
+            raise TrainingDiverged(f"{bad} at step {step}: stopping.{note} Last good checkpoint: "
+                                   f"{ckpt.describe_latest()}. Lower optimizer.learning_rate or check the data, "
+                                   "then rerun to resume from it")
         if step % run.train.log_every == 0 or step == total:
             metrics.update(throughput.report(step))
             writer.write(step, metrics)
             writer.console(format_line(step, total, metrics))
-
-    def last_checkpoint() -> str:
-        latest = ckpt.latest_step()
-        return "none yet" if latest is None else str(ckpt.directory / str(latest))
 
     # ------------------------------------------------------------------ loop
     if run.train.eval_at_start and start == 0:
