@@ -128,6 +128,17 @@ def test_resume_equals_uninterrupted(cache_dir, packing):
     np.testing.assert_array_equal(np.asarray(next(no_prefetch)["tokens"]), reference[0]["tokens"])
 
 
+def test_restore_refuses_another_data_stream(cache_dir):
+    """A checkpoint's data state from another stream (here: fewer documents) would silently
+    resume on other batches; refused naming the fix. Cache location and prefetch do not count."""
+    state = _loader(config(cache_dir, max_documents=2)).state()
+    with pytest.raises(ConfigError, match="data stream changed since the checkpoint.*new --workdir"):
+        _loader(config(cache_dir, max_documents=3)).restore(state)
+    same = _loader(DataConfig(**{**config(cache_dir, max_documents=2).__dict__, "prefetch": 0}))
+    same.restore(state)
+    assert same.state() == state
+
+
 def test_batches_depend_on_seed_and_step(cache_dir):
     a = _loader(config(cache_dir, seed=0))
     b = _loader(config(cache_dir, seed=1))
