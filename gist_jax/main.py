@@ -1,7 +1,7 @@
 """Train a gist compressor.
 
     python -m gist_jax.main --config experiments/demo.py --workdir runs/demo
-    python -m gist_jax.main --config experiments/llama3_8b_paper.py:fine_kv --workdir gs://bucket/run \
+    python -m gist_jax.main --config experiments/llama3_8b_paper.py:fine_kv --workdir /gcs/bucket/run \
         --config.model.init=hf:/models/Meta-Llama-3.1-8B --config.optimizer.total_steps=5000
 
 Rerunning the same command resumes from the newest complete checkpoint in the workdir. Several
