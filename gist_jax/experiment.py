@@ -17,7 +17,8 @@ import ml_collections
 
 from gist_jax.data.config import DataConfig
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.model.config import PRESETS, ConfigError, ModelConfig, check_dtype_name, check_int, check_remat_policy
+from gist_jax.model.config import (PRESETS, ConfigError, ModelConfig, check_attention_impl, check_dtype_name,
+                                    check_int, check_remat_policy)
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 
 
@@ -35,6 +36,8 @@ class ModelSection:
     param_dtype: str = ""
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Plain causal attention kernel (passes without gists): auto | dense | blockwise | cudnn | splash.
+    attention_impl: str = "auto"
 
     def __post_init__(self) -> None:
         kind, sep, where = self.init.partition(":")
@@ -48,6 +51,7 @@ class ModelSection:
             if getattr(self, key):
                 check_dtype_name(f"model.{key}", getattr(self, key))
         check_remat_policy("model.remat_policy", self.remat_policy)
+        check_attention_impl("model.attention_impl", self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,7 +41,8 @@ def _comp(memory: str, granularity: str, sinks: int, positions: str = "compresse
 def _model_masks(comp: CompressionConfig, num_raw: int, ratios, monkeypatch) -> list[np.ndarray]:
     """Every [T, S] boolean mask the one-layer model hands to its dense attention while running
     ``compressed_logits`` (one per layer call: one for KV, one per segment for recurrent)."""
-    cfg = model_config_for(ONE_LAYER, comp)
+    # The dense reference: the plain causal kernel (model.attention_impl) builds no mask to read.
+    cfg = model_config_for(ONE_LAYER, comp).replace(attention_impl="dense")
     params = add_gist_params(_base_params(), cfg)
     layout = build_layout(num_raw, comp, ratios,
                           comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None)

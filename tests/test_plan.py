@@ -56,4 +56,7 @@ def test_attention_scores_follow_the_implementation():
     assert per_row("auto", "tpu") == per_row("decomposed", "tpu")
     assert per_row("bank", "tpu", "aligned") == 2 * 40
     assert per_row("bank", "gpu", "aligned") == per_row("flash", "gpu")
-    assert plan.attention_score_bytes(comp_config("none", "fine"), 32, 3) == 3 * 32 * 32 * 4
+    none = comp_config("none", "fine")
+    assert plan.attention_score_bytes(none, 32, 3, causal_impl="dense") == 3 * 32 * 32 * 4
+    assert plan.attention_score_bytes(none, 1024, 3, "cpu", causal_impl="auto") == 3 * 512 * 512 * 4
+    assert plan.attention_score_bytes(none, 1024, 3, "gpu", causal_impl="auto") == 3 * 1024 * 4

@@ -18,9 +18,10 @@ import numpy as np
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import cached_layout
 from gist_jax.gist.params import model_config_for
-from gist_jax.gist.parallel import compressed_logits
-from gist_jax.gist.specs import layout_arrays
+from gist_jax.gist.parallel import compressed_hidden
+from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.loss import lm_token_scores
 from gist_jax.model.transformer import Params
 from gist_jax.train.evaluation import strip_gist_params
 
@@ -135,25 +136,24 @@ def windows(ck: Checkpoint, texts: Iterable[str], length: int, count: int) -> np
 # ----------------------------------------------------------------------------- log-likelihoods
 @functools.lru_cache(maxsize=64)
 def _nll_fn(setting: Setting, length: int) -> Callable:
+    """Jitted ``(params, tokens) -> (nll, correct)`` ``[B, N-1]``: raw rows' hidden states,
+    then the chunked head + CE (``gist_jax.model.loss``), never ``[B, N, V]`` logits."""
     if setting.ratio is None:
         def run(params, tokens):
-            return compressed_logits(setting.cfg, setting.comp, None, params, tokens, {})
-        arrays = {}
+            return compressed_hidden(setting.cfg, setting.comp, None, params, tokens, {})
     else:
         layout = cached_layout(length, setting.comp)
         arrays, shape = layout_arrays(layout), layout.shape
 
         def run(params, tokens):
-            logits = compressed_logits(setting.cfg, setting.comp, shape, params, tokens, arrays)
-            return jnp.take(logits, arrays["raw_position"], axis=1)[:, :length]
+            hidden = compressed_hidden(setting.cfg, setting.comp, shape, params, tokens, arrays)
+            return raw_rows(hidden, arrays, length)
 
     @jax.jit
     def nll(params, tokens_BxN):
-        logits = run(params, tokens_BxN).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(logp, tokens_BxN[:, 1:, None], axis=-1)[..., 0]
-        correct = jnp.argmax(logits[:, :-1], axis=-1) == tokens_BxN[:, 1:]
-        return -picked, correct
+        hidden_BxNxE = run(params, tokens_BxN)
+        scores = lm_token_scores(setting.cfg, params, hidden_BxNxE[:, :-1], tokens_BxN[:, 1:])
+        return scores.nll, scores.correct
 
     return nll
 

@@ -2,8 +2,10 @@
 
 Both return logits in layout order, ``[B, T, V]`` with ``T = layout.shape.length``; the
 sequential reference (``sequential.py``) returns the same array, which is what the tests
-compare. ``raw_embeds_BxNxE`` feeds raw-token embeddings instead of token ids (gradient
-probes); gists always use the gist embedding.
+compare. With ``head=False`` (``compressed_hidden``) they return the final-norm hidden states
+``[B, T, E]`` instead, so losses apply the LM head chunk-wise to the raw rows only
+(``gist_jax/model/loss.py``). ``raw_embeds_BxNxE`` feeds raw-token embeddings instead of token
+ids (gradient probes); gists always use the gist embedding.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
 def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
                 tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                 raw_embeds_BxNxE: jax.Array | None = None,
-                stop_gist_memory_gradient: bool = False, kv_layer: int | None = None):
+                stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
+                head: bool = True):
     """Fine-KV / Coarse-KV in one pass: the dense reference masks, or a structured path
     chosen by ``comp.attention_impl`` (``resolve_attention_impl``; decomposed
     ``structured.py``, flash ``flash.py``, bank ``bank.py``): equal values and gradients, no
@@ -71,8 +74,8 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
         spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:
-        return Decoder(cfg).apply({"params": params}, tokens_BxT, spec, **kwargs)
-    logits, state = Decoder(cfg).apply({"params": params}, tokens_BxT, spec,
+        return Decoder(cfg).apply({"params": params}, tokens_BxT, spec, head=head, **kwargs)
+    logits, state = Decoder(cfg).apply({"params": params}, tokens_BxT, spec, head=head,
                                        mutable=["intermediates"], **kwargs)
     k_LxBxTxKxH, v_LxBxTxKxH = collect_kv(state["intermediates"], cfg)
     return logits, (k_LxBxTxKxH[kv_layer], v_LxBxTxKxH[kv_layer])
@@ -81,7 +84,8 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
 def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
                    tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                    raw_embeds_BxNxE: jax.Array | None = None,
-                   stop_gist_memory_gradient: bool = False, kv_layer: int | None = None):
+                   stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
+                   head: bool = True):
     """Coarse-Rec: ``lax.scan`` over segments with a fixed-size memory of gist states.
 
     Step i runs ``[sinks | memory buffer | segment i raw + gists]`` causally; memory slots of
@@ -148,13 +152,15 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
         outputs = Decoder(cfg).apply(
             {"params": params}, tokens, spec, input_embeds_BxTxE=input_embeds,
             input_embeds_mask_BxT=jnp.broadcast_to(embeds_mask, tokens.shape), return_hidden=True,
-            mutable=["intermediates"] if kv_layer is not None else False)
+            head=head, mutable=["intermediates"] if kv_layer is not None else False)
         if kv_layer is None:
-            (logits_BxTxV, hidden_BxTxE), layer_kv = outputs, ()
+            out, layer_kv = outputs, ()
         else:
-            (logits_BxTxV, hidden_BxTxE), state = outputs
+            out, state = outputs
             k_all, v_all = collect_kv(state["intermediates"], cfg)
             layer_kv = (k_all[kv_layer][:, prefix:], v_all[kv_layer][:, prefix:])
+        # Per-token output: logits, or (head=False) the hidden states themselves.
+        logits_BxTxV, hidden_BxTxE = out if head else (out, out)
         gist_states = hidden_BxTxE[:, prefix + seg_len:prefix + seg_len + slots]
         memory_BxMxE = jax.lax.dynamic_update_slice(
             memory_BxMxE, gist_states.astype(memory_BxMxE.dtype), (0, i * slots, 0))
@@ -181,9 +187,18 @@ def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutSh
                       **kwargs) -> jax.Array:
     """Training forward for a compression config: KV variants in one pass, recurrent as a scan,
     and ``none`` the plain model itself (its layout is the raw sequence). Returns logits, or
-    ``(logits, (k, v))`` of layer ``kv_layer`` when that keyword is given (not for ``none``)."""
+    ``(logits, (k, v))`` of layer ``kv_layer`` when that keyword is given (not for ``none``);
+    ``head=False`` puts final-norm hidden states in place of the logits."""
     if comp.memory == "none":
         return Decoder(cfg).apply({"params": params}, tokens_BxN,
-                                  AttentionSpec.causal(*tokens_BxN.shape))
+                                  AttentionSpec.causal(*tokens_BxN.shape), head=kwargs.get("head", True))
     fn = {"kv": kv_parallel, "recurrent": recurrent_scan}[comp.memory]
     return fn(cfg, comp, shape, params, tokens_BxN, arrays, **kwargs)
+
+
+def compressed_hidden(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, **kwargs):
+    """``compressed_logits`` without the LM head: final-norm hidden states ``[B, T, E]`` in
+    layout order (and ``(k, v)`` with ``kv_layer``). What every loss consumes: the head is
+    applied by ``gist_jax.model.loss`` to the labelled rows only, chunk by chunk."""
+    return compressed_logits(cfg, comp, shape, params, tokens_BxN, arrays, head=False, **kwargs)

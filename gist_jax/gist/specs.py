@@ -43,6 +43,13 @@ def gather_raw(raw_BxN: jax.Array, raw_index_T: jax.Array) -> jax.Array:
     return jnp.take(raw_BxN, jnp.maximum(raw_index_T, 0), axis=1)
 
 
+def raw_rows(x_BxTx: jax.Array, arrays: LayoutArrays, num_raw: int) -> jax.Array:
+    """Rows of layout-order activations (hidden states, logits) that belong to raw tokens
+    0..num_raw-1, in raw order: the only rows with an LM label, gathered before the head so
+    gists never reach it."""
+    return jnp.take(x_BxTx, arrays["raw_position"][:num_raw], axis=1)
+
+
 def pad_raw(tokens_BxN: jax.Array, shape: LayoutShape) -> jax.Array:
     extra = shape.padded_raw - tokens_BxN.shape[1]
     return tokens_BxN if extra == 0 else jnp.pad(tokens_BxN, ((0, 0), (0, extra)))

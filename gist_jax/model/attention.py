@@ -12,9 +12,10 @@ from typing import Any
 import flax.linen as nn
 import flax.struct
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from gist_jax.model.causal import causal_attention
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, kernel_init, rope_inverse_frequencies
 from gist_jax.model.remat import ATTN_OUT, QKV_PROJ
@@ -59,6 +60,11 @@ class AttentionSpec:
     def causal(cls, batch: int, length: int, valid: jax.Array | None = None) -> "AttentionSpec":
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         return cls(positions=positions, valid=valid)
+
+    def is_plain_causal(self) -> bool:
+        """Causal by index with at most key padding: a plain causal kernel computes this spec
+        (``causal.causal_attention``) without building ``dense_mask``."""
+        return self.mask is None and self.memory_positions is None and self.structure is None
 
     def dense_mask(self) -> jax.Array:
         """[B, T, T] boolean mask: the explicit mask (or causal) minus padded keys."""
@@ -146,6 +152,13 @@ class Attention(nn.Module):
         q_BxTxNxH = constrain(apply_rope(q_BxTxNxH, spec.positions, inv_freq), BATCH_LENGTH_HEADS)
         if spec.structure is not None and memory is None:
             out_BxTxNxH = spec.structure.attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec, inv_freq)
+            return self._o_proj(checkpoint_name(out_BxTxNxH, ATTN_OUT))
+        if spec.is_plain_causal() and memory is None and cfg.attention_impl != "dense":
+            # No gists, no memory: the fast causal kernel (model.attention_impl), O(T) memory.
+            k_rot_BxTxKxH = constrain(apply_rope(k_BxTxKxH, spec.positions, inv_freq),
+                                      BATCH_LENGTH_KV_HEADS)
+            out_BxTxNxH = causal_attention(q_BxTxNxH, k_rot_BxTxKxH, v_BxTxKxH, spec.valid,
+                                           impl=cfg.attention_impl)
             return self._o_proj(checkpoint_name(out_BxTxNxH, ATTN_OUT))
         keys, values, masks = [], [], []
         b, t = spec.positions.shape

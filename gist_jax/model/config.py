@@ -70,6 +70,13 @@ def check_remat_policy(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
 
 
+def check_attention_impl(key: str, value: str) -> None:
+    from gist_jax.model.causal import IMPLS  # local: keeps config importable on its own
+
+    if value not in IMPLS:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {IMPLS}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """RoPE frequency scaling. ``llama3`` is Llama-3.1's piecewise rescaling of wavelengths."""
@@ -110,6 +117,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
+    # Kernel of plain causal attention (every pass without gists: full-attention baseline, TIE
+    # references, prefill); execution only, the result is the same (gist_jax/model/causal.py).
+    attention_impl: str = "auto"
     # Gist parameters (set from the compression config, see gist_jax/gist/params.py):
     # rows of the gist embedding table (0: none, 1: shared, t: one per slot) and whether
     # gist tokens get their own q/k/v projections in every layer.
@@ -184,6 +194,7 @@ def validate(cfg: ModelConfig) -> None:
     for key in ("dtype", "param_dtype"):
         check_dtype_name(f"model.{key}", getattr(cfg, key))
     check_remat_policy("model.remat_policy", cfg.remat_policy)
+    check_attention_impl("model.attention_impl", cfg.attention_impl)
 
 
 # Named shapes. Real checkpoints bring their own config through the importers; these serve

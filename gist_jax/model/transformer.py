@@ -63,7 +63,10 @@ class Decoder(nn.Module):
                  input_embeds_BxTxE: jax.Array | None = None,
                  input_embeds_mask_BxT: jax.Array | None = None,
                  memory: LayerMemory | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, head: bool = True):
+        """Float32 logits ``[B, T, V]``; ``(logits, hidden)`` with ``return_hidden``; with
+        ``head=False`` only the final-norm hidden states ``[B, T, E]``, for losses that apply
+        the head chunk-wise to the rows that need it (``gist_jax/model/loss.py``)."""
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.storage_dtype,
@@ -99,6 +102,8 @@ class Decoder(nn.Module):
 
         hidden_BxTxE = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype,
                                name="final_norm")(x_BxTxE)
+        if not head:
+            return hidden_BxTxE
         if cfg.tie_embeddings:
             logits_BxTxV = embed.attend(hidden_BxTxE)
         else:
@@ -109,15 +114,6 @@ class Decoder(nn.Module):
             )(hidden_BxTxE)
         logits_BxTxV = constrain(logits_BxTxV, BATCH_LENGTH_VOCAB).astype(jnp.float32)
         return (logits_BxTxV, hidden_BxTxE) if return_hidden else logits_BxTxV
-
-
-def head_weights(cfg: ModelConfig, params: Params) -> jax.Array:
-    """The LM head as an [E, V] matrix in the compute dtype (the embedding when tied), for code
-    that applies the head outside ``Decoder`` (chunked TIE log-probs, the AE decoder). Equal to
-    what ``Decoder`` computes with ``embed.attend`` / ``lm_head``."""
-    if cfg.tie_embeddings:
-        return params["embed"]["embedding"].astype(cfg.compute_dtype).T
-    return params["lm_head"]["kernel"].astype(cfg.compute_dtype)
 
 
 def _dummy_inputs(batch: int = 1, length: int = 8) -> tuple[jax.Array, AttentionSpec]:

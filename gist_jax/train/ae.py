@@ -42,7 +42,8 @@ from gist_jax.gist.specs import LayoutArrays, pad_raw
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
-from gist_jax.model.transformer import Block, Params, head_weights
+from gist_jax.model.loss import DEFAULT_CHUNK, dense_token_scores, lm_head, lm_token_scores
+from gist_jax.model.transformer import Block, Params
 
 
 def decoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -78,12 +79,10 @@ def max_span(comp: CompressionConfig, shape: LayoutShape) -> int:
     return shape.segment_length // shape.slots
 
 
-def _logits(cfg: ModelConfig, params: Params, hidden_XxE: jax.Array) -> jax.Array:
-    """The model's own final norm and LM head (tied or not), float32 logits."""
+def _final_norm(cfg: ModelConfig, params: Params, hidden_XxE: jax.Array) -> jax.Array:
+    """The model's own final norm; its LM head is applied by ``gist_jax.model.loss``."""
     norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype)
-    h = norm.apply({"params": params["final_norm"]}, hidden_XxE)
-    return jnp.einsum("...E,EV->...V", h.astype(cfg.compute_dtype),
-                      head_weights(cfg, params)).astype(jnp.float32)
+    return norm.apply({"params": params["final_norm"]}, hidden_XxE)
 
 
 def _memory(cfg: ModelConfig, k_XxKxH: jax.Array, v_XxKxH: jax.Array) -> LayerMemory:
@@ -111,10 +110,12 @@ def gist_table(comp: CompressionConfig, shape: LayoutShape, arrays: LayoutArrays
 
 def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
             ae_params: dict, tokens_BxN: jax.Array, arrays: LayoutArrays,
-            gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array) -> tuple[jax.Array, dict]:
+            gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array, *,
+            chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, dict]:
     """Batched L_ae. ``arrays`` = ``specs.layout_arrays(layout)`` (nothing extra);
     ``gist_*`` = layer ``ae_layer`` un-rotated (k, v) of every layout token, as returned by
-    ``compressed_logits(..., kv_layer=ae_layer)``. Returns (scalar loss, metrics)."""
+    ``compressed_logits(..., kv_layer=ae_layer)``; ``chunk``: decoder tokens per LM-head
+    chunk. Returns (scalar loss, metrics)."""
     b, p, r_max = tokens_BxN.shape[0], shape.padded_raw, max_span(comp, shape)
     gists = gist_table(comp, shape, arrays)
     g = gists["token"].shape[0]
@@ -149,16 +150,19 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
     dec = decoder_config(cfg)
     hidden_XxRxE, _ = Block(dec).apply({"params": ae_params["block"]}, x_XxRxE, spec,
                                        _memory(dec, k_XxKxH, v_XxKxH))
-    logits_BxGxRxV = _logits(cfg, params, hidden_XxRxE).reshape(b, g, r_max, -1)
-
-    nll_BxGxR = (jax.nn.logsumexp(logits_BxGxRxV, axis=-1)
-                 - jnp.take_along_axis(logits_BxGxRxV, target_BxGxR[..., None], axis=-1)[..., 0])
-    weight_BxGxR = jnp.broadcast_to(target_valid_GxR, (b, g, r_max)).astype(jnp.float32)
+    # G * R rows per sequence (about the raw length): the head + CE run chunk-wise over them,
+    # so the decoder's [B, G, R, V] logits are never built either.
+    hidden_BxGRxE = _final_norm(cfg, params, hidden_XxRxE).reshape(b, g * r_max, -1)
+    valid_BxGxR = jnp.broadcast_to(target_valid_GxR, (b, g, r_max))
+    scores = lm_token_scores(cfg, params, hidden_BxGRxE, target_BxGxR.reshape(b, g * r_max),
+                             valid_BxGxR.reshape(b, g * r_max), chunk=chunk)
+    nll_BxGxR = scores.nll.reshape(b, g, r_max)
+    weight_BxGxR = valid_BxGxR.astype(jnp.float32)
     count_BxG = weight_BxGxR.sum(-1)
     per_gist_BxG = (nll_BxGxR * weight_BxGxR).sum(-1) / jnp.maximum(count_BxG, 1.0)
     has_target_BxG = (count_BxG > 0).astype(jnp.float32)
     loss = (per_gist_BxG * has_target_BxG).sum() / jnp.maximum(has_target_BxG.sum(), 1.0)
-    correct = (jnp.argmax(logits_BxGxRxV, axis=-1) == target_BxGxR).astype(jnp.float32)
+    correct = scores.correct.reshape(b, g, r_max).astype(jnp.float32)
     tokens = weight_BxGxR.sum()
     metrics = {"ae_loss": loss, "ae_accuracy": (correct * weight_BxGxR).sum() / jnp.maximum(tokens, 1.0),
                "ae_tokens": tokens}
@@ -194,5 +198,7 @@ def _span_loss(cfg: ModelConfig, params: Params, block: Params, ae_E: jax.Array,
                          prefix_valid=jnp.ones((1, 1), bool))
     hidden, _ = Block(dec).apply({"params": block}, x_1xnxE[None].astype(cfg.compute_dtype), spec,
                                  _memory(dec, k_KxH[None], v_KxH[None]))
-    logp_nxV = jax.nn.log_softmax(_logits(cfg, params, hidden)[0], axis=-1)
-    return -jnp.mean(logp_nxV[jnp.arange(n), targets_n])
+    h_1xnxE = _final_norm(cfg, params, hidden)
+    scores = dense_token_scores(h_1xnxE, lm_head(cfg, params), targets_n[None],
+                                compute_dtype=cfg.compute_dtype)
+    return jnp.mean(scores.nll)

@@ -71,6 +71,8 @@ class ObjectiveConfig:
 
     tie_source: ``online`` runs the two frozen-reference passes inside the step;
     ``precomputed`` reads per-token weights from the batch (``batch['tie_weights']``).
+    loss_chunk: tokens per chunk of the LM head + cross-entropy (``gist_jax/model/loss.py``);
+    the step's logits peak is ``microbatch x loss_chunk x V`` float32, never ``x T``.
     """
 
     tie: bool = False
@@ -81,8 +83,10 @@ class ObjectiveConfig:
     ae_lambda: float = 1.0
     ae_layer: int = -1
     include_first_segment: bool = True
+    loss_chunk: int = 1024
 
     def __post_init__(self) -> None:
+        check_int("objective.loss_chunk", self.loss_chunk, 1, fix="use e.g. 1024 tokens")
         if self.tie_source not in ("online", "precomputed"):
             raise ConfigError(f"objective.tie_source={self.tie_source!r} must be 'online' or 'precomputed'")
         check_float("objective.tie_gamma", self.tie_gamma, low_open=True, fix="use e.g. 2.0")

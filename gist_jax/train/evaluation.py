@@ -19,9 +19,10 @@ import numpy as np
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import cached_layout
 from gist_jax.gist.params import GIST_PARAM_NAMES, model_config_for
-from gist_jax.gist.parallel import compressed_logits
-from gist_jax.gist.specs import layout_arrays
+from gist_jax.gist.parallel import compressed_hidden
+from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.loss import lm_token_scores, next_token_labels
 from gist_jax.model.transformer import Params
 
 
@@ -40,15 +41,14 @@ def eval_settings(comp: CompressionConfig) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
-def _nll_sums(logits_BxNxV: jax.Array, tokens_BxN: jax.Array, loss_mask_BxN: jax.Array,
-              first_target: int) -> tuple[jax.Array, jax.Array]:
+def _nll_sums(cfg: ModelConfig, params: Params, hidden_BxNxE: jax.Array, tokens_BxN: jax.Array,
+              loss_mask_BxN: jax.Array, first_target: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of NLL, count) over the targets; ``hidden`` = the raw rows' final-norm states."""
     n = tokens_BxN.shape[1]
     j = jnp.arange(n)
     mask = loss_mask_BxN & (j < n - 1)[None] & (j >= first_target)[None]
-    logp = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
-    labels = jnp.concatenate([tokens_BxN[:, 1:], tokens_BxN[:, :1]], axis=1)
-    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    nll = lm_token_scores(cfg, params, hidden_BxNxE, next_token_labels(tokens_BxN), mask).nll
+    return jnp.sum(nll), jnp.sum(mask)
 
 
 class PerplexityEvaluator:
@@ -69,8 +69,9 @@ class PerplexityEvaluator:
             cfg = model_config_for(self.base_cfg, none)
 
             def loss(params, tokens, loss_mask, arrays):
-                logits = compressed_logits(cfg, none, None, strip_gist_params(params), tokens, arrays)
-                return _nll_sums(logits, tokens, loss_mask, first)
+                base = strip_gist_params(params)
+                hidden = compressed_hidden(cfg, none, None, base, tokens, arrays)
+                return _nll_sums(cfg, base, hidden, tokens, loss_mask, first)
             arrays = {}
         else:
             num_segments = comp.num_segments(self.seq_len)
@@ -81,9 +82,9 @@ class PerplexityEvaluator:
             arrays = layout_arrays(layout)
 
             def loss(params, tokens, loss_mask, arrays):
-                logits = compressed_logits(cfg, comp, shape, params, tokens, arrays)
-                raw = jnp.take(logits, arrays["raw_position"], axis=1)[:, :tokens.shape[1]]
-                return _nll_sums(raw, tokens, loss_mask, first)
+                hidden = compressed_hidden(cfg, comp, shape, params, tokens, arrays)
+                raw = raw_rows(hidden, arrays, tokens.shape[1])
+                return _nll_sums(cfg, params, raw, tokens, loss_mask, first)
         jitted = jax.jit(loss)
         self._fns[name] = lambda params, batch: jitted(params, batch["tokens"], batch["loss_mask"], arrays)
         return self._fns[name]

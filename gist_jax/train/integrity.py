@@ -75,7 +75,7 @@ def first_mismatch(saved: dict[str, int], actual: dict[str, int]) -> str | None:
 RESUMABLE_KEYS = (
     "name", "train.", "checkpoint.", "optimizer.total_steps", "optimizer.learning_rate",
     "optimizer.grad_clip_norm", "mesh.", "step.microbatches", "model.dtype", "model.remat_policy",
-    "compression.attention_impl", "data.prefetch", "data.cache_dir",
+    "model.attention_impl", "compression.attention_impl", "objective.loss_chunk", "data.prefetch", "data.cache_dir",
 )
 
 

@@ -11,8 +11,12 @@ reference) and estimated for activations:
   saved per layer  = tokens_per_device * hidden * bytes(dtype) * saved_factor(remat policy)
   attention scores = microbatch_per_device * heads_per_device * (largest score tensor of the
                      attention implementation, ``attention_score_bytes``: T x 2T for the dense
-                     reference, S x Ts^2 + Ts x M decomposed, O(T) for cuDNN flash / Splash)
-  logits           = tokens_per_device * vocab_per_device * 4 * 2          (logits + log-softmax)
+                     reference, S x Ts^2 + Ts x M decomposed, O(T) for cuDNN flash / Splash;
+                     without gists the ``model.attention_impl`` causal kernel: T x T dense,
+                     one block x block tile blockwise, O(T) cuDNN / Splash)
+  logits           = microbatch_per_device * loss_chunk * vocab_per_device * 4 * 2
+                     (one chunk's float32 logits + their gradient: ``gist_jax/model/loss.py``
+                     applies the head chunk-wise to raw rows only, never to all T at once)
 
 ``--compile`` (small configs, mesh <= local devices) also lowers and compiles the real step on
 this machine and prints XLA's own memory analysis next to the estimate.
@@ -33,6 +37,7 @@ from gist_jax.gist.config import ATTENTION_IMPL, CompressionConfig
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.parallel import resolve_attention_impl
 from gist_jax.gist.params import add_gist_params, model_config_for
+from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.transformer import init_params, param_logical_specs
 from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
@@ -64,7 +69,7 @@ def _tree_bytes(abstract: Any, logical: Any, sizes: dict[str, int], select: Any 
 
 
 def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, backend: str = "gpu",
-                          compute_dtype: str = "bfloat16") -> int:
+                          compute_dtype: str = "bfloat16", causal_impl: str = "auto") -> int:
     """float32 bytes of the largest per-layer score tensor the attention implementation holds
     (``rows`` = sequences x heads per device), for ``comp.attention_impl`` as it resolves on
     ``backend`` with ``compute_dtype`` (``parallel.resolve_attention_impl``):
@@ -73,9 +78,16 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
       decomposed  S segments x Ts^2 (local, all at once) + Ts x M (one memory step of the scan)
       flash       cuDNN (gpu): S x E softmax statistics, E = M + Ts; XLA: S x E^2
       bank        Splash (tpu): T softmax statistics (x2)
+
+    Without gists (``memory='none'``) the plain causal kernel ``causal_impl``
+    (``model.attention_impl``, ``causal.resolve_impl``) runs instead.
     """
     if not comp.enabled:
-        return rows * seq_len * seq_len * 4
+        head_dim = 128  # only decides whether cuDNN takes it; every preset's head size does
+        impl = resolve_impl(causal_impl, backend, compute_dtype, head_dim)
+        block = min(DEFAULT_BLOCK, seq_len)
+        per_row = {"dense": seq_len * seq_len, "blockwise": block * block}.get(impl, seq_len)
+        return rows * per_row * 4
     shape = build_layout(seq_len, comp).shape
     t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend)
@@ -114,9 +126,10 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     out["activations_saved"] = cfg.num_layers * tokens * cfg.hidden_size * act_bytes * saved
     heads = cfg.num_heads // sizes["tensor"] if cfg.num_heads % sizes["tensor"] == 0 else cfg.num_heads
     out["attention_scores"] = attention_score_bytes(comp, step.seq_len, micro_per_device * heads, backend,
-                                                    cfg.dtype)
+                                                    cfg.dtype, cfg.attention_impl)
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
-    out["logits"] = tokens * vocab * 4 * 2
+    chunk_tokens = micro_per_device * min(step.objective.loss_chunk, step.seq_len)
+    out["logits"] = chunk_tokens * vocab * 4 * 2
     out["total"] = sum(out.values())
     return out
 
@@ -164,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = 2 ** 30
     print(f"{args.model}, {args.seq} tokens x {args.batch} sequences, mesh {resolve_mesh_shape(mesh_cfg, devices)}, "
           f"{args.memory}/{args.granularity} r={args.ratio}, remat={args.remat}, "
-          f"attention={comp.attention_impl} on {args.backend}")
+          f"attention={comp.attention_impl} on {args.backend}, causal kernel "
+          f"{resolve_impl(base.attention_impl, args.backend, base.dtype, base.head_dim)}")
     for key, value in result.items():
         print(f"  {key:>18}: {value / gib:9.2f} GiB per device")
     verdict = "fits" if result["total"] <= args.device_gib * gib else "does NOT fit"

@@ -20,9 +20,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.params import model_config_for
-from gist_jax.gist.parallel import compressed_logits
-from gist_jax.gist.specs import LayoutArrays
+from gist_jax.gist.parallel import compressed_hidden
+from gist_jax.gist.specs import LayoutArrays, raw_rows
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.loss import lm_token_scores, next_token_labels
 from gist_jax.sharding import activation_mesh
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
@@ -72,15 +73,14 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
     def microbatch_loss(params, ref_params, micro: Batch, arrays: LayoutArrays, denom):
         tokens = micro["tokens"]
         mask = loss_positions(tokens, micro["loss_mask"], seg_len, obj.include_first_segment)
-        out = compressed_logits(cfg, comp, shape, params["model"], tokens, arrays,
+        out = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
                                 **({"kv_layer": obj.ae_layer} if use_ae else {}))
-        logits, gist_kv = (out if use_ae else (out, None))
-        raw_logits = jnp.take(logits, arrays["raw_position"], axis=1)[:, :tokens.shape[1]]
-        labels = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-        logp = jax.nn.log_softmax(raw_logits.astype(jnp.float32), axis=-1)
-        ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-        metrics = {"correct": jnp.sum((jnp.argmax(raw_logits, -1) == labels) & mask),
-                   "tokens": jnp.sum(mask)}
+        hidden, gist_kv = (out if use_ae else (out, None))
+        # Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
+        scores = lm_token_scores(cfg, params["model"], raw_rows(hidden, arrays, tokens.shape[1]),
+                                 next_token_labels(tokens), mask, chunk=obj.loss_chunk)
+        ce = scores.nll
+        metrics = {"correct": jnp.sum(scores.correct), "tokens": jnp.sum(mask)}
         if use_tie:
             if obj.tie_source == "precomputed":
                 weights = micro["tie_weights"] * mask
@@ -94,7 +94,8 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         loss = lm_num / denom
         metrics["lm_num"] = lm_num
         if use_ae:
-            ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv)
+            ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv,
+                                     chunk=obj.loss_chunk)
             loss = loss + obj.ae_lambda * ae / m
             metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])
         return loss, metrics

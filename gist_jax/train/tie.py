@@ -28,32 +28,18 @@ import numpy as np
 
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.transformer import Decoder, head_weights, to_layout
+from gist_jax.model.loss import DEFAULT_CHUNK, lm_token_scores
+from gist_jax.model.transformer import Decoder, to_layout
 
-# Sequence chunk for the LM head: log-probs of the targets are computed chunk by chunk so the
-# [B, N, V] float32 logits (8 GiB per 16K-token Llama-3 sequence) are never materialised.
-LOGIT_CHUNK = 1024
+# Tokens per chunk of the reference's LM head (``gist_jax/model/loss.py``): the [B, N, V]
+# float32 logits (8 GiB per 16K-token Llama-3 sequence) are never materialised.
+LOGIT_CHUNK = DEFAULT_CHUNK
 
 
 def _target_log_probs(cfg: ModelConfig, params: Any, hidden_BxNxE: jax.Array,
                       targets_BxN: jax.Array) -> jax.Array:
-    """log softmax(head(hidden))[target], the head applied like ``Decoder`` applies it."""
-    head_ExV = head_weights(cfg, params)
-
-    def chunk(h_BxCxE: jax.Array, t_BxC: jax.Array) -> jax.Array:
-        logits = jnp.dot(h_BxCxE.astype(cfg.compute_dtype), head_ExV).astype(jnp.float32)
-        picked = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)
-
-    b, n, e = hidden_BxNxE.shape
-    if n <= LOGIT_CHUNK:
-        return chunk(hidden_BxNxE, targets_BxN)
-    pad = -n % LOGIT_CHUNK
-    c = (n + pad) // LOGIT_CHUNK
-    h = jnp.pad(hidden_BxNxE, ((0, 0), (0, pad), (0, 0))).reshape(b, c, LOGIT_CHUNK, e)
-    t = jnp.pad(targets_BxN, ((0, 0), (0, pad))).reshape(b, c, LOGIT_CHUNK)
-    out = jax.lax.map(lambda xs: chunk(*xs), (h.swapaxes(0, 1), t.swapaxes(0, 1)))
-    return out.swapaxes(0, 1).reshape(b, n + pad)[:, :n]
+    """log softmax(head(hidden))[target], chunked, the head applied like ``Decoder`` applies it."""
+    return -lm_token_scores(cfg, params, hidden_BxNxE, targets_BxN, chunk=LOGIT_CHUNK).nll
 
 
 def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
@@ -61,28 +47,48 @@ def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
     """(lp_full_BxN, lp_seg_BxN) float32; position N-1 (no next token) holds 0.
 
     Both are stop-gradient (the params are stopped before the passes, so no residuals are
-    kept and gradients w.r.t. the reference are exact zeros). Two Decoder passes with explicit
-    AttentionSpecs: causal, and block-diagonal causal with segment length ``segment_length``
-    (a static int). Gist parameters in ``params`` are ignored: every token is a raw token.
+    kept and gradients w.r.t. the reference are exact zeros). Two Decoder passes: causal, and
+    block-diagonal causal with segment length ``segment_length`` (a static int). Both run the
+    plain causal kernel (``cfg.attention_impl``, O(N) memory); the block-diagonal pass folds
+    segments into the batch axis, ``[B, N] -> [B * S, L]`` (the last segment padded at its
+    end, which no live query sees), so it costs O(N L). ``attention_impl="dense"`` keeps the
+    explicit ``[B, N, N]`` masks: the reference the fast passes are tested against. Gist
+    parameters in ``params`` are ignored: every token is a raw token.
     """
     params = jax.lax.stop_gradient(to_layout(params, cfg))
     b, n = tokens_BxN.shape
     idx = jnp.arange(n)
-    causal_NxN = idx[None, :] <= idx[:, None]  # [query, key]
-    same_segment_NxN = (idx[:, None] // segment_length) == (idx[None, :] // segment_length)
     positions = jnp.broadcast_to(idx.astype(jnp.int32), (b, n))
-    no_gist = dict(is_gist=jnp.zeros((b, n), bool), gist_slot=jnp.zeros((b, n), jnp.int32))
     targets = jnp.concatenate([tokens_BxN[:, 1:], tokens_BxN[:, :1]], axis=1)
     has_next = idx < n - 1
 
-    def score(mask_NxN: jax.Array) -> jax.Array:
-        spec = AttentionSpec(positions=positions, mask=jnp.broadcast_to(mask_NxN, (b, n, n)),
-                             **no_gist)
-        _, hidden = Decoder(cfg).apply({"params": params}, tokens_BxN, spec, return_hidden=True)
-        lp = _target_log_probs(cfg, params, hidden, targets)
+    def hidden_states(tokens_BxT: jax.Array, positions_BxT: jax.Array,
+                      mask_TxT: jax.Array | None = None) -> jax.Array:
+        shape = tokens_BxT.shape
+        mask = None if mask_TxT is None else jnp.broadcast_to(mask_TxT, shape + shape[-1:])
+        spec = AttentionSpec(positions=positions_BxT, mask=mask, is_gist=jnp.zeros(shape, bool),
+                             gist_slot=jnp.zeros(shape, jnp.int32))
+        _, hidden = Decoder(cfg).apply({"params": params}, tokens_BxT, spec, return_hidden=True)
+        return hidden
+
+    def log_probs(hidden_BxNxE: jax.Array) -> jax.Array:
+        lp = _target_log_probs(cfg, params, hidden_BxNxE, targets)
         return jax.lax.stop_gradient(jnp.where(has_next[None], lp, 0.0))
 
-    return score(causal_NxN), score(causal_NxN & same_segment_NxN)
+    if cfg.attention_impl == "dense":
+        causal_NxN = idx[None, :] <= idx[:, None]  # [query, key]
+        same_segment_NxN = (idx[:, None] // segment_length) == (idx[None, :] // segment_length)
+        return (log_probs(hidden_states(tokens_BxN, positions, causal_NxN)),
+                log_probs(hidden_states(tokens_BxN, positions, causal_NxN & same_segment_NxN)))
+    lp_full = log_probs(hidden_states(tokens_BxN, positions))
+    seg = min(segment_length, n)
+    pad = -n % seg
+    tokens_BSxL = jnp.pad(tokens_BxN, ((0, 0), (0, pad))).reshape(-1, seg)
+    # Every token keeps its own position: the same computation as the block-diagonal mask.
+    positions_BSxL = jnp.broadcast_to(jnp.arange(n + pad, dtype=jnp.int32), (b, n + pad)).reshape(-1, seg)
+    hidden_BSxLxE = hidden_states(tokens_BSxL, positions_BSxL)
+    lp_seg = log_probs(hidden_BSxLxE.reshape(b, n + pad, -1)[:, :n])
+    return lp_full, lp_seg
 
 
 def tie_weights(lp_full_BxN: jax.Array, lp_seg_BxN: jax.Array, loss_mask_BxN: jax.Array,
