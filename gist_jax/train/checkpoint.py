@@ -204,6 +204,7 @@ class Checkpointer:
         sums, finite = state_checksums(saved)
         if not finite:
             raise NonFiniteState(f"the state after step {step} holds NaN or inf; it was not saved")
+        self.wait()  # Orbax would wait for the previous save anyway; its bytes must count as used
         self._check_space(step, saved)
         args = ocp.args.Composite(state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state),
                                   run=ocp.args.JsonSave(run), layout=ocp.args.JsonSave(layout),
@@ -216,7 +217,6 @@ class Checkpointer:
         needed = int(1.02 * sum(x.nbytes for x in jax.tree.leaves(saved))) + SPACE_MARGIN_BYTES
         free = shutil.disk_usage(self.directory).free
         if not _all_processes(free >= needed):
-            self.wait()
             raise DiskFull(f"no space left writing checkpoint {step} at {self.directory} (needs about "
                            f"{needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free); newest complete checkpoint "
                            f"{self.describe_latest()}. Free space or lower checkpoint.keep, then rerun to resume")
