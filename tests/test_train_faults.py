@@ -4,6 +4,7 @@ config keys that may change on resume."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import numpy as np
@@ -83,7 +84,7 @@ def test_enospc_inside_an_orbax_save_becomes_one_disk_full_error(tiny_state, tmp
     run, state = tiny_state
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(disk)], capture_output=True,
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
                              check=False)
     if mounted.returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
@@ -92,12 +93,14 @@ def test_enospc_inside_an_orbax_save_becomes_one_disk_full_error(tiny_state, tmp
         ckpt = Checkpointer(disk / "checkpoints", keep=10)
         ckpt.save(1, state, {"step": 1, "fingerprint": "x"}, run.to_dict(), {})
         ckpt.wait()
+        # Another job takes the space: 64 KiB stay free, far less than a checkpoint (~1 MiB).
+        (disk / "other_job").write_bytes(b"\0" * (shutil.disk_usage(disk).free - (64 << 10)))
         with pytest.raises(DiskFull) as raised:
             ckpt.save(2, state, {"step": 2, "fingerprint": "x"}, run.to_dict(), {})
             ckpt.wait()
         message = str(raised.value)
         assert f"no space left writing checkpoint 2 at {disk / 'checkpoints'}" in message
         assert f"newest complete checkpoint {disk / 'checkpoints'}/1" in message
-        assert [p.name for p in (disk / "checkpoints").iterdir()] == ["1"]
+        assert [p.name for p in (disk / "checkpoints").iterdir()] == ["1"]  # no partial step left
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -118,8 +118,8 @@ class _OrbaxDiskFullFilter(logging.Filter):
         if "orbax" not in record.pathname:
             return True
         error = record.exc_info[1] if record.exc_info else None
-        return not (is_disk_full(error) if error is not None else False) and "No space left on device" not in \
-            record.getMessage() and "Save Finalize thread" not in record.getMessage()
+        disk_full = (error is not None and is_disk_full(error)) or "No space left on device" in record.getMessage()
+        return not disk_full  # any other failure keeps its log: CheckpointSaveFailed points at it
 
 
 _DISK_FULL_FILTER = _OrbaxDiskFullFilter()
