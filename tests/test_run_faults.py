@@ -215,7 +215,10 @@ def test_a_full_disk_stops_with_one_line_and_loses_no_checkpoint(token_cache, tm
         full = run(workdir, token_cache, *overrides)
         assert full.returncode == 4, full.stdout[-2000:] + full.stderr[-2000:]
         err_lines = [line for line in full.stderr.splitlines() if line.strip()]
-        assert len(err_lines) <= 3, full.stderr[-3000:]
+        # Start-up logs of TensorFlow's C++ runtime (when a token store is built) are not the fault.
+        about_the_fault = [line for line in err_lines if any(w in line for w in ("orbax", "Traceback", "Error",
+                                                                               "No space", "checkpoint"))]
+        assert len(about_the_fault) == 1, full.stderr[-3000:]
         newest = checkpoint_steps(workdir)[-1]
         message = err_lines[-1]
         assert (f"no space left writing checkpoint {newest + 1} at {workdir / 'checkpoints'}" in message
