@@ -18,7 +18,7 @@ RATIO_SAMPLING = ("fixed", "per_instance", "per_segment")
 POSITIONS = ("compressed", "aligned")
 GIST_EMBEDDING = ("shared", "per_slot")
 TRAINABLE = ("all", "gist_only")
-ATTENTION_IMPL = ("dense", "decomposed", "flash", "bank", "auto")
+ATTENTION_IMPL = ("dense", "decomposed", "flash", "split", "bank", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +50,12 @@ class CompressionConfig:
                      gist-memory attention merged by log-sum-exp, no T x T matrix,
                      ``gist/structured.py``); ``flash`` (memory laid in front of each segment,
                      one causal ``jax.nn.dot_product_attention`` call: cuDNN on NVIDIA GPUs,
-                     ``gist/flash.py``); ``bank`` (gists-first permutation, one block-sparse
-                     Splash kernel on TPU; aligned positions, one ratio per step,
-                     ``gist/bank.py``); ``auto`` (``flash`` on GPU in bf16/fp16, else ``decomposed``).
+                     ``gist/flash.py``); ``split`` (segment-local causal call + memory call
+                     with key lengths, merged by log-sum-exp, custom backward: exactly the
+                     admitted pairs on cuDNN, ``gist/split.py``); ``bank`` (gists-first
+                     permutation, one block-sparse Splash kernel on TPU; aligned positions, one
+                     ratio per step, ``gist/bank.py``); ``auto`` (on GPU in bf16/fp16 ``split``
+                     when its cuDNN self-test passes, else ``flash``; elsewhere ``decomposed``).
     """
 
     memory: str = "kv"

@@ -10,6 +10,8 @@ ids (gradient probes); gists always use the gist embedding.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -18,25 +20,42 @@ from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
+from gist_jax.gist.split import SplitKV
 from gist_jax.gist.structured import DecomposedKV, structured_spec
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Decoder, Params, collect_kv
+
+_WARNED: set[str] = set()  # fallbacks already reported in this process (one warning each)
 
 
 def resolve_attention_impl(impl: str, whole_segments: bool = True,
                            compute_dtype: str = "bfloat16", backend: str | None = None) -> str:
     """The implementation a KV pass runs, decided at trace time from the backend (default:
     this process's; the memory planner passes the target's): ``auto`` is ``flash`` on GPU
-    with a bf16/fp16 compute dtype (where cuDNN runs it) and ``decomposed`` otherwise;
-    ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash`` and ``bank``
-    need whole segments (a padded segment has dead raw tokens before live gists); a layout
-    with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``, which is exact
-    for every layout."""
+    with a bf16/fp16 compute dtype (where cuDNN runs it): ``split`` when this process is on
+    that GPU and the cuDNN self-test passes (``cudnn_stats.ready``), else ``flash``; and
+    ``decomposed`` otherwise. ``split`` on this process's GPU without a passing self-test
+    falls back to ``flash`` with one warning (off GPU it runs its XLA backend; exact for every
+    layout). ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash`` and
+    ``bank`` need whole segments (a padded segment has dead raw tokens before live gists); a
+    layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``, which is
+    exact for every layout."""
+    from gist_jax.gist import cudnn_stats
+
     on_gpu = (backend or jax.default_backend()) == "gpu"
     if impl == "auto":
         half = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
         impl = "flash" if on_gpu and half else "decomposed"
+        if impl == "flash" and cudnn_stats.ready(backend):
+            impl = "split"
+    if impl == "split" and cudnn_stats.ready(backend) is False:
+        if "split" not in _WARNED:
+            _WARNED.add("split")
+            warnings.warn("compression.attention_impl='split' needs cuDNN attention with explicit "
+                          f"statistics ({cudnn_stats.unavailable_reason()}); running 'flash' instead",
+                          RuntimeWarning, stacklevel=2)
+        impl = "flash"
     if impl == "bank" and on_gpu:
         impl = "flash"
     if impl in ("flash", "bank") and not whole_segments:
@@ -51,7 +70,7 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
                 head: bool = True):
     """Fine-KV / Coarse-KV in one pass: the dense reference masks, or a structured path
     chosen by ``comp.attention_impl`` (``resolve_attention_impl``; decomposed
-    ``structured.py``, flash ``flash.py``, bank ``bank.py``): equal values and gradients, no
+    ``structured.py``, flash ``flash.py``, split ``split.py``, bank ``bank.py``): equal values and gradients, no
     T x T score matrix.
 
     With ``kv_layer`` set, also returns that layer's un-rotated (k, v) ``[B, T, K, H]`` for
@@ -69,6 +88,8 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
             structure = DecomposedKV.from_arrays(arrays, shape)
         elif impl == "flash":
             structure = PrefixCausalKV.from_arrays(arrays, shape)
+        elif impl == "split":
+            structure = SplitKV.from_arrays(arrays, shape)
         else:
             structure = GistBankKV.for_shape(shape, comp)
         spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
