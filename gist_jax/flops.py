@@ -10,6 +10,8 @@ particular kernel happens to execute:
     P_layer   = E*H*(N_q + 2*N_kv) + N_q*H*E + 3*E*F          (q, k, v, o projections; SwiGLU)
     attention = 4 * H * N_q * visible_pairs * num_layers       (QK^T and PV, 2 FLOPs per MAC)
     train(sequence) = 3 * forward                              (backward = 2 x forward)
+                      gist_only: attention 3x, dense 2x + the gist projections' weight
+                      gradients on gist tokens (frozen weights get no weight-gradient matmul)
                     + TIE: forward of the frozen reference, causal + segment-local (no backward)
                     + AE: 3 * forward of the one-block weak decoder
     per step  = train(sequence) * global batch;  MFU = per step / (seconds * devices * peak)
@@ -45,6 +47,7 @@ import numpy as np
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, cached_layout
 from gist_jax.gist.specs import memory_buffer_arrays
+from gist_jax.model import causal as causal_kernel
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train.config import StepConfig
 
@@ -181,16 +184,29 @@ def train_flops_per_sequence(model_cfg: ModelConfig, comp: CompressionConfig, nu
                              ae: bool = False) -> dict[str, float]:
     """``{'dense', 'attention', 'tie', 'ae', 'total'}`` for one sequence of one update.
 
-    dense / attention: 3 x forward of the trained model. ``tie``: online TIE only (precomputed
-    weights cost nothing in the step); ``ae``: the decoder runs (lambda > 0). Like the step,
-    both count only with compression on; ``step_objectives`` derives the flags from a
-    ``StepConfig``.
+    dense / attention: 3 x forward of the trained model (forward, activation gradients,
+    weight gradients). ``comp.trainable='gist_only'``: the base weights are stop-gradient in
+    the step (``train/step.py``), so XLA drops their weight-gradient matmuls; activation
+    gradients still flow through every layer to the gist embedding, and attention's backward
+    (dQ, dK, dV) is all activation gradient. So dense is 2 x forward plus the gist q/k/v
+    projections' weight gradients over the live gist tokens (with ``gist_projections``).
+    ``tie``: online TIE only (precomputed weights cost nothing in the step); ``ae``: the
+    decoder runs (lambda > 0; it always trains). Like the step, both count only with
+    compression on; ``step_objectives`` derives the flags from a ``StepConfig``.
     """
     forward = forward_flops_per_sequence(model_cfg, comp, num_raw, ratios)
+    dense = 3.0 * forward["dense"]
+    if comp.enabled and comp.trainable == "gist_only":
+        dense = 2.0 * forward["dense"]
+        if model_cfg.gist_projections or comp.gist_projections:
+            layout = _layout(num_raw, comp, ratios)
+            gists = int((layout.is_gist & layout.alive).sum())
+            e, h = model_cfg.hidden_size, model_cfg.head_dim
+            dense += 2.0 * e * h * (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * gists * model_cfg.num_layers
     tie_flops = tie_reference_flops(model_cfg, comp, num_raw) if tie and comp.enabled else 0.0
     ae_flops = 3.0 * ae_decoder_forward_flops(model_cfg, comp, num_raw, ratios)["total"] \
         if ae and comp.enabled else 0.0
-    out = {"dense": 3.0 * forward["dense"], "attention": 3.0 * forward["attention"],
+    out = {"dense": dense, "attention": 3.0 * forward["attention"],
            "tie": tie_flops, "ae": ae_flops}
     out["total"] = sum(out.values())
     return out
@@ -211,6 +227,143 @@ def step_objectives(step_cfg: StepConfig, comp: CompressionConfig) -> tuple[bool
     obj = step_cfg.objective
     return (obj.tie and obj.tie_source == "online" and comp.enabled,
             obj.ae and obj.ae_lambda > 0 and comp.enabled)
+
+
+# -- attention pairs each implementation computes ---------------------------------------------------
+
+def blockwise_causal_pairs(t: int, s: int | None = None, block: int | None = None) -> int:
+    """Score entries ``model/causal.py``'s blockwise kernel computes for t queries and s keys
+    (offset 0): query block i (``bq = min(block, t)``, T padded to whole blocks) runs key
+    blocks ``0 .. (i bq + bq - 1) // bk`` (``_last_key_block``), each a full ``bq x bk`` tile,
+    so the skipped upper triangle is counted out and the diagonal tiles are counted whole.
+    ``block`` None: ``causal.DEFAULT_BLOCK`` read now, as the kernel reads it at trace time."""
+    s = t if s is None else s
+    block = block or causal_kernel.DEFAULT_BLOCK
+    bq, bk = min(block, t), min(block, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    i = np.arange(nq)
+    return int(np.minimum(nk, (i * bq + bq - 1) // bk + 1).sum()) * bq * bk
+
+
+def _causal_kernel_pairs(impl: str, t: int) -> int:
+    """One plain causal pass over t tokens: dense builds the whole [t, t] matrix; blockwise
+    and Splash (same block size) the non-skipped tiles; cuDNN the causal triangle (its tile
+    granularity is not modelled, so this is a lower bound)."""
+    if impl == "dense":
+        return t * t
+    if impl == "cudnn":
+        return _causal_pairs(t)
+    return blockwise_causal_pairs(t)
+
+
+def bank_block_pairs(bank: Any) -> int:
+    """Entries of the non-empty ``block x block`` tiles of ``gist/bank.py``'s mask over the
+    padded bank order (Splash computes every tile its block table lists, partial or full).
+    Evaluated with the bank's own ``mask_function`` one row of tiles at a time (O(Tp^2) host
+    work, O(block Tp) memory)."""
+    tp, b = bank.padded_length, bank.block
+    cols = np.arange(tp)
+    tiles = 0
+    for start in range(0, tp, b):
+        rows = np.arange(start, start + b)
+        visible = bank.mask_function(rows[:, None], cols[None, :])
+        tiles += int(visible.reshape(b, tp // b, b).any(axis=(0, 2)).sum())
+    return tiles * b * b
+
+
+def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
+                    ratios: tuple[int, ...] | None = None, *, backend: str | None = None,
+                    tie: bool = False) -> dict[str, Any]:
+    """Attention pairs per layer, head and sequence: what the implementation this config runs
+    on ``backend`` computes (``computed``) against the pairs the mask allows (``exact`` =
+    ``visible_attention_pairs``), for the model pass and, with ``tie``, TIE's two reference
+    passes (``tie_computed``/``tie_exact``). With T layout tokens, S segments of Ts = L + slots
+    tokens, M = sinks + S * slots memory buffer entries, E = M + Ts, c_i live memory entries
+    before segment i:
+
+      KV dense      2 T^2: one [T, T] block per key set, keys at positions and at memory positions
+      decomposed    S Ts^2 (local, segments folded into the batch) + (S - 1) Ts M (memory scan:
+                    segments 1..S-1 against the whole buffer, masked)
+      flash         XLA kernel: S E^2 (each segment's [E, E] scores); cuDNN: sum_i
+                    (c_i + Ts)(c_i + Ts + 1) / 2 (causal with row lengths c_i + Ts)
+      bank          non-empty tiles of the permuted mask (``bank_block_pairs``)
+      split         cuDNN: the exact pairs (``split.split_pairs``: causal triangles over each
+                    segment's live tokens + live queries x c_i); XLA: S Ts^2 + (S - 1) Ts C,
+                    C = sinks + (S - 1) slots (the compacted memory)
+      full / TIE    the plain causal kernel (``model.attention_impl``, ``_causal_kernel_pairs``)
+                    over N raw tokens; TIE's segment-local pass over ceil(N / L) rows of L
+      Coarse-Rec    S passes of the causal kernel (padding: blockwise) over s + S * slots + Ts
+
+    ``impl``/``causal_impl`` name what ran (``parallel.resolve_attention_impl``,
+    ``causal.resolve_impl``; ``backend`` None: this process's).
+    """
+    import jax
+
+    from gist_jax.gist.parallel import resolve_attention_impl
+
+    resolve_impl = causal_kernel.resolve_impl
+
+    backend = backend or jax.default_backend()
+    causal = resolve_impl(model_cfg.attention_impl, backend, model_cfg.dtype, model_cfg.head_dim)
+    out: dict[str, Any] = {"causal_impl": causal,
+                           "exact": visible_attention_pairs(num_raw, comp, ratios)}
+    if not comp.enabled:
+        out.update(impl=f"causal:{causal}", computed=_causal_kernel_pairs(causal, num_raw))
+    else:
+        layout = _layout(num_raw, comp, ratios)
+        shape = layout.shape
+        s, ts, m = shape.num_segments, shape.segment_tokens, shape.memory_size
+        if comp.memory == "recurrent":
+            rec = resolve_impl(model_cfg.attention_impl, backend, model_cfg.dtype,
+                               model_cfg.head_dim, has_padding=True)
+            out.update(impl=f"recurrent:{rec}",
+                       computed=s * _causal_kernel_pairs(rec, shape.num_sinks + s * shape.slots + ts))
+        else:
+            impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments,
+                                          model_cfg.dtype, backend)
+            t = shape.length
+            if impl == "dense":
+                computed = 2 * t * t
+            elif impl == "decomposed":
+                computed = s * ts * ts + (s - 1) * ts * m
+            elif impl == "flash":
+                from gist_jax.gist.flash import CUDNN_DTYPES
+
+                h = model_cfg.head_dim
+                if (backend == "gpu" and model_cfg.dtype in [np.dtype(d).name for d in CUDNN_DTYPES]
+                        and h % 8 == 0 and h <= 128):
+                    impl = "flash:cudnn"
+                    live = memory_buffer_arrays(layout)
+                    # PrefixCausalKV.key_segment: sinks belong to segment 0, seen from segment 1 on.
+                    owner = np.concatenate([np.zeros(shape.num_sinks, np.int32), live["segment"][shape.num_sinks:]])
+                    c_S = np.array([int((live["live"] & (owner < i)).sum()) for i in range(s)])
+                    computed = int(((c_S + ts) * (c_S + ts + 1) // 2).sum())
+                else:
+                    impl, computed = "flash:xla", s * (m + ts) ** 2
+            elif impl == "bank":
+                from gist_jax.gist.bank import GistBankKV
+
+                computed = bank_block_pairs(GistBankKV.for_shape(shape, comp))
+            elif impl == "split":
+                from gist_jax.gist.split import split_pairs
+
+                if backend == "gpu":  # cuDNN skips what causality and the key lengths mask
+                    impl, computed = "split:cudnn", split_pairs(layout)["split"]
+                else:  # XLA: each segment's [Ts, Ts] square, segments 1..S-1 x the buffer
+                    c = shape.num_sinks + (s - 1) * shape.slots
+                    impl, computed = "split:xla", s * ts * ts + (s - 1) * ts * c
+            else:  # an implementation whose computed pairs are not derived here (yet): say so
+                computed = None
+            out.update(impl=impl, computed=None if computed is None else int(computed))
+        if tie:
+            L = min(comp.segment_length, num_raw)
+            rows = -(-num_raw // L)
+            whole, rest = divmod(num_raw, L)
+            out["tie_computed"] = (_causal_kernel_pairs(causal, num_raw)
+                                   + rows * _causal_kernel_pairs(causal, L))
+            out["tie_exact"] = _causal_pairs(num_raw) + whole * _causal_pairs(L) + _causal_pairs(rest)
+    out["computed_over_exact"] = None if out["computed"] is None else out["computed"] / out["exact"]
+    return out
 
 
 def model_flops_6n(model_cfg: ModelConfig, tokens: int) -> float:

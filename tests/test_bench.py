@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import statistics
 import subprocess
 import sys
 
+import pytest
+
 from gist_jax.bench.__main__ import main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 FIELDS = ("tokens_per_s", "step_s", "compile_s", "peak_bytes", "train_flops_per_step",
           "model_tflops_per_s", "mfu", "layout_tokens", "device")
@@ -60,3 +66,67 @@ def test_decode_bench_fields():
     assert d["new_tokens"] == 16 and "decode_tokens_per_s" in d  # None when below timing noise
     # 64 + 32 raw tokens fed: 4 sinks + 5 finished segments x 4 gists + the open segment.
     assert 0 < d["cache_bytes"] < d["uncompressed_cache_bytes"]
+
+
+@pytest.mark.requires("torch", "transformers")
+def test_peer_alternates_and_reports_the_median_of_pair_ratios():
+    """Both sides run the same number of timed repeats, in pairs, and the reported ratio is the
+    median of the per-pair ratios (peer seconds / our seconds), with its spread and the load."""
+    out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4", "--steps", "3",
+                "--peer"])
+    peer = out["peer"]["sdpa"]
+    assert "error" not in peer, peer
+    assert len(peer["ours_step_s"]) == len(peer["peer_step_s"]) == peer["repeats"] == 3
+    pair = [p / o for o, p in zip(peer["ours_step_s"], peer["peer_step_s"])]
+    assert peer["ours_over_peer"] == pytest.approx(statistics.median(pair))
+    assert peer["ratio"]["min"] == pytest.approx(min(pair)) and peer["ratio"]["max"] == pytest.approx(max(pair))
+    assert len(peer["loadavg_before"]) == 3 and peer["torch_threads"] >= 1 and peer["device"] == "cpu"
+
+
+def test_alternate_runs_a_b_a_b_after_warming_both():
+    from gist_jax.bench.peer_torch import alternate, pair_ratios
+
+    calls: list[str] = []
+    # After two warm-up pairs: ours 1, 3, 2 s and peer 4, 3, 10 s. Pair ratios 4, 1, 5 (median 4);
+    # the ratio of the medians would be 4 / 2 = 2 and the mean 10 / 3.
+    times = {"A": iter([9.0, 9.0, 1.0, 3.0, 2.0]), "B": iter([9.0, 9.0, 4.0, 3.0, 10.0])}
+
+    def side(name: str):
+        def step() -> float:
+            calls.append(name)
+            return next(times[name])
+        return step
+
+    ours_s, peer_s = alternate(side("A"), side("B"), repeats=3, warmup=2)
+    assert calls == ["A", "B"] * 5
+    assert ours_s == [1.0, 3.0, 2.0] and peer_s == [4.0, 3.0, 10.0]
+    r = pair_ratios(ours_s, peer_s)
+    assert (r["median"], r["min"], r["max"]) == (4.0, 1.0, 5.0)
+    with pytest.raises(ValueError):
+        pair_ratios([1.0, 2.0], [1.0])
+
+
+def test_real_recipe_flags_tie_ae_gist_only_and_the_causal_path():
+    out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4", "--steps", "1",
+                "--tie", "--ae", "--trainable", "gist_only"])
+    r = out["results"][0]
+    assert (r["tie"], r["ae"], r["trainable"]) == (True, True, "gist_only")
+    assert r["train_flops"]["tie"] > 0 and r["train_flops"]["ae"] > 0
+    pairs = r["attention_pairs"]
+    assert pairs["impl"] == "decomposed" and pairs["tie_computed"] >= pairs["tie_exact"] > 0
+    assert r["attention_pairs_computed_over_exact"] == pytest.approx(pairs["computed"] / pairs["exact"])
+    assert len(r["loadavg"]) == 3 and r["date"] and r["argv"]
+    full = main(["--model", "tiny", "--seq", "64", "--variant", "full", "--steps", "0"])["results"][0]
+    assert full["causal_impl"] == "blockwise" and full["attention_pairs"]["impl"] == "causal:blockwise"
+
+
+def test_config_file_benchmarks_the_runs_own_step():
+    """``--config file:variants`` + ``--config.<key>`` overrides: the step the run would train
+    (its batch, objectives, compression), parsed by the same loader as gist_jax.main."""
+    cfg = str(REPO / "experiments" / "demo.py") + ":tiny,coarse_kv"
+    out = main(["--config", cfg, "--config.step.seq_len=128", "--config.objective.ae=False", "--steps", "0"])
+    r = out["results"][0]
+    assert (r["variant"], r["seq"], r["batch"], r["ae"], r["tie"]) == ("coarse_kv", 128, 8, False, True)
+    assert r["peak_bytes"] > 0 and r["model"] == cfg
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny", "--config.step.seq_len=128"])  # an override without --config

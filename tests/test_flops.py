@@ -234,3 +234,173 @@ def test_cli_compares_with_full_attention(capsys):
                 "--ratio", "4", "--tie", "--ae"])
     out = capsys.readouterr().out
     assert "full attention" in out and "compressed / full attention" in out
+
+
+# -- gist_only: no weight-gradient matmuls for frozen weights -----------------------------------------
+
+@pytest.mark.parametrize("projections", [False, True])
+def test_gist_only_drops_frozen_weight_gradients(projections):
+    cfg = _tiny(gist_projections=projections)
+    comp = CompressionConfig(memory="kv", segment_length=8, ratios=(4,), ratio_sampling="fixed",
+                             num_sinks=2, gist_projections=projections)
+    n = 24
+    fwd = flops.forward_flops_per_sequence(cfg, comp, n)
+    full = flops.train_flops_per_sequence(cfg, comp, n)
+    frozen = flops.train_flops_per_sequence(cfg, comp.replace(trainable="gist_only"), n)
+    assert full["dense"] == pytest.approx(3 * fwd["dense"])
+    assert frozen["attention"] == full["attention"]  # attention's backward is activation gradient
+    # forward + activation gradients; weight gradients only for the gist q/k/v projections,
+    # on the 6 gist tokens of 3 segments (2 per 8-token segment), in each of the 3 layers.
+    gist_weight_grads = 2 * 32 * 8 * (4 + 2 * 2) * 6 * 3 if projections else 0
+    assert frozen["dense"] == pytest.approx(2 * fwd["dense"] + gist_weight_grads)
+    both = flops.train_flops_per_sequence(cfg, comp.replace(trainable="gist_only"), n, tie=True, ae=True)
+    assert both["ae"] == flops.train_flops_per_sequence(cfg, comp, n, ae=True)["ae"]  # the AE always trains
+
+
+# -- attention pairs each implementation computes, counted while the implementation runs --------------
+
+PAIR_CASES = [  # (memory, granularity, sinks, positions, ratio set, num_raw, per-segment ratios)
+    ("kv", "fine", 0, "compressed", (4,), 24, None),
+    ("kv", "coarse", 4, "aligned", (2,), 24, None),
+    ("kv", "fine", 4, "compressed", (2, 4), 20, (4, 2, 4)),
+]
+
+
+def _run_forward(comp: CompressionConfig, num_raw: int, ratios, attention_impl: str = "dense") -> None:
+    cfg = model_config_for(ONE_LAYER, comp).replace(attention_impl=attention_impl)
+    params = add_gist_params(_base_params(), cfg)
+    layout = build_layout(num_raw, comp, ratios,
+                          comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None)
+    tokens = jax.random.randint(jax.random.key(1), (1, num_raw), 0, ONE_LAYER.vocab_size)
+    run = jax.jit(lambda p, t, a: compressed_logits(cfg, comp, layout.shape, p, t, a))
+    jax.block_until_ready(run(params, tokens, layout_arrays(layout)))
+    jax.effects_barrier()
+
+
+
+
+
+@pytest.mark.parametrize("memory,granularity,sinks,positions,ratio_set,num_raw,ratios",
+                         PAIR_CASES + [c for c in CASES if c[0] != "kv"])
+def test_dense_reference_computes_its_masks_full_matrix(
+        memory, granularity, sinks, positions, ratio_set, num_raw, ratios, monkeypatch):
+    """Dense: every entry of every [T, S] mask it is handed (KV: [T, 2T]; Coarse-Rec: one
+    square per segment step; full attention with model.attention_impl='dense': [N, N])."""
+    comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0)
+    masks = _model_masks(comp, num_raw, ratios, monkeypatch)
+    cfg = model_config_for(ONE_LAYER, comp).replace(attention_impl="dense")
+    pairs = flops.attention_pairs(cfg, comp, num_raw, ratios)
+    assert pairs["computed"] == sum(m.size for m in masks)
+    assert pairs["exact"] == _brute_force(masks)[1]
+
+
+@pytest.mark.parametrize("memory,granularity,sinks,positions,ratio_set,num_raw,ratios", PAIR_CASES)
+def test_decomposed_pairs_are_the_score_blocks_it_computes(
+        memory, granularity, sinks, positions, ratio_set, num_raw, ratios, monkeypatch):
+    from gist_jax.gist import structured
+
+    comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0,
+                 attention_impl="decomposed")
+    counted: list[int] = []
+    original = structured.partial_attention
+
+    def recording(q, k, v, mask):  # runs once per call, per scan step inside the memory scan
+        jax.debug.callback(lambda _: counted.append(q.shape[0] * q.shape[1] * k.shape[1]), q[0, 0, 0, 0])
+        return original(q, k, v, mask)
+
+    monkeypatch.setattr(structured, "partial_attention", recording)
+    _run_forward(comp, num_raw, ratios)
+    cfg = model_config_for(ONE_LAYER, comp)
+    assert flops.attention_pairs(cfg, comp, num_raw, ratios)["computed"] == sum(counted)
+
+
+def test_flash_xla_pairs_are_each_segments_square(monkeypatch):
+    comp = _comp("kv", "fine", 4, "compressed", (4,), attention_impl="flash")
+    counted: list[int] = []
+    original = jax.nn.dot_product_attention
+
+    def recording(q, k, v, *args, **kwargs):
+        counted.append(q.shape[0] * q.shape[1] * k.shape[1])  # [B * S, E] x [B * S, E]
+        return original(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    _run_forward(comp, 24, None)
+    pairs = flops.attention_pairs(model_config_for(ONE_LAYER, comp), comp, 24)
+    assert pairs["impl"] == "flash:xla" and pairs["computed"] == sum(counted)
+
+
+@pytest.mark.parametrize("n,block", [(24, 8), (20, 8), (16, 16)])
+def test_blockwise_causal_pairs_are_the_tiles_it_visits(n, block, monkeypatch):
+    """Counted at run time (one count per key tile the online-softmax loop visits) and checked
+    against the causal mask itself: exactly the tiles holding a visible pair."""
+    from gist_jax.model import causal
+
+    monkeypatch.setattr(causal, "DEFAULT_BLOCK", block)
+    counted: list[int] = []
+    original = causal._block_mask
+
+    def recording(i, j, bq, bk, q_offset, valid):
+        jax.debug.callback(lambda _: counted.append(bq * bk), j)
+        return original(i, j, bq, bk, q_offset, valid)
+
+    monkeypatch.setattr(causal, "_block_mask", recording)
+    comp = CompressionConfig(memory="none", ratios=(4,), ratio_sampling="fixed")
+    _run_forward(comp, n, None, attention_impl="blockwise")
+    pairs = flops.attention_pairs(ONE_LAYER.replace(attention_impl="blockwise"), comp, n)
+    assert pairs["impl"] == "causal:blockwise" and pairs["computed"] == sum(counted)
+    b = min(block, n)
+    padded = -(-n // b) * b
+    causal_PxP = np.tril(np.ones((padded, padded), bool))
+    causal_PxP[n:] = False
+    tiles = causal_PxP.reshape(padded // b, b, padded // b, b).any(axis=(1, 3))
+    assert pairs["computed"] == int(tiles.sum()) * b * b
+    assert pairs["exact"] == n * (n + 1) // 2
+
+
+def test_bank_pairs_are_the_non_empty_tiles_of_the_dense_mask():
+    """The bank count (from ``bank.mask_function``) against the dense reference's own mask
+    (``specs.parallel_spec``) permuted to the bank order and cut into tiles."""
+    from gist_jax.gist.bank import GistBankKV
+    from gist_jax.gist.specs import parallel_spec
+
+    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=16, ratios=(4,),
+                             ratio_sampling="fixed", num_sinks=2, positions="aligned", attention_impl="bank")
+    layout = build_layout(48, comp)
+    spec = parallel_spec(layout_arrays(layout), comp, 1)
+    allowed_TxT = np.asarray(spec.mask[0] | spec.memory_mask[0])
+    bank = GistBankKV.for_shape(layout.shape, comp, block=8)
+    perm = bank.permutation()
+    tp = bank.padded_length
+    permuted = np.zeros((tp, tp), bool)
+    real = perm >= 0
+    permuted[np.ix_(real, real)] = allowed_TxT[np.ix_(perm[real], perm[real])]
+    permuted[~real, ~real] = True  # padding rows see themselves
+    tiles = permuted.reshape(tp // 8, 8, tp // 8, 8).any(axis=(1, 3))
+    assert flops.bank_block_pairs(bank) == int(tiles.sum()) * 64
+    pairs = flops.attention_pairs(ONE_LAYER, comp, 48, backend="cpu")
+    assert pairs["impl"] == "bank" and pairs["exact"] == int(allowed_TxT.sum())
+
+
+def test_tie_pairs_cover_both_reference_passes():
+    comp = CompressionConfig(memory="kv", segment_length=512, ratios=(8,), ratio_sampling="fixed")
+    cfg = preset("tiny")
+    pairs = flops.attention_pairs(cfg, comp, 2048, tie=True, backend="cpu")
+    assert pairs["causal_impl"] == "blockwise"
+    assert pairs["tie_computed"] == flops.blockwise_causal_pairs(2048) + 4 * flops.blockwise_causal_pairs(512)
+    assert pairs["tie_exact"] == 2048 * 2049 // 2 + 4 * 512 * 513 // 2
+
+
+@pytest.mark.parametrize("sinks,ratio_set,num_raw", [(4, (4,), 24), (0, (2, 4), 32)])
+def test_split_computes_the_exact_pairs_on_cudnn_and_the_squares_on_xla(sinks, ratio_set, num_raw):
+    """split on a GPU: cuDNN skips what causality and key lengths mask, so computed equals
+    the mask's visible pairs; its XLA backend computes each segment's square and the
+    compacted memory for every later segment's queries."""
+    comp = _comp("kv", "fine", sinks, "compressed", ratio_set, attention_impl="split")
+    cfg = model_config_for(ONE_LAYER, comp).replace(dtype="bfloat16")
+    on_gpu = flops.attention_pairs(cfg, comp, num_raw, backend="gpu")
+    assert on_gpu["impl"] == "split:cudnn" and on_gpu["computed"] == on_gpu["exact"]
+    shape = build_layout(num_raw, comp).shape
+    s, ts = shape.num_segments, shape.segment_tokens
+    on_cpu = flops.attention_pairs(cfg, comp, num_raw, backend="cpu")
+    assert on_cpu["impl"] == "split:xla"
+    assert on_cpu["computed"] == s * ts * ts + (s - 1) * ts * (shape.num_sinks + (s - 1) * shape.slots)

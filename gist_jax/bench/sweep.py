@@ -9,7 +9,8 @@ sweep goes on, so one impossible cell does not lose the table.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gist_jax.bench.train_bench import BenchSpec, format_result, run_train_bench
 
