@@ -6,17 +6,19 @@
 
 Per-device bytes are exact for what is stored (parameter shards from the same rules table the
 step uses, Adam moments for trainable leaves, the gradient accumulator, the frozen TIE
-reference) and estimated for activations:
+reference). Activations are counted from the real loss, not from a rule of thumb:
 
-  saved per layer  = tokens_per_device * hidden * bytes(dtype) * saved_factor(remat policy)
-  attention scores = microbatch_per_device * heads_per_device * (largest score tensor of the
-                     attention implementation, ``attention_score_bytes``: T x 2T for the dense
-                     reference, S x Ts^2 + Ts x M decomposed, O(T) for cuDNN flash / Splash;
-                     without gists the ``model.attention_impl`` causal kernel: T x T dense,
-                     one block x block tile blockwise, O(T) cuDNN / Splash)
-  logits           = microbatch_per_device * loss_chunk * vocab_per_device * 4 * 2
-                     (one chunk's float32 logits + their gradient: ``gist_jax/model/loss.py``
-                     applies the head chunk-wise to raw rows only, never to all T at once)
+  activations_saved = the residuals ``jax.vjp`` of the step's microbatch loss keeps (compressed
+                      forward, TIE's reference passes, chunked LM loss, AE), traced on abstract
+                      per-device inputs for ``--backend`` (``train/plan_trace.py``)
+  working_set       = the largest transient beside them: one layer's backward
+                      (``WORKING_SET_LAYERS`` x what one layer keeps without remat, plus the
+                      blockwise kernel's score tiles), or one loss chunk's float32 logits,
+                      softmax and gradient (``gist_jax/model/loss.py`` never builds [B, T, V])
+
+The test suite holds the total to within 30% of XLA's compiled memory analysis on CPU
+(``tests/test_plan.py``). ``largest attention tensor`` is printed for reference only: the
+biggest score or statistics tensor of the attention implementation (``attention_score_bytes``).
 
 ``--compile`` (small configs, mesh <= local devices) also lowers and compiles the real step on
 this machine and prints XLA's own memory analysis next to the estimate.
@@ -43,12 +45,8 @@ from gist_jax.model.transformer import init_params, param_logical_specs
 from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
+from gist_jax.train.plan_trace import layer_residual_bytes, saved_residual_bytes
 from gist_jax.train.state import logical_param_specs, trainable_tree, uses_ae
-
-# Fraction of a block's activations kept for the backward pass, in units of hidden-size
-# vectors per token (rough, documented in docs/training.md).
-SAVED_VECTORS_PER_LAYER = {"none": 34.0, "dots": 20.0, "dots_no_batch": 16.0,
-                           "qkv_proj": 3.0, "qkv_proj_attn_out": 4.0, "minimal_mlp": 10.0, "full": 1.0}
 
 
 def _shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec, sizes: dict[str, int]) -> int:
@@ -93,14 +91,50 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend)
     if impl == "bank" and backend != "tpu":  # Pallas interpret mode: plain XLA arrays per block
         impl = "dense"
+    on_gpu = backend == "gpu"
     per_row = {"dense": t * 2 * t, "decomposed": s * ts * ts + ts * m, "bank": 2 * t,
-               "flash": s * (m + ts) * (1 if backend == "gpu" else m + ts)}[impl]
+               "flash": s * (m + ts) * (1 if on_gpu else m + ts),
+               # cuDNN: local, memory and merged statistics; XLA: both parts' scores
+               "split": 3 * s * ts if on_gpu else s * ts * ts + (s - 1) * ts * m}[impl]
     return rows * per_row * 4
+
+
+# Working set beyond the saved residuals, in units of one layer's residuals without remat
+# (``plan_trace.layer_residual_bytes``): the backward of one layer holds its gradients beside
+# what it consumes, and under remat the recomputed forward first. Calibrated against XLA's
+# compiled memory analysis on CPU (tests/test_plan.py holds the planner to +-30% of it). The
+# blockwise causal kernel's backward is a kernel of its own (custom VJP) and holds its score
+# tiles instead (``BLOCKWISE_LIVE_TILES``); cuDNN, Splash and the gist bank cannot be measured
+# here and are sized like autodiff layers, an upper bound until a device measures them.
+# Coarse-Rec under remat checkpoints whole segments: its backward recomputes one segment at a
+# time, so its unit is one segment's share of a layer (``recurrent_remat``, per segment).
+# The dense reference under remat recomputes its [T, 2T] scores and holds their gradient and
+# mask beside them (``dense_remat``).
+WORKING_SET_LAYERS = {"none": 1.0, "remat": 1.2, "dense_remat": 2.0, "blockwise": 0.3, "recurrent_remat": 8.0}
+# Live float32 tiles of the blockwise causal kernel (scores, probabilities, their gradients,
+# the mask) per query x key block and head.
+BLOCKWISE_LIVE_TILES = 5
+
+
+def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str) -> str:
+    """The attention implementation the decoder layers run on ``backend``."""
+    if not comp.enabled:
+        return resolve_impl(cfg.attention_impl, backend, cfg.dtype, cfg.head_dim)
+    if comp.memory != "kv":
+        return "dense"
+    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend)
+    return "dense" if impl == "bank" and backend != "tpu" else impl  # Pallas interpret mode off TPU
 
 
 def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
          backend: str = "gpu") -> dict[str, float]:
-    """Per-device bytes by category (and the total); attention as it runs on ``backend``."""
+    """Per-device bytes by category (and the total); attention as it runs on ``backend``.
+
+    Stored state is exact (shards from the rules table). ``activations_saved`` is what the
+    step's backward keeps, traced from the real loss (``plan_trace``). ``working_set`` is the
+    largest transient: one layer's backward (``WORKING_SET_LAYERS``, plus the blockwise
+    kernel's tiles) or one loss chunk's logits, their softmax and gradient.
+    """
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     cfg = model_config_for(base, comp)
     abstract = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
@@ -117,21 +151,35 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
         base_abstract = jax.eval_shape(lambda: init_params(base, jax.random.key(0)))
         out["tie_reference"] = _tree_bytes(base_abstract, param_logical_specs(base), sizes)
 
-    dp = sizes["data"] * sizes["fsdp"]
-    micro_per_device = max(step.batch_size // step.microbatches // dp, 1)
-    layout_len = build_layout(step.seq_len, comp).length if comp.enabled else step.seq_len
-    tokens = micro_per_device * layout_len
-    act_bytes = np.dtype(cfg.dtype).itemsize
-    saved = SAVED_VECTORS_PER_LAYER.get(cfg.remat_policy, 34.0)
-    out["activations_saved"] = cfg.num_layers * tokens * cfg.hidden_size * act_bytes * saved
-    heads = cfg.num_heads // sizes["tensor"] if cfg.num_heads % sizes["tensor"] == 0 else cfg.num_heads
-    out["attention_scores"] = attention_score_bytes(comp, step.seq_len, micro_per_device * heads, backend,
-                                                    cfg.dtype, cfg.attention_impl)
+    micro_per_device = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
+    out["activations_saved"] = saved_residual_bytes(base, comp, step, micro_per_device, backend)
+    impl = layer_attention_impl(cfg, comp, backend)
+    layer = layer_residual_bytes(base, comp, step, micro_per_device, backend)
+    if impl == "blockwise":
+        layer_set = WORKING_SET_LAYERS["blockwise"] * layer
+    elif cfg.remat_policy == "none":
+        layer_set = WORKING_SET_LAYERS["none"] * layer
+    elif comp.memory == "recurrent":
+        layer_set = WORKING_SET_LAYERS["recurrent_remat"] * layer / build_layout(step.seq_len, comp).shape.num_segments
+    else:
+        layer_set = WORKING_SET_LAYERS["dense_remat" if impl == "dense" else "remat"] * layer
+    if sizes["fsdp"] > 1:  # one layer's weights gathered in the compute dtype, and their gradients
+        full_bytes = _tree_bytes(abstract, logical, {k: 1 for k in sizes})
+        layer_set += 2 * full_bytes // cfg.num_layers * np.dtype(cfg.dtype).itemsize // 4
+    if impl == "blockwise":
+        block_q = block_k = min(DEFAULT_BLOCK, step.seq_len)
+        layer_set += BLOCKWISE_LIVE_TILES * micro_per_device * cfg.num_heads * block_q * block_k * 4
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
     chunk_tokens = micro_per_device * min(step.objective.loss_chunk, step.seq_len)
-    out["logits"] = chunk_tokens * vocab * 4 * 2
+    loss_set = chunk_tokens * vocab * 4 * 3  # logits, softmax, their gradient (float32)
+    out["working_set"] = int(max(layer_set, loss_set))
     out["total"] = sum(out.values())
     return out
+
+
+def _data_parallel(mesh: MeshConfig, devices: int) -> int:
+    sizes = resolve_mesh_shape(mesh, devices)
+    return sizes["data"] * sizes["fsdp"]
 
 
 def _parse_mesh(text: str) -> MeshConfig:
@@ -181,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{resolve_impl(base.attention_impl, args.backend, base.dtype, base.head_dim)}")
     for key, value in result.items():
         print(f"  {key:>18}: {value / gib:9.2f} GiB per device")
+    heads = base.num_heads * max(args.batch // args.microbatches // _data_parallel(mesh_cfg, devices), 1)
+    largest = attention_score_bytes(comp, args.seq, heads, args.backend, base.dtype, base.attention_impl)
+    print(f"  (largest attention tensor, {layer_attention_impl(base, comp, args.backend)}: "
+          f"{largest / gib:.2f} GiB per device per layer)")
     verdict = "fits" if result["total"] <= args.device_gib * gib else "does NOT fit"
     print(f"  estimate {verdict} in {args.device_gib:g} GiB per device")
     if args.compile:

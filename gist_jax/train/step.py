@@ -10,7 +10,8 @@ mean over gists (every microbatch has the same layout, hence the same gist count
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +20,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.params import model_config_for
 from gist_jax.gist.parallel import compressed_hidden
+from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import LayoutArrays, raw_rows
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores, next_token_labels
 from gist_jax.sharding import activation_mesh
+from gist_jax.train.ae import ae_loss
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
 from gist_jax.train.optimizer import learning_rate_schedule
-from gist_jax.train.ae import ae_loss
 from gist_jax.train.state import TrainState, trainable_tree, uses_ae
 from gist_jax.train.tie import compute_tie_weights, weight_entropy
 
@@ -52,23 +53,18 @@ def _denominator(mask_BxN: jax.Array, tie_without_rescale: bool) -> jax.Array:
     return jnp.maximum(jnp.sum(mask_BxN), 1).astype(jnp.float32)
 
 
-def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
-                     shape: LayoutShape, tx: optax.GradientTransformation, mesh: Mesh,
-                     state_shardings: Any) -> Callable[[TrainState, Batch, LayoutArrays], tuple]:
-    """A jitted ``(state, batch, layout_arrays) -> (state, metrics)`` for one layout shape.
-
-    ``batch``: ``tokens`` [B, N] int32, ``loss_mask`` [B, N] bool (document/padding masks from
-    the data pipeline), and ``tie_weights`` [B, N] when TIE weights are precomputed. The state
-    is donated.
-    """
-    check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
+def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
+                         shape: LayoutShape) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """``(params, ref_params, micro, arrays, denom) -> (loss, metrics)`` for one microbatch: the
+    compressed forward, the TIE reference passes, the chunked LM loss and the AE loss. Shared by
+    the train step and the memory planner (``train/plan.py`` traces its VJP to count what the
+    backward keeps)."""
     cfg = model_config_for(base_cfg, comp)
     obj = step_cfg.objective
     use_tie = obj.tie and comp.enabled
     use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
     m = step_cfg.microbatches
-    schedule = learning_rate_schedule(step_cfg.optimizer)
 
     def microbatch_loss(params, ref_params, micro: Batch, arrays: LayoutArrays, denom):
         tokens = micro["tokens"]
@@ -99,6 +95,28 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
             loss = loss + obj.ae_lambda * ae / m
             metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])
         return loss, metrics
+
+    return microbatch_loss
+
+
+def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
+                     shape: LayoutShape, tx: optax.GradientTransformation, mesh: Mesh,
+                     state_shardings: Any) -> Callable[[TrainState, Batch, LayoutArrays], tuple]:
+    """A jitted ``(state, batch, layout_arrays) -> (state, metrics)`` for one layout shape.
+
+    ``batch``: ``tokens`` [B, N] int32, ``loss_mask`` [B, N] bool (document/padding masks from
+    the data pipeline), and ``tie_weights`` [B, N] when TIE weights are precomputed. The state
+    is donated.
+    """
+    check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
+    obj = step_cfg.objective
+    use_tie = obj.tie and comp.enabled
+    use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all
+    seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
+    m = step_cfg.microbatches
+    schedule = learning_rate_schedule(step_cfg.optimizer)
+
+    microbatch_loss = make_microbatch_loss(base_cfg, comp, step_cfg, shape)
 
     def step(state: TrainState, batch: Batch, arrays: LayoutArrays):
         trainable = trainable_tree(state.params, comp)
