@@ -24,7 +24,7 @@ def test_train_bench_compare_and_peer(tmp_path):
     out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4",
                 "--variant", "fine_kv", "--steps", "1", "--compare", "--peer",
                 "--json", str(out_path)])
-    assert [r["attention"] for r in out["results"]] == ["dense", "decomposed", "flash"]
+    assert [r["attention"] for r in out["results"]] == ["dense", "decomposed", "flash", "split"]
     for r in out["results"]:
         assert all(k in r for k in FIELDS)
         assert r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and r["mfu"] is None  # CPU: no peak

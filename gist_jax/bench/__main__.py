@@ -3,7 +3,7 @@
 Examples::
 
     python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --ratio 8 --attention decomposed
-    python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --compare   # dense/decomposed/flash
+    python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --compare   # dense/decomposed/flash/split
     python -m gist_jax.bench --model tiny --sweep --contexts 1024 2048 4096 --plot sweep.png
     python -m gist_jax.bench --model tiny --seq 2048 --variant fine_kv --peer       # vs PyTorch
     python -m gist_jax.bench --model tiny --seq 4096 --variant fine_kv --decode 256  # + decoding
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--peak-flops", type=float, default=None,
                    help="device peak FLOP/s for MFU (default: flops.PEAK_FLOPS_PER_DEVICE; none on CPU)")
     p.add_argument("--compare", action="store_true",
-                   help="run the KV variant with dense, decomposed and flash attention; print the "
+                   help="run the KV variant with dense, decomposed, flash and split attention; print the "
                         "ratios to dense")
     p.add_argument("--sweep", action="store_true", help="sweep --contexts x --variants")
     p.add_argument("--contexts", type=int, nargs="*", default=[4096, 8192, 16384, 32768])

@@ -53,8 +53,8 @@ VARIANTS = {  # name -> (memory, granularity)
     "coarse_kv": ("kv", "coarse"),
     "coarse_rec": ("recurrent", "coarse"),
 }
-ATTENTION = ("dense", "decomposed", "flash", "bank", "auto")
-COMPARE = ("dense", "decomposed", "flash")  # --compare (bank: TPU only, interpret mode elsewhere)
+ATTENTION = ("dense", "decomposed", "flash", "split", "bank", "auto")
+COMPARE = ("dense", "decomposed", "flash", "split")  # --compare (bank: TPU only, interpret mode elsewhere)
 TRAINABLE = ("all", "gist_only")  # compression.trainable
 CAUSAL = ("auto", "dense", "blockwise", "cudnn", "splash")  # model.attention_impl (passes without gists)
 
