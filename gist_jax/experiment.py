@@ -11,9 +11,10 @@ and the fix in one line.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
+if TYPE_CHECKING:  # imported where used: the GPU machine has no ml_collections
+    import ml_collections
 
 from gist_jax.data.config import DataConfig
 from gist_jax.gist.config import CompressionConfig
@@ -137,6 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
     d = {name: _defaults(cls) for name, cls in SECTIONS.items() if cls is not None}
     d["step"] = {k: getattr(step, k) for k in STEP_KEYS}
     d["name"] = "run"
+    import ml_collections
+
     return ml_collections.ConfigDict(d)
 
 
@@ -146,7 +149,7 @@ def _section(cd: Any, name: str, cls: type, keys: tuple[str, ...] | None = None)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {name}.{unknown[0]}; known keys of '{name}': {', '.join(known)}")
-    return {k: (v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v) for k, v in values.items()}
+    return {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in values.items()}
 
 
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
@@ -158,7 +161,7 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 
 def run_config(cd: ml_collections.ConfigDict | dict) -> RunConfig:
     """Validates and converts; raises ``ConfigError`` naming the offending key."""
-    cd = cd.to_dict() if isinstance(cd, ml_collections.ConfigDict) else dict(cd)
+    cd = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
     unknown = sorted(set(cd) - set(SECTIONS) - {"name"})
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]}; top-level keys: name, {', '.join(SECTIONS)}")

@@ -18,7 +18,7 @@ TINY = "experiments/demo.py:tiny"
 
 def main_env(token_cache: str, devices: int = 8) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {os.environ.get('GIST_JAX_TEST_XLA_FLAGS', '')}".strip(),
                GIST_JAX_CACHE=token_cache, GIST_JAX_COMPILE_CACHE=str(REPO / ".jax_cache"),
                TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     return env
