@@ -79,7 +79,8 @@ def test_gradient_reaches_decoder_gist_embedding_and_base_layers():
     def grads(params, ae_params):
         def loss(params, ae_params):
             _, (k, v) = compressed_logits(cfg, comp, layout.shape, params, toks, arrays, kv_layer=-1)
-            return ae_loss(cfg, comp, layout.shape, params, ae_params, toks, arrays, k, v)[0]
+            return ae_loss(cfg, comp, layout.shape, params, ae_params, toks, arrays, k, v,
+                           train_shared=True)[0]  # method.md as written
         return jax.grad(loss, argnums=(0, 1))(params, ae_params)
 
     g_params, g_ae = grads(params, ae_params)
@@ -127,3 +128,145 @@ def test_loss_reads_the_gist_kv():
                   jnp.zeros_like(k), jnp.zeros_like(v))
     assert 0.0 <= float(metrics["ae_accuracy"]) <= 1.0
     assert np.isfinite(float(loss)) and abs(float(loss) - float(zero)) > 1e-4
+
+
+# -- the defaults chosen by measurement (docs/ae.md) -------------------------------------------------
+@pytest.mark.parametrize("tied", [False, True])
+def test_default_ae_leaves_embedding_final_norm_and_head_to_the_lm_loss(tied):
+    """The chosen fix (objective.ae_train_shared=False, docs/ae.md): the decoder *uses* the
+    model's token embedding, final norm and LM head but sends them no gradient; the AE trains
+    the gists, the layers that write their KV and its own block. Reverting the default, or the
+    stop-gradient in ae_loss, puts the AE's gradient back on them."""
+    from gist_helpers import BASE
+
+    from gist_jax.gist.params import add_gist_params, model_config_for
+    from gist_jax.model.transformer import init_params
+    from gist_jax.train.config import ObjectiveConfig
+
+    default = ObjectiveConfig()
+    comp = CASES["fine_kv"][0]
+    base = BASE.replace(tie_embeddings=tied)
+    cfg = model_config_for(base, comp)
+    params = add_gist_params(init_params(base, jax.random.key(0)), cfg)
+    layout = build_layout(24, comp)
+    arrays = layout_arrays(layout)
+    toks = tokens(2, 24, seed=5)
+    k, v = _gist_kv(cfg, comp, layout.shape, params, toks, arrays)  # fixed: only the decoder path
+    ae_params = init_ae_params(cfg, comp, params, default.ae_layer, init=default.ae_init)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def grads(train_shared, params, ae_params):
+        return jax.grad(lambda p, a: ae_loss(cfg, comp, layout.shape, p, a, toks, arrays, k, v,
+                                             train_shared=train_shared,
+                                             normalization=default.ae_normalization)[0],
+                        argnums=(0, 1))(params, ae_params)
+
+    shared = ["embed", "final_norm"] + ([] if tied else ["lm_head"])
+    g, g_ae = grads(default.ae_train_shared, params, ae_params)
+    for name in shared:
+        assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(g[name])), name
+    assert all(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(g_ae["block"]))
+    # The paper's setting stays available and does train them.
+    paper, _ = grads(True, params, ae_params)
+    for name in shared:
+        assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(paper[name])), name
+
+
+def test_default_train_step_ae_gradient_misses_final_norm_and_head():
+    """Through the train step's own loss: adding the AE (defaults) changes the gradients of the
+    layers and gists but not of the final norm and untied LM head (which sit only after the
+    last layer, so the gist-KV path cannot reach them either)."""
+    from gist_helpers import BASE
+
+    from gist_jax.train.config import ObjectiveConfig, StepConfig
+    from gist_jax.train.step import make_microbatch_loss
+
+    comp = CASES["fine_kv"][0]
+    cfg, params = model(comp)
+    layout = build_layout(24, comp)
+    arrays = layout_arrays(layout)
+    micro = {"tokens": tokens(2, 24, seed=5), "loss_mask": jnp.ones((2, 24), bool)}
+
+    def grads(objective):
+        tree = {"model": params}
+        if objective.ae:
+            tree["ae"] = init_ae_params(cfg, comp, params, objective.ae_layer, init=objective.ae_init)
+        fn = make_microbatch_loss(BASE, comp, StepConfig(batch_size=2, seq_len=24, objective=objective),
+                                  layout.shape)
+        return jax.jit(jax.grad(lambda p: fn(p, None, micro, arrays, jnp.float32(46.0))[0]))(tree)["model"]
+
+    with_ae, without = grads(ObjectiveConfig(ae=True)), grads(ObjectiveConfig(ae=False))
+    for name in ("final_norm", "lm_head"):
+        jax.tree.map(np.testing.assert_array_equal, with_ae[name], without[name])
+    assert np.any(np.asarray(with_ae["gist_embedding"]) != np.asarray(without["gist_embedding"]))
+    k_with, k_without = (np.asarray(g["layers"]["attn"]["k_proj"]["kernel"]) for g in (with_ae, without))
+    assert np.any(k_with != k_without)
+
+
+def test_init_variants():
+    comp = CASES["fine_kv"][0]
+    cfg, params = model(comp)
+    flat = unstack_layers(params)
+    copy = init_ae_params(cfg, comp, params, ae_layer=-1, init="copy")
+    first = init_ae_params(cfg, comp, params, ae_layer=-1, init="copy_first")
+    fresh = init_ae_params(cfg, comp, params, init="fresh", seed=3)
+    expected = dict(flat["layers_0"])
+    expected["attn"] = {k: x for k, x in expected["attn"].items() if not k.startswith("gist_")}
+    jax.tree.map(np.testing.assert_array_equal, first["block"], expected)
+    assert jax.tree.structure(fresh["block"]) == jax.tree.structure(copy["block"])
+    for a, b in zip(jax.tree.leaves(fresh["block"]), jax.tree.leaves(copy["block"])):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    q = lambda ae: np.asarray(ae["block"]["attn"]["q_proj"]["kernel"])  # noqa: E731
+    assert not np.array_equal(q(fresh), q(copy)) and not np.array_equal(q(fresh), q(first))
+    np.testing.assert_array_equal(np.asarray(fresh["ae_embedding"]), np.asarray(copy["ae_embedding"]))
+    with pytest.raises(ValueError, match="ae_init"):
+        init_ae_params(cfg, comp, params, init="nope")
+
+
+def test_token_normalization_weighs_long_spans_more():
+    comp, n, ratios, slots = CASES["per_segment_dead_slots"]
+    cfg, params, layout, arrays, toks, ae_params = _setup(comp, n, ratios, slots)
+    k, v = _gist_kv(cfg, comp, layout.shape, params, toks, arrays)
+    run = jax.jit(functools.partial(ae_loss, cfg, comp, layout.shape), static_argnames="normalization")
+    gist, _ = run(params, ae_params, toks, arrays, k, v, normalization="gist")
+    token, metrics = run(params, ae_params, toks, arrays, k, v, normalization="token")
+    ref = ae_loss_reference(cfg, comp, layout, params, ae_params, toks, k, v)
+    np.testing.assert_allclose(float(gist), float(ref), rtol=1e-5, atol=1e-5)
+    assert abs(float(token) - float(gist)) > 1e-5, "spans of 2, 4 and 8 tokens: the two means differ"
+    # Equal spans (fine, fixed ratio): the two normalisations agree.
+    comp = CASES["fine_kv"][0]
+    cfg, params, layout, arrays, toks, ae_params = _setup(comp, 24)
+    k, v = _gist_kv(cfg, comp, layout.shape, params, toks, arrays)
+    run = jax.jit(functools.partial(ae_loss, cfg, comp, layout.shape), static_argnames="normalization")
+    np.testing.assert_allclose(float(run(params, ae_params, toks, arrays, k, v, normalization="token")[0]),
+                               float(run(params, ae_params, toks, arrays, k, v, normalization="gist")[0]),
+                               rtol=1e-6)
+
+
+def test_objective_rejects_unknown_ae_choices():
+    from gist_jax.model.config import ConfigError
+    from gist_jax.train.config import ObjectiveConfig
+
+    with pytest.raises(ConfigError, match="ae_init"):
+        ObjectiveConfig(ae_init="random")
+    with pytest.raises(ConfigError, match="ae_normalization"):
+        ObjectiveConfig(ae_normalization="sum")
+
+
+def test_demo_uses_the_measured_ae_recipe():
+    """experiments/demo.py runs the AE at the weight docs/ae.md measured (lambda 0.1, no
+    gradient into the shared embedding/norm/head); ``ae_as_written`` keeps method.md's recipe."""
+    import importlib.util
+    import pathlib
+
+    from gist_jax.experiment import run_config
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_experiment", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    obj = run_config(demo.get_config()).step.objective
+    assert obj.ae and obj.ae_lambda == 0.1 and not obj.ae_train_shared
+    assert (obj.ae_init, obj.ae_layer, obj.ae_normalization) == ("copy", -1, "gist")
+    paper = run_config(demo.get_config("ae_as_written")).step.objective
+    assert paper.ae and paper.ae_lambda == 1.0 and paper.ae_train_shared

@@ -7,8 +7,13 @@ initialised as a copy of base layer ``ae_layer``) rebuild the r raw tokens it co
     L_ae = mean over live gists i of ( mean over j of -log P(x_j | g_i^kv, [ae]_r, x_<j) )
 
 Decoder positions are local: the gist's key/value is a one-entry prefix memory at position 0,
-``[ae]_r`` sits at 1 and x_j at j + 1. The raw inputs use the model's token embedding; the final
-norm and LM head are the model's, so both train through this loss as well.
+``[ae]_r`` sits at 1 and x_j at j + 1. The raw inputs use the model's token embedding and the
+outputs the model's final norm and LM head. By default (``objective.ae_train_shared=False``)
+L_ae sends those three no gradient: the untrained decoder starts at ~32 nats/token on SmolLM2
+(its residual stream is the input token's embedding, and with a tied head that predicts the
+input token itself), and its gradient on the tied embedding is ~4x the LM's, so training them
+through this loss rewrote the base model's vocabulary and raised full-attention perplexity by
+9.5% in 20 demo steps (docs/ae.md). ``ae_train_shared=True`` is method.md as written.
 
 Batching: all ``S * slots`` gist slots of all sequences form one batch of ``B * S * slots``
 short sequences of static length R (the longest span a gist can have), padded and masked, so
@@ -44,6 +49,7 @@ from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 from gist_jax.model.loss import DEFAULT_CHUNK, dense_token_scores, lm_head, lm_token_scores
 from gist_jax.model.transformer import Block, Params
+from gist_jax.train.config import AE_INITS, AE_NORMALIZATIONS
 
 
 def decoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -51,17 +57,34 @@ def decoder_config(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(gist_projections=False)
 
 
+# What the decoder shares with the model: the token embedding (its inputs), the final norm and
+# the LM head (its outputs). ``lm_head`` is absent when the head is tied to the embedding.
+SHARED_PARAM_NAMES = ("embed", "final_norm", "lm_head")
+
+
 def init_ae_params(cfg: ModelConfig, comp: CompressionConfig, params: Params,
-                   ae_layer: int = -1, eos_id: int | None = None) -> dict:
-    """``{'block': copy of layer ae_layer (scanned or unscanned params), 'ae_embedding':
-    [len(comp.ratios), E] rows = EOS embedding}``. Gist projections are dropped from the copy."""
+                   ae_layer: int = -1, eos_id: int | None = None, *, init: str = "copy",
+                   seed: int = 0) -> dict:
+    """``{'block': the decoder block, 'ae_embedding': [len(comp.ratios), E] rows = EOS
+    embedding}``. ``init`` (``objective.ae_init``): ``copy`` = a copy of layer ``ae_layer``
+    (method.md 4.1), ``copy_first`` = a copy of layer 0 (the block that reads token embeddings
+    in the base model, which is what the decoder's inputs are), ``fresh`` = the model's random
+    init of one block (``seed``). Gist projections are dropped from a copy."""
     if not comp.enabled:
         raise ConfigError("the autoencoding objective needs gists; compression.memory='none' has none")
-    layer = ae_layer % cfg.num_layers
-    if "layers" in params:
-        block = jax.tree.map(lambda x: jnp.array(x[layer]), params["layers"])
+    if init not in AE_INITS:
+        raise ConfigError(f"objective.ae_init={init!r} must be one of {', '.join(AE_INITS)}")
+    if init == "fresh":
+        from gist_jax.model.transformer import init_params  # the model's own block initialiser
+
+        one = decoder_config(cfg).replace(num_layers=1, scan_layers=False)
+        block = init_params(one, jax.random.key(seed))["layers_0"]
     else:
-        block = jax.tree.map(jnp.array, params[f"layers_{layer}"])
+        layer = 0 if init == "copy_first" else ae_layer % cfg.num_layers
+        if "layers" in params:
+            block = jax.tree.map(lambda x: jnp.array(x[layer]), params["layers"])
+        else:
+            block = jax.tree.map(jnp.array, params[f"layers_{layer}"])
     block = dict(block)
     block["attn"] = {k: v for k, v in block["attn"].items() if k not in GIST_PARAM_NAMES}
     eos_id = cfg.eos_token_id if eos_id is None else eos_id
@@ -111,11 +134,26 @@ def gist_table(comp: CompressionConfig, shape: LayoutShape, arrays: LayoutArrays
 def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
             ae_params: dict, tokens_BxN: jax.Array, arrays: LayoutArrays,
             gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array, *,
-            chunk: int = DEFAULT_CHUNK) -> tuple[jax.Array, dict]:
+            chunk: int = DEFAULT_CHUNK, train_shared: bool = True,
+            normalization: str = "gist") -> tuple[jax.Array, dict]:
     """Batched L_ae. ``arrays`` = ``specs.layout_arrays(layout)`` (nothing extra);
     ``gist_*`` = layer ``ae_layer`` un-rotated (k, v) of every layout token, as returned by
     ``compressed_logits(..., kv_layer=ae_layer)``; ``chunk``: decoder tokens per LM-head
-    chunk. Returns (scalar loss, metrics)."""
+    chunk. Returns (scalar loss, metrics).
+
+    ``train_shared`` (``objective.ae_train_shared``): whether L_ae's gradient reaches the
+    model's token embedding, final norm and LM head. False stops it there (they are still
+    *used*), so the AE trains the gists, the layers that write the gist KV and its own decoder,
+    never the base model's input/output vocabulary; with a tied head (SmolLM2) the
+    untrained decoder's huge early loss otherwise rewrites the token embeddings.
+    ``normalization`` (``objective.ae_normalization``): ``gist`` = mean over gists of the
+    per-token mean (method.md), ``token`` = mean over all span tokens (long spans weigh more;
+    equal to ``gist`` when every gist covers the same number of tokens, e.g. per_instance)."""
+    if normalization not in AE_NORMALIZATIONS:
+        raise ConfigError(f"objective.ae_normalization={normalization!r} must be one of "
+                          f"{', '.join(AE_NORMALIZATIONS)}")
+    if not train_shared:
+        params = {k: (jax.lax.stop_gradient(v) if k in SHARED_PARAM_NAMES else v) for k, v in params.items()}
     b, p, r_max = tokens_BxN.shape[0], shape.padded_raw, max_span(comp, shape)
     gists = gist_table(comp, shape, arrays)
     g = gists["token"].shape[0]
@@ -161,7 +199,10 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
     count_BxG = weight_BxGxR.sum(-1)
     per_gist_BxG = (nll_BxGxR * weight_BxGxR).sum(-1) / jnp.maximum(count_BxG, 1.0)
     has_target_BxG = (count_BxG > 0).astype(jnp.float32)
-    loss = (per_gist_BxG * has_target_BxG).sum() / jnp.maximum(has_target_BxG.sum(), 1.0)
+    if normalization == "token":
+        loss = (nll_BxGxR * weight_BxGxR).sum() / jnp.maximum(weight_BxGxR.sum(), 1.0)
+    else:
+        loss = (per_gist_BxG * has_target_BxG).sum() / jnp.maximum(has_target_BxG.sum(), 1.0)
     correct = scores.correct.reshape(b, g, r_max).astype(jnp.float32)
     tokens = weight_BxGxR.sum()
     metrics = {"ae_loss": loss, "ae_accuracy": (correct * weight_BxGxR).sum() / jnp.maximum(tokens, 1.0),

@@ -65,6 +65,10 @@ class OptimizerConfig:
         return int(round(self.warmup_fraction * self.total_steps))
 
 
+AE_INITS = ("copy", "copy_first", "fresh")  # objective.ae_init (gist_jax/train/ae.py init_ae_params)
+AE_NORMALIZATIONS = ("gist", "token")  # objective.ae_normalization (gist_jax/train/ae.py ae_loss)
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """LM loss (optionally TIE-weighted) plus lambda * AE loss; both extras can be off.
@@ -73,6 +77,20 @@ class ObjectiveConfig:
     ``precomputed`` reads per-token weights from the batch (``batch['tie_weights']``).
     loss_chunk: tokens per chunk of the LM head + cross-entropy (``gist_jax/model/loss.py``);
     the step's logits peak is ``microbatch x loss_chunk x V`` float32, never ``x T``.
+
+    AE keys (method.md 4.1; measurements in docs/ae.md):
+    ae_lambda: weight of L_ae in ``L = L_lm + ae_lambda * L_ae``.
+    ae_layer: the layer whose gist key/value the decoder reads (-1: the last).
+    ae_init: the decoder block's initialisation: ``copy`` (of layer ``ae_layer``, method.md),
+    ``copy_first`` (of layer 0, the block that reads token embeddings, like the decoder does) or
+    ``fresh`` (random, the model's init).
+    ae_train_shared: whether L_ae's gradient reaches the model's token embedding, final norm and
+    LM head, which the decoder uses for its inputs and outputs. True is method.md as written;
+    False stops it there, so the AE can only change the gists and the layers writing their KV.
+    With a tied head the untrained decoder's early loss (~34 nats/token on SmolLM2) otherwise
+    rewrites the base model's embeddings and full-attention perplexity rises.
+    ae_normalization: ``gist`` (mean over gists of the per-token mean, method.md) or ``token``
+    (mean over all reconstructed tokens); they differ only when spans differ in length.
     """
 
     tie: bool = False
@@ -82,6 +100,9 @@ class ObjectiveConfig:
     ae: bool = False
     ae_lambda: float = 1.0
     ae_layer: int = -1
+    ae_init: str = "copy"
+    ae_train_shared: bool = False
+    ae_normalization: str = "gist"
     include_first_segment: bool = True
     loss_chunk: int = 1024
 
@@ -91,6 +112,12 @@ class ObjectiveConfig:
             raise ConfigError(f"objective.tie_source={self.tie_source!r} must be 'online' or 'precomputed'")
         check_float("objective.tie_gamma", self.tie_gamma, low_open=True, fix="use e.g. 2.0")
         check_float("objective.ae_lambda", self.ae_lambda, fix="use 0 to turn the AE loss off, e.g. 1.0")
+        if self.ae_init not in AE_INITS:
+            raise ConfigError(f"objective.ae_init={self.ae_init!r} must be one of {', '.join(AE_INITS)} "
+                              "(copy: of layer ae_layer; copy_first: of layer 0; fresh: random)")
+        if self.ae_normalization not in AE_NORMALIZATIONS:
+            raise ConfigError(f"objective.ae_normalization={self.ae_normalization!r} must be one of "
+                              f"{', '.join(AE_NORMALIZATIONS)} (gist: mean over gists; token: mean over tokens)")
         # ae_layer's range needs the model's layer count: gist_jax.experiment.check_model_matches_run
         # checks it once the model config is known (before the weights load where that is cheap).
 

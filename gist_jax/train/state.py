@@ -111,7 +111,9 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
         if uses_ae(step_cfg, comp):
             from gist_jax.train.ae import init_ae_params
 
-            params["ae"] = init_ae_params(cfg, comp, params["model"], step_cfg.objective.ae_layer)
+            obj = step_cfg.objective
+            params["ae"] = init_ae_params(cfg, comp, params["model"], obj.ae_layer, init=obj.ae_init,
+                                          seed=step_cfg.seed)
         return params
 
     abstract = jax.eval_shape(build, base)

@@ -91,7 +91,8 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
         metrics["lm_num"] = lm_num
         if use_ae:
             ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv,
-                                     chunk=obj.loss_chunk)
+                                     chunk=obj.loss_chunk, train_shared=obj.ae_train_shared,
+                                     normalization=obj.ae_normalization)
             loss = loss + obj.ae_lambda * ae / m
             metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])
         return loss, metrics
