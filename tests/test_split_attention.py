@@ -104,7 +104,15 @@ def test_mutated_backward_fails_the_model_gradient_test(monkeypatch):
         _assert_equal(layout, out, "mutated")
 
 
-def test_no_t_by_t_array_and_the_custom_backward_runs():
+def test_no_t_by_t_array_and_the_custom_backward_runs(monkeypatch):
+    calls: list[str] = []
+
+    class CountingBackward(split.XlaBackend):  # the custom VJP's backward calls the backend's
+        def backward(self, *args, **kwargs):
+            calls.append("backward")
+            return super().backward(*args, **kwargs)
+
+    monkeypatch.setattr(split, "XLA", CountingBackward())
     comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16, attention_impl="split")
     cfg, params = model(comp.replace(attention_impl="dense"))
     layout = build_layout(64, comp)
@@ -117,7 +125,7 @@ def test_no_t_by_t_array_and_the_custom_backward_runs():
     jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
     square = [s for s in _avals(jaxpr.jaxpr) if sum(d in (t, 2 * t) for d in s) >= 2]
     assert not square, square[:3]
-    assert "custom_vjp_call" in str(jaxpr)
+    assert calls  # both parts' backward ran (jax 0.11 inlines custom_vjp_call into the grad jaxpr)
 
 
 # -- the core function and the backend interface ----------------------------------------------
