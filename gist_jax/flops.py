@@ -282,8 +282,10 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     before segment i:
 
       KV dense      2 T^2: one [T, T] block per key set, keys at positions and at memory positions
-      decomposed    S Ts^2 (local, segments folded into the batch) + (S - 1) Ts M (memory scan:
-                    segments 1..S-1 against the whole buffer, masked)
+      decomposed    ``structured.segment_plan``: S x sum over query blocks of rows x end row (each
+                    block of a segment against its keys up to its last row) + sum over memory
+                    groups of segments x Ts x the group's buffer bound (segments 1..S-1 against
+                    the prefix of the group's last segment)
       flash         XLA kernel: S E^2 (each segment's [E, E] scores); cuDNN: sum_i
                     (c_i + Ts)(c_i + Ts + 1) / 2 (causal with row lengths c_i + Ts)
       bank          non-empty tiles of the permuted mask (``bank_block_pairs``)
@@ -325,7 +327,11 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
             if impl == "dense":
                 computed = 2 * t * t
             elif impl == "decomposed":
-                computed = s * ts * ts + (s - 1) * ts * m
+                from gist_jax.gist.structured import segment_plan
+
+                plan = segment_plan(s, ts, shape.num_sinks, shape.slots)
+                computed = (s * sum((r1 - r0) * r1 for r0, r1 in plan.query_blocks)
+                            + sum((end - first) * ts * bound for first, end, bound in plan.groups))
             elif impl == "flash":
                 from gist_jax.gist.flash import CUDNN_DTYPES
 

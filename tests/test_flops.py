@@ -302,13 +302,13 @@ def test_decomposed_pairs_are_the_score_blocks_it_computes(
     comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0,
                  attention_impl="decomposed")
     counted: list[int] = []
-    original = structured.partial_attention
+    original = structured._partial
 
-    def recording(q, k, v, mask):  # runs once per call, per scan step inside the memory scan
-        jax.debug.callback(lambda _: counted.append(q.shape[0] * q.shape[1] * k.shape[1]), q[0, 0, 0, 0])
-        return original(q, k, v, mask)
+    def recording(q, k, v, bias):  # runs once per executed call: per scan step, per query block
+        jax.debug.callback(lambda _: counted.append(q.shape[0] * q.shape[3] * k.shape[2]), q[0, 0, 0, 0, 0])
+        return original(q, k, v, bias)
 
-    monkeypatch.setattr(structured, "partial_attention", recording)
+    monkeypatch.setattr(structured, "_partial", recording)
     _run_forward(comp, num_raw, ratios)
     cfg = model_config_for(ONE_LAYER, comp)
     assert flops.attention_pairs(cfg, comp, num_raw, ratios)["computed"] == sum(counted)

@@ -50,7 +50,7 @@ def test_attention_scores_follow_the_implementation():
         return plan.attention_score_bytes(comp, 32, 1, backend) // 4
 
     assert per_row("dense", "gpu") == 40 * 80
-    assert per_row("decomposed", "gpu") == 4 * 10 * 10 + 10 * 10
+    assert per_row("decomposed", "gpu") == 10 * 10 + 10 * 10  # one query block (all 10 rows) x Ts
     assert per_row("flash", "gpu") == 4 * 20 and per_row("auto", "gpu") == 4 * 20
     assert per_row("flash", "cpu") == 4 * 20 * 20
     assert per_row("auto", "tpu") == per_row("decomposed", "tpu")

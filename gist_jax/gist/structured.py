@@ -6,26 +6,26 @@ position and again at its memory position. Almost all of it is masked. The mask 
 non-empty parts, and this module computes each one at its own size:
 
   (a) local: a query sees the live tokens of its own segment up to itself, keys rotated at
-      ``position``. Segments are folded into the batch axis, ``[B * S, Ts, ...]``, so this is
-      plain causal attention over ``Ts = L + slots`` tokens (``B * S * Ts^2`` scores: linear
-      in the sequence length for a fixed segment length; any causal flash kernel fits here).
+      ``position``: causal attention over ``Ts = L + slots`` tokens per segment, one
+      ``lax.scan`` over segments (``B * S * Ts^2 / 2`` scores up to block granularity: linear
+      in the sequence length for a fixed segment length).
   (b) memory: a query of segment i sees the sinks and the live gists of segments < i, keys
       rotated at ``memory_position``. The memory buffer (``memory_buffer_arrays``: sinks, then
-      segment-major gist slots; M ~ n / r entries) is gathered once per layer, then a
-      ``lax.scan`` over segments with a checkpointed body computes ``Ts x M`` scores for one
-      segment at a time (masked to entries of earlier segments), so neither the forward nor
-      the backward pass holds more than one segment's memory scores: memory is linear in the
-      sequence length. It computes the whole buffer for every segment, up to 2x the FLOPs
-      of the exact staircase (segment i needs only the prefix ``[0, s + i * slots)``);
-      unrolled static-prefix blocks were tried and measured worse on CPU: peak memory grew
-      2.2-2.4x per doubling of the context (XLA keeps several blocks' scores live) and
-      compile time grew with the number of segments.
+      segment-major gist slots; M ~ n / r entries) is gathered once per layer; segment i's
+      memory is its prefix ``[0, s + i * slots)``. Segments share a static bound in at most
+      ``MAX_MEMORY_GROUPS`` groups (one ``lax.scan`` each), so the memory part computes about
+      (groups + 1) / groups of the exact staircase, not the whole buffer for every segment.
 
-Each part returns its normalised output and its log-sum-exp; the two partial softmaxes are
-merged exactly, ``o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2)``. Gradients are autodiff of that
-merged result (the lse path included), so they are the gradients of the one softmax the dense
-path computes. Both position schemes are exact: the local part rotates every key at its
-in-segment position, the memory part at its memory position, as the dense mask pairs do.
+Both parts run in ``segment_attention``, a ``custom_vjp``: the forward computes each part's
+normalised output and log-sum-exp and merges them exactly, ``o = (e^l1 o1 + e^l2 o2) /
+(e^l1 + e^l2)``; the backward is each part's flash backward called with the *merged* output and
+lse (the ring-attention identity: no lse cotangent needed), scores recomputed block by block, so
+neither pass holds more than one block's scores (memory linear in the sequence length). The
+local part splits each segment into ``QUERY_BLOCK`` row blocks that see only the own keys up to
+their last row (block-causal skipping). Why a hand-written backward: autodiff of the softmax
+spent most of the step on score-sized reductions and transposes on XLA CPU (profiled in
+``docs/performance.md``). Both position schemes are exact: the local part rotates every key at
+its in-segment position, the memory part at its memory position, as the dense mask pairs do.
 
 Selected by ``CompressionConfig.attention_impl = "decomposed"`` (``parallel.kv_parallel``);
 the dense path stays the reference (``tests/test_structured_attention.py``). Queries whose
@@ -37,6 +37,8 @@ one causal call needs no merge; that is the GPU path (``attention_impl="flash"``
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -93,6 +95,211 @@ def merge_partials(out1_BxTxNxH: jax.Array, lse1_BxTxN: jax.Array, out2_BxTxNxH:
     return out
 
 
+# -- the segment kernel: local and memory parts at their own sizes, one softmax, flash backward --
+
+# Query rows per block inside a segment. Block j sees own keys [0, end_j) only (the causal
+# triangle at block granularity: Ts = 576 in 2 blocks computes 3/4 of the square, not all).
+QUERY_BLOCK = 288
+# Segments that share one static memory bound (that of their last segment): at most this many
+# groups, so the memory part computes at most (groups + 1) / groups of the exact staircase
+# (the whole buffer for every segment computed 2x) with a bounded number of traced scans.
+MAX_MEMORY_GROUPS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentPlan:
+    """Static geometry of ``segment_attention`` (hashable: a ``custom_vjp`` nondiff argument).
+    ``query_blocks``: (first row, end row) per block of a segment; ``groups``: (first segment,
+    end segment, memory bound) per memory scan; segment i's memory is the buffer prefix
+    ``[0, num_sinks + i * slots)`` (sinks, then earlier segments' slots), masked by liveness."""
+
+    num_sinks: int
+    slots: int
+    query_blocks: tuple[tuple[int, int], ...]
+    groups: tuple[tuple[int, int, int], ...]
+
+
+def segment_plan(num_segments: int, segment_tokens: int, num_sinks: int, slots: int,
+                 query_block: int | None = None, max_groups: int | None = None) -> SegmentPlan:
+    """Segments 1..S-1 in at most ``max_groups`` contiguous groups of equal size, each bounded
+    by its last segment's memory prefix. Defaults read at trace time (``QUERY_BLOCK``,
+    ``MAX_MEMORY_GROUPS``), so tests can shrink them."""
+    bq = min(query_block or QUERY_BLOCK, segment_tokens)
+    blocks = tuple((r, min(r + bq, segment_tokens)) for r in range(0, segment_tokens, bq))
+    groups = []
+    if num_segments > 1:
+        size = -(-(num_segments - 1) // (max_groups or MAX_MEMORY_GROUPS))
+        for first in range(1, num_segments, size):
+            end = min(first + size, num_segments)
+            groups.append((first, end, num_sinks + (end - 1) * slots))
+    return SegmentPlan(num_sinks, slots, blocks, tuple(groups))
+
+
+def _bias(mask: jax.Array) -> jax.Array:
+    """0 where visible, ``NEG`` where not, by arithmetic on scalars: a ``where`` would broadcast
+    a ``NEG`` array that scan partial evaluation hoists and materialises at score size."""
+    return (mask.astype(jnp.float32) - 1.0) * -NEG
+
+
+def _local_bias(r0: int, r1: int, valid_BxTs: jax.Array) -> jax.Array:
+    """[B, 1, 1, r1 - r0, r1]: rows r0..r1 of a segment against its own keys 0..r1."""
+    causal_QxR = jnp.arange(r1)[None, :] <= (r0 + jnp.arange(r1 - r0))[:, None]
+    return _bias(causal_QxR[None] & valid_BxTs[:, None, :r1])[:, None, None]
+
+
+def _memory_bias(i: jax.Array, bound: int, live_M: jax.Array, plan: SegmentPlan) -> jax.Array:
+    """[bound]: the buffer entries segment i sees (live, owned by a segment < i)."""
+    return _bias(live_M[:bound] & (jnp.arange(bound) < plan.num_sinks + i * plan.slots))
+
+
+def _partial(q_BxKxGxQxH, k_BxKxCxH, v_BxKxCxH, bias) -> tuple[jax.Array, jax.Array]:
+    """Softmax over one key set: (out float32 [B, K, G, Q, H], lse [B, K, G, Q]); rows that
+    see nothing give 0 and an lse below ``NEG / 2``. Normalised after P @ V (one score-sized
+    pass less than normalising P)."""
+    s = jnp.einsum("BKGQH,BKCH->BKGQC", q_BxKxGxQxH, k_BxKxCxH, preferred_element_type=jnp.float32)
+    s = s * q_BxKxGxQxH.shape[-1] ** -0.5 + bias  # |s| << 1e22: masked entries are exactly NEG
+    m = jnp.max(s, axis=-1)
+    e = jnp.exp(s - m[..., None])  # masked: exp(NEG - m) == 0 wherever a key is seen
+    l = jnp.sum(e, axis=-1)
+    o = jnp.einsum("BKGQC,BKCH->BKGQH", e.astype(v_BxKxCxH.dtype), v_BxKxCxH,
+                   preferred_element_type=jnp.float32)
+    seen = (m > 0.5 * NEG).astype(jnp.float32)
+    return o * (seen / l)[..., None], m + jnp.log(l) * seen
+
+
+def _partial_backward(q_BxKxGxQxH, k_BxKxCxH, v_BxKxCxH, bias, lse_BxKxGxQ, do_BxKxGxQxH,
+                      delta_BxKxGxQ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Flash backward of one key set from the *merged* statistics (P = exp(s - lse), delta =
+    rowsum(dO * O)): (dq [B, K, G, Q, H], dk [B, K, C, H], dv), float32. The dK / dV
+    contractions keep the score-sized operand on the right in its own layout
+    (``BKGQH,BKGQC->BKHC``), so XLA never transposes a score-sized array."""
+    scale = q_BxKxGxQxH.shape[-1] ** -0.5
+    do = do_BxKxGxQxH.astype(v_BxKxCxH.dtype)
+    s = jnp.einsum("BKGQH,BKCH->BKGQC", q_BxKxGxQxH, k_BxKxCxH, preferred_element_type=jnp.float32)
+    # Rows that see nothing: lse -> -NEG, so every entry is exp(-huge) == 0.
+    lse = jnp.where(lse_BxKxGxQ > 0.5 * NEG, lse_BxKxGxQ, -NEG)
+    p = jnp.exp(s * scale + bias - lse[..., None])
+    dp = jnp.einsum("BKGQH,BKCH->BKGQC", do, v_BxKxCxH, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta_BxKxGxQ[..., None])).astype(q_BxKxGxQxH.dtype)
+    dv_BxKxHxC = jnp.einsum("BKGQH,BKGQC->BKHC", do, p.astype(v_BxKxCxH.dtype),
+                            preferred_element_type=jnp.float32)
+    dk_BxKxHxC = jnp.einsum("BKGQH,BKGQC->BKHC", q_BxKxGxQxH, ds, preferred_element_type=jnp.float32)
+    dq = jnp.einsum("BKGQC,BKCH->BKGQH", ds, k_BxKxCxH, preferred_element_type=jnp.float32)
+    return dq * scale, dk_BxKxHxC.swapaxes(2, 3) * scale, dv_BxKxHxC.swapaxes(2, 3)
+
+
+def _local_forward(q, k, v, valid, plan):
+    """Every segment against its own keys, block-causal: scan over segments, blocks unrolled."""
+    def body(carry, x):
+        q_i, k_i, v_i, valid_i = x
+        parts = [_partial(q_i[:, :, :, r0:r1], k_i[:, :, :r1], v_i[:, :, :r1],
+                          _local_bias(r0, r1, valid_i)) for r0, r1 in plan.query_blocks]
+        return carry, tuple(jnp.concatenate(xs, axis=3) for xs in zip(*parts))
+
+    return jax.lax.scan(body, None, (q, k, v, valid))[1]
+
+
+def _memory_forward(q, km, vm, live, plan):
+    """Segments 1..S-1 against their memory prefix: one scan per group, at the group's bound."""
+    outs, lses = [], []
+    for first, end, bound in plan.groups:
+        def body(carry, x, bound=bound):
+            q_i, i = x
+            bias = _memory_bias(i, bound, live, plan)
+            return carry, _partial(q_i, km[:, :, :bound], vm[:, :, :bound], bias)
+
+        _, (o, l) = jax.lax.scan(body, None, (q[first:end], jnp.arange(first, end, dtype=jnp.int32)))
+        outs.append(o)
+        lses.append(l)
+    return jnp.concatenate(outs, axis=0), jnp.concatenate(lses, axis=0)
+
+
+def _forward(q, k, v, km, vm, valid, live, plan):
+    """(out float32 [S, B, K, G, Ts, H], lse [S, B, K, G, Ts]) of the one merged softmax."""
+    # The masks depend only on layout arrays. Under the layer scan's partial evaluation such
+    # values count as known and are hoisted out as residuals, materialised at score size;
+    # tying them to q here keeps them inside the loops, where XLA fuses them into the scores.
+    q, valid, live = jax.lax.optimization_barrier((q, valid, live))
+    out, lse = _local_forward(q, k, v, valid, plan)
+    if not plan.groups:
+        return out, lse
+    o_mem, l_mem = _memory_forward(q, km, vm, live, plan)
+    o_loc, l_loc = out[1:], lse[1:]
+    top = jnp.maximum(l_loc, l_mem)
+    w_loc, w_mem = jnp.exp(l_loc - top), jnp.exp(l_mem - top)
+    total = w_loc + w_mem
+    o = (w_loc[..., None] * o_loc + w_mem[..., None] * o_mem) / total[..., None]
+    return (jnp.concatenate([out[:1], o], axis=0),
+            jnp.concatenate([lse[:1], top + jnp.log(total)], axis=0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def segment_attention(q_SxBxKxGxTsxH: jax.Array, k_SxBxKxTsxH: jax.Array, v_SxBxKxTsxH: jax.Array,
+                      km_BxKxMxH: jax.Array, vm_BxKxMxH: jax.Array, valid_SxBxTs: jax.Array,
+                      live_M: jax.Array, plan: SegmentPlan) -> jax.Array:
+    """Each query of segment i over one softmax of [its segment's live keys up to itself (keys
+    ``k``, rotated at in-segment positions) | live memory entries of segments < i (``km``,
+    rotated at memory positions)]. Returns float32 [S, B, K, G, Ts, H]; rows that see nothing
+    give 0. Forward: the two parts at their own sizes, merged by log-sum-exp. Backward: each
+    part's flash backward with the merged output and lse (no lse cotangent: the ring-attention
+    identity), scores recomputed per block; residuals are inputs, output and lse (O(T))."""
+    return _forward(q_SxBxKxGxTsxH, k_SxBxKxTsxH, v_SxBxKxTsxH, km_BxKxMxH, vm_BxKxMxH,
+                    valid_SxBxTs, live_M, plan)[0]
+
+
+def _segment_attention_fwd(q, k, v, km, vm, valid, live, plan):
+    out, lse = _forward(q, k, v, km, vm, valid, live, plan)
+    return out, (q, k, v, km, vm, valid, live, out, lse)
+
+
+def _segment_attention_bwd(plan, residuals, dout):
+    q, k, v, km, vm, valid, live, out, lse = residuals
+    dout = dout.astype(jnp.float32)
+    delta = jnp.sum(dout * out, axis=-1)  # rowsum(dO * O) of the merged softmax
+    ts = q.shape[4]
+
+    def local_body(carry, x):
+        q_i, k_i, v_i, valid_i, lse_i, do_i, delta_i = x
+        dq_i = jnp.zeros(q_i.shape, jnp.float32)
+        dk_i = dv_i = jnp.zeros(k_i.shape, jnp.float32)
+        for r0, r1 in plan.query_blocks:
+            rows = slice(r0, r1)
+            dq_b, dk_b, dv_b = _partial_backward(
+                q_i[:, :, :, rows], k_i[:, :, :r1], v_i[:, :, :r1], _local_bias(r0, r1, valid_i),
+                lse_i[:, :, :, rows], do_i[:, :, :, rows], delta_i[:, :, :, rows])
+            pad = ((0, 0), (0, 0), (0, ts - r1), (0, 0))
+            dq_i = dq_i.at[:, :, :, rows].set(dq_b)
+            dk_i, dv_i = dk_i + jnp.pad(dk_b, pad), dv_i + jnp.pad(dv_b, pad)
+        return carry, (dq_i, dk_i, dv_i)
+
+    _, (dq, dk, dv) = jax.lax.scan(local_body, None, (q, k, v, valid, lse, dout, delta))
+    dkm = dvm = jnp.zeros(km.shape, jnp.float32)
+    dq_mem = []
+    for first, end, bound in plan.groups:
+        def memory_body(carry, x, bound=bound):
+            dk_acc, dv_acc = carry
+            q_i, lse_i, do_i, delta_i, i = x
+            dq_i, dk_m, dv_m = _partial_backward(q_i, km[:, :, :bound], vm[:, :, :bound],
+                                                 _memory_bias(i, bound, live, plan), lse_i, do_i,
+                                                 delta_i)
+            return (dk_acc + dk_m, dv_acc + dv_m), dq_i
+
+        zeros = jnp.zeros(km.shape[:2] + (bound, km.shape[-1]), jnp.float32)
+        xs = tuple(x[first:end] for x in (q, lse, dout, delta)) + (
+            jnp.arange(first, end, dtype=jnp.int32),)
+        (dk_g, dv_g), dq_g = jax.lax.scan(memory_body, (zeros, zeros), xs)
+        pad = ((0, 0), (0, 0), (0, km.shape[2] - bound), (0, 0))
+        dkm, dvm = dkm + jnp.pad(dk_g, pad), dvm + jnp.pad(dv_g, pad)
+        dq_mem.append(dq_g)
+    if dq_mem:
+        dq = dq + jnp.concatenate([jnp.zeros_like(dq[:1])] + dq_mem, axis=0)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dkm.astype(km.dtype),
+            dvm.astype(vm.dtype), None, None)
+
+
+segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
+
+
 @flax.struct.dataclass
 class DecomposedKV:
     """What the decomposed path needs beyond ``AttentionSpec``'s per-token arrays: the memory
@@ -140,62 +347,31 @@ class DecomposedKV:
             v_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(v_mem_BxMxKxH), v_mem_BxMxKxH)
         return k_mem_BxMxKxH, v_mem_BxMxKxH
 
-    def _memory_scan(self, q_BxTxNxH: jax.Array, k_mem_BxMxKxH: jax.Array,
-                     v_mem_BxMxKxH: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Segments 1..S-1 against the whole buffer, masked to entries of earlier segments, in a
-        ``lax.scan`` with a checkpointed body: one segment's scores exist at a time, forward
-        and backward, so memory is linear in the sequence length. Costs up to 2x the
-        staircase's memory FLOPs (masked entries are computed)."""
-        b, t, n, h = q_BxTxNxH.shape
-        s, ts = self.num_segments, self.segment_tokens
-        key_segment_M = self.key_segment()
-        q_SxBxTsxNxH = q_BxTxNxH.reshape(b, s, ts, n, h).swapaxes(0, 1)[1:]
-
-        @jax.checkpoint
-        def body(carry, x):
-            q_i, i = x
-            # [1, 1, M], not [B, Ts, M]: scan partial evaluation stores this mask for every
-            # step (it depends only on i), which at full size would be an S x Ts x M residual.
-            visible_1x1xM = ((key_segment_M < i) & self.memory_live_M)[None, None, :]
-            return carry, partial_attention(q_i, k_mem_BxMxKxH, v_mem_BxMxKxH, visible_1x1xM)
-
-        _, (out_SxBxTsxNxH, lse_SxBxTsxN) = jax.lax.scan(
-            body, None, (q_SxBxTsxNxH, jnp.arange(1, s, dtype=jnp.int32)))
-        return (out_SxBxTsxNxH.swapaxes(0, 1).reshape(b, t - ts, n, h),
-                lse_SxBxTsxN.swapaxes(0, 1).reshape(b, t - ts, n))
-
     def attend(self, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                spec: AttentionSpec, inv_freq: jax.Array) -> jax.Array:
         """Queries already rotated at ``spec.positions``; keys un-rotated (rotated here once per
         part, at the position that part uses). Returns [B, T, N, H] in the value dtype."""
         b, t, n, h = q_BxTxNxH.shape
         s, ts = self.num_segments, self.segment_tokens
+        kv_heads = k_BxTxKxH.shape[2]
+        g = n // kv_heads
         k_rot_BxTxKxH = apply_rope(k_BxTxKxH, spec.positions, inv_freq)
-
-        # (a) local: segments folded into the batch axis.
-        def fold(x):  # [B, T, ...] -> [B * S, Ts, ...]
-            return x.reshape((b * s, ts) + x.shape[2:])
-
-        alive_BSxTs = fold(spec.valid)
-        causal_TsxTs = jnp.tril(jnp.ones((ts, ts), bool))
-        local_mask = causal_TsxTs[None] & alive_BSxTs[:, None, :]
-        out_loc, lse_loc = partial_attention(fold(q_BxTxNxH), fold(k_rot_BxTxKxH),
-                                             fold(v_BxTxKxH), local_mask)
-        out_loc_BxTxNxH = out_loc.reshape(b, t, n, h)
-        lse_loc_BxTxN = lse_loc.reshape(b, t, n)
-        if s == 1:
-            return out_loc_BxTxNxH.astype(v_BxTxKxH.dtype)
-
-        # (b) memory: keys gathered once, rotated at their memory positions.
+        # Memory keys gathered once per layer, rotated at their memory positions (outside the
+        # kernel: autodiff transposes the gather, the rotation and the held-memory switch).
         k_mem_BxMxKxH, v_mem_BxMxKxH = self.memory_kv(k_BxTxKxH, v_BxTxKxH, spec, inv_freq)
-        outs = [jnp.zeros((b, ts, n, h), jnp.float32)]
-        lses = [jnp.full((b, ts, n), NEG, jnp.float32)]
-        out_S, lse_S = self._memory_scan(q_BxTxNxH, k_mem_BxMxKxH, v_mem_BxMxKxH)
-        outs.append(out_S)
-        lses.append(lse_S)
-        out = merge_partials(out_loc_BxTxNxH, lse_loc_BxTxN, jnp.concatenate(outs, axis=1),
-                             jnp.concatenate(lses, axis=1))
-        return out.astype(v_BxTxKxH.dtype)
+
+        def per_segment(x_BxTxKxH):  # -> [S, B, K, Ts, H]
+            return x_BxTxKxH.reshape(b, s, ts, kv_heads, h).transpose(1, 0, 3, 2, 4)
+
+        q_SxBxKxGxTsxH = q_BxTxNxH.reshape(b, s, ts, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)
+        valid_SxBxTs = spec.valid.reshape(b, s, ts).swapaxes(0, 1)
+        plan = segment_plan(s, ts, self.num_sinks, self.slots)
+        out_SxBxKxGxTsxH = segment_attention(
+            q_SxBxKxGxTsxH, per_segment(k_rot_BxTxKxH), per_segment(v_BxTxKxH),
+            k_mem_BxMxKxH.swapaxes(1, 2), v_mem_BxMxKxH.swapaxes(1, 2), valid_SxBxTs,
+            self.memory_live_M, plan)
+        out_BxTxNxH = out_SxBxKxGxTsxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h)
+        return out_BxTxNxH.astype(v_BxTxKxH.dtype)
 
 
 def structured_spec(arrays: dict[str, jax.Array], comp: CompressionConfig, batch: int,

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec
 from gist_jax.gist.config import ATTENTION_IMPL, CompressionConfig
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.parallel import resolve_attention_impl
+from gist_jax.gist.structured import QUERY_BLOCK
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
 from gist_jax.model.config import ModelConfig, preset
@@ -73,7 +74,7 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
     ``backend`` with ``compute_dtype`` (``parallel.resolve_attention_impl``):
 
       dense       T x K per row (K = 2T with compression: every token also as memory)
-      decomposed  S segments x Ts^2 (local, all at once) + Ts x M (one memory step of the scan)
+      decomposed  one query block x Ts (local) + Ts x M (one memory step of the scan)
       flash       cuDNN (gpu): S x E softmax statistics, E = M + Ts; XLA: S x E^2
       bank        Splash (tpu): T softmax statistics (x2)
 
@@ -92,7 +93,8 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
     if impl == "bank" and backend != "tpu":  # Pallas interpret mode: plain XLA arrays per block
         impl = "dense"
     on_gpu = backend == "gpu"
-    per_row = {"dense": t * 2 * t, "decomposed": s * ts * ts + ts * m, "bank": 2 * t,
+    block = min(QUERY_BLOCK, ts)  # decomposed: one query block's scores at a time
+    per_row = {"dense": t * 2 * t, "decomposed": block * ts + ts * m, "bank": 2 * t,
                "flash": s * (m + ts) * (1 if on_gpu else m + ts),
                # cuDNN: local, memory and merged statistics; XLA: both parts' scores
                "split": 3 * s * ts if on_gpu else s * ts * ts + (s - 1) * ts * m}[impl]
