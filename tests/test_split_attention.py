@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from gist_helpers import comp_config, model, tokens
 from test_gist_core import _raw_embedding_grads
-from test_structured_attention import CASES, _assert_equal, _avals, _dense_and_structured
+from test_structured_attention import CASES, _assert_equal, _dense_and_structured
 
 from gist_jax.gist import cudnn_stats, parallel, split
 from gist_jax.gist.layout import build_layout
@@ -104,7 +104,9 @@ def test_mutated_backward_fails_the_model_gradient_test(monkeypatch):
         _assert_equal(layout, out, "mutated")
 
 
-def test_no_t_by_t_array_and_the_custom_backward_runs(monkeypatch):
+def test_the_custom_backward_runs(monkeypatch):
+    """The gradient goes through split's own backward (the T x T check is in
+    test_structured_attention.test_no_t_by_t_array_in_forward_or_backward)."""
     calls: list[str] = []
 
     class CountingBackward(split.XlaBackend):  # the custom VJP's backward calls the backend's
@@ -117,15 +119,8 @@ def test_no_t_by_t_array_and_the_custom_backward_runs(monkeypatch):
     cfg, params = model(comp.replace(attention_impl="dense"))
     layout = build_layout(64, comp)
     arrays, toks = layout_arrays(layout), tokens(1, 64)
-    t = layout.length
-
-    def loss(p):
-        return jnp.sum(compressed_logits(cfg, comp, layout.shape, p, toks, arrays))
-
-    jaxpr = jax.make_jaxpr(jax.grad(loss))(params)
-    square = [s for s in _avals(jaxpr.jaxpr) if sum(d in (t, 2 * t) for d in s) >= 2]
-    assert not square, square[:3]
-    assert calls  # both parts' backward ran (jax 0.11 inlines custom_vjp_call into the grad jaxpr)
+    jax.make_jaxpr(jax.grad(lambda p: jnp.sum(compressed_logits(cfg, comp, layout.shape, p, toks, arrays))))(params)
+    assert calls  # jax 0.11 inlines custom_vjp_call into the grad jaxpr, so count the calls
 
 
 # -- the core function and the backend interface ----------------------------------------------

@@ -125,7 +125,8 @@ def _avals(jaxpr):
                     yield from _avals(inner)
 
 
-@pytest.mark.parametrize("impl,expect_square", [("dense", True), ("decomposed", False), ("flash", False)])
+@pytest.mark.parametrize("impl,expect_square", [("dense", True), ("decomposed", False), ("flash", False),
+                                                ("split", False)])
 def test_no_t_by_t_array_in_forward_or_backward(impl, expect_square):
     comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16, attention_impl=impl)
     cfg, params = model(comp.replace(attention_impl="dense"))
