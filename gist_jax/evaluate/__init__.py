@@ -56,9 +56,12 @@ SUMMARY_COLUMNS = {
 
 
 def run_suites(checkpoint_dir: str | pathlib.Path, suites: str | Sequence[str], out_dir: str | pathlib.Path, *,
-               step: int | None = None, verbose: bool = True, **options: Any) -> dict[str, dict]:
+               step: int | None = None, verbose: bool = True,
+               on_result: Callable[[str, dict], None] | None = None, **options: Any) -> dict[str, dict]:
     """Run ``suites`` on one checkpoint; see the suite modules for ``options`` (all small-scale
-    knobs: num_windows, window, num_examples, context_tokens, ratios, max_documents, ...)."""
+    knobs: num_windows, window, num_examples, context_tokens, ratios, max_documents, ...).
+    ``on_result(suite, payload)`` is called as each suite finishes (the study caches it there,
+    so a kill loses at most the suite in progress, with the checkpoint loaded once)."""
     from gist_jax.evaluate.common import format_table, load_checkpoint
 
     names = resolve_suites(suites)
@@ -70,6 +73,8 @@ def run_suites(checkpoint_dir: str | pathlib.Path, suites: str | Sequence[str], 
         payload = _suite_fn(name)(ck, out_dir, **options)
         payload["seconds"] = time.perf_counter() - start
         results[name] = payload
+        if on_result is not None:
+            on_result(name, payload)
         if verbose:
             print(f"\n## {name} ({ck.step_dir}, {payload['seconds']:.1f}s)\n")
             print(format_table(payload["rows"], SUMMARY_COLUMNS.get(name)))

@@ -34,17 +34,20 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
     tokens = common.windows(ck, texts, window, num_windows)
     buckets = log_buckets(L)
     rows, curves, gen_rows = [], {}, []
+    window_curves, window_continuation = {}, []  # per window, for bootstrap intervals over windows
     # Continuation probe: context of m * L (+ L / 2) tokens before a fixed start.
     m = context_segments or max(1, window // L - 2)
     gen = gen_tokens or L // 2
     start = m * L + L // 2
     if start + gen > window:
-        raise common.ConfigError(f"--window={window} is too short for a {m}-segment context plus half a segment "
-                                 f"and {gen} continuation tokens; lower --context_segments or --gen_tokens")
+        raise common.ConfigError(f"--config.step.seq_len={window} (the window) is too short for a {m}-segment "
+                                 "context plus half a segment "
+                                 f"and {gen} continuation tokens; lower --context-segments or --gen-tokens")
     for setting in common.settings(ck, ratios):
         nll, _ = common.token_nll(ck, setting, tokens, batch)
         curve = loss_by_position(nll, L)
         curves[setting.name] = curve
+        window_curves[setting.name] = [loss_by_position(nll[i:i + 1], L) for i in range(len(nll))]
         first, last, gap = edge_gap(curve, edge)
         row = {"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1,
                f"first{min(edge, L // 2)}": first, f"last{min(edge, L // 2)}": last, "gap": gap}
@@ -56,9 +59,12 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
             gen_rows.append({"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1,
                              "start": kind, "context_tokens": k, "continuation_nll": float(g_nll[:, k - 1:].mean()),
                              "continuation_accuracy": float(g_ok[:, k - 1:].mean())})
+            window_continuation.append({"setting": setting.name, "start": kind, "nll": g_nll[:, k - 1:].mean(axis=1),
+                                        "accuracy": g_ok[:, k - 1:].mean(axis=1)})
     _plot(curves, L, out_dir / "boundary_loss_by_position.png")
     extra = {"loss_by_position": {k: v.tolist() for k, v in curves.items()}, "continuation": gen_rows,
-             "buckets": buckets, "segment_length": L, "windows": int(tokens.shape[0]), "window": window}
+             "buckets": buckets, "segment_length": L, "windows": int(tokens.shape[0]), "window": window,
+             "loss_by_position_per_window": window_curves, "continuation_per_window": window_continuation}
     payload = common.write_results(out_dir, "boundary", rows, extra)
     common.write_results(out_dir, "boundary_continuation", gen_rows)
     return payload

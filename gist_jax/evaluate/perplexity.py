@@ -22,7 +22,7 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
         max_documents: int = 0, ratios=None, batch: int = 4, **_: Any) -> dict:
     window = window or ck.seq_len
     first = ck.comp.segment_length if ck.comp.enabled else 0
-    rows = []
+    rows, per_window = [], []
     for dataset in datasets:
         texts = common.documents(dataset, split, ck.tokenizer_spec, max_documents)
         tokens = common.windows(ck, texts, window, num_windows)
@@ -33,8 +33,11 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
             rows.append({"checkpoint": ck.name, "dataset": dataset, "setting": setting.name,
                          "ratio": setting.ratio or 1, "ppl": perplexity(nll, mask), "tokens": int(mask.sum()),
                          "windows": int(tokens.shape[0]), "window": window})
+            # Per window (same order for every setting), for bootstrap intervals over windows.
+            per_window.append({"dataset": dataset, "setting": setting.name, "tokens": mask.sum(axis=1),
+                               "nll_sum": np.where(mask, nll.astype(np.float64), 0.0).sum(axis=1)})
     _plot(rows, out_dir / "perplexity_vs_ratio.png")
-    return common.write_results(out_dir, "perplexity", rows)
+    return common.write_results(out_dir, "perplexity", rows, {"per_window": per_window})
 
 
 def _plot(rows: list[dict], path: pathlib.Path) -> None:
@@ -47,5 +50,6 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
         full = [r["ppl"] for r in sub if r["setting"] == "full"]
         if full:
             ax.axhline(full[0], ls="--", color=line[0].get_color() if comp else None, label=f"{dataset} full")
-    ax.set_xscale("log", base=2)
+    if any(r["setting"] != "full" for r in rows):  # a full-attention checkpoint has no ratio axis to log-scale
+        ax.set_xscale("log", base=2)
     common.save_figure(fig, ax, "compression ratio", "perplexity", path)

@@ -99,7 +99,7 @@ def run_recall(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdli
     cells = [(kind, n, d) for kind in kinds for n in lengths for d in depths]
     examples = {c: _examples(c[0], hay, ck, context_tokens=c[1], depth=c[2], seed=seed,
                                       num_examples=num_examples) for c in cells}
-    rows = []
+    rows, per_example = [], []
     for setting in common.settings(ck, ratios):
         flat = [e for c in cells for e in examples[c]]
         preds = iter(common.generate_texts(ck, setting, _prompts(flat), answer_tokens))
@@ -107,8 +107,10 @@ def run_recall(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdli
             scores = [score_exact(next(preds), e) for e in examples[(kind, n, d)]]
             rows.append({"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1, "kind": kind,
                          "context_tokens": n, "depth": d, "accuracy": float(np.mean(scores)), "examples": len(scores)})
+            per_example += [{"setting": setting.name, "kind": kind, "context_tokens": n, "depth": d, "score": s}
+                            for s in scores]
     _plot_heatmap(rows, lengths, depths, out_dir / "recall_depth_heatmap.png")
-    return common.write_results(out_dir, "recall", rows)
+    return common.write_results(out_dir, "recall", rows, {"examples": per_example})
 
 
 # ----------------------------------------------------------------------------- plots
@@ -121,7 +123,8 @@ def _plot_accuracy(rows, keys, ylabel, path: pathlib.Path) -> None:
         for r in rows:
             if r["setting"] == "full":
                 ax.axhline(r[key], ls="--", color=line[0].get_color(), label=f"{key} (full)")
-    ax.set_xscale("log", base=2)
+    if comp:  # a full-attention checkpoint has no ratio axis to log-scale
+        ax.set_xscale("log", base=2)
     ax.set_xlabel("compression ratio")
     ax.set_ylabel(ylabel)
     ax.set_ylim(-0.05, 1.05)

@@ -11,6 +11,7 @@ Windows are split in two halves: the probe trains on the first and is scored on 
 
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Any
 
@@ -42,49 +43,64 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdlib",), s
         if setting.ratio is None:
             continue
         rows.append(_probe(ck, setting, train_tokens, test_tokens, probe_steps, probe_lr, batch, seed))
+    per_window = [{"setting": r["setting"], "correct": r.pop("window_correct"), "tokens": r.pop("window_tokens")}
+                  for r in rows]  # for bootstrap intervals over the held-out windows
     _plot(rows, out_dir / "reconstruction_accuracy_vs_ratio.png")
-    return common.write_results(out_dir, "reconstruction", rows)
+    return common.write_results(out_dir, "reconstruction", rows, {"per_window": per_window})
 
 
-def _probe(ck, setting, train_tokens, test_tokens, steps, lr, batch, seed) -> dict:
+@functools.lru_cache(maxsize=16)
+def _probe_fns(setting: common.Setting, length: int, lr: float) -> tuple:
+    """(optimizer, jitted update, jitted score) for one setting, with the model's params as arguments (not
+    captured constants), so checkpoints of one architecture share their compilations."""
     comp, cfg = setting.comp, setting.cfg
-    layout = cached_layout(train_tokens.shape[1], comp)
+    layout = cached_layout(length, comp)
     shape, arrays = layout.shape, layout_arrays(layout)
     last = cfg.num_layers - 1
-    model = ck.params
+    tx = optax.adam(lr)
 
-    @jax.jit
-    def gist_kv(tokens_BxN):  # frozen: the checkpoint's last-layer KV of every layout token
+    def gist_kv(model, tokens_BxN):  # frozen: the checkpoint's last-layer KV of every layout token
         _, (k, v) = compressed_logits(cfg, comp, shape, model, tokens_BxN, arrays, kv_layer=last)
         return jax.lax.stop_gradient(k), jax.lax.stop_gradient(v)
 
-    def loss_fn(ae, tokens_BxN, k, v):
+    def loss_fn(ae, model, tokens_BxN, k, v):
         return ae_loss(cfg, comp, shape, model, ae, tokens_BxN, arrays, k, v)
 
-    ae = init_ae_params(cfg, comp, model, -1)
-    tx = optax.adam(lr)
-    opt = tx.init(ae)
-
     @jax.jit
-    def update(ae, opt, tokens_BxN):
-        k, v = gist_kv(tokens_BxN)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(ae, tokens_BxN, k, v)
+    def update(ae, opt, model, tokens_BxN):
+        k, v = gist_kv(model, tokens_BxN)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(ae, model, tokens_BxN, k, v)
         updates, opt = tx.update(grads, opt, ae)
         return optax.apply_updates(ae, updates), opt, loss
+
+    @jax.jit
+    def score(ae, model, tokens_BxN):
+        return loss_fn(ae, model, tokens_BxN, *gist_kv(model, tokens_BxN))[1]
+
+    return tx, update, score
+
+
+def _probe(ck, setting, train_tokens, test_tokens, steps, lr, batch, seed) -> dict:
+    model = ck.params
+    tx, update, score = _probe_fns(setting, train_tokens.shape[1], float(lr))
+    ae = init_ae_params(setting.cfg, setting.comp, model, -1)
+    opt = tx.init(ae)
 
     rng = np.random.default_rng(seed)
     loss = float("nan")
     for _ in range(steps):
         rows = rng.choice(len(train_tokens), size=min(batch, len(train_tokens)), replace=False)
-        ae, opt, loss = update(ae, opt, jnp.asarray(train_tokens[rows]))
-    correct = total = 0.0
-    for i in range(0, len(test_tokens), batch):
-        chunk = jnp.asarray(test_tokens[i:i + batch])
-        _, metrics = loss_fn(ae, chunk, *gist_kv(chunk))
-        correct += float(metrics["ae_accuracy"]) * float(metrics["ae_tokens"])
-        total += float(metrics["ae_tokens"])
+        ae, opt, loss = update(ae, opt, model, jnp.asarray(train_tokens[rows]))
+    # One held-out window at a time: per-window counts for bootstrap intervals over windows.
+    window_correct, window_tokens = [], []
+    for i in range(len(test_tokens)):
+        metrics = score(ae, model, jnp.asarray(test_tokens[i:i + 1]))
+        window_correct.append(float(metrics["ae_accuracy"]) * float(metrics["ae_tokens"]))
+        window_tokens.append(float(metrics["ae_tokens"]))
+    correct, total = sum(window_correct), sum(window_tokens)
     return {"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio, "probe_steps": steps,
-            "final_train_loss": float(loss), "token_accuracy": correct / max(total, 1.0), "test_tokens": int(total)}
+            "final_train_loss": float(loss), "token_accuracy": correct / max(total, 1.0), "test_tokens": int(total),
+            "window_correct": window_correct, "window_tokens": window_tokens}
 
 
 def _plot(rows, path: pathlib.Path) -> None:

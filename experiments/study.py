@@ -1,0 +1,181 @@
+"""The paper's study (Deng et al., ACL 2025) at four scales: one base model, the grid of variants,
+every checkpoint through the evaluation suites, one report (``gist_jax.study``, docs/study.md).
+
+    python -m gist_jax.study --scale smoke --out /tmp/study_smoke
+    python -m gist_jax.study --scale cpu --out runs/study_cpu
+    python -m gist_jax.study --scale gpu --out runs/study_gpu
+    python -m gist_jax.study --scale paper --out runs/study_paper
+
+Rerunning a command resumes: finished runs are not retrained, cached evaluations are not
+recomputed, and the report is rewritten from the cached JSON. Each run of the grid is an
+ordinary experiment of this file, trained through ``gist_jax.train.loop.train``; one alone:
+
+    python -m gist_jax.main --config experiments/study.py:smoke,fine_kv,noae,notie --workdir /tmp/study_one
+    python -m gist_jax.main --config experiments/study.py:cpu,coarse_rec,noae,notie --workdir /tmp/study_rec
+    python -m gist_jax.main --config experiments/study.py:tiny --workdir /tmp/study_tiny
+
+The text after ``:`` is the shared variant list (experiments/README.md) plus one *scale* name
+(``smoke``, ``cpu``, ``gpu``, ``paper``; default ``cpu``), which is applied first whatever its
+position, so an architecture named with it always wins. ``tiny`` is the shared toy shrink.
+
+Scales (``SCALE_BUILDERS`` below build them; ``EVAL`` the suite options, ``GRID`` the runs):
+
+* ``smoke``: random ``preset:tiny`` byte model (the ``demo.py:tiny`` model), 64 tokens = 4
+  segments of 16, ratios {4, 8} drawn per segment (one compiled step per run instead of one per
+  ratio), 6 steps, tiny suites. Minutes on a 2-core CPU; ``tests/test_study.py`` runs it.
+* ``cpu``: the real SmolLM2-135M (the packaged GGUF, as ``demo.py``), full-parameter training
+  as the paper does, 512 tokens = 4 segments of 128, ratios {4, 8} per instance, batch 1,
+  ``CPU_STEPS`` = 25 steps per run; suites on 8 windows and 4 examples per probe (``EVAL``).
+  Sized from a timed run (``--runs fine_kv,coarse_rec,fine_kv_ae_tie --max_steps 3``) on the
+  shared 2-core machine at load 9, scaled to an idle machine by the process's CPU share (0.46
+  cores of 2): per step Fine-KV 10.8 s, Coarse-Rec 15.9 s, Fine-KV+AE+TIE 24.3 s (the demo's
+  own figure for the last is 15 s, so these are pessimistic); about 110 s per step of the
+  whole grid, 25 steps -> 46 min, plus 7 x (start-up and save ~40 s, two compiles ~25 s) -> 53
+  min of training. Evaluation: ~150 forward passes of 512 tokens per compressed checkpoint at
+  ~2.3 s each (measured: the perplexity suite) plus ~25 compiled programs per architecture ->
+  about 54 min. Total about 1 h 45 min (about 1 h 10 min with the demo's calibration). Time
+  the target machine first: ``--max_steps 3 --runs fine_kv`` (docs/study.md).
+* ``gpu``: the same model on one H200 in about 8 minutes: 2048 tokens = 4 x 512, batch 8,
+  bf16, 150 steps per run (configuration only: not run yet).
+* ``paper``: ``experiments/_paper.py`` (Llama-3.1-8B, 16K = 8 x 2K, ratios {4, 8, 16, 32} per
+  instance, 2.5B tokens); the study evaluates ratios 4 and 8. Configuration only: point
+  ``PAPER_HF_DIR`` and ``PAPER_CORPUS`` at local copies.
+"""
+
+from __future__ import annotations
+
+from gist_jax.experiment import default_config
+from gist_jax.experiments import _common, _paper, demo
+
+# -- the grid: run name -> variants (Deng et al. Table 2 rows, plus the AE / TIE additions on Fine-KV)
+GRID: dict[str, str] = {
+    "full": "full",
+    "fine_kv": "fine_kv,noae,notie",
+    "coarse_kv": "coarse_kv,noae,notie",
+    "coarse_rec": "coarse_rec,noae,notie",
+    "fine_kv_ae": "fine_kv,ae,notie",
+    "fine_kv_tie": "fine_kv,noae,tie",
+    "fine_kv_ae_tie": "fine_kv,ae,tie",
+}
+RATIOS = (4, 8)  # the ratios every report table shows
+BOOTSTRAP = 1000  # resamples per confidence interval (95%, percentile)
+
+# -- cpu sizing (measured, docs/study.md): seconds per step on a 2-core CPU, and per checkpoint's suites
+CPU_STEPS = 25
+
+PAPER_HF_DIR = "/path/to/Meta-Llama-3.1-8B"  # placeholder: a local Hugging Face download
+PAPER_CORPUS = _paper.SLIMPAJAMA
+
+
+def _study_defaults(c: _common.ConfigDict) -> None:
+    """What every scale shares: no in-training evaluation (the suites evaluate every checkpoint),
+    Fine-KV without AE/TIE as the base (the grid names the rest), synchronous checkpoints."""
+    c.compression.memory, c.compression.granularity = "kv", "fine"
+    c.objective.ae = False
+    c.objective.tie = False
+    c.train.eval_every = 0
+    c.train.eval_at_start = False
+    c.train.eval_batches = 0
+    c.checkpoint.async_save = False
+    c.checkpoint.keep = 1
+
+
+def smoke() -> _common.ConfigDict:
+    c = demo.base()  # the demo's objective settings (AE weight, TIE) are the project's defaults
+    c.compression.ratio_sampling = "per_segment"  # one compiled update per run: compiles dominate at this size
+    _common.make_tiny(c, seq_len=64, segment_length=16, ratios=RATIOS, batch_size=8, total_steps=6,
+                      max_documents=20)
+    _study_defaults(c)
+    c.train.log_every = 3
+    c.checkpoint.every = 6  # the final step only: a kill loses at most one run's seconds of training
+    return c
+
+
+def cpu() -> _common.ConfigDict:
+    c = demo.base()  # SmolLM2-135M GGUF, stdlib corpus, float32, 512 = 4 x 128, ratios {4, 8} per instance
+    _study_defaults(c)
+    c.optimizer.total_steps = CPU_STEPS
+    c.optimizer.warmup_fraction = 0.05
+    c.train.log_every = 5
+    c.checkpoint.every = 20
+    return c
+
+
+def gpu() -> _common.ConfigDict:
+    c = demo.base()
+    _study_defaults(c)
+    c.model.dtype = "bfloat16"
+    c.model.param_dtype = "float32"
+    c.model.remat_policy = "none"
+    c.compression.attention_impl = "auto"
+    c.compression.segment_length = 512
+    c.step.seq_len = 2048
+    c.step.batch_size = 8
+    c.optimizer.total_steps = 150
+    c.optimizer.warmup_fraction = 0.05
+    c.train.log_every = 10
+    c.checkpoint.every = 50
+    return c
+
+
+def paper() -> _common.ConfigDict:
+    c = default_config()
+    _paper.paper_recipe(c, hf_dir=PAPER_HF_DIR, tensor=8, microbatches=16)
+    c.data.sources = ((PAPER_CORPUS, 1.0),)
+    _study_defaults(c)
+    c.train.eval_every, c.train.eval_batches = 100, 32  # the recipe's own held-out perplexity curve
+    c.checkpoint.async_save = True
+    c.checkpoint.keep = 3
+    return c
+
+
+SCALE_BUILDERS = {"smoke": smoke, "cpu": cpu, "gpu": gpu, "paper": paper}
+DEFAULT_SCALE = "cpu"
+
+# -- the suites per scale (options of gist_jax.evaluate.run_suites; docs/evaluation.md)
+EVAL: dict[str, dict] = {
+    "smoke": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction", num_windows=8, batch=4,
+                  num_examples=4, context_tokens=128, recall_lengths=(128,), depths=(0.25, 0.75), kinds=("passkey",),
+                  probe_steps=10, max_documents=20),
+    # cpu: ~150 forward passes of 512 tokens per compressed checkpoint (see the docstring): 8 windows,
+    # continuation contexts of 1 segment, 4 examples per probe at 256-token contexts, an 8-step probe.
+    "cpu": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction", num_windows=8, batch=4,
+                context_segments=1, num_examples=4, context_tokens=256, recall_lengths=(256,),
+                depths=(0.25, 0.75), kinds=("passkey",), probe_steps=8),
+    "gpu": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction", num_windows=64, batch=8,
+                num_examples=32, recall_lengths=(1024, 2048), depths=(0.1, 0.5, 0.9),
+                kinds=("passkey", "multikey_needle"), probe_steps=300),
+    "paper": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction", num_windows=256, batch=8,
+                  num_examples=100, recall_lengths=(8192, 16384), depths=(0.1, 0.5, 0.9),
+                  kinds=("passkey", "multikey_needle"), probe_steps=1000),
+}
+
+
+def _reset_to(build):
+    def apply(c: _common.ConfigDict) -> None:
+        fresh = build()
+        for key in fresh.keys():
+            c[key] = fresh[key]
+
+    return apply
+
+
+VARIANTS: dict[str, _common.Variant] = {
+    **_common.SHARED,
+    **{name: _common.Variant("scale", _reset_to(build), f"the study's {name} scale")
+       for name, build in SCALE_BUILDERS.items()},
+    "tiny": _common.Variant("size", _common.make_tiny, "random preset:tiny, bytes, 64-token sequences, 6 steps"),
+}
+
+
+def split_scale(arg: str | None) -> tuple[str, list[str]]:
+    """(scale, the other variant names) of a variant list; the default scale when none is named."""
+    names = _common.parse_variants(arg)
+    scales = [n for n in names if n in SCALE_BUILDERS]
+    return (scales[0] if scales else DEFAULT_SCALE), [n for n in names if n not in SCALE_BUILDERS]
+
+
+def get_config(arg: str | None = None) -> _common.ConfigDict:
+    names = _common.parse_variants(arg)
+    ordered = [n for n in names if n in SCALE_BUILDERS] + [n for n in names if n not in SCALE_BUILDERS]
+    return _common.apply_variants(SCALE_BUILDERS[DEFAULT_SCALE](), ",".join(ordered), VARIANTS, "study.py")

@@ -1,0 +1,181 @@
+"""The study in one command (``python -m gist_jax.study``, issue 16 item 2), at its ``smoke`` scale,
+through the real entry point as subprocesses:
+
+1. started, then killed (SIGKILL) as soon as the first run of the grid has its final checkpoint;
+2. rerun: the killed study resumes -- the finished run is not retrained -- and completes;
+3. its report: every table and figure present, every PNG a real PNG, every interval contains
+   its point estimate, and the numbers match the checkpoints (the suites' own rows and an
+   independent ``python -m gist_jax.evaluate`` of one checkpoint);
+4. rerun once more: re-reports from the cache in seconds, with no new checkpoint and no
+   evaluation recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GRID = ("full", "fine_kv", "coarse_kv", "coarse_rec", "fine_kv_ae", "fine_kv_tie", "fine_kv_ae_tie")
+SECTIONS = ("## Runs", "## Perplexity by variant and ratio (Table 2)", "## Loss by position in a segment (Fig. 3)",
+            "## Continuation at a segment boundary vs mid-segment", "## Surprise", "## UUID recall by prefix length",
+            "## Recall suite", "## Reconstruction probe accuracy by ratio (Table 4)", "## All findings")
+FIGURES = ("perplexity_by_variant.png", "loss_by_position.png", "boundary_continuation.png", "surprise.png",
+           "uuid_prefix.png", "recall.png", "reconstruction.png")
+STEPS = 6  # experiments/study.py smoke
+
+
+def _env(tmp: pathlib.Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the command runs
+    if os.environ.get("GIST_JAX_TEST_XLA_FLAGS"):
+        env["XLA_FLAGS"] = os.environ["GIST_JAX_TEST_XLA_FLAGS"]
+    env.update(JAX_PLATFORMS="cpu", GIST_JAX_COMPILE_CACHE=str(REPO / ".jax_cache"), TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONUNBUFFERED="1")
+    env.setdefault("GIST_JAX_CACHE", str(tmp / "tokcache"))
+    return env
+
+
+def _study(out: pathlib.Path) -> list[str]:
+    return [sys.executable, "-m", "gist_jax.study", "--scale", "smoke", "--out", str(out)]
+
+
+def _steps(out: pathlib.Path) -> dict[str, list[str]]:
+    return {run: sorted(p.name for p in (out / "runs" / run / "checkpoints").glob("*"))
+            for run in GRID if (out / "runs" / run / "checkpoints").is_dir()}
+
+
+def _png_size(path: pathlib.Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", f"{path} is not a PNG"
+    assert data[-8:-4] == b"IEND", f"{path} is truncated"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("study")
+    out, env = tmp / "out", _env(tmp)
+    timings = {}
+
+    # 1. Start, kill as soon as the first run (full) has its last checkpoint.
+    first = out / "runs" / "full" / "checkpoints" / str(STEPS)
+    start = time.perf_counter()
+    proc = subprocess.Popen(_study(out), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        while not first.is_dir() and proc.poll() is None and time.perf_counter() - start < 240:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0]
+    assert first.is_dir(), f"the first run never finished:\n{log[-3000:]}"
+    killed = {"steps": _steps(out), "full_metrics": (out / "runs/full/metrics.jsonl").read_text(),
+              "report": (out / "report" / "study.md").exists()}
+    timings["killed"] = time.perf_counter() - start
+
+    # 2. Resume to the end.
+    start = time.perf_counter()
+    done = subprocess.run(_study(out), check=False, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    timings["resumed"] = time.perf_counter() - start
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    print(f"\nsmoke study: killed after {timings['killed']:.0f}s, resumed in {timings['resumed']:.0f}s")
+    return {"out": out, "env": env, "killed": killed, "resumed": done.stdout, "timings": timings}
+
+
+def test_a_killed_study_resumes_without_retraining_finished_runs(study):
+    out, killed = study["out"], study["killed"]
+    assert not killed["report"], "the kill came after the report: the test did not interrupt the study"
+    assert "[study] training full" not in study["resumed"], "the finished run was trained again"
+    assert (out / "runs/full/metrics.jsonl").read_text() == killed["full_metrics"]
+    assert _steps(out) == {run: [str(STEPS)] for run in GRID}
+    for run in GRID[1:]:  # the runs the kill interrupted or never reached were trained by the rerun
+        assert f"[study] training {run}" in study["resumed"]
+        assert (out / "runs" / run / "final_metrics.json").is_file()
+
+
+def test_report_has_every_table_and_figure(study):
+    report = study["out"] / "report"
+    md = (report / "study.md").read_text()
+    for section in SECTIONS:
+        assert section in md, section
+    for name in FIGURES:
+        assert f"]({name})" in md, name
+        width, height = _png_size(report / name)
+        assert width > 100 and height > 100
+    summary = json.loads((report / "study.json").read_text())
+    assert set(summary["figures"]) == set(FIGURES)
+    tables = {e["table"] for e in summary["estimates"]}
+    assert tables == {"perplexity", "boundary_gap", "continuation", "surprise", "uuid", "recall", "reconstruction"}
+    for e in summary["estimates"]:  # every number has an interval around it
+        assert e["lo"] <= e["value"] <= e["hi"] or e["value"] != e["value"], e
+    ppl = {(e["run"], e["setting"]): e for e in summary["estimates"] if e["table"] == "perplexity"}
+    assert set(ppl) == {("full", "full")} | {(r, s) for r in GRID[1:] for s in ("full", "r4", "r8")}
+    assert any(e["hi"] > e["lo"] for e in ppl.values()), "no interval has any width: the bootstrap did nothing"
+    # Orderings are sentences computed from the intervals, one per ratio of Table 2.
+    expected = (r"perplexity at ratio \d: the expected order full attention < Fine-KV < Coarse-KV < Coarse-Rec "
+                r"(holds|does not)")
+    chains = [f for f in summary["findings"] if re.match(expected, f)]
+    assert len(chains) == 2 and all(f in md for f in chains)
+
+
+def test_report_numbers_match_the_checkpoints(study, tmp_path):
+    out = study["out"]
+    summary = json.loads((out / "report" / "study.json").read_text())
+    ppl = {(e["run"], e["setting"]): e["value"] for e in summary["estimates"] if e["table"] == "perplexity"}
+    # (a) the point estimates are the suites' own aggregates, for every run and setting
+    for run in GRID:
+        cached = json.loads((out / "cache" / run / "perplexity.json").read_text())["payload"]
+        for row in cached["rows"]:
+            assert ppl[(run, row["setting"])] == pytest.approx(row["ppl"], rel=1e-9)
+    recon = {(e["run"], e["setting"]): e["value"] for e in summary["estimates"] if e["table"] == "reconstruction"}
+    for row in json.loads((out / "cache" / "fine_kv" / "reconstruction.json").read_text())["payload"]["rows"]:
+        assert recon[("fine_kv", row["setting"])] == pytest.approx(row["token_accuracy"], rel=1e-9)
+    # (b) an independent evaluation of one checkpoint, by the evaluation library entry point, agrees
+    from gist_jax.experiments import study as study_file
+
+    opts = {k: study_file.EVAL["smoke"][k] for k in ("num_windows", "max_documents", "batch")}
+    code = ("import sys; from gist_jax.evaluate import run_suites; "
+            f"run_suites(sys.argv[1], 'perplexity', sys.argv[2], verbose=False, ratios=(4, 8), **{opts!r})")
+    done = subprocess.run([sys.executable, "-c", code, str(out / "runs" / "coarse_kv"), str(tmp_path)], check=False,
+                          cwd=REPO, env=study["env"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "perplexity.json").read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"full", "r4", "r8"}
+    for row in rows:
+        assert ppl[("coarse_kv", row["setting"])] == pytest.approx(row["ppl"], rel=1e-5)
+    # (c) the markdown prints those numbers
+    md = (out / "report" / "study.md").read_text()
+    from gist_jax.study.stats import Estimate
+
+    table2 = md.split("## Perplexity by variant and ratio (Table 2)")[1].split("\n## ")[0]
+    line = next(l for l in table2.splitlines() if l.startswith("| Coarse-KV |"))
+    for e in summary["estimates"]:
+        if e["table"] == "perplexity" and e["run"] == "coarse_kv":
+            assert Estimate(e["value"], e["lo"], e["hi"], e["n"]).fmt() in line
+
+
+def test_a_finished_study_re_reports_without_retraining(study):
+    out = study["out"]
+    caches = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
+    steps, report_mtime = _steps(out), (out / "report" / "study.md").stat().st_mtime_ns
+    start = time.perf_counter()
+    done = subprocess.run(_study(out), check=False, cwd=REPO, env=study["env"], capture_output=True, text=True,
+                          timeout=300)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "re-reporting from the cache" in done.stdout
+    assert _steps(out) == steps
+    assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == caches
+    assert (out / "report" / "study.md").stat().st_mtime_ns > report_mtime
+    assert seconds < 90, f"re-reporting took {seconds:.0f}s"  # loads no model (loose: the machine is shared)
+    print(f"\nre-report: {seconds:.1f}s")
