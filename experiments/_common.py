@@ -9,9 +9,10 @@ together (Coarse-Rec is memory *and* granularity); single keys are changed with
 ae, tie, size); naming two of one group is an error, so ``fine_kv,coarse_kv`` never silently
 means whichever came last.
 
-``experiments/`` is not an installed package, so each file puts the repository root on
-``sys.path`` before ``from experiments import _common``; that works whatever the working
-directory and however the file is loaded (config_flags, importlib, the sweep launcher).
+The files import these tables as ``from gist_jax.experiments import _common``: this folder is the
+package ``gist_jax.experiments`` (``experiments/__init__.py``), installed or not, so that works
+whatever the working directory and however the file is loaded (config_flags, importlib, the sweep
+launcher), and no file edits ``sys.path``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _switch(key: str, value: bool) -> Callable[[ConfigDict], None]:
 
 ARCHITECTURES: dict[str, Variant] = {
     "fine_kv": Variant("architecture", _architecture("kv", "fine"), "Fine-KV: a gist after every r tokens, KV memory"),
-    "coarse_kv": Variant("architecture", _architecture("kv", "coarse"), "Coarse-KV: gists after the segment, KV memory"),
+    "coarse_kv": Variant("architecture", _architecture("kv", "coarse"),
+                         "Coarse-KV: gists after the segment, KV memory"),
     "coarse_rec": Variant("architecture", _architecture("recurrent", "coarse"),
                           "Coarse-Rec: gists after the segment, last-layer states fed back as inputs"),
     "full": Variant("architecture", _architecture("none", "fine"), "full-attention baseline (no gists, no AE/TIE)"),
@@ -138,6 +140,7 @@ def make_tiny(c: ConfigDict, *, seq_len: int = 64, segment_length: int = 16, rat
     c.train.eval_every = total_steps
     c.train.eval_batches = 2
     c.train.eval_at_start = True
+    c.train.plan_memory = False  # the plan's trace would cost more than these six steps
     c.train.profile_steps = 0
     c.checkpoint.every = 2
     c.checkpoint.keep = 2

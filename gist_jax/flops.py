@@ -27,7 +27,8 @@ implementation applies the head to every layout token. ``visible_pairs`` counts 
 key) pairs the attention mask allows, with live queries only (see
 ``visible_attention_pairs``): causal masking halves full attention, gist masks remove much
 more. Separate gist projections replace the base ones at gist tokens, so they cost nothing
-extra (the dense reference computes both and selects). Remat recomputation is not counted (this is MFU, not hardware FLOPs utilisation).
+extra (the dense reference computes both and selects). Remat recomputation is not counted
+(this is MFU, not hardware FLOPs utilisation).
 
 Throughput unit: raw tokens per second. Gist tokens are work the model does, hence in the
 FLOPs, but they are not text the run consumed; report tokens/s over raw tokens.
@@ -48,7 +49,7 @@ from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, cached_layout
 from gist_jax.gist.specs import memory_buffer_arrays
 from gist_jax.model import causal as causal_kernel
-from gist_jax.model.config import ModelConfig, preset
+from gist_jax.model.config import ModelConfig
 from gist_jax.train.config import StepConfig
 
 PEAK_FLOPS_ENV = "GIST_JAX_PEAK_FLOPS"
@@ -415,38 +416,40 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Compare a compression config with full attention: pairs, FLOPs per raw token, 6N."""
-    p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("--model", default="llama3_8b")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=INT",
-                   help="model config overrides, e.g. num_layers=16 hidden_size=2048")
-    p.add_argument("--seq", type=int, default=16384)
-    p.add_argument("--segment", type=int, default=2048)
-    p.add_argument("--ratio", type=int, default=8)
-    p.add_argument("--memory", default="kv")
-    p.add_argument("--granularity", default="fine")
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--tie", action="store_true")
-    p.add_argument("--ae", action="store_true")
-    args = p.parse_args(argv)
-    cfg = preset(args.model, **{k: int(v) for k, v in (kv.split("=", 1) for kv in args.set)})
-    comp = CompressionConfig(memory=args.memory, granularity=args.granularity,
-                             segment_length=args.segment, ratios=(args.ratio,),
-                             ratio_sampling="fixed", num_sinks=args.sinks)
-    full = comp.replace(memory="none", granularity="fine")
-    n = args.seq
-    print(f"{args.model} {args.set} raw tokens {n}; 6N: {model_flops_6n(cfg, n) / n / 1e9:.2f} "
-          "GFLOP/token")
+    """Compare a run config's compression with full attention: pairs, FLOPs per raw token, 6N.
+
+    python -m gist_jax.flops --config experiments/llama3_8b_paper.py --config.model.init=preset:llama3_8b
+
+    One row per ratio the recipe can draw (its sequence length, segments, sinks, AE and TIE as
+    the file says), then full attention. Only the model's shape is read from ``model.init``.
+    """
+    from gist_jax import cli_config
+
+    p = argparse.ArgumentParser(prog="python -m gist_jax.flops", description=main.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_config.add_config_flag(p, what="the run to count")
+    args, overrides = cli_config.parse_tool_args(p, argv)
+    try:
+        run = cli_config.load_run(args.config, overrides)
+        cfg = cli_config.model_shape(run.model)
+    except cli_config.CliConfigError as e:
+        cli_config.exit_config_error(e)
+    comp, n = run.compression, run.step.seq_len
+    tie, ae = step_objectives(run.step, comp)
+    full = comp.full_attention()
+    print(f"{run.name} ({run.model.init}): raw tokens {n}; 6N: {model_flops_6n(cfg, n) / n / 1e9:.2f} GFLOP/token")
+    cases = [(f"{comp.memory}/{comp.granularity} L={comp.segment_length} r={r}",
+              comp.replace(ratios=(int(r),), ratio_sampling="fixed")) for r in (comp.ratios if comp.enabled else ())]
     rows = []
-    for name, c in ((f"{args.memory}/{args.granularity} L={args.segment} r={args.ratio}", comp),
-                    ("full attention", full)):
+    for name, c in (*cases, ("full attention", full)):
         fwd = forward_flops_per_sequence(cfg, c, n)
-        train = train_flops_per_sequence(cfg, c, n, tie=args.tie, ae=args.ae)
-        rows.append(train["total"])
+        train = train_flops_per_sequence(cfg, c, n, tie=tie and c.enabled, ae=ae and c.enabled)
+        rows.append((name, train["total"]))
         print(f"{name:>28}: pairs {visible_attention_pairs(n, c):,}  forward GFLOP/token dense "
               f"{fwd['dense'] / n / 1e9:.3f} attention {fwd['attention'] / n / 1e9:.3f} total "
               f"{fwd['total'] / n / 1e9:.3f}  train GFLOP/token {train['total'] / n / 1e9:.3f}")
-    print(f"train FLOPs, compressed / full attention: {rows[0] / rows[1]:.3f}")
+    for name, total in rows[:-1]:
+        print(f"train FLOPs, compressed ({name}) / full attention: {total / rows[-1][1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ import sys
 import pytest
 
 from gist_jax.bench.__main__ import main
+from gist_jax.bench.recipe import DEFAULT_CONFIG
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The built-in config (gist_jax/bench/default_config.py) shrunk to 4 segments of 16 tokens, ratio 4.
+TINY = ["--config.step.seq_len=64", "--config.compression.segment_length=16", "--config.compression.ratios=(4,)"]
 
 FIELDS = ("tokens_per_s", "step_s", "compile_s", "peak_bytes", "train_flops_per_step",
           "model_tflops_per_s", "mfu", "layout_tokens", "device")
@@ -21,9 +25,7 @@ FIELDS = ("tokens_per_s", "step_s", "compile_s", "peak_bytes", "train_flops_per_
 
 def test_train_bench_compare_and_peer(tmp_path):
     out_path = tmp_path / "bench.json"
-    out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4",
-                "--variant", "fine_kv", "--steps", "1", "--compare", "--peer",
-                "--json", str(out_path)])
+    out = main([*TINY, "--steps", "1", "--compare", "--peer", "--json", str(out_path)])
     assert [r["attention"] for r in out["results"]] == ["dense", "decomposed", "flash", "split"]
     for r in out["results"]:
         assert all(k in r for k in FIELDS)
@@ -38,7 +40,7 @@ def test_bench_runs_without_tensorflow():
     """In a fresh process (this worker may have imported tensorflow for the data tests): the GPU
     machines have no tensorflow, so a benchmark run must never import it."""
     code = ("import sys; from gist_jax.bench.__main__ import main; "
-            "main(['--model', 'tiny', '--seq', '64', '--segment', '16', '--ratio', '4', '--steps', '1']); "
+            f"main({TINY + ['--steps', '1']!r}); "
             "print('LOADED', [m for m in ('tensorflow', 'seqio') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -48,8 +50,8 @@ def test_bench_runs_without_tensorflow():
 
 def test_sweep_table_and_plot(tmp_path, capsys):
     plot = tmp_path / "sweep.png"
-    out = main(["--model", "tiny", "--sweep", "--contexts", "32", "64", "--variants", "full",
-                "coarse_rec", "--segment", "16", "--ratio", "4", "--steps", "1", "--plot", str(plot)])
+    out = main([*TINY, "--sweep", "--contexts", "32", "64", "--variants", "full", "coarse_rec", "--steps", "1",
+                "--plot", str(plot)])
     rows = out["sweep"]
     assert {(r["variant"], r["seq"]) for r in rows} == {
         (v, n) for v in ("full", "coarse_rec") for n in (32, 64)}
@@ -59,8 +61,7 @@ def test_sweep_table_and_plot(tmp_path, capsys):
 
 
 def test_decode_bench_fields():
-    out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4", "--steps", "0",
-                "--decode", "16"])
+    out = main([*TINY, "--steps", "0", "--decode", "16"])
     assert "step_s" not in out["results"][0] and out["results"][0]["peak_bytes"] > 0  # compile only
     d = out["decode"]
     assert d["new_tokens"] == 16 and "decode_tokens_per_s" in d  # None when below timing noise
@@ -72,8 +73,7 @@ def test_decode_bench_fields():
 def test_peer_alternates_and_reports_the_median_of_pair_ratios():
     """Both sides run the same number of timed repeats, in pairs, and the reported ratio is the
     median of the per-pair ratios (peer seconds / our seconds), with its spread and the load."""
-    out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4", "--steps", "3",
-                "--peer"])
+    out = main([*TINY, "--steps", "3", "--peer"])
     peer = out["peer"]["sdpa"]
     assert "error" not in peer, peer
     assert len(peer["ours_step_s"]) == len(peer["peer_step_s"]) == peer["repeats"] == 3
@@ -102,13 +102,13 @@ def test_alternate_runs_a_b_a_b_after_warming_both():
     assert ours_s == [1.0, 3.0, 2.0] and peer_s == [4.0, 3.0, 10.0]
     r = pair_ratios(ours_s, peer_s)
     assert (r["median"], r["min"], r["max"]) == (4.0, 1.0, 5.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="equal, non-zero repeats"):
         pair_ratios([1.0, 2.0], [1.0])
 
 
 def test_real_recipe_flags_tie_ae_gist_only_and_the_causal_path():
-    out = main(["--model", "tiny", "--seq", "64", "--segment", "16", "--ratio", "4", "--steps", "1",
-                "--tie", "--ae", "--trainable", "gist_only"])
+    out = main([*TINY, "--steps", "1", "--config.objective.tie=True", "--config.objective.ae=True",
+                "--config.compression.trainable=gist_only"])
     r = out["results"][0]
     assert (r["tie"], r["ae"], r["trainable"]) == (True, True, "gist_only")
     assert r["train_flops"]["tie"] > 0 and r["train_flops"]["ae"] > 0
@@ -116,7 +116,7 @@ def test_real_recipe_flags_tie_ae_gist_only_and_the_causal_path():
     assert pairs["impl"] == "decomposed" and pairs["tie_computed"] >= pairs["tie_exact"] > 0
     assert r["attention_pairs_computed_over_exact"] == pytest.approx(pairs["computed"] / pairs["exact"])
     assert len(r["loadavg"]) == 3 and r["date"] and r["argv"]
-    full = main(["--model", "tiny", "--seq", "64", "--variant", "full", "--steps", "0"])["results"][0]
+    full = main(["--config", f"{DEFAULT_CONFIG}:full", *TINY, "--steps", "0"])["results"][0]
     assert full["causal_impl"] == "blockwise" and full["attention_pairs"]["impl"] == "causal:blockwise"
 
 
@@ -127,6 +127,9 @@ def test_config_file_benchmarks_the_runs_own_step():
     out = main(["--config", cfg, "--config.step.seq_len=128", "--config.objective.ae=False", "--steps", "0"])
     r = out["results"][0]
     assert (r["variant"], r["seq"], r["batch"], r["ae"], r["tie"]) == ("coarse_kv", 128, 8, False, True)
-    assert r["peak_bytes"] > 0 and r["model"] == cfg
+    assert r["peak_bytes"] > 0 and r["model"] == "demo:tiny,coarse_kv"  # results are filed under the run name
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config.step.no_such_key=128"])  # one line naming the key, exit 2 (as gist_jax.main)
+    assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
-        main(["--model", "tiny", "--config.step.seq_len=128"])  # an override without --config
+        main(["--model", "tiny"])  # the old shape flags are run config now: --config.<key>=<value>

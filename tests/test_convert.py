@@ -45,7 +45,7 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
 
 
 def test_bf16_storage(hf_dir, tmp_path):
-    convert.main(["--hf", str(hf_dir), "--out", str(tmp_path / "c"), "--param_dtype", "bfloat16"])
+    convert.main(["--hf", str(hf_dir), "--out", str(tmp_path / "c"), "--param-dtype", "bfloat16"])
     cfg, params = load_params(tmp_path / "c")
     assert cfg.param_dtype == "bfloat16"
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))

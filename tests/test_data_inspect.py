@@ -53,13 +53,14 @@ def cache(tmp_path: pathlib.Path, monkeypatch) -> pathlib.Path:
 
 
 def test_counts_histogram_and_gists_match_the_stores_and_the_loop(cache: pathlib.Path, capsys):
-    out = run_inspect(capsys, "--steps=2", "--sample_rows=2")
+    out = run_inspect(capsys, "--steps=2", "--sample-rows=2")
     run = tiny_run()
     assert run.data.cache_dir == str(cache) and f"cache {cache}" in out
 
     # 1. token counts are the stores' counts, for both splits
     rows = {m["split"]: (int(m["docs"].replace(",", "")), int(m["tokens"].replace(",", "")))
-            for m in re.finditer(r"^stdlib\s+1\.00 (?P<split>\w+)\s+(?P<docs>[\d,]+)\s+(?P<tokens>[\d,]+)", out, re.M)}
+            for m in re.finditer(r"^stdlib\s+1\.00 (?P<split>\w+)\s+(?P<docs>[\d,]+)\s+(?P<tokens>[\d,]+)", out,
+                                 re.MULTILINE)}
     stores = {split: ensure_store("stdlib", split, "bytes", cache, run.data.max_documents)
               for split in ("train", "validation")}
     assert rows == {split: (s.num_documents, s.num_tokens) for split, s in stores.items()}
@@ -70,7 +71,8 @@ def test_counts_histogram_and_gists_match_the_stores_and_the_loop(cache: pathlib
     hist = [(int(m[1].replace(",", "")), int(m[2].replace(",", "")), int(m[3])) for m in hist if m]
     assert sum(count for _, _, count in hist) == stores["train"].num_documents
     lengths = stores["train"].lengths
-    assert [count for low, high, count in hist] == [int(np.sum((lengths >= lo) & (lengths <= hi))) for lo, hi, _ in hist]
+    assert [count for low, high, count in hist] == [int(np.sum((lengths >= lo) & (lengths <= hi)))
+                                                    for lo, hi, _ in hist]
 
     # 3. packing: concat fills every sequence but the epoch's last
     packed = "\n".join(section(out, "Packed sequences"))

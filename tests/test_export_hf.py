@@ -110,7 +110,7 @@ def _set_gist(model, case: CompressionConfig, ratio: int) -> None:
 
 # ----------------------------------------------------------------------------- files and plain load
 def test_export_files_and_plain_transformers_parity(exported):
-    for family, (cfg, comp, params, directory) in exported.items():
+    for family, (cfg, _comp, params, directory) in exported.items():
         names = sorted(p.name for p in directory.iterdir())
         assert {"config.json", "generation_config.json", "modeling_gist.py"} <= set(names)
         hf_config = json.loads((directory / "config.json").read_text())
@@ -166,7 +166,7 @@ def test_compressed_forward_matches_gist_jax(exported, family, variant):
 
 def test_gist_tensors_are_used(exported):
     """Negative control: zeroing the loaded gist embedding changes the compressed logits."""
-    cfg, comp, params, directory = exported["qwen2"]
+    _, _, _, directory = exported["qwen2"]
     model = _gist_model(directory)
     tokens = torch.from_numpy(_tokens(2 * L).astype(np.int64))
     before = model.compressed_forward(tokens)
@@ -328,10 +328,10 @@ def test_export_trained_checkpoint_cli(trained_run, tmp_path):
     from gist_jax.hf.export import CheckpointSource, checkpoint_configs, resolve_step_dir
 
     out = tmp_path / "hf"
-    assert export_hf.main(["--checkpoint", str(trained_run), "--out", str(out), "--shard_size", "100KB"]) == 0
+    assert export_hf.main(["--checkpoint", str(trained_run), "--out", str(out), "--shard-size", "100KB"]) == 0
     assert (out / "model.safetensors.index.json").exists()
     step_dir = resolve_step_dir(trained_run)
-    cfg, comp, _ = checkpoint_configs(step_dir)
+    _, comp, _ = checkpoint_configs(step_dir)
     source = CheckpointSource(step_dir / "state")
     assert not any(p[0] == "ae" for p in source.leaves)  # the AE decoder is not exported
     cfg2, comp2, params = load_gist_hf_dir(out, dtype="float32")

@@ -4,6 +4,7 @@ really builds, the FLOP formula by hand, peak table and MFU arithmetic."""
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import numpy as np
@@ -225,15 +226,16 @@ def test_peak_flops_override_env_and_cpu(monkeypatch):
 def test_mfu_arithmetic():
     assert flops.mfu(4e15, 2.0, 8, 1e15) == pytest.approx(0.25)
     assert flops.mfu(4e15, 2.0, 8, None) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mfu needs positive step_seconds"):
         flops.mfu(4e15, 0.0, 8, 1e15)
 
 
 def test_cli_compares_with_full_attention(capsys):
-    flops.main(["--model", "tiny", "--set", "num_layers=1", "--seq", "64", "--segment", "16",
-                "--ratio", "4", "--tie", "--ae"])
+    demo = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo.py")
+    flops.main(["--config", f"{demo}:tiny,tie,ae"])  # ratios (4, 8) per instance: a row for each
     out = capsys.readouterr().out
-    assert "full attention" in out and "compressed / full attention" in out
+    assert "full attention" in out and "kv/fine L=16 r=4" in out and "kv/fine L=16 r=8" in out
+    assert "compressed (kv/fine L=16 r=4) / full attention" in out
 
 
 # -- gist_only: no weight-gradient matmuls for frozen weights -----------------------------------------

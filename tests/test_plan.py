@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import pytest
 from gist_helpers import BASE, comp_config
 
+from gist_jax.model.config import preset
 from gist_jax.train import plan
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
@@ -30,15 +33,20 @@ def test_planned_state_bytes_equal_the_real_sharded_state(mesh):
 
 
 def test_cli_prints_a_verdict_and_compiled_analysis(capsys):
-    assert plan.main(["--model", "tiny", "--seq", "32", "--batch", "8", "--mesh", "2,2,2", "--segment", "8",
-                      "--ratio", "4", "--remat", "full", "--compile"]) == 0
+    demo = str(pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo.py")
+    assert plan.main(["--config", f"{demo}:tiny,noae,notie", "--config.step.seq_len=32", "--config.step.batch_size=8",
+                      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                      "--config.compression.segment_length=8", "--config.compression.num_sinks=2",
+                      "--config.model.remat_policy=full", "--compile"]) == 0
     out = capsys.readouterr().out
-    assert "GiB per device" in out and "fits" in out and "compiled (XLA memory analysis)" in out
+    assert "MiB per device" in out and "fits" in out and "compiled (XLA memory analysis)" in out
+    # demo:tiny draws ratios (4, 8) per instance: both planned, the worst case (r=4) reported
+    assert "planned the worst case r=4" in out and "r=8:" in out
 
 
 def test_llama3_8b_at_16k_is_planned_without_allocating():
     step = StepConfig(batch_size=64, seq_len=16384, mesh=MeshConfig(1, 64, 1))
-    result = plan.plan(plan.preset("llama3_8b"), comp_config("kv", "fine", segment_length=2048), step, 64)
+    result = plan.plan(preset("llama3_8b"), comp_config("kv", "fine", segment_length=2048), step, 64)
     assert 0.4 * 2**30 < result["params"] < 0.6 * 2**30  # 8B fp32 / 64 devices
 
 
@@ -83,7 +91,7 @@ VARIANT_MEMORY = {"full": ("none", "fine"), "fine_kv": ("kv", "fine"), "coarse_k
 
 def _case(variant, tie, ae, seq, remat, causal):
     memory, granularity = VARIANT_MEMORY[variant]
-    base = plan.preset("tiny", remat_policy=remat, attention_impl=causal if memory == "none" else "auto",
+    base = preset("tiny", remat_policy=remat, attention_impl=causal if memory == "none" else "auto",
                        max_position_embeddings=4096)
     comp = comp_config(memory, granularity, segment_length=128, ratio=8, sinks=4,
                        attention_impl=causal if memory == "kv" else "dense") if memory != "none" \
@@ -114,18 +122,22 @@ def test_planned_activations_follow_every_pass_and_the_attention_kernel():
         return plan.plan(base, comp, step, jax.device_count(), "cpu")["activations_saved"]
 
     assert saved("fine_kv", True, True, 1024, "none", "auto") > saved("fine_kv", True, False, 1024, "none", "auto")
-    dense_growth = saved("full", False, False, 2048, "none", "dense") / saved("full", False, False, 1024, "none", "dense")
-    blockwise_growth = saved("full", False, False, 2048, "none", "auto") / saved("full", False, False, 1024, "none", "auto")
+    dense_growth = (saved("full", False, False, 2048, "none", "dense")
+                    / saved("full", False, False, 1024, "none", "dense"))
+    blockwise_growth = (saved("full", False, False, 2048, "none", "auto")
+                        / saved("full", False, False, 1024, "none", "auto"))
     assert dense_growth > 3.0 and blockwise_growth < 2.1
-    assert saved("fine_kv", False, False, 1024, "full", "auto") < saved("fine_kv", False, False, 1024, "none", "auto") / 5
+    assert (saved("fine_kv", False, False, 1024, "full", "auto")
+            < saved("fine_kv", False, False, 1024, "none", "auto") / 5)
 
 
 def test_plan_for_a_gpu_traces_cudnn_as_its_residuals():
     """Planning a GPU run here: cuDNN's fused attention is traced as a stand-in that keeps
     (q, k, v, out, lse), so a bf16 full-attention plan keeps O(T) per layer, not T x T."""
-    base = plan.preset("tiny", remat_policy="none", dtype="bfloat16", max_position_embeddings=8192)
+    base = preset("tiny", remat_policy="none", dtype="bfloat16", max_position_embeddings=8192)
     none = comp_config("none", "fine")
     short, long = (StepConfig(batch_size=1, seq_len=n, mesh=MeshConfig(1, 1, 1)) for n in (2048, 4096))
-    growth = plan.plan(base, none, long, 1, "gpu")["activations_saved"] / plan.plan(base, none, short, 1, "gpu")["activations_saved"]
+    growth = (plan.plan(base, none, long, 1, "gpu")["activations_saved"]
+              / plan.plan(base, none, short, 1, "gpu")["activations_saved"])
     assert plan.layer_attention_impl(base, none, "gpu") == "cudnn" and 1.9 < growth < 2.1
     assert jax.nn.dot_product_attention.__module__.startswith("jax")  # the stand-in is gone afterwards

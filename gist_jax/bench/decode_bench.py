@@ -5,7 +5,8 @@ wall time is prefill + decode. Decode tokens/s is taken from the difference of t
 that share the prompt and differ only in new tokens (K and 2K, K a multiple of 16, the loop's
 rounding): ``batch * K / (t(2K) - t(K))``; prefill cancels. Each run is repeated and the
 fastest taken (the least disturbed by other load); when the difference is not resolvable
-(under 5% of the run, e.g. K too small for the noise) the rate is reported as None: raise K. Cache bytes are ``inference.cache.cache_stats`` of the first row after the 2K run: bytes
+(under 5% of the run, e.g. K too small for the noise) the rate is reported as None: raise K.
+Cache bytes are ``inference.cache.cache_stats`` of the first row after the 2K run: bytes
 in use (memory + current segment, all layers), what an uncompressed KV cache would hold for the
 same raw tokens, and the bytes allocated.
 """
@@ -18,22 +19,27 @@ from typing import Any
 import jax
 import numpy as np
 
-from gist_jax.bench.train_bench import BenchSpec
+from gist_jax.bench.train_bench import StepSetup
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.model.transformer import init_params
 
 
-def run_decode_bench(spec: BenchSpec, new_tokens: int = 256, repeats: int = 3) -> dict[str, Any]:
+def run_decode_bench(setup: StepSetup, new_tokens: int = 256, repeats: int = 3) -> dict[str, Any]:
+    """Decoding with the model and compression of ``setup`` (a ratio the setup's step uses)
+    after a prompt of ``step.seq_len`` tokens, ``step.batch_size`` rows."""
     from gist_jax.inference.decode import generate
 
     if new_tokens <= 0 or new_tokens % 16:
         raise ValueError(f"--decode {new_tokens} must be a positive multiple of 16")
-    base, comp = spec.model_config(), spec.compression()
+    base, comp = setup.base_cfg, setup.comp
+    if comp.enabled:
+        comp = comp.replace(ratios=(setup.layout.ratios[0],), ratio_sampling="fixed")
+    batch, seq = setup.step_cfg.batch_size, setup.step_cfg.seq_len
     cfg = model_config_for(base, comp)
     params = add_gist_params(init_params(base, jax.random.key(0)), cfg)
     rng = np.random.default_rng(0)
-    prompts = rng.integers(0, base.vocab_size, (spec.batch, spec.seq)).tolist()
-    capacity = spec.seq + 2 * new_tokens
+    prompts = rng.integers(0, base.vocab_size, (batch, seq)).tolist()
+    capacity = seq + 2 * new_tokens
 
     def timed(k: int) -> tuple[float, Any]:
         t0 = time.perf_counter()
@@ -50,8 +56,8 @@ def run_decode_bench(spec: BenchSpec, new_tokens: int = 256, repeats: int = 3) -
     stats = runs[-1][1].cache_stats[0]
     delta = long - short
     resolved = delta > 0.05 * long
-    return {"variant": spec.variant, "seq": spec.seq, "batch": spec.batch, "new_tokens": new_tokens,
-            "decode_tokens_per_s": spec.batch * new_tokens / delta if resolved else None,
+    return {"variant": setup.variant, "seq": seq, "batch": batch, "new_tokens": new_tokens,
+            "decode_tokens_per_s": batch * new_tokens / delta if resolved else None,
             "decode_ms_per_step": 1e3 * delta / new_tokens if resolved else None,
             "generate_s": long, "prefill_and_decode_s_short": short, "compile_and_first_runs_s": first_s,
             "cache_bytes": stats["bytes"], "uncompressed_cache_bytes": stats["uncompressed_bytes"],

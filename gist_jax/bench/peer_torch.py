@@ -180,15 +180,21 @@ def pair_ratios(ours_s: list[float], peer_s: list[float]) -> dict[str, Any]:
 
 
 def alternate(ours: Callable[[], float], peer: Callable[[], float], repeats: int,
-              warmup: int = 1) -> tuple[list[float], list[float]]:
-    """Warm both up, then time ``repeats`` pairs A B A B ...; (ours seconds, peer seconds)."""
+              warmup: int = 1, progress: bool = False) -> tuple[list[float], list[float]]:
+    """Warm both up, then time ``repeats`` pairs A B A B ...; (ours seconds, peer seconds).
+
+    ``progress`` prints each pair as it completes (a large model takes minutes per step on a CPU,
+    so a run stopped early still shows what it measured)."""
     for _ in range(max(warmup, 1)):  # the first call allocates (and compiles flex attention)
         ours()
         peer()
     ours_s, peer_s = [], []
-    for _ in range(repeats):
+    for i in range(repeats):
         ours_s.append(ours())
         peer_s.append(peer())
+        if progress:
+            print(f"  pair {i + 1}/{repeats}: ours {ours_s[-1]:.3f} s, peer {peer_s[-1]:.3f} s, "
+                  f"ours / peer {peer_s[-1] / ours_s[-1]:.2f}x, load {os.getloadavg()[0]:.2f}", flush=True)
     return ours_s, peer_s
 
 
@@ -201,7 +207,7 @@ def compare_alternating(ours: Callable[[], float], setup: StepSetup, repeats: in
         try:
             peer = PeerStep(setup, impl, threads)
             load_before = list(os.getloadavg())
-            ours_s, peer_s = alternate(ours, peer, repeats, warmup)
+            ours_s, peer_s = alternate(ours, peer, repeats, warmup, progress=True)
             ratio = pair_ratios(ours_s, peer_s)
             r = {"impl": impl, "device": peer.device, "repeats": repeats, "warmup": warmup,
                  "ours_step_s": ours_s, "peer_step_s": peer_s,

@@ -1,38 +1,50 @@
 """``--sweep``: training-step throughput over context lengths x variants, a table and a plot.
 
-Each point is one ``run_train_bench`` in this process (compiled memory analysis is per step,
-so points do not contaminate each other's peak; process RSS does). A point that fails (out of
-memory at a long context with the dense path, for example) is recorded with its error and the
-sweep goes on, so one impossible cell does not lose the table.
+Each point is the resolved run config with ``step.seq_len`` and the architecture keys of a
+variant changed (``bench/default_config.py`` ``ARCHITECTURES``; ``recipe.changed`` validates
+the result like any run config), timed by ``run_setup_bench`` in this process (compiled
+memory analysis is per step, so points do not contaminate each other's peak; process RSS
+does). A point that fails (out of memory at a long context with the dense path, for example)
+is recorded with its error and the sweep goes on, so one impossible cell does not lose the
+table.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from typing import Any
 
-from gist_jax.bench.train_bench import BenchSpec, format_result, run_train_bench
+from gist_jax.bench.default_config import ARCHITECTURES
+from gist_jax.bench.train_bench import format_result, run_setup_bench
 
 
-def run_sweep(args: argparse.Namespace, make_spec: Callable[..., BenchSpec]) -> list[dict[str, Any]]:
+def point_keys(seq: int, variant: str) -> dict[str, Any]:
+    """The run-config keys one sweep point changes."""
+    return {"step.seq_len": seq, **ARCHITECTURES[variant]}
+
+
+def run_sweep(args: argparse.Namespace, run) -> list[dict[str, Any]]:
+    from gist_jax.bench.recipe import changed, setup_from_run
+
     rows: list[dict[str, Any]] = []
     for seq in args.contexts:
         for variant in args.variants:
-            spec = make_spec(args, seq=seq, variant=variant)
             try:
-                r = run_train_bench(spec, args.peak_flops)
+                setup = setup_from_run(changed(run, point_keys(seq, variant)), run.name)
+                r = run_setup_bench(setup, args.steps, args.warmup, args.peak_flops)
+                r["variant"] = variant
                 print(format_result(r), flush=True)
             except Exception as e:  # noqa: BLE001 - a failed point is data, not a crash
-                r = {"variant": variant, "seq": seq, "attention": spec.attention_used,
+                r = {"variant": variant, "seq": seq, "attention": run.compression.attention_impl,
                      "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(f"{variant} seq={seq}: FAILED {r['error']}", flush=True)
             rows.append(r)
     print(format_table(rows, args.variants, args.contexts))
     if args.plot:
+        comp = run.compression
         write_plot(rows, args.variants, args.plot,
-                   title=f"{args.model}: train-step tokens/s (attention={args.attention}, "
-                         f"L={args.segment}, r={args.ratio})")
+                   title=f"{run.name}: train-step tokens/s (attention={comp.attention_impl}, "
+                         f"L={comp.segment_length}, r={comp.ratios})")
         print(f"plot: {args.plot}")
     return rows
 

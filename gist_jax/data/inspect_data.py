@@ -1,10 +1,10 @@
 """Look at the data a run will train on, before spending accelerator time on it.
 
     python -m gist_jax.data.inspect_data --config experiments/demo.py:tiny [--split train] [--steps 1] \
-        [--sample_rows 1] [--config.<key>=<value> ...]
+        [--sample-rows 1] [--config.<key>=<value> ...]
 
-Loads the run config exactly as ``python -m gist_jax.main`` does (same ``--config`` file, variants
-and overrides, same validation), builds or opens the token stores of every configured source
+Loads the run config exactly as ``python -m gist_jax.main`` does (``gist_jax/cli_config.py``: same
+``--config`` file, variants and overrides, same validation), builds or opens the token stores of every configured source
 (``GIST_JAX_CACHE``), and prints:
 
   1. per source: documents and tokens of the train and validation splits (store counts: no
@@ -12,7 +12,7 @@ and overrides, same validation), builds or opens the token stores of every confi
   2. per source: a histogram of document lengths in log2 buckets for ``--split``;
   3. the packed sequences of epoch 0 at ``step.seq_len``: sequences per epoch, fill rate and
      padding, documents (pieces) per sequence;
-  4. ``--sample_rows`` rows of each of the first ``--steps`` batches, decoded, with the gist layout
+  4. ``--sample-rows`` rows of each of the first ``--steps`` batches, decoded, with the gist layout
      the training loop uses at that step: ``│`` at segment boundaries, ``⟦G×k⟧`` where k gist
      tokens are inserted (after the text they summarise), ``⟨eos⟩``/``⟨bos⟩`` for document
      boundaries and ``⟨pad×n⟩`` for padding.
@@ -22,14 +22,13 @@ Needs no accelerator and no network (jax runs on the CPU; nothing is compiled).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
-from absl import flags
-from ml_collections import config_flags
 
 from gist_jax.data.config import DataConfig
 from gist_jax.data.loader import Sequencer, SpecialIds, open_stores
@@ -45,22 +44,27 @@ if TYPE_CHECKING:
 BAR_WIDTH = 40
 
 
-def _parse(argv: Sequence[str]) -> flags.FlagValues:
-    """Private flag values per call, so it can run in-process (tests) beside gist_jax.main's flags."""
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/<file>.py[:<variants>]",
-                                    flag_values=fv, lock_config=True, sys_argv=list(argv))
-    flags.DEFINE_enum("split", "train", list(SPLITS), "Split for the histogram, packing stats and sample rows",
-                      flag_values=fv)
-    flags.DEFINE_integer("steps", 1, "Sample rows from each of the first N steps' batches", lower_bound=0,
-                         flag_values=fv)
-    flags.DEFINE_integer("sample_rows", 1, "Rows decoded per step", lower_bound=0, flag_values=fv)
-    flags.mark_flag_as_required("config", flag_values=fv)
-    rest = fv(list(argv))
-    if len(rest) > 1:
-        raise flags.Error(f"unexpected arguments {rest[1:]}; options are --config, --split, --steps, --sample_rows, "
-                          "--config.<key>=<value>")
-    return fv
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(options, ``--config.<key>`` overrides); a private parser per call, so it runs in-process
+    (tests) beside gist_jax.main's absl flags."""
+    from gist_jax import cli_config
+
+    p = argparse.ArgumentParser(prog="python -m gist_jax.data.inspect_data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_config.add_config_flag(p, what="the run whose data to inspect")
+    p.add_argument("--split", default="train", choices=list(SPLITS),
+                   help="split for the histogram, packing stats and sample rows")
+    p.add_argument("--steps", type=_non_negative, default=1, help="sample rows from each of the first N steps' batches")
+    p.add_argument("--sample-rows", "--sample_rows", dest="sample_rows", type=_non_negative, default=1,
+                   help="rows decoded per step")
+    return cli_config.parse_tool_args(p, argv)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 or more")
+    return value
 
 
 # -- statistics -------------------------------------------------------------------------------------------
@@ -84,8 +88,8 @@ def packing_stats(sequencer: Sequencer, epoch: int = 0) -> dict[str, float]:
     cut = int(np.sum(plan.start > 0))  # pieces that continue a document begun in another sequence
     return {"sequences": plan.num_sequences, "tokens": tokens, "fill": tokens / capacity if capacity else 0.0,
             "documents": copies, "pieces_mean": float(pieces.mean()) if len(pieces) else 0.0,
-            "pieces_min": int(pieces.min()) if len(pieces) else 0, "pieces_max": int(pieces.max()) if len(pieces) else 0,
-            "continued": cut}
+            "pieces_min": int(pieces.min()) if len(pieces) else 0,
+            "pieces_max": int(pieces.max()) if len(pieces) else 0, "continued": cut}
 
 
 # -- rendering a row ---------------------------------------------------------------------------------------
@@ -222,15 +226,22 @@ def _plan_row(sequencer: Sequencer, g: int) -> tuple[EpochPlan, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 usage or configuration error, as gist_jax.main)."""
-    from gist_jax.experiment import run_config
+    from gist_jax import cli_config
     from gist_jax.model.config import ConfigError
 
-    argv = list(sys.argv if argv is None else argv)
+    argv = list(sys.argv if argv is None else argv)[1:]  # argv[0]: the program, as in sys.argv
     try:
-        fv = _parse(argv)
-        run = run_config(fv["config"].value)
-        print_report(run, fv["split"].value, fv["steps"].value, fv["sample_rows"].value)
-    except (flags.Error, ConfigError, ValueError, FileNotFoundError) as e:
+        args, overrides = _parse(argv)
+    except SystemExit as e:  # argparse: usage error (2) or --help (0)
+        return int(e.code or 0)
+    try:
+        run = cli_config.load_run(args.config, overrides)
+    except cli_config.CliConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        print_report(run, args.split, args.steps, args.sample_rows)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -1,14 +1,22 @@
 """python -m gist_jax.evaluate --checkpoint DIR --suite boundary[,perplexity,...|all] --out DIR [options]
+    [--config.compression.ratios='(4,8)'] [--config.step.seq_len=N]
 
     --checkpoint  a run's --workdir, its checkpoints/ dir or one <step> dir (newest step unless --step)
     --compare     several checkpoints side by side (instead of --checkpoint)
-See docs/evaluation.md for every suite and option.
+The run config is the one stored with the checkpoint (``gist_jax/cli_config.py``); of it, the
+ratios to evaluate (default: the ratios the run trained) and the window length (default: the
+run's ``step.seq_len``) may be overridden. See docs/evaluation.md for every suite and option.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from gist_jax import cli_config
+
+# Run-config keys an evaluation may change: what is evaluated, never what was trained.
+OVERRIDABLE = ("compression.ratios", "step.seq_len")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -24,7 +32,8 @@ def _strs(text: str) -> tuple[str, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m gist_jax.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run workdir, its checkpoints/ dir, or a <step> dir")
     src.add_argument("--compare", nargs="+", help="several checkpoints, evaluated side by side")
@@ -34,24 +43,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--datasets", type=_strs, default=("stdlib",), help="source specs: stdlib, files:<glob>, ...")
     p.add_argument("--split", default="validation")
-    p.add_argument("--max_documents", type=int, default=0)
-    p.add_argument("--window", type=int, default=None, help="tokens per window (default: the run's seq_len)")
-    p.add_argument("--num_windows", type=int, default=4)
-    p.add_argument("--ratios", type=_ints, default=None, help="default: the ratios the checkpoint trained")
+    p.add_argument(*cli_config.option("max_documents"), dest="max_documents", type=int, default=0)
+    p.add_argument(*cli_config.option("num_windows"), dest="num_windows", type=int, default=4)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--num_examples", type=int, default=8)
-    p.add_argument("--context_tokens", type=int, default=None, help="probe contexts (default: seq_len)")
-    p.add_argument("--recall_lengths", type=_ints, default=None)
+    p.add_argument(*cli_config.option("num_examples"), dest="num_examples", type=int, default=8)
+    p.add_argument(*cli_config.option("context_tokens"), dest="context_tokens", type=int, default=None,
+                   help="probe contexts (default: seq_len)")
+    p.add_argument(*cli_config.option("recall_lengths"), dest="recall_lengths", type=_ints, default=None)
     p.add_argument("--depths", type=_floats, default=(0.1, 0.5, 0.9))
     p.add_argument("--kinds", type=_strs, default=("passkey", "multikey_needle"))
-    p.add_argument("--gen_tokens", type=int, default=None, help="boundary continuation tokens (default L/2)")
-    p.add_argument("--context_segments", type=int, default=None,
+    p.add_argument(*cli_config.option("gen_tokens"), dest="gen_tokens", type=int, default=None,
+                   help="boundary continuation tokens (default L/2)")
+    p.add_argument(*cli_config.option("context_segments"), dest="context_segments", type=int, default=None,
                    help="boundary continuation context in segments (default window/L - 2)")
     p.add_argument("--edge", type=int, default=16, help="boundary: first-k vs last-k positions")
-    p.add_argument("--probe_steps", type=int, default=200, help="reconstruction probe training steps")
-    p.add_argument("--probe_lr", type=float, default=1e-3, help="reconstruction probe Adam learning rate")
+    p.add_argument(*cli_config.option("probe_steps"), dest="probe_steps", type=int, default=200,
+                   help="reconstruction probe training steps")
+    p.add_argument(*cli_config.option("probe_lr"), dest="probe_lr", type=float, default=1e-3,
+                   help="reconstruction probe Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    cli_config.add_checkpoint_overrides(p, OVERRIDABLE)
+    args, overrides = cli_config.parse_tool_args(p, argv)
+    try:
+        window, ratios = _overridden(args, overrides)
+    except (cli_config.CliConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    args.window, args.ratios = window, ratios
     from gist_jax import evaluate
     from gist_jax.model.config import ConfigError
 
@@ -68,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _overridden(args: argparse.Namespace, overrides: list[str]) -> tuple[int | None, tuple[int, ...] | None]:
+    """(window, ratios) from ``--config.step.seq_len`` / ``--config.compression.ratios``, parsed
+    and validated against the (first) checkpoint's stored run; None where not overridden."""
+    if not overrides:
+        return None, None
+    checkpoint = args.checkpoint or args.compare[0]
+    run = cli_config.checkpoint_run(cli_config.stored_run(checkpoint, args.step), overrides, OVERRIDABLE)
+    keys = cli_config.override_keys(overrides)
+    window = int(run["step"]["seq_len"]) if "step.seq_len" in keys else None
+    ratios = tuple(int(r) for r in run["compression"]["ratios"]) if "compression.ratios" in keys else None
+    return window, ratios
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def settings(ck: Checkpoint, ratios: Sequence[int] | None = None) -> list[Settin
     if ck.comp.enabled:
         for r in (ck.comp.ratios if ratios is None else ratios):
             if ck.comp.segment_length % int(r):
-                raise ConfigError(f"--ratios: {r} does not divide the checkpoint's segment length "
+                raise ConfigError(f"--config.compression.ratios: {r} does not divide the checkpoint's segment length "
                                   f"{ck.comp.segment_length}; use ratios from {ck.comp.ratios}")
             comp = ck.comp.replace(ratios=(int(r),), ratio_sampling="fixed", pad_to_segments=True)
             out.append(Setting(f"r{r}", int(r), ck.cfg, comp))
@@ -129,7 +129,7 @@ def windows(ck: Checkpoint, texts: Iterable[str], length: int, count: int) -> np
     n = min(count, len(stream) // length)
     if n == 0:
         raise ConfigError(f"the evaluation text has {len(stream)} tokens, less than one window of {length}; "
-                          "use more documents (--max_documents 0) or a shorter --window")
+                          "use more documents (--max-documents 0) or a shorter window (--config.step.seq_len)")
     return np.asarray(stream[:n * length], np.int32).reshape(n, length)
 
 

@@ -44,6 +44,8 @@ MODELING_FILE = pathlib.Path(__file__).with_name("modeling_gist.py")
 CLASS_NAMES = {"llama": "GistLlamaForCausalLM", "qwen2": "GistQwen2ForCausalLM"}
 LeafPath = tuple[str, ...]
 
+logger = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------- param sources
 class TreeSource:
@@ -175,8 +177,8 @@ def _hf_tokenizer(spec: str):
                            add_bos=tok.add_bos, add_eos=tok.add_eos, chat_template=tok.chat_template)
     if isinstance(tok, ByteTokenizer):
         return _byte_tokenizer()
-    logging.warning("data.tokenizer=%r has no tokenizer.json form; the export has no tokenizer files "
-                    "(copy the tokenizer next to it by hand)", spec)
+    logger.warning("data.tokenizer=%r has no tokenizer.json form; the export has no tokenizer files "
+                   "(copy the tokenizer next to it by hand)", spec)
     return None
 
 
@@ -309,12 +311,15 @@ def base_model_config(model_section: dict[str, Any]) -> ModelConfig:
     return cfg.replace(**overrides)
 
 
-def checkpoint_configs(step_dir: pathlib.Path) -> tuple[ModelConfig, CompressionConfig, dict[str, Any]]:
+def checkpoint_configs(step_dir: pathlib.Path, run: dict[str, Any] | None = None
+                       ) -> tuple[ModelConfig, CompressionConfig, dict[str, Any]]:
     """(gist model config, compression config, run dict) of a training checkpoint, checked
-    against the layout it recorded."""
+    against the layout it recorded. ``run``: the stored run dict with a tool's overrides
+    (``cli_config.checkpoint_run``, e.g. a moved ``model.init``); default: as stored."""
     from gist_jax.train.checkpoint import LAYOUT_KEYS
 
-    run = json.loads((step_dir / "run" / "metadata").read_text())
+    if run is None:
+        run = json.loads((step_dir / "run" / "metadata").read_text())
     layout = json.loads((step_dir / "layout" / "metadata").read_text())
     comp = CompressionConfig(**run["compression"])
     cfg = model_config_for(base_model_config(run["model"]), comp).replace(scan_layers=layout["scan_layers"])
@@ -327,9 +332,10 @@ def checkpoint_configs(step_dir: pathlib.Path) -> tuple[ModelConfig, Compression
 
 def export_checkpoint(checkpoint_dir_or_workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
                       step: int | None = None, *, dtype: str | None = None,
-                      shard_size: str | int = "2GB") -> pathlib.Path:
-    """Export a training checkpoint (newest step, or ``step``) to a transformers directory."""
+                      shard_size: str | int = "2GB", run: dict[str, Any] | None = None) -> pathlib.Path:
+    """Export a training checkpoint (newest step, or ``step``) to a transformers directory
+    (``run``: the stored run config with overrides, see ``checkpoint_configs``)."""
     step_dir = resolve_step_dir(checkpoint_dir_or_workdir, step)
-    cfg, comp, run = checkpoint_configs(step_dir)
+    cfg, comp, run = checkpoint_configs(step_dir, run)
     tokenizer = (run.get("data") or {}).get("tokenizer")
     return _export(cfg, comp, CheckpointSource(step_dir / "state"), tokenizer, out_dir, dtype, shard_size)

@@ -14,10 +14,12 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from gist_jax.data.loader import BatchLoader
 from gist_jax.distributed import is_primary
@@ -29,11 +31,20 @@ from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ConfigError, ModelConfig, preset
 from gist_jax.train.checkpoint import Checkpointer, NonFiniteState, layout_metadata
 from gist_jax.train.evaluation import PerplexityEvaluator
-from gist_jax.train.hooks import (MetricsWriter, PreemptionWatch, Profiler, Throughput, TrainingDiverged,
-                                  format_line, non_finite_metric)
+from gist_jax.train.hooks import (
+    MetricsWriter,
+    PreemptionWatch,
+    Profiler,
+    Throughput,
+    TrainingDiverged,
+    format_line,
+    non_finite_metric,
+)
 from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh, replicated
-from gist_jax.train.state import create_train_state
-from gist_jax.train.step import build_train_step
+from gist_jax.train.state import TrainState, create_train_state
+from gist_jax.train.step import Batch, build_train_step
+
+logger = logging.getLogger(__name__)
 
 
 def load_base_model(section: ModelSection) -> tuple[ModelConfig, Any]:
@@ -59,6 +70,19 @@ def load_base_model(section: ModelSection) -> tuple[ModelConfig, Any]:
                        attention_impl=section.attention_impl, **overrides), params
 
 
+def memory_plan(base_cfg: ModelConfig, run: RunConfig, mesh: Mesh) -> str:
+    """The planner's per-device estimate for this run at its worst-case ratio (``train/plan.py``),
+    printed before anything compiles so an out-of-memory run says what it expected; a planner
+    failure is reported, never fatal."""
+    from gist_jax.train.plan import summary_lines
+
+    try:
+        return "\n".join(summary_lines(run.name, base_cfg, run.compression, run.step, mesh.devices.size,
+                                        jax.default_backend(), worst_only=True))
+    except Exception as e:  # noqa: BLE001 - an estimate, not a precondition of training
+        return f"plan: not available ({type(e).__name__}: {str(e)[:200]})"
+
+
 def step_ratios(run: RunConfig, step: int, num_segments: int) -> tuple[tuple[int, ...], int]:
     """The compression ratios of step ``step``: a function of (seed, step) only."""
     return sample_ratios(run.compression, num_segments, np.random.default_rng([run.step.seed, step, 7]))
@@ -75,7 +99,7 @@ class StepFunctions:
 
     MAX_DEVICE_LAYOUTS = 64
 
-    def __init__(self, make: Callable, mesh, on_compile: Callable[[str, float], None]):
+    def __init__(self, make: Callable, mesh: Mesh, on_compile: Callable[[str, float], None]) -> None:
         self.make, self.mesh, self.on_compile = make, mesh, on_compile
         self._compiled: dict[Any, Callable] = {}
         self._arrays: collections.OrderedDict[str, dict] = collections.OrderedDict()
@@ -91,7 +115,8 @@ class StepFunctions:
                 self._arrays.popitem(last=False)
         return self._arrays[key]
 
-    def __call__(self, state, batch, layout: GistLayout):
+    def __call__(self, state: TrainState, batch: Batch,
+                 layout: GistLayout) -> tuple[TrainState, dict[str, jax.Array]]:
         arrays = self.arrays(layout)
         fn = self._compiled.get(layout.shape)
         if fn is None:
@@ -132,6 +157,8 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     # ------------------------------------------------------------------ model and data
     base_cfg, base_params = load_base_model(run.model)
     check_model_matches_run(base_cfg, run)
+    if run.train.plan_memory:
+        writer.console(memory_plan(base_cfg, run, mesh))
     from gist_jax.tokenizer import tokenizer_from_spec
 
     tok = tokenizer_from_spec(run.data.tokenizer)
@@ -270,11 +297,11 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
                           "wall_seconds": time.perf_counter() - run_start, "preempted": stopped_early})
     if stopped_early:
         writer.console(f"preempted: saved step {step} to {ckpt.directory}; rerun the same command to resume")
-    logging.info("finished at step %d", step)
+    logger.info("finished at step %d", step)
     return final
 
 
-def make_evaluator(run: RunConfig, base_cfg: ModelConfig, mesh) -> PerplexityEvaluator | None:
+def make_evaluator(run: RunConfig, base_cfg: ModelConfig, mesh: Mesh) -> PerplexityEvaluator | None:
     if not (run.train.eval_every or run.train.eval_at_start) or run.train.eval_batches == 0:
         return None
     data = dataclasses.replace(run.data, upsampling=(), prefetch=0)

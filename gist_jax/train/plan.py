@@ -1,8 +1,14 @@
 """Memory planning: will this model, context and mesh fit, before anything is launched?
 
-    python -m gist_jax.train.plan --model llama3_8b --seq 16384 --batch 64 --mesh 1,64,1 \
-        --memory kv --granularity fine --ratio 4 [--tie] [--ae] [--microbatches 4] \
-        [--remat full] [--device_gib 80] [--compile]
+    python -m gist_jax.train.plan --config experiments/llama3_8b_paper.py:ae,tie --devices 64 \
+        --config.model.init=preset:llama3_8b [--config.<key>=<value> ...] [--backend gpu] \
+        [--device-gib 80] [--compile]
+
+The run is read as ``gist_jax.main`` reads it (``gist_jax/cli_config.py``); only the model's shape
+is needed, so ``model.init`` may name a preset of the same shape where the weights are elsewhere.
+A recipe that draws its ratio per instance (or per segment) is planned at every ratio it can
+draw and the worst case, the ratio needing the most memory, is reported. ``gist_jax.main``
+prints the same summary (worst ratio only) before it compiles.
 
 Per-device bytes are exact for what is stored (parameter shards from the same rules table the
 step uses, Adam moments for trainable leaves, the gradient accumulator, the frozen TIE
@@ -34,23 +40,24 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import PartitionSpec
+from jax.typing import DTypeLike
 
-from gist_jax.gist.config import ATTENTION_IMPL, CompressionConfig
+from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.parallel import resolve_attention_impl
-from gist_jax.gist.structured import QUERY_BLOCK
 from gist_jax.gist.params import add_gist_params, model_config_for
+from gist_jax.gist.structured import QUERY_BLOCK
 from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
-from gist_jax.model.config import ModelConfig, preset
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import init_params, param_logical_specs
-from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
-from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
+from gist_jax.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mesh
+from gist_jax.train.config import MeshConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
 from gist_jax.train.plan_trace import layer_residual_bytes, saved_residual_bytes
 from gist_jax.train.state import logical_param_specs, trainable_tree, uses_ae
 
 
-def _shard_bytes(shape: tuple[int, ...], dtype, spec: PartitionSpec, sizes: dict[str, int]) -> int:
+def _shard_bytes(shape: tuple[int, ...], dtype: DTypeLike, spec: PartitionSpec, sizes: dict[str, int]) -> int:
     fitted = fit_spec(spec, shape, sizes)  # the same divisibility fallback as the real state
     count = 1
     for dim, axes in zip(shape, tuple(fitted) + (None,) * (len(shape) - len(fitted))):
@@ -148,7 +155,8 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     trainable = trainable_tree(abstract, comp)
     param_bytes = _tree_bytes(abstract, logical, sizes)
     trainable_bytes = _tree_bytes(abstract, logical, sizes, trainable)
-    out = {"params": param_bytes, "optimizer_state": 2 * trainable_bytes, "gradients": trainable_bytes}
+    out: dict[str, float] = {"params": param_bytes, "optimizer_state": 2 * trainable_bytes,
+                             "gradients": trainable_bytes}
     if step.objective.tie and step.objective.tie_source == "online" and comp.enabled:
         base_abstract = jax.eval_shape(lambda: init_params(base, jax.random.key(0)))
         out["tie_reference"] = _tree_bytes(base_abstract, param_logical_specs(base), sizes)
@@ -166,7 +174,7 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     else:
         layer_set = WORKING_SET_LAYERS["dense_remat" if impl == "dense" else "remat"] * layer
     if sizes["fsdp"] > 1:  # one layer's weights gathered in the compute dtype, and their gradients
-        full_bytes = _tree_bytes(abstract, logical, {k: 1 for k in sizes})
+        full_bytes = _tree_bytes(abstract, logical, dict.fromkeys(sizes, 1))
         layer_set += 2 * full_bytes // cfg.num_layers * np.dtype(cfg.dtype).itemsize // 4
     if impl == "blockwise":
         block_q = block_k = min(DEFAULT_BLOCK, step.seq_len)
@@ -184,61 +192,101 @@ def _data_parallel(mesh: MeshConfig, devices: int) -> int:
     return sizes["data"] * sizes["fsdp"]
 
 
-def _parse_mesh(text: str) -> MeshConfig:
-    values = [int(v) for v in text.split(",")]
-    if len(values) != len(MESH_AXES):
-        raise SystemExit(f"--mesh needs {len(MESH_AXES)} comma-separated sizes ({','.join(MESH_AXES)})")
-    return MeshConfig(*values)
+def plan_ratios(comp: CompressionConfig, worst_only: bool = False) -> tuple[int, ...]:
+    """The fixed ratios to plan a recipe at: every ratio it can draw (``per_instance`` or
+    ``per_segment`` sampling draws any of them), or only the smallest with ``worst_only``.
+    A smaller ratio means more gist tokens in every segment and a longer layout, so it needs
+    the most memory; planning it is the worst case a step can meet."""
+    if not comp.enabled:
+        return ()
+    ratios = tuple(sorted({int(r) for r in comp.ratios}))
+    return ratios[:1] if worst_only else ratios
+
+
+def plan_run(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
+             backend: str = "gpu", worst_only: bool = False) -> tuple[int | None, dict[str, float], dict[int, float]]:
+    """(planned ratio, its ``plan``, total bytes per ratio) for a recipe whose steps draw their
+    ratio: each ratio is planned as a fixed layout and the one needing the most memory kept."""
+    ratios = plan_ratios(comp, worst_only)
+    if not ratios:
+        return None, plan(base, comp, step, num_devices, backend), {}
+    plans = {r: plan(base, comp.replace(ratios=(r,), ratio_sampling="fixed"), step, num_devices, backend)
+             for r in ratios}
+    worst = max(plans, key=lambda r: plans[r]["total"])
+    return worst, plans[worst], {r: p["total"] for r, p in plans.items()}
+
+
+def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
+                  backend: str, device_gib: float | None = None, worst_only: bool = False) -> list[str]:
+    """The planner's report: what is planned, bytes per device by category, the verdict."""
+    gib = 2 ** 30
+    worst, result, totals = plan_run(base, comp, step, num_devices, backend, worst_only)
+    unit, scale = ("GiB", gib) if result["total"] >= gib else ("MiB", 2 ** 20)
+    sizes = resolve_mesh_shape(step.mesh, num_devices)
+    variant = f"{comp.memory}/{comp.granularity}" if comp.enabled else "full attention"
+    lines = [(f"plan: {name}: {step.seq_len} tokens x {step.batch_size} sequences in {step.microbatches} "
+              f"microbatch(es), mesh {sizes} = {num_devices} {backend} devices"),
+             (f"  {variant}, L={comp.segment_length}, remat={base.remat_policy}, dtype={base.dtype}, attention "
+              f"{layer_attention_impl(base, comp, backend)}, causal kernel "
+              f"{resolve_impl(base.attention_impl, backend, base.dtype, base.head_dim)}")]
+    if worst is not None:
+        others = ", ".join(f"r={r}: {t / scale:.2f}" for r, t in totals.items() if r != worst)
+        how = "the smallest ratio has the most gist tokens" if worst_only else \
+            f"the ratio needing the most memory{f'; total {unit} at ' + others if others else ''}"
+        lines.append(f"  ratios {tuple(comp.ratios)} ({comp.ratio_sampling}): planned the worst case r={worst} ({how})")
+    lines += [f"  {key:>18}: {value / scale:9.2f} {unit} per device" for key, value in result.items()]
+    planned = comp.replace(ratios=(worst,), ratio_sampling="fixed") if worst is not None else comp
+    heads = base.num_heads * max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
+    largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention_impl)
+    lines.append(f"  (largest attention tensor: {largest / scale:.2f} {unit} per device per layer)")
+    if device_gib is not None:
+        verdict = "fits" if result["total"] <= device_gib * gib else "does NOT fit"
+        lines.append(f"  estimate {verdict} in {device_gib:g} GiB per device")
+    return lines
+
+
+def mesh_devices(mesh: MeshConfig, devices: int | None) -> int:
+    """``devices``, or the product of the mesh's sizes when none of them is -1."""
+    from gist_jax.cli_config import CliConfigError
+
+    sizes = mesh.sizes()
+    if devices is None:
+        if any(v == -1 for v in sizes.values()):
+            raise CliConfigError(f"mesh {sizes} has an axis of -1 (all remaining devices): give the device count "
+                                 "to plan for, e.g. --devices 64")
+        return math.prod(sizes.values())
+    return devices
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama3_8b")
-    p.add_argument("--seq", type=int, default=16384)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--microbatches", type=int, default=1)
-    p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor (one may be -1)")
-    p.add_argument("--devices", type=int, default=None, help="device count (default: product of --mesh)")
-    p.add_argument("--memory", default="kv", choices=["kv", "recurrent", "none"])
-    p.add_argument("--granularity", default="fine", choices=["fine", "coarse"])
-    p.add_argument("--positions", default="compressed", choices=["compressed", "aligned"])
-    p.add_argument("--attention", default="auto", choices=list(ATTENTION_IMPL),
-                   help="compression.attention_impl (KV variants; others use dense)")
+    from gist_jax import cli_config
+
+    p = argparse.ArgumentParser(prog="python -m gist_jax.train.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli_config.add_config_flag(p, what="the run to plan")
+    p.add_argument("--devices", type=int, default=None,
+                   help="device count to plan for (default: the mesh's product; needed when an axis is -1)")
     p.add_argument("--backend", default="gpu", choices=["gpu", "tpu", "cpu"],
                    help="where the run will be: decides what auto/flash/bank hold")
-    p.add_argument("--segment", type=int, default=2048)
-    p.add_argument("--ratio", type=int, default=4)
-    p.add_argument("--tie", action="store_true")
-    p.add_argument("--ae", action="store_true")
-    p.add_argument("--remat", default="full")
-    p.add_argument("--device_gib", type=float, default=80.0, help="memory per device to compare with")
-    p.add_argument("--compile", action="store_true", help="also compile the real step here (small configs)")
-    args = p.parse_args(argv)
-
-    mesh_cfg = _parse_mesh(args.mesh)
-    devices = args.devices or math.prod(v for v in mesh_cfg.sizes().values() if v > 0)
-    base = preset(args.model, remat_policy=args.remat)
-    comp = CompressionConfig(memory=args.memory, granularity=args.granularity, segment_length=args.segment,
-                             ratios=(args.ratio,), ratio_sampling="fixed", positions=args.positions,
-                             attention_impl=args.attention if args.memory == "kv" else "dense")
-    step = StepConfig(batch_size=args.batch, seq_len=args.seq, microbatches=args.microbatches, mesh=mesh_cfg,
-                      objective=ObjectiveConfig(tie=args.tie, ae=args.ae))
-    result = plan(base, comp, step, devices, args.backend)
-    gib = 2 ** 30
-    print(f"{args.model}, {args.seq} tokens x {args.batch} sequences, mesh {resolve_mesh_shape(mesh_cfg, devices)}, "
-          f"{args.memory}/{args.granularity} r={args.ratio}, remat={args.remat}, "
-          f"attention={comp.attention_impl} on {args.backend}, causal kernel "
-          f"{resolve_impl(base.attention_impl, args.backend, base.dtype, base.head_dim)}")
-    for key, value in result.items():
-        print(f"  {key:>18}: {value / gib:9.2f} GiB per device")
-    heads = base.num_heads * max(args.batch // args.microbatches // _data_parallel(mesh_cfg, devices), 1)
-    largest = attention_score_bytes(comp, args.seq, heads, args.backend, base.dtype, base.attention_impl)
-    print(f"  (largest attention tensor, {layer_attention_impl(base, comp, args.backend)}: "
-          f"{largest / gib:.2f} GiB per device per layer)")
-    verdict = "fits" if result["total"] <= args.device_gib * gib else "does NOT fit"
-    print(f"  estimate {verdict} in {args.device_gib:g} GiB per device")
+    p.add_argument("--device-gib", "--device_gib", dest="device_gib", type=float, default=80.0,
+                   help="memory per device to compare with")
+    p.add_argument("--compile", action="store_true",
+                   help="also compile the real step on this machine's devices (small configs)")
+    args, overrides = cli_config.parse_tool_args(p, argv)
+    try:
+        run = cli_config.load_run(args.config, overrides)
+        base = cli_config.model_shape(run.model)
+        devices = mesh_devices(run.step.mesh, args.devices)
+        resolve_mesh_shape(run.step.mesh, devices)
+    except (cli_config.CliConfigError, ValueError) as e:
+        cli_config.exit_config_error(e)
+    for line in summary_lines(run.name, base, run.compression, run.step, devices, args.backend, args.device_gib):
+        print(line)
     if args.compile:
-        print(f"  compiled (XLA memory analysis): {compiled_memory(base, comp, step) / gib:.3f} GiB per device")
+        gib = 2 ** 30
+        worst = plan_ratios(run.compression, worst_only=True)
+        comp = run.compression.replace(ratios=worst, ratio_sampling="fixed") if worst else run.compression
+        print(f"  compiled (XLA memory analysis): {compiled_memory(base, comp, run.step) / gib:.3f} GiB per device")
     return 0
 
 
@@ -257,6 +305,9 @@ def compiled_memory(base: ModelConfig, comp: CompressionConfig, step: StepConfig
     batch = {"tokens": jax.ShapeDtypeStruct((step.batch_size, step.seq_len), np.int32),
              "loss_mask": jax.ShapeDtypeStruct((step.batch_size, step.seq_len), bool)}
     stats = fn.lower(state, batch, layout_arrays(layout)).compile().memory_analysis()
+    if stats is None:
+        raise RuntimeError(f"XLA has no memory analysis on the {jax.default_backend()} backend; "
+                           "plan without --compile")
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
