@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # pip on these machines warns about every missing local index; keep the output readable.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test install install-twin test-twin clean-cache
+.PHONY: demo test lint install install-twin test-twin clean-cache
 
 install: $(STAMP)
 
@@ -37,6 +37,12 @@ export GIST_JAX_TEST_XLA_FLAGS = $(TEST_XLA_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# ruff (rules in pyproject.toml; lint only, no reformatting) and mypy on the core packages.
+LINT_MYPY := gist_jax/model gist_jax/gist gist_jax/train
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(LINT_MYPY)
 
 # --- The software twin of the GPU machine ---------------------------------------------------------
 # `make test-twin`: a second venv like the GPU machine (Python 3.12, jax/jaxlib 0.11.2, numpy 2.5; no

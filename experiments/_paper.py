@@ -1,4 +1,4 @@
-"""The recipe of Deng et al. (ACL 2025, section 4 of shared/docs/method.md), shared by the Llama
+"""The recipe of Deng et al. (ACL 2025, section 4 of docs/method.md), shared by the Llama
 and Qwen configs so the two can only differ in what the models force to differ.
 
 Stated by the paper: continued pretraining of a base model on SlimPajama with long documents
@@ -13,7 +13,7 @@ variants).
 
 from __future__ import annotations
 
-from experiments import _common
+from gist_jax.experiments import _common
 
 SEQ_LEN = 16384
 SEGMENT_LENGTH = 2048

@@ -23,15 +23,8 @@ Variants (comma-separated after ``:``), e.g. the paper's objectives on top, or t
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # experiments/ is not installed; the shared tables live next to this file
-    sys.path.insert(0, str(_ROOT))
-
-from experiments import _common
 from gist_jax.experiment import default_config
+from gist_jax.experiments import _common
 
 # Beacon's corpus filter as upsampling rules (a document takes the rate of the rule with the
 # largest min_tokens <= its length): shorter than 2400 or longer than 20000 tokens -> dropped.
@@ -88,7 +81,8 @@ def _tiny(c: _common.ConfigDict) -> None:
 
 VARIANTS: dict[str, _common.Variant] = {
     **_common.SHARED,
-    "tiny": _common.Variant("size", _tiny, "random preset:tiny on stdlib bytes; 128 tokens = 4 segments of 32, 6 steps"),
+    "tiny": _common.Variant("size", _tiny,
+                            "random preset:tiny on stdlib bytes; 128 tokens = 4 segments of 32, 6 steps"),
 }
 
 

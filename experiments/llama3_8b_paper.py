@@ -16,17 +16,20 @@ turns a directory of files into one.) The study's variants and switches, comma-s
 
     python -m gist_jax.main --config experiments/llama3_8b_paper.py:coarse_rec --workdir runs/llama3_coarse_rec ...
     python -m gist_jax.main --config experiments/llama3_8b_paper.py:coarse_kv --workdir runs/llama3_coarse_kv ...
-    python -m gist_jax.main --config experiments/llama3_8b_paper.py:fine_kv,ae,tie --workdir runs/llama3_fine_kv_ae_tie ...
+    python -m gist_jax.main --config experiments/llama3_8b_paper.py:fine_kv,ae,tie \\
+        --workdir runs/llama3_fine_kv_ae_tie ...
     python -m gist_jax.main --config experiments/llama3_8b_paper.py:full --workdir runs/llama3_full ...
 
 (``...`` = the three ``--config`` overrides above.) All of them over a grid:
 ``python -m launch.sweep experiments/sweeps/paper_variants.py --print``.
 
 Sizing: 128 sequences x 16K per step in 16 microbatches on a mesh of fsdp x tensor=8, e.g. 64
-accelerators with 80 GiB (8 nodes of 8 H100, a v5p-128): about 22 GiB per device by
+accelerators with 80 GiB (8 nodes of 8 H100, a v5p-128): about 23 GiB per device with AE and
+TIE at the worst-case ratio 4 (the planner reads this file; only the model's shape comes from
+the preset) by
 
-    python -m gist_jax.train.plan --model llama3_8b --seq 16384 --batch 128 --microbatches 16 \\
-        --mesh 1,8,8 --segment 2048 --tie --ae --remat full
+    python -m gist_jax.train.plan --config experiments/llama3_8b_paper.py:ae,tie --devices 64 \\
+        --config.model.init=preset:llama3_8b
 
 On N devices keep batch_size / microbatches = N / 8 (``--config.step.microbatches=...``).
 Multi-host launch: ``launch/tpu_pod.sh`` and ``launch/slurm.sbatch``.
@@ -34,20 +37,14 @@ Multi-host launch: ``launch/tpu_pod.sh`` and ``launch/slurm.sbatch``.
 The recipe at toy scale (random 2-layer byte model, 8 segments of 32 tokens, seconds on a CPU):
 
     python -m gist_jax.main --config experiments/llama3_8b_paper.py:tiny --workdir /tmp/llama3_paper_tiny
-    python -m gist_jax.main --config experiments/llama3_8b_paper.py:coarse_rec,ae,tie,tiny --workdir /tmp/llama3_paper_rec_tiny
+    python -m gist_jax.main --config experiments/llama3_8b_paper.py:coarse_rec,ae,tie,tiny \\
+        --workdir /tmp/llama3_paper_rec_tiny
 """
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # experiments/ is not installed; the shared tables live next to this file
-    sys.path.insert(0, str(_ROOT))
-
-from experiments import _common, _paper
 from gist_jax.experiment import default_config
+from gist_jax.experiments import _common, _paper
 
 VARIANTS = _paper.VARIANTS  # the shared architectures and objectives, and the recipe's own tiny
 

@@ -15,14 +15,15 @@ The study's variants and switches, comma-separated after ``:`` (``...`` = the ov
 
     python -m gist_jax.main --config experiments/qwen2_7b_paper.py:coarse_rec --workdir runs/qwen2_coarse_rec ...
     python -m gist_jax.main --config experiments/qwen2_7b_paper.py:coarse_kv --workdir runs/qwen2_coarse_kv ...
-    python -m gist_jax.main --config experiments/qwen2_7b_paper.py:fine_kv,ae,tie --workdir runs/qwen2_fine_kv_ae_tie ...
+    python -m gist_jax.main --config experiments/qwen2_7b_paper.py:fine_kv,ae,tie \\
+        --workdir runs/qwen2_fine_kv_ae_tie ...
     python -m gist_jax.main --config experiments/qwen2_7b_paper.py:full --workdir runs/qwen2_full ...
 
 Sizing: 128 sequences x 16K per step in 8 microbatches on a mesh of fsdp x tensor=4, e.g. 64
-accelerators with 80 GiB: about 34 GiB per device by
+accelerators with 80 GiB: about 23 GiB per device with AE and TIE at the worst-case ratio 4 by
 
-    python -m gist_jax.train.plan --model qwen2_7b --seq 16384 --batch 128 --microbatches 8 \\
-        --mesh 1,16,4 --segment 2048 --tie --ae --remat full
+    python -m gist_jax.train.plan --config experiments/qwen2_7b_paper.py:ae,tie --devices 64 \\
+        --config.model.init=preset:qwen2_7b
 
 On N devices keep batch_size / microbatches = N / 4 (``--config.step.microbatches=...``).
 
@@ -34,15 +35,8 @@ The recipe at toy scale (random 2-layer byte model, 8 segments of 32 tokens, sec
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # experiments/ is not installed; the shared tables live next to this file
-    sys.path.insert(0, str(_ROOT))
-
-from experiments import _common, _paper
 from gist_jax.experiment import default_config
+from gist_jax.experiments import _common, _paper
 
 VARIANTS = _paper.VARIANTS  # the shared architectures and objectives, and the recipe's own tiny
 

@@ -17,10 +17,9 @@ Data: the built-in ``stdlib`` corpus so the command runs as is; for a real run g
 text, e.g. ``--config.data.sources="(('jsonl:/data/slimpajama/train/*.jsonl#text', 1.0),)"``
 (documents of 4K+ tokens are upsampled 2x, see ``data.upsampling``).
 
-Memory per device before launching (about 12 GiB each on 8 devices):
+Memory per device before launching (about 2.6 GiB each on 8 devices at the worst-case ratio 4):
 
-    python -m gist_jax.train.plan --model smollm2_135m --seq 8192 --batch 32 --microbatches 4 \\
-        --mesh 1,8,1 --segment 1024 --tie --ae --remat qkv_proj_attn_out
+    python -m gist_jax.train.plan --config experiments/smollm2_fine_kv.py --devices 8
 
 Variants (comma-separated after ``:``): the architectures and objectives of the study, and
 ``tiny`` (random 2-layer byte model, 64-token sequences, seconds on a CPU):
@@ -34,15 +33,8 @@ Variants (comma-separated after ``:``): the architectures and objectives of the 
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
-_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # experiments/ is not installed; the shared tables live next to this file
-    sys.path.insert(0, str(_ROOT))
-
-from experiments import _common
 from gist_jax.experiment import default_config
+from gist_jax.experiments import _common
 
 
 def base() -> _common.ConfigDict:

@@ -18,14 +18,15 @@ import os
 import pathlib
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the data path imports tensorflow; its C++ start-up log is noise here
+# The data path imports tensorflow; its C++ start-up log is noise here.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-_CONFIG = config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "demo.py"),
-                                          "Experiment file (default: experiments/demo.py)", lock_config=True)
+from gist_jax import experiments
+
+_CONFIG = experiments.DEFINE_config_file("config", str(experiments.DIR / "demo.py"),
+                                         "Experiment file (default: experiments/demo.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory")
 EVAL_SUITES = "perplexity,boundary,uuid"
 
@@ -104,5 +105,12 @@ def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tok
     print(f"full attention:    {tokenizer.decode(full)!r}")
 
 
+def run() -> None:
+    """The console script ``gist-demo``."""
+    from gist_jax.console import run_absl
+
+    run_absl(__name__, lambda argv: sys.exit(main(argv)))
+
+
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    run()

@@ -30,7 +30,7 @@ class DistributedInitError(RuntimeError):
 
 def initialize_from_env() -> bool:
     """Initialises ``jax.distributed`` when the environment asks for it; returns whether it did."""
-    global _initialized
+    global _initialized  # noqa: PLW0603 - once per process
     if _initialized:
         return True
     coordinator = os.environ.get("GIST_JAX_COORDINATOR")

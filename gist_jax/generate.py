@@ -10,7 +10,7 @@ compressed decoder lives with compressed inference.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -20,6 +20,7 @@ import pathlib
 import signal
 import sys
 
+
 def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _exit_now)
 

@@ -2,15 +2,17 @@
 
 Modules annotate parameters with ``nn.with_logical_partitioning`` and activations with
 ``constrain`` (active inside ``activation_mesh``) using the logical names below; only this
-table knows which mesh axis each name lands on. Mesh axes: ``data`` (pure data parallel), ``fsdp`` (data parallel with parameters
-and optimizer state sharded), ``tensor`` (Megatron-style model parallel over heads and MLP).
+table knows which mesh axis each name lands on. Mesh axes: ``data`` (pure data parallel),
+``fsdp`` (data parallel with parameters and optimizer state sharded), ``tensor`` (Megatron-style
+model parallel over heads and MLP).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -378,7 +378,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def _byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int], pre: str | None) -> tokenizers.Tokenizer:
+def _byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int],
+                    pre: str | None) -> tokenizers.Tokenizer:
     """Byte-level BPE as transformers builds it from GGUF metadata (GPT2Tokenizer + added tokens).
 
     Tokens spelled outside the byte alphabet are respelled byte by byte; CONTROL tokens become

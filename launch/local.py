@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 TIMEOUT_STATUS = 124
 INTERRUPTED_STATUS = 130
@@ -231,7 +231,7 @@ def run_local(command: Sequence[str], num_processes: int = 2, devices_per_proces
     port = free_port()
     procs, threads, outputs = [], [], []
     exits: queue.Queue = queue.Queue()
-    sink = sys.stdout if echo else open(os.devnull, "w")
+    sink = sys.stdout if echo else open(os.devnull, "w")  # noqa: SIM115 - open while the ranks run
     for rank in range(num_processes):
         p = subprocess.Popen(list(command), env=process_env(rank, num_processes, port, devices_per_process, env),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)

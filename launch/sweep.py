@@ -209,6 +209,10 @@ def command(run: Run, extra: Sequence[str] = (), python: str = "python", launche
 def _load_config_module(config_file: str) -> Any:
     path = pathlib.Path(config_file)
     path = path if path.is_absolute() else (REPO / path if (REPO / path).is_file() else path.resolve())
+    if not path.is_file():  # outside a checkout: the recipe shipped in the installed package
+        from gist_jax.experiments import resolve_config
+
+        path = pathlib.Path(resolve_config(config_file))
     if not path.is_file():
         raise SweepError(f"config file {config_file!r} does not exist (paths are relative to {REPO})")
     spec = importlib.util.spec_from_file_location(f"gist_jax_config_{path.stem}", path)
@@ -324,7 +328,8 @@ def run_all(runs: list[Run], extra: Sequence[str], timeout: float | None = None,
     for i, run in enumerate(runs, start=1):
         print(f"== [{i}/{len(runs)}] {run.name}: {shlex.join(command(run, extra))}", flush=True)
         outcome = run_one(run, extra, timeout, echo)
-        print(f"== [{i}/{len(runs)}] {run.name}: {outcome.status} ({outcome.seconds:.0f}s) {outcome.detail}", flush=True)
+        print(f"== [{i}/{len(runs)}] {run.name}: {outcome.status} ({outcome.seconds:.0f}s) {outcome.detail}",
+              flush=True)
         outcomes.append(outcome)
     return outcomes
 

@@ -10,11 +10,12 @@ import pathlib
 # Must happen before jax initialises its backend.
 # GIST_JAX_TEST_XLA_FLAGS (the Makefile's TEST_XLA_FLAGS): extra XLA flags for this process and the
 # runs it starts (tests/run_helpers.py), e.g. a lower LLVM optimisation level to cut compile time.
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {os.environ.get('GIST_JAX_TEST_XLA_FLAGS', '')}".strip())
+os.environ.setdefault(
+    "XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {os.environ.get('GIST_JAX_TEST_XLA_FLAGS', '')}".strip())
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))

@@ -21,7 +21,7 @@ def comp_config(memory: str, granularity: str, positions: str = "compressed", si
                              positions=positions, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(comp: CompressionConfig, seed: int = 0):
     """(model config, params) with gist params; base weights perturbed so gists differ from EOS."""
     cfg = model_config_for(BASE, comp)

@@ -9,16 +9,17 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
-from gist_jax.distributed import initialize_from_env  # noqa: E402
+from gist_jax.distributed import initialize_from_env
 
 
 def main(cache_dir: str, out: str, steps: int) -> None:
     assert initialize_from_env()
     from data_helpers import BYTE_IDS, byte_stores
+
     from gist_jax.data.config import DataConfig
     from gist_jax.data.loader import BatchLoader
     from gist_jax.train.config import MeshConfig

@@ -18,7 +18,8 @@ TINY = "experiments/demo.py:tiny"
 
 def main_env(token_cache: str, devices: int = 8) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {os.environ.get('GIST_JAX_TEST_XLA_FLAGS', '')}".strip(),
+    extra_flags = os.environ.get("GIST_JAX_TEST_XLA_FLAGS", "")
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {extra_flags}".strip(),
                GIST_JAX_CACHE=token_cache, GIST_JAX_COMPILE_CACHE=str(REPO / ".jax_cache"),
                TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
     return env
@@ -36,7 +37,7 @@ def start(workdir: pathlib.Path, token_cache: str, *overrides: str, config: str 
 def run(workdir: pathlib.Path, token_cache: str, *overrides: str, config: str = TINY,
         timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(main_command(workdir, *overrides, config=config), cwd=REPO, env=main_env(token_cache),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def logged(workdir: pathlib.Path) -> list[dict]:
@@ -58,7 +59,8 @@ def wait_for_step(proc: subprocess.Popen, workdir: pathlib.Path, step: int, time
         if max(losses(workdir), default=0) >= step:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (code {proc.returncode}) before step {step}:\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"run ended (code {proc.returncode}) before step {step}:\n"
+                                 f"{proc.stdout.read()[-3000:]}")
         time.sleep(0.005)
     proc.kill()
     raise AssertionError(f"step {step} not reached in {timeout}s")

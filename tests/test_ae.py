@@ -84,7 +84,7 @@ def test_gradient_reaches_decoder_gist_embedding_and_base_layers():
         return jax.grad(loss, argnums=(0, 1))(params, ae_params)
 
     g_params, g_ae = grads(params, ae_params)
-    nonzero = lambda x: bool(np.any(np.asarray(x) != 0))  # noqa: E731
+    nonzero = lambda x: bool(np.any(np.asarray(x) != 0))
     assert all(nonzero(x) for x in jax.tree.leaves(g_ae["block"]))
     rows = np.abs(np.asarray(g_ae["ae_embedding"])).sum(-1)
     assert rows[0] > 0 and rows[1] > 0, "ratios 2 and 4 are used"
@@ -216,7 +216,7 @@ def test_init_variants():
     assert jax.tree.structure(fresh["block"]) == jax.tree.structure(copy["block"])
     for a, b in zip(jax.tree.leaves(fresh["block"]), jax.tree.leaves(copy["block"])):
         assert a.shape == b.shape and a.dtype == b.dtype
-    q = lambda ae: np.asarray(ae["block"]["attn"]["q_proj"]["kernel"])  # noqa: E731
+    q = lambda ae: np.asarray(ae["block"]["attn"]["q_proj"]["kernel"])
     assert not np.array_equal(q(fresh), q(copy)) and not np.array_equal(q(fresh), q(first))
     np.testing.assert_array_equal(np.asarray(fresh["ae_embedding"]), np.asarray(copy["ae_embedding"]))
     with pytest.raises(ValueError, match="ae_init"):
@@ -229,7 +229,7 @@ def test_token_normalization_weighs_long_spans_more():
     k, v = _gist_kv(cfg, comp, layout.shape, params, toks, arrays)
     run = jax.jit(functools.partial(ae_loss, cfg, comp, layout.shape), static_argnames="normalization")
     gist, _ = run(params, ae_params, toks, arrays, k, v, normalization="gist")
-    token, metrics = run(params, ae_params, toks, arrays, k, v, normalization="token")
+    token, _metrics = run(params, ae_params, toks, arrays, k, v, normalization="token")
     ref = ae_loss_reference(cfg, comp, layout, params, ae_params, toks, k, v)
     np.testing.assert_allclose(float(gist), float(ref), rtol=1e-5, atol=1e-5)
     assert abs(float(token) - float(gist)) > 1e-5, "spans of 2, 4 and 8 tokens: the two means differ"

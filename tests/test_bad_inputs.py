@@ -208,8 +208,7 @@ BAD_VALUES = [
 
 
 def _tiny_config():
-    sys.path.insert(0, str(REPO))
-    from experiments import demo
+    from gist_jax.experiments import demo
 
     return demo.get_config("tiny")
 

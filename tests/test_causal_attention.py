@@ -96,7 +96,7 @@ def test_auto_resolution_per_backend():
     assert r("auto", "tpu", jnp.float32, 128, has_padding=True) == "blockwise"
     assert r("auto", "cpu", jnp.bfloat16, 128) == "blockwise"
     assert r("dense", "gpu", jnp.bfloat16, 128) == "dense"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
         r("flash", "cpu", jnp.float32, 8)
     with pytest.raises(ConfigError, match="model.attention_impl"):
         preset("tiny", attention_impl="flash")

@@ -12,8 +12,8 @@ import pytest
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.parallel import compressed_logits
+from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.inference import Plan, expected_entries, generate
 from gist_jax.inference.cache import entry_bytes
@@ -32,7 +32,7 @@ def comp_for(memory: str, granularity: str, positions: str, sinks: int, **kw) ->
                              ratio_sampling="fixed", num_sinks=sinks, positions=positions, pad_to_segments=True, **kw)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(comp: CompressionConfig):
     cfg = model_config_for(BASE, comp)
     params = add_gist_params(init_params(BASE, jax.random.key(0)), cfg)

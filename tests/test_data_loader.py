@@ -9,8 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from data_helpers import BYTE_IDS, byte_stores
+
 from gist_jax.data.config import DataConfig
 from gist_jax.data.loader import BatchLoader, Sequencer
 from gist_jax.data.packing import plan_epoch
@@ -55,7 +55,8 @@ def test_packing_keeps_every_token_once(cache_dir, packing, add_bos):
     for d in (0, 3, len(docs) - 1):
         pieces = np.flatnonzero(plan.doc == d)
         seq_of = np.searchsorted(plan.first, pieces, side="right") - 1
-        got = np.concatenate([tokens[q, plan.offset[p]:plan.offset[p] + plan.length[p]] for p, q in zip(pieces, seq_of)])
+        got = np.concatenate([tokens[q, plan.offset[p]:plan.offset[p] + plan.length[p]]
+                              for p, q in zip(pieces, seq_of)])
         np.testing.assert_array_equal(got[int(add_bos):-1], docs[d])
         assert got[-1] == BYTE_IDS.eos
     if packing == "concat":
@@ -152,7 +153,7 @@ def test_batches_depend_on_seed_and_step(cache_dir):
 def test_each_process_row_set_is_its_shard(cache_dir):
     loader = _loader(config(cache_dir), mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2))
     assert loader.local_rows.tolist() == list(range(8))  # one process holds every row here
-    for device, rows in loader.slices.items():
+    for rows in loader.slices.values():
         assert rows.stop - rows.start == 2
 
 

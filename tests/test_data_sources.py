@@ -202,7 +202,8 @@ def test_sentencepiece_tokenizer(tmp_path: pathlib.Path):
     assert clone.encode(text) == ids
 
 
-@pytest.mark.parametrize("module", ["textwrap", "argparse", "json/decoder", "asyncio/tasks", "email/_header_value_parser"])
+@pytest.mark.parametrize("module", ["textwrap", "argparse", "json/decoder", "asyncio/tasks",
+                                    "email/_header_value_parser"])
 def test_smollm2_round_trips_stdlib_text_exactly(module: str):
     tok = tokenizer_from_spec("gguf:smollm2")
     text = (sources.stdlib_root() / f"{module}.py").read_text(encoding="utf-8")

@@ -28,13 +28,14 @@ def test_parse_synthetic_spec_fields_and_defaults():
     options = sources.parse_source_spec("synthetic:surprise_needle?relevant=true&attribute=food").synthetic.options
     assert dict(options) == {"relevant": True, "attribute": "food"}
     assert sources.parse_source_spec("synthetic:json_kv?num_pairs=2&tokenizer=bytes").synthetic.tokenizer == "bytes"
-    assert sources.SyntheticSpec("passkey").split_seed("train") != sources.SyntheticSpec("passkey").split_seed("validation")
+    passkey = sources.SyntheticSpec("passkey")
+    assert passkey.split_seed("train") != passkey.split_seed("validation")
 
 
 @pytest.mark.parametrize("spec, message", [
     ("synthetic:needle", r"unknown synthetic kind 'needle'; use one of \('multikey_needle'"),
-    ("synthetic:passkey?num_keys=2", r"unknown parameter 'num_keys' for synthetic kind 'passkey'; known parameters: "
-                                     r"haystack, .*filler"),
+    ("synthetic:passkey?num_keys=2", (r"unknown parameter 'num_keys' for synthetic kind 'passkey'; known parameters: "
+                                      r"haystack, .*filler")),
     ("synthetic:passkey?context_tokens=lots", r"context_tokens='lots' is not an integer; write e.g. context_tokens="),
     ("synthetic:passkey?filler=maybe", r"filler='maybe' is not true/false"),
     ("synthetic:passkey?seed", r"parameter 'seed' is not key=value"),

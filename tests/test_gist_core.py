@@ -11,8 +11,8 @@ from gist_helpers import BASE, comp_config, model, tokens
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout, cached_layout, sample_ratios
-from gist_jax.gist.params import add_gist_params, model_config_for, trainable_mask
 from gist_jax.gist.parallel import compressed_logits
+from gist_jax.gist.params import add_gist_params, model_config_for, trainable_mask
 from gist_jax.gist.specs import layout_arrays, parallel_spec
 from gist_jax.model.config import ConfigError
 from gist_jax.model.transformer import forward, init_params
@@ -136,7 +136,10 @@ def test_ratio_mixing_compiles_once_per_ratio():
     per_segment = comp.replace(ratio_sampling="per_segment")
     cfg2, params2 = model(per_segment)
     # A separate function object: jit caches are shared between wrappers of the same function.
-    step2 = jax.jit(lambda *a: compressed_logits(*a), static_argnums=(0, 1, 2))
+    def fresh_logits(*a):
+        return compressed_logits(*a)
+
+    step2 = jax.jit(fresh_logits, static_argnums=(0, 1, 2))
     drawn = set()
     for _ in range(5):
         ratios, slots = sample_ratios(per_segment, 2, rng)
@@ -177,7 +180,7 @@ def test_gist_projections_apply_only_at_gist_positions():
     comp = comp_config("kv", "coarse", gist_projections=True)
     cfg, params = model(comp)
     layout = build_layout(16, comp)
-    run = lambda p: compressed_logits(cfg, comp, layout.shape, p, tokens(1, 16), layout_arrays(layout))  # noqa: E731
+    run = lambda p: compressed_logits(cfg, comp, layout.shape, p, tokens(1, 16), layout_arrays(layout))
     changed = jax.tree_util.tree_map_with_path(
         lambda path, x: x * 1.5 if "gist_k_proj" in jax.tree_util.keystr(path) or
         "gist_q_proj" in jax.tree_util.keystr(path) else x, params)

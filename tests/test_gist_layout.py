@@ -93,7 +93,7 @@ def test_live_raw_positions_skip_padding():
     assert live.dtype == np.int32 and live.shape == (21,)
     np.testing.assert_array_equal(padded.raw_index[live], np.arange(21))
     np.testing.assert_array_equal(np.setdiff1d(np.nonzero(padded.raw_index >= 0)[0], live),
-                                  np.nonzero((padded.raw_index >= 21))[0])
+                                  np.nonzero(padded.raw_index >= 21)[0])
     whole = build_layout(24, comp)
     np.testing.assert_array_equal(whole.live_raw_positions(), np.nonzero(whole.raw_index >= 0)[0])
     dead = build_layout(21, comp, ratios=(2, 8, 4))

@@ -16,11 +16,11 @@ STAGES = ["versions", "gemm_bf16", "correctness_bf16", "attention_micro", "end_t
 
 
 def test_dry_run_measures_every_stage_and_writes_json_and_markdown(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("GIST_JAX_TEST_XLA_FLAGS", ""), TF_CPP_MIN_LOG_LEVEL="3",
-               GIST_JAX_COMPILE_CACHE=str(REPO / ".jax_cache"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("GIST_JAX_TEST_XLA_FLAGS", ""),
+               TF_CPP_MIN_LOG_LEVEL="3", GIST_JAX_COMPILE_CACHE=str(REPO / ".jax_cache"))
     proc = subprocess.run([sys.executable, "-m", "gist_jax.bench.gpu_check", "--dry-run", "--out", str(tmp_path),
                            "--budget-s", "3000"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
     assert list(report) == STAGES and all("result" in report[k] for k in STAGES)

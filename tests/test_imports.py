@@ -13,7 +13,7 @@ CORE = ["gist_jax.model.transformer", "gist_jax.gist.parallel", "gist_jax.gist.s
         "gist_jax.evaluate.boundary", "gist_jax.evaluate.probes",
         "gist_jax.evaluate.reconstruction", "gist_jax.gist.structured", "gist_jax.gist.flash",
         "gist_jax.gist.bank", "gist_jax.bench.train_bench", "gist_jax.bench.sweep",
-        "gist_jax.bench.decode_bench"]
+        "gist_jax.bench.decode_bench", "gist_jax.cli_config", "gist_jax.bench.recipe"]
 
 
 def test_core_imports_without_tensorflow_or_torch():

@@ -15,8 +15,7 @@ import pytest
 
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.loss import (dense_token_scores, lm_head, lm_token_scores, next_token_labels,
-                                 token_scores)
+from gist_jax.model.loss import dense_token_scores, lm_head, lm_token_scores, next_token_labels, token_scores
 from gist_jax.model.transformer import Decoder, forward, init_params
 
 B, T, E, V = 2, 24, 16, 40
@@ -59,8 +58,8 @@ def test_chunked_matches_dense_values_and_gradients(chunk):
     assert np.asarray(ref_correct).any() and not np.asarray(ref_correct).all()
     assert np.all(np.asarray(ours.nll)[~np.asarray(mask)] == 0)
 
-    chunked = lambda h, w, y, m: token_scores(h, w, y, m, chunk=chunk).nll  # noqa: E731
-    dense = lambda h, w, y, m: _dense_nll(h, w, y, m)[0]  # noqa: E731
+    chunked = lambda h, w, y, m: token_scores(h, w, y, m, chunk=chunk).nll
+    dense = lambda h, w, y, m: _dense_nll(h, w, y, m)[0]
     (v1, (dh1, dw1)) = _value_and_grads(chunked, hidden, head, labels, mask, weights)
     (v0, (dh0, dw0)) = _value_and_grads(dense, hidden, head, labels, mask, weights)
     _assert_close(v1, v0)
@@ -81,8 +80,8 @@ def test_comparison_catches_a_dropped_chunk():
     ref_nll, _ = _dense_nll(hidden, head, labels, mask)
     with pytest.raises(AssertionError):
         _assert_close(token_scores(hidden, head, labels, dropped, chunk=chunk).nll, ref_nll)
-    chunked = lambda h, w, y, m: token_scores(h, w, y, m & dropped, chunk=chunk).nll  # noqa: E731
-    dense = lambda h, w, y, m: _dense_nll(h, w, y, m)[0]  # noqa: E731
+    chunked = lambda h, w, y, m: token_scores(h, w, y, m & dropped, chunk=chunk).nll
+    dense = lambda h, w, y, m: _dense_nll(h, w, y, m)[0]
     v1, (_, dw1) = _value_and_grads(chunked, hidden, head, labels, mask, weights)
     v0, (_, dw0) = _value_and_grads(dense, hidden, head, labels, mask, weights)
     for ours, ref in ((v1, v0), (dw1, dw0)):
@@ -140,7 +139,7 @@ def test_compiled_memory_is_chunk_sized_not_sequence_sized():
         return jax.jit(grad_fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
     chunk_logits, dense_logits = chunk * v * 4, 4096 * v * 4
-    chunked = lambda h, w, y, m: token_scores(h, w, y, m, chunk=chunk).nll  # noqa: E731
+    chunked = lambda h, w, y, m: token_scores(h, w, y, m, chunk=chunk).nll
     at_4k, at_8k = temp_bytes(chunked, 4096), temp_bytes(chunked, 8192)
     assert at_4k < 3 * chunk_logits and at_4k < 0.4 * dense_logits, (at_4k, dense_logits)
     assert at_8k < 1.1 * at_4k, (at_8k, at_4k)  # O(chunk x V), not O(T x V)

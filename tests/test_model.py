@@ -10,8 +10,7 @@ import pytest
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ConfigError, ModelConfig, preset
 from gist_jax.model.remat import REMAT_POLICIES
-from gist_jax.model.transformer import (forward, init_params, param_logical_specs,
-                                        stack_layers, unstack_layers)
+from gist_jax.model.transformer import forward, init_params, param_logical_specs, stack_layers, unstack_layers
 from gist_jax.sharding import LOGICAL_AXIS_RULES
 
 

@@ -320,7 +320,7 @@ def test_in_training_perplexity_builds_its_full_attention_baseline(comp):
     ``replace(memory='none')`` these configs failed validation at the first eval."""
     from gist_jax.train.evaluation import PerplexityEvaluator
 
-    cfg, params = model(comp)
+    _, params = model(comp)
     toks = tokens(2, 32)
     batch = {"tokens": toks, "loss_mask": jnp.ones(toks.shape, bool)}
     out = PerplexityEvaluator(BASE, comp, 32, [batch])(params)

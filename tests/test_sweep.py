@@ -258,7 +258,8 @@ def fake_bin(tmp_path: pathlib.Path) -> dict[str, str]:
 def test_tpu_pod_script_runs_main_on_every_worker_with_auto_detection(tmp_path):
     env = {**fake_bin(tmp_path), "TPU": "pod", "ZONE": "zone", "REPO_DIR": str(REPO), "LOG": str(tmp_path / "log"),
            "PIDFILE": str(tmp_path / "pid")}
-    args = ["--config", "experiments/demo.py:tiny", "--workdir", "gs://b/run 1", "--config.data.sources=(('stdlib', 1.0),)"]
+    args = ["--config", "experiments/demo.py:tiny", "--workdir", "gs://b/run 1",
+            "--config.data.sources=(('stdlib', 1.0),)"]
     out = subprocess.run(["bash", str(REPO / "launch/tpu_pod.sh"), *args], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert "auto=auto" in out and "".join(f"<{a}>" for a in ["-m", "gist_jax.main", *args]) in out

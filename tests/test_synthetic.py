@@ -110,7 +110,7 @@ def test_kind_specific_contents(corpus):
     [multikey] = generate("multikey_needle", corpus, BYTES, context_tokens=2048, num_keys=5)
     assert len(multikey.needle_depths) == 5 and len(set(multikey.metadata["keys"])) == 5
     [json_kv] = generate("json_kv", corpus, BYTES, context_tokens=4096, num_pairs=10)
-    obj, _ = json.JSONDecoder().raw_decode(json_kv.context, json_kv.context.index("{\""))
+    obj, _ = json.JSONDecoder().raw_decode(json_kv.context, json_kv.context.index('{"'))
     assert len(obj) == 10 and json_kv.answers == (obj[json_kv.metadata["key"]],)
     [filler] = generate("passkey", corpus, BYTES, context_tokens=1024, filler=True)
     assert "The grass is green." in filler.context and "def " not in filler.context

@@ -9,7 +9,6 @@ import subprocess
 
 import numpy as np
 import pytest
-from run_helpers import REPO
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import cached_layout, sample_ratios
@@ -61,14 +60,10 @@ def _cpu0():
 
 @pytest.fixture
 def tiny_state():
-    import sys
-
     from gist_jax.experiment import run_config
+    from gist_jax.experiments.demo import get_config
     from gist_jax.train.loop import load_base_model
     from gist_jax.train.state import create_train_state
-
-    sys.path.insert(0, str(REPO))
-    from experiments.demo import get_config
 
     run = run_config(get_config("tiny"))
     mesh = make_mesh(run.step.mesh)
@@ -95,9 +90,12 @@ def test_enospc_inside_an_orbax_save_becomes_one_disk_full_error(tiny_state, tmp
         ckpt.wait()
         # Another job takes the space: 64 KiB stay free, far less than a checkpoint (~1 MiB).
         (disk / "other_job").write_bytes(b"\0" * (shutil.disk_usage(disk).free - (64 << 10)))
-        with pytest.raises(DiskFull) as raised:
+        def save_and_wait():  # the fault may surface in the save or in the wait for its threads
             ckpt.save(2, state, {"step": 2, "fingerprint": "x"}, run.to_dict(), {})
             ckpt.wait()
+
+        with pytest.raises(DiskFull) as raised:
+            save_and_wait()
         message = str(raised.value)
         assert f"no space left writing checkpoint 2 at {disk / 'checkpoints'}" in message
         assert f"newest complete checkpoint {disk / 'checkpoints'}/1" in message

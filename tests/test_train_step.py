@@ -202,7 +202,7 @@ def test_ae_lambda_zero_is_exactly_the_step_without_ae():
 
     off, m_off = run(ObjectiveConfig(ae=False))
     zero, m_zero = run(ObjectiveConfig(ae=True, ae_lambda=0.0))
-    on, m_on = run(ObjectiveConfig(ae=True, ae_lambda=1.0))
+    _, m_on = run(ObjectiveConfig(ae=True, ae_lambda=1.0))
     assert m_zero["loss"] == m_off["loss"] and "ae_loss" not in m_zero and "ae" not in zero
     for a, b in zip(jax.tree.leaves(zero), jax.tree.leaves(off)):
         np.testing.assert_array_equal(a, b)
@@ -211,8 +211,8 @@ def test_ae_lambda_zero_is_exactly_the_step_without_ae():
 
 def test_precomputed_tie_weights_match_online_tie(tmp_path):
     """The offline tool's weights fed through the batch give the same step as online TIE."""
-    from gist_jax.train.tie import load_precomputed_tie_weights, precompute_tie_weights
     from gist_jax.model.transformer import init_params
+    from gist_jax.train.tie import load_precomputed_tie_weights, precompute_tie_weights
 
     tokens = _text_batch(8)
     online_cfg = StepConfig(batch_size=8, seq_len=SEQ, mesh=MeshConfig(2, 4, 1), optimizer=OPT,

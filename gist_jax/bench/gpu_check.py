@@ -157,7 +157,7 @@ def correctness(shapes: dict[str, Any]) -> dict[str, Any]:
         arrays = layout_arrays(layout)
         tokens = jax.random.randint(jax.random.key(1), (2, seq), 0, base.vocab_size)
 
-        def loss(p, comp=comp, cfg=cfg, layout=layout, arrays=arrays):
+        def loss(p, comp=comp, cfg=cfg, layout=layout, arrays=arrays, tokens=tokens):
             logits = compressed_logits(cfg, comp, layout.shape, p, tokens, arrays).astype(jnp.float32)
             return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
 
@@ -171,7 +171,8 @@ def correctness(shapes: dict[str, Any]) -> dict[str, Any]:
     ref_logits, ref_grads = results["dense"]
     for impl in ("flash", "split"):
         logits, grads = results[impl]
-        diff = jax.tree.map(lambda a, b: jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2), grads, ref_grads)
+        diff = jax.tree.map(lambda a, b: jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2),
+                            grads, ref_grads)
         norm = jax.tree.map(lambda b: jnp.sum(b.astype(jnp.float32) ** 2), ref_grads)
         out[impl]["logits_max_rel_err"] = float(jnp.max(jnp.abs(logits - ref_logits)) / jnp.max(jnp.abs(ref_logits)))
         out[impl]["grad_rel_err"] = float(jnp.sqrt(sum(jax.tree.leaves(diff)) / sum(jax.tree.leaves(norm))))

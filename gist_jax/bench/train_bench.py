@@ -155,7 +155,7 @@ class BenchSpec:
 def _memory_bytes(compiled: Any) -> dict[str, int | None]:
     try:
         m = compiled.memory_analysis()
-    except Exception:  # backend without memory analysis
+    except Exception:  # noqa: BLE001 - a backend without memory analysis
         m = None
     if m is None:
         return {"peak_bytes": None, "temp_bytes": None, "argument_bytes": None}

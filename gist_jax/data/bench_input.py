@@ -9,9 +9,10 @@ Measures, on this host's CPU:
       loading the tokenizer are timed apart (one-off costs, not throughput);
   (b) batch assembly: `BatchLoader` batches of ``--batch`` x ``--seq_len`` tokens from that store,
       in tokens/s and batches/s, in steady state (after ``--warmup`` batches, which also plan the
-      first epoch; best of ``--repeats`` runs of ``--steps`` batches): ``host_batch`` alone (the rows this process builds), ``next()`` without the
-      prefetch thread (rows + assembly into a global ``jax.Array`` on the default device), and
-      ``next()`` with the prefetch thread (``data.prefetch`` batches built ahead).
+      first epoch; best of ``--repeats`` runs of ``--steps`` batches): ``host_batch`` alone (the
+      rows this process builds), ``next()`` without the prefetch thread (rows + assembly into a
+      global ``jax.Array`` on the default device), and ``next()`` with the prefetch thread
+      (``data.prefetch`` batches built ahead).
 
 Tokenisation happens once per (source, split, tokenizer); (b) is what every training step pays,
 so it is the number to compare with the tokens per second a training step consumes.
@@ -26,8 +27,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-
-import numpy as np
 
 
 def cpu_description() -> str:

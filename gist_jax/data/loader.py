@@ -16,7 +16,8 @@ import hashlib
 import json
 import queue
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -64,7 +65,7 @@ class Sequencer:
         self._epoch_ends: list[int] = []  # cumulative sequence counts
         self._lock = threading.Lock()  # the prefetch thread and the caller may both ask for rows
 
-    @functools.lru_cache(maxsize=2)
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - one loader per run; the cache goes with it
     def plan(self, epoch: int) -> EpochPlan:
         return plan_epoch(self._framed, self.cfg, self.seq_len, epoch)
 
@@ -187,7 +188,7 @@ class BatchLoader:
                     except queue.Full:
                         continue
                 step += 1
-        except BaseException as e:  # surfaced on the consumer side
+        except BaseException as e:  # noqa: BLE001 - surfaced on the consumer side
             q.put((step, e))
 
     def __iter__(self) -> Iterator[dict[str, jax.Array]]:

@@ -41,7 +41,8 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
     """Documents ``{"doc_id", "text"}`` from the files of ``manual_dir``; splits train/validation by file."""
 
     VERSION = tfds.core.Version(LOCAL_TEXT_VERSION)
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {LOCAL_TEXT_VERSION: "Files of manual_dir; .jsonl one document per line (field 'text')."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        LOCAL_TEXT_VERSION: "Files of manual_dir; .jsonl one document per line (field 'text')."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Put your corpus in manual_dir: text files of any extension (one file = one document) and/or "
         ".jsonl files (one JSON object per line with a 'text' field). Subdirectories are walked; hidden "

@@ -20,7 +20,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 

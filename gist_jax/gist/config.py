@@ -1,6 +1,6 @@
 """The compression config: one schema for every variant, validated before anything compiles.
 
-Defaults follow ``shared/docs/method.md``: KV memory, fine granularity (Fine-KV), 4 sinks,
+Defaults follow ``docs/method.md``: KV memory, fine granularity (Fine-KV), 4 sinks,
 compressed positions, one shared gist embedding, no separate gist projections, full-parameter
 training. Every decision the paper leaves open is a field here.
 """
@@ -89,10 +89,10 @@ class CompressionConfig:
         """Gist slots per segment: L / min(r) (per_segment pads every segment to this)."""
         return self.segment_length // min(self.ratios)
 
-    def replace(self, **changes: Any) -> "CompressionConfig":
+    def replace(self, **changes: Any) -> CompressionConfig:
         return dataclasses.replace(self, **changes)
 
-    def full_attention(self) -> "CompressionConfig":
+    def full_attention(self) -> CompressionConfig:
         """This config's full-attention baseline (``memory='none'``), with the settings that
         only apply to compression reset, so it is valid whatever this config trains."""
         return self.replace(memory="none", trainable="all", bptt_segments=0, attention_impl="dense")

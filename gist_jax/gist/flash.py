@@ -23,8 +23,9 @@ every live token, so causality already hides them from live queries. Padding up 
 segments does not: it sits before the last segment's live gists, which causality would let
 see it, so a layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``
 instead (``parallel.resolve_attention_impl``). The memory is compacted (live entries first,
-in buffer order, which is segment order), so memory_i is a prefix of length ``c_i``. Exact for both position schemes: local keys are rotated at their
-in-segment positions, memory keys at their memory positions, as in the dense masks.
+in buffer order, which is segment order), so memory_i is a prefix of length ``c_i``. Exact for
+both position schemes: local keys are rotated at their in-segment positions, memory keys at
+their memory positions, as in the dense masks.
 
 Cost: the leading ``c_i`` rows are padding queries, so a segment costs ``(c_i + Ts)^2 / 2``
 score pairs instead of the exact ``Ts^2 / 2 + c_i * Ts``: at 16K tokens, L = 2048, r = 8,
@@ -37,6 +38,8 @@ scores: right for tests, but ``decomposed`` is the better choice there (``attent
 
 from __future__ import annotations
 
+from typing import Literal
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -46,9 +49,10 @@ from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+Kernel = Literal["xla", "cudnn"]  # ``jax.nn.dot_product_attention``'s implementations
 
 
-def kernel_for(q_BxTxNxH: jax.Array) -> str:
+def kernel_for(q_BxTxNxH: jax.Array) -> Kernel:
     """``cudnn`` where cuDNN's fused attention takes these inputs, else ``xla``."""
     h = q_BxTxNxH.shape[-1]
     if (jax.default_backend() == "gpu" and q_BxTxNxH.dtype in CUDNN_DTYPES
@@ -63,7 +67,7 @@ class PrefixCausalKV(DecomposedKV):
     segment in one ``jax.nn.dot_product_attention`` call. ``implementation`` None picks
     ``kernel_for`` at trace time."""
 
-    implementation: str | None = flax.struct.field(pytree_node=False, default=None)
+    implementation: Kernel | None = flax.struct.field(pytree_node=False, default=None)
 
     def extended_indices(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Where each row of the per-segment ``[memory_i | segment i | unused]`` sequence comes

@@ -169,7 +169,7 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
     if slots < L // min(ratios):
         raise ConfigError(f"{slots} gist slots cannot hold L / r = {L // min(ratios)} gists")
 
-    cols = {k: [] for k in ("raw_index", "segment", "is_gist", "alive", "gist_slot", "position",
+    cols: dict[str, list[int]] = {k: [] for k in ("raw_index", "segment", "is_gist", "alive", "gist_slot", "position",
                             "memory_position", "memory_slot", "span_start")}
     gists_before = 0  # live gists of earlier segments (memory grows by these)
     for i, r in enumerate(ratios):

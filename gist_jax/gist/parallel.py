@@ -11,6 +11,7 @@ ids (gradient probes); gists always use the gist embedding.
 from __future__ import annotations
 
 import warnings
+from typing import Any, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +23,12 @@ from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
 from gist_jax.gist.split import SplitKV
 from gist_jax.gist.structured import DecomposedKV, structured_spec
-from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Decoder, Params, collect_kv
 
 _WARNED: set[str] = set()  # fallbacks already reported in this process (one warning each)
+LayerKV = tuple[jax.Array, jax.Array]  # one layer's un-rotated (k, v), [B, T, K, H] each
 
 
 def resolve_attention_impl(impl: str, whole_segments: bool = True,
@@ -67,7 +69,7 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
                 tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                 raw_embeds_BxNxE: jax.Array | None = None,
                 stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
-                head: bool = True):
+                head: bool = True) -> jax.Array | tuple[jax.Array, LayerKV]:
     """Fine-KV / Coarse-KV in one pass: the dense reference masks, or a structured path
     chosen by ``comp.attention_impl`` (``resolve_attention_impl``; decomposed
     ``structured.py``, flash ``flash.py``, split ``split.py``, bank ``bank.py``): equal values and gradients, no
@@ -84,6 +86,7 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     if impl == "dense":
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
+        structure: AttentionStructure
         if impl == "decomposed":
             structure = DecomposedKV.from_arrays(arrays, shape)
         elif impl == "flash":
@@ -95,7 +98,7 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
         spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:
-        return Decoder(cfg).apply({"params": params}, tokens_BxT, spec, head=head, **kwargs)
+        return cast(jax.Array, Decoder(cfg).apply({"params": params}, tokens_BxT, spec, head=head, **kwargs))
     logits, state = Decoder(cfg).apply({"params": params}, tokens_BxT, spec, head=head,
                                        mutable=["intermediates"], **kwargs)
     k_LxBxTxKxH, v_LxBxTxKxH = collect_kv(state["intermediates"], cfg)
@@ -106,7 +109,7 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
                    tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                    raw_embeds_BxNxE: jax.Array | None = None,
                    stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
-                   head: bool = True):
+                   head: bool = True) -> jax.Array | tuple[jax.Array, LayerKV]:
     """Coarse-Rec: ``lax.scan`` over segments with a fixed-size memory of gist states.
 
     Step i runs ``[sinks | memory buffer | segment i raw + gists]`` causally; memory slots of
@@ -139,7 +142,7 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
     if use_raw_embeds:
         xs["embeds"] = per_segment(embeds["input_embeds_BxTxE"])
     sink_tokens_Bxs = tokens_BxN[:, :s]
-    sink_embeds = pad_raw(raw_embeds_BxNxE, shape)[:, :s] if use_raw_embeds else None
+    sink_embeds = None if raw_embeds_BxNxE is None else pad_raw(raw_embeds_BxNxE, shape)[:, :s]
     sink_pos, sink_live = arrays["buffer_position"][:s], arrays["buffer_live"][:s]
     mem_pos, mem_live, mem_seg = (arrays[f"buffer_{k}"][s:] for k in ("position", "live", "segment"))
     prefix = s + mem
@@ -164,7 +167,7 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
         )
         seg_embeds = x["embeds"] if use_raw_embeds else jnp.zeros(
             (b, shape.segment_tokens, cfg.hidden_size), memory_BxMxE.dtype)
-        first = sink_embeds if use_raw_embeds else jnp.zeros((b, s, cfg.hidden_size), memory_BxMxE.dtype)
+        first = jnp.zeros((b, s, cfg.hidden_size), memory_BxMxE.dtype) if sink_embeds is None else sink_embeds
         input_embeds = jnp.concatenate([first.astype(memory_BxMxE.dtype), memory_BxMxE,
                                         seg_embeds.astype(memory_BxMxE.dtype)], axis=1)
         raw_mask = jnp.full((s,), use_raw_embeds)
@@ -174,6 +177,7 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
             {"params": params}, tokens, spec, input_embeds_BxTxE=input_embeds,
             input_embeds_mask_BxT=jnp.broadcast_to(embeds_mask, tokens.shape), return_hidden=True,
             head=head, mutable=["intermediates"] if kv_layer is not None else False)
+        layer_kv: tuple[jax.Array, ...]
         if kv_layer is None:
             out, layer_kv = outputs, ()
         else:
@@ -181,7 +185,10 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
             k_all, v_all = collect_kv(state["intermediates"], cfg)
             layer_kv = (k_all[kv_layer][:, prefix:], v_all[kv_layer][:, prefix:])
         # Per-token output: logits, or (head=False) the hidden states themselves.
-        logits_BxTxV, hidden_BxTxE = out if head else (out, out)
+        if head:
+            logits_BxTxV, hidden_BxTxE = cast(tuple[jax.Array, jax.Array], out)
+        else:
+            logits_BxTxV = hidden_BxTxE = cast(jax.Array, out)
         gist_states = hidden_BxTxE[:, prefix + seg_len:prefix + seg_len + slots]
         memory_BxMxE = jax.lax.dynamic_update_slice(
             memory_BxMxE, gist_states.astype(memory_BxMxE.dtype), (0, i * slots, 0))
@@ -200,26 +207,55 @@ def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape
     logits = layout_order(logits_SxBxTsxV)
     if kv_layer is None:
         return logits
-    return logits, tuple(layout_order(x) for x in layer_kv)
+    k_SxBxTsxKxH, v_SxBxTsxKxH = layer_kv
+    return logits, (layout_order(k_SxBxTsxKxH), layout_order(v_SxBxTsxKxH))
 
 
-def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape,
-                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays,
-                      **kwargs) -> jax.Array:
+@overload
+def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                      kv_layer: None = None, **kwargs: Any) -> jax.Array: ...
+
+
+@overload
+def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                      kv_layer: int, **kwargs: Any) -> tuple[jax.Array, LayerKV]: ...
+
+
+def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                      kv_layer: int | None = None, **kwargs: Any) -> jax.Array | tuple[jax.Array, LayerKV]:
     """Training forward for a compression config: KV variants in one pass, recurrent as a scan,
     and ``none`` the plain model itself (its layout is the raw sequence). Returns logits, or
     ``(logits, (k, v))`` of layer ``kv_layer`` when that keyword is given (not for ``none``);
-    ``head=False`` puts final-norm hidden states in place of the logits."""
+    ``head=False`` puts final-norm hidden states in place of the logits. ``shape`` may be None
+    for ``none`` (no layout)."""
     if comp.memory == "none":
-        return Decoder(cfg).apply({"params": params}, tokens_BxN,
-                                  AttentionSpec.causal(*tokens_BxN.shape), head=kwargs.get("head", True))
+        spec = AttentionSpec.causal(tokens_BxN.shape[0], tokens_BxN.shape[1])
+        return cast(jax.Array, Decoder(cfg).apply({"params": params}, tokens_BxN, spec,
+                                                  head=kwargs.get("head", True)))
+    assert shape is not None, f"compression.memory={comp.memory!r} needs the layout's shape"
     fn = {"kv": kv_parallel, "recurrent": recurrent_scan}[comp.memory]
-    return fn(cfg, comp, shape, params, tokens_BxN, arrays, **kwargs)
+    return fn(cfg, comp, shape, params, tokens_BxN, arrays, kv_layer=kv_layer, **kwargs)
 
 
-def compressed_hidden(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape,
-                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, **kwargs):
+@overload
+def compressed_hidden(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                      kv_layer: None = None, **kwargs: Any) -> jax.Array: ...
+
+
+@overload
+def compressed_hidden(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                      kv_layer: int, **kwargs: Any) -> tuple[jax.Array, LayerKV]: ...
+
+
+def compressed_hidden(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
+                      params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
+                      kv_layer: int | None = None, **kwargs: Any) -> jax.Array | tuple[jax.Array, LayerKV]:
     """``compressed_logits`` without the LM head: final-norm hidden states ``[B, T, E]`` in
     layout order (and ``(k, v)`` with ``kv_layer``). What every loss consumes: the head is
     applied by ``gist_jax.model.loss`` to the labelled rows only, chunk by chunk."""
-    return compressed_logits(cfg, comp, shape, params, tokens_BxN, arrays, head=False, **kwargs)
+    return compressed_logits(cfg, comp, shape, params, tokens_BxN, arrays, head=False, kv_layer=kv_layer, **kwargs)

@@ -8,6 +8,8 @@ the reference the parallel paths are tested against, and the shape compressed in
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -15,8 +17,7 @@ import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout
-from gist_jax.gist.specs import (embedding_rows, gather_raw, layout_arrays, pad_raw, raw_embed_inputs,
-                                 segment_spec)
+from gist_jax.gist.specs import embedding_rows, gather_raw, layout_arrays, pad_raw, raw_embed_inputs, segment_spec
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, rope_inverse_frequencies
@@ -32,13 +33,13 @@ class KVMemory:
     valid: jax.Array
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, size: int) -> "KVMemory":
+    def empty(cls, cfg: ModelConfig, batch: int, size: int) -> KVMemory:
         shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype),
                    jnp.zeros((batch, size), bool))
 
     def append(self, cfg: ModelConfig, k_LxBxTxKxH: jax.Array, v_LxBxTxKxH: jax.Array,
-               token_index: np.ndarray, slot: np.ndarray, position: np.ndarray) -> "KVMemory":
+               token_index: np.ndarray, slot: np.ndarray, position: np.ndarray) -> KVMemory:
         """Keep tokens ``token_index`` of a processed segment at memory ``slot``, keys rotated
         at their memory ``position``."""
         if len(token_index) == 0:
@@ -84,7 +85,9 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
     raw_embeds = None if raw_embeds_BxNxE is None else pad_raw(raw_embeds_BxNxE, layout.shape)
     rows = embedding_rows(layout.gist_slot, comp)
     sink_index = np.nonzero(layout.is_sink)[0]
-    memory_states, memory_positions, outputs = [], [], []
+    memory_states: list[jax.Array] = []
+    memory_positions: list[np.ndarray] = []
+    outputs: list[jax.Array] = []
     for i in range(layout.num_segments):
         sl = layout.segment_slice(i)
         raw_index = layout.raw_index[sl]
@@ -97,8 +100,8 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
         positions = np.concatenate([layout.memory_position[sinks], *memory_positions,
                                     layout.position[sl]]).astype(np.int32)
 
-        def per_token(x):
-            return jnp.broadcast_to(jnp.asarray(x), tokens.shape)
+        def per_token(x, shape=tokens.shape):
+            return jnp.broadcast_to(jnp.asarray(x), shape)
 
         spec = AttentionSpec(
             positions=per_token(positions),
@@ -114,14 +117,14 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
         def zeros(t):
             return jnp.zeros((b, t, cfg.hidden_size), cfg.compute_dtype)
 
-        sink_E = raw_embeds[:, :len(sinks)] if probe else zeros(len(sinks))
-        seg_E = gather_raw(raw_embeds, jnp.asarray(raw_index)) if probe else zeros(len(raw_index))
+        sink_E = zeros(len(sinks)) if raw_embeds is None else raw_embeds[:, :len(sinks)]
+        seg_E = zeros(len(raw_index)) if raw_embeds is None else gather_raw(raw_embeds, jnp.asarray(raw_index))
         embeds = jnp.concatenate([x.astype(cfg.compute_dtype) for x in (sink_E, *mem_E, seg_E)], axis=1)
         embeds_mask = np.concatenate([np.full(len(sinks), probe), np.ones(n_mem, bool),
                                       (raw_index >= 0) & probe])
-        logits, hidden = Decoder(cfg).apply(
+        logits, hidden = cast(tuple[jax.Array, jax.Array], Decoder(cfg).apply(
             {"params": params}, tokens, spec, input_embeds_BxTxE=embeds,
-            input_embeds_mask_BxT=per_token(embeds_mask), return_hidden=True)
+            input_embeds_mask_BxT=per_token(embeds_mask), return_hidden=True))
         live = np.nonzero(layout.is_gist[sl] & layout.alive[sl])[0]
         memory_states.append(hidden[:, prefix + live])
         memory_positions.append(layout.memory_position[sl][live])
@@ -130,7 +133,7 @@ def sequential_recurrent(cfg: ModelConfig, comp: CompressionConfig, layout: Gist
 
 
 def sequential_logits(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,
-                      params: Params, tokens_BxN: jax.Array, **kwargs) -> jax.Array:
+                      params: Params, tokens_BxN: jax.Array, **kwargs: Any) -> jax.Array:
     if comp.memory == "kv":
         return sequential_kv(cfg, comp, layout, params, tokens_BxN, **kwargs)[0]
     return sequential_recurrent(cfg, comp, layout, params, tokens_BxN, **kwargs)

@@ -7,6 +7,8 @@ so nothing of size T x T ever crosses from the host.
 
 from __future__ import annotations
 
+from typing import TypedDict, TypeVar
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,14 @@ from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.model.attention import AttentionSpec
 
 LayoutArrays = dict[str, jax.Array]
+_Rows = TypeVar("_Rows", np.ndarray, jax.Array)
+
+
+class RawEmbedInputs(TypedDict, total=False):
+    """``Decoder`` keyword arguments that feed raw-token embeddings (``raw_embed_inputs``)."""
+
+    input_embeds_BxTxE: jax.Array
+    input_embeds_mask_BxT: jax.Array
 _FIELDS = ("raw_index", "segment", "is_gist", "is_sink", "alive", "gist_slot", "position",
            "memory_position", "memory_slot", "label")
 
@@ -33,7 +43,7 @@ def layout_arrays(layout: GistLayout) -> LayoutArrays:
     return arrays
 
 
-def embedding_rows(gist_slot, comp: CompressionConfig):
+def embedding_rows(gist_slot: _Rows, comp: CompressionConfig) -> _Rows:
     """Gist embedding row per token (numpy or jax in, same kind out)."""
     return gist_slot if comp.gist_embedding == "per_slot" else gist_slot * 0
 
@@ -56,7 +66,7 @@ def pad_raw(tokens_BxN: jax.Array, shape: LayoutShape) -> jax.Array:
 
 
 def raw_embed_inputs(raw_embeds_BxNxE: jax.Array | None, shape: LayoutShape,
-                     raw_index_T) -> dict[str, jax.Array]:
+                     raw_index_T: np.ndarray | jax.Array) -> RawEmbedInputs:
     """Decoder kwargs that feed raw-token embeddings (gradient probes) in layout order;
     gist slots keep their gist embedding. Empty when no embeddings are given."""
     if raw_embeds_BxNxE is None:
@@ -67,8 +77,8 @@ def raw_embed_inputs(raw_embeds_BxNxE: jax.Array | None, shape: LayoutShape,
     return {"input_embeds_BxTxE": embeds, "input_embeds_mask_BxT": mask}
 
 
-def _broadcast(batch: int, **arrays: jax.Array) -> dict[str, jax.Array]:
-    return {k: jnp.broadcast_to(v, (batch,) + v.shape) for k, v in arrays.items()}
+def _per_batch(batch: int, x_T: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(x_T, (batch,) + x_T.shape)
 
 
 def parallel_spec(arrays: LayoutArrays, comp: CompressionConfig, batch: int,
@@ -81,10 +91,11 @@ def parallel_spec(arrays: LayoutArrays, comp: CompressionConfig, batch: int,
     local_TxS = (seg_T[:, None] == seg_T[None, :]) & (idx_T[None, :] <= idx_T[:, None]) & alive_T[None, :]
     memory_key_S = (arrays["is_gist"] & alive_T) | arrays["is_sink"]
     memory_TxS = (seg_T[None, :] < seg_T[:, None]) & memory_key_S[None, :]
-    fields = _broadcast(batch, positions=arrays["position"], mask=local_TxS,
-                        memory_positions=arrays["memory_position"], memory_mask=memory_TxS,
-                        is_gist=arrays["is_gist"], gist_slot=embedding_rows(arrays["gist_slot"], comp))
-    return AttentionSpec(stop_gist_memory_gradient=stop_gist_memory_gradient, **fields)
+    return AttentionSpec(positions=_per_batch(batch, arrays["position"]), mask=_per_batch(batch, local_TxS),
+                         memory_positions=_per_batch(batch, arrays["memory_position"]),
+                         memory_mask=_per_batch(batch, memory_TxS), is_gist=_per_batch(batch, arrays["is_gist"]),
+                         gist_slot=_per_batch(batch, embedding_rows(arrays["gist_slot"], comp)),
+                         stop_gist_memory_gradient=stop_gist_memory_gradient)
 
 
 def segment_spec(arrays: LayoutArrays, shape: LayoutShape, comp: CompressionConfig, i: int,
@@ -94,9 +105,10 @@ def segment_spec(arrays: LayoutArrays, shape: LayoutShape, comp: CompressionConf
     alive_T = arrays["alive"][sl]
     t = alive_T.shape[0]
     local_TxS = jnp.tril(jnp.ones((t, t), bool)) & alive_T[None, :]
-    fields = _broadcast(batch, positions=arrays["position"][sl], mask=local_TxS,
-                        is_gist=arrays["is_gist"][sl], gist_slot=embedding_rows(arrays["gist_slot"], comp)[sl])
-    return AttentionSpec(prefix_valid=prefix_valid_BxM, **fields)
+    return AttentionSpec(positions=_per_batch(batch, arrays["position"][sl]), mask=_per_batch(batch, local_TxS),
+                         is_gist=_per_batch(batch, arrays["is_gist"][sl]),
+                         gist_slot=_per_batch(batch, embedding_rows(arrays["gist_slot"], comp)[sl]),
+                         prefix_valid=prefix_valid_BxM)
 
 
 def memory_buffer_arrays(layout: GistLayout) -> dict[str, np.ndarray]:

@@ -60,7 +60,8 @@ class AttentionBackend(Protocol):
     k/v ``[B, S, K, H]`` (GQA: N % K == 0), lengths ``[B]`` int32, lse ``[B, N, T]`` f32.
     ``causal`` is top-left aligned (query j sees keys <= j; used with q_len == kv_len)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def forward(self, q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                 q_len_B: jax.Array, kv_len_B: jax.Array, causal: bool) -> tuple[jax.Array, jax.Array]: ...
@@ -148,8 +149,9 @@ def _memory_keys(k_mem_BxCxKxH: jax.Array, segments: int) -> jax.Array:
     return _fold(x)
 
 
-def _parts_forward(backend: AttentionBackend, q_BxSxTsxNxH, k_BxSxTsxKxH, v_BxSxTsxKxH,
-                   local_len_BxS, k_mem_BxCxKxH, v_mem_BxCxKxH, memory_len_BxS1):
+def _parts_forward(backend: AttentionBackend, q_BxSxTsxNxH: jax.Array, k_BxSxTsxKxH: jax.Array,
+                   v_BxSxTsxKxH: jax.Array, local_len_BxS: jax.Array, k_mem_BxCxKxH: jax.Array,
+                   v_mem_BxCxKxH: jax.Array, memory_len_BxS1: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Both parts and their merge: (output f32 [B, S, Ts, N, H], lse f32 [B, S, N, Ts])."""
     b, s, ts, n, h = q_BxSxTsxNxH.shape
     out_l, lse_l = backend.forward(_fold(q_BxSxTsxNxH), _fold(k_BxSxTsxKxH), _fold(v_BxSxTsxKxH),
@@ -230,11 +232,11 @@ class SplitKV(DecomposedKV):
     """``DecomposedKV``'s memory buffer plus the compaction tables the two calls need. Sits in
     ``AttentionSpec.structure`` (``attention_impl="split"``)."""
 
-    local_length_S: jax.Array | None = None  # live tokens of segment i (its causal key length)
-    local_index_T: jax.Array | None = None  # layout token at each compacted row; None: identity
-    local_inverse_T: jax.Array | None = None  # compacted row of each layout token
-    memory_order_C: jax.Array | None = None  # buffer entry at compacted memory row (live first)
-    memory_length_S: jax.Array | None = None  # c_i: live memory entries segment i sees
+    local_length_S: jax.Array  # live tokens of segment i (its causal key length)
+    local_index_T: jax.Array | None  # layout token at each compacted row; None: identity
+    local_inverse_T: jax.Array | None  # compacted row of each layout token
+    memory_order_C: jax.Array  # buffer entry at compacted memory row (live first)
+    memory_length_S: jax.Array  # c_i: live memory entries segment i sees
     backend: str | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.struct
 import jax
@@ -47,7 +46,7 @@ import jax.numpy as jnp
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.layers import apply_rope
 
 # Finite "minus infinity": exp(NEG - finite) == 0 without inf - inf = NaN in the merge or its
@@ -152,7 +151,8 @@ def _memory_bias(i: jax.Array, bound: int, live_M: jax.Array, plan: SegmentPlan)
     return _bias(live_M[:bound] & (jnp.arange(bound) < plan.num_sinks + i * plan.slots))
 
 
-def _partial(q_BxKxGxQxH, k_BxKxCxH, v_BxKxCxH, bias) -> tuple[jax.Array, jax.Array]:
+def _partial(q_BxKxGxQxH: jax.Array, k_BxKxCxH: jax.Array, v_BxKxCxH: jax.Array,
+             bias: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Softmax over one key set: (out float32 [B, K, G, Q, H], lse [B, K, G, Q]); rows that
     see nothing give 0 and an lse below ``NEG / 2``. Normalised after P @ V (one score-sized
     pass less than normalising P)."""
@@ -167,8 +167,9 @@ def _partial(q_BxKxGxQxH, k_BxKxCxH, v_BxKxCxH, bias) -> tuple[jax.Array, jax.Ar
     return o * (seen / l)[..., None], m + jnp.log(l) * seen
 
 
-def _partial_backward(q_BxKxGxQxH, k_BxKxCxH, v_BxKxCxH, bias, lse_BxKxGxQ, do_BxKxGxQxH,
-                      delta_BxKxGxQ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _partial_backward(q_BxKxGxQxH: jax.Array, k_BxKxCxH: jax.Array, v_BxKxCxH: jax.Array, bias: jax.Array,
+                      lse_BxKxGxQ: jax.Array, do_BxKxGxQxH: jax.Array,
+                      delta_BxKxGxQ: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Flash backward of one key set from the *merged* statistics (P = exp(s - lse), delta =
     rowsum(dO * O)): (dq [B, K, G, Q, H], dk [B, K, C, H], dv), float32. The dK / dV
     contractions keep the score-sized operand on the right in its own layout
@@ -316,7 +317,7 @@ class DecomposedKV:
     slots: int = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, jax.Array], shape: LayoutShape) -> "DecomposedKV":
+    def from_arrays(cls, arrays: dict[str, jax.Array], shape: LayoutShape) -> DecomposedKV:
         memory_slot_T = arrays["memory_slot"]
         size = shape.memory_size
         token_T = jnp.arange(memory_slot_T.shape[0], dtype=jnp.int32)
@@ -364,6 +365,7 @@ class DecomposedKV:
             return x_BxTxKxH.reshape(b, s, ts, kv_heads, h).transpose(1, 0, 3, 2, 4)
 
         q_SxBxKxGxTsxH = q_BxTxNxH.reshape(b, s, ts, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)
+        assert spec.valid is not None, "structured_spec sets valid (the live tokens)"
         valid_SxBxTs = spec.valid.reshape(b, s, ts).swapaxes(0, 1)
         plan = segment_plan(s, ts, self.num_sinks, self.slots)
         out_SxBxKxGxTsxH = segment_attention(
@@ -375,7 +377,7 @@ class DecomposedKV:
 
 
 def structured_spec(arrays: dict[str, jax.Array], comp: CompressionConfig, batch: int,
-                    structure: Any, stop_gist_memory_gradient: bool = False) -> AttentionSpec:
+                    structure: AttentionStructure, stop_gist_memory_gradient: bool = False) -> AttentionSpec:
     """The ``parallel_spec`` of a structured path: per-token arrays and ``structure`` (an
     object with ``attend``: ``DecomposedKV``, ``flash.PrefixCausalKV``, ``bank.GistBankKV``),
     no masks (``valid`` carries the live tokens; ``mask``/``memory_mask`` stay None)."""

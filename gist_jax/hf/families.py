@@ -7,7 +7,8 @@ Every transpose and reshape between transformers' layout and ours is a named tra
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -6,7 +6,7 @@ Imports torch, so only tools, demos and tests import this module, never the core
 from __future__ import annotations
 
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -59,7 +59,7 @@ class SafetensorsCheckpoint:
             self._where = {name: files[f] for name, f in weight_map.items()}
         elif single.exists():
             only = SafetensorsFile(single)
-            self._where = {name: only for name in only.keys()}
+            self._where = dict.fromkeys(only.keys(), only)
         else:
             raise FileNotFoundError(
                 f"{directory} has neither model.safetensors nor model.safetensors.index.json; "

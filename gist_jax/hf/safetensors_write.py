@@ -91,7 +91,7 @@ class ShardedWriter:
         self._handles = []
         for k, (shard, name) in enumerate(zip(self.shards, self.files)):
             header, offsets = _header(shard)
-            handle = open(self.directory / name, "wb")
+            handle = open(self.directory / name, "wb")  # noqa: SIM115 - written shard by shard, closed in close()
             handle.write(header)
             handle.truncate(len(header) + sum(t.nbytes for t in shard))
             self._handles.append(handle)

@@ -1,6 +1,6 @@
 """The compressed KV cache: fixed-size buffers, per-row counters, and what they cost.
 
-Per layer the cache holds two parts (``shared/docs/method.md`` section 5):
+Per layer the cache holds two parts (``docs/method.md`` section 5):
 
 * **memory** ``[M]`` entries: the sinks and the gists of every finished segment, keys already
   rotated at their memory positions (KV variants). For Coarse-Rec it holds the keys/values of
@@ -51,7 +51,7 @@ class Plan:
     max_segments: int
 
     @classmethod
-    def create(cls, comp: CompressionConfig, capacity_raw: int, ratio: int | None = None) -> "Plan":
+    def create(cls, comp: CompressionConfig, capacity_raw: int, ratio: int | None = None) -> Plan:
         """Plan for rows of at most ``capacity_raw`` raw tokens (prompt + generated)."""
         if capacity_raw < 1:
             raise ConfigError(f"capacity_raw={capacity_raw} must be >= 1 (prompt + max_new_tokens)")
@@ -108,7 +108,7 @@ class Cache:
     raw_count: jax.Array  # [B] raw tokens fed so far
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, plan: Plan, batch: int) -> "Cache":
+    def empty(cls, cfg: ModelConfig, plan: Plan, batch: int) -> Cache:
         def kv(n: int) -> jax.Array:
             return jnp.zeros((cfg.num_layers, batch, n, cfg.num_kv_heads, cfg.head_dim), cfg.compute_dtype)
 

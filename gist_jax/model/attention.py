@@ -7,7 +7,7 @@ what lets compression plug in without touching the model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import flax.linen as nn
 import flax.struct
@@ -20,6 +20,15 @@ from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, kernel_init, rope_inverse_frequencies
 from gist_jax.model.remat import ATTN_OUT, QKV_PROJ
 from gist_jax.sharding import BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, constrain
+
+
+class AttentionStructure(Protocol):
+    """What ``AttentionSpec.structure`` holds: an attention that needs no dense masks
+    (``gist/structured.py``, ``flash.py``, ``split.py``, ``bank.py``). Queries arrive rotated at
+    ``spec.positions``, keys un-rotated; returns [B, T, N, H] in the value dtype."""
+
+    def attend(self, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+               spec: AttentionSpec, inv_freq: jax.Array) -> jax.Array: ...
 
 
 @flax.struct.dataclass
@@ -53,11 +62,14 @@ class AttentionSpec:
     prefix_valid: jax.Array | None = None
     is_gist: jax.Array | None = None
     gist_slot: jax.Array | None = None
-    structure: Any = None
+    structure: AttentionStructure | None = None
     stop_gist_memory_gradient: bool = flax.struct.field(pytree_node=False, default=False)
 
+    if TYPE_CHECKING:  # added by flax.struct.dataclass at runtime
+        def replace(self, **updates: Any) -> Self: ...
+
     @classmethod
-    def causal(cls, batch: int, length: int, valid: jax.Array | None = None) -> "AttentionSpec":
+    def causal(cls, batch: int, length: int, valid: jax.Array | None = None) -> AttentionSpec:
         positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         return cls(positions=positions, valid=valid)
 
@@ -139,6 +151,7 @@ class Attention(nn.Module):
         if cfg.gist_projections:
             # Gist tokens use their own projections (Activation Beacon); raw tokens the base ones.
             gist_qkv = self._qkv(x_BxTxE, spec, "gist_")
+            assert spec.is_gist is not None, "gist projections need spec.is_gist"
             is_gist = spec.is_gist[:, :, None, None]
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = (
                 jnp.where(is_gist, g, b) for g, b in zip(gist_qkv, (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH)))
@@ -163,6 +176,7 @@ class Attention(nn.Module):
         keys, values, masks = [], [], []
         b, t = spec.positions.shape
         if memory is not None:
+            assert spec.prefix_valid is not None, "an external memory needs spec.prefix_valid"
             keys.append(memory.k_BxMxKxH)
             values.append(memory.v_BxMxKxH)
             masks.append(jnp.broadcast_to(spec.prefix_valid[:, None, :],
@@ -171,8 +185,12 @@ class Attention(nn.Module):
         values.append(v_BxTxKxH)
         masks.append(spec.dense_mask())
         if spec.memory_positions is not None:
+            # Dense path: memory positions come with their mask (a structured spec has none,
+            # and took the structure's path above unless an external memory is given).
+            assert spec.memory_mask is not None, "spec.memory_positions without spec.memory_mask"
             k_mem, v_mem = apply_rope(k_BxTxKxH, spec.memory_positions, inv_freq), v_BxTxKxH
             if spec.stop_gist_memory_gradient:
+                assert spec.is_gist is not None, "stop_gist_memory_gradient needs spec.is_gist"
                 hold = spec.is_gist[:, :, None, None]
                 k_mem = jnp.where(hold, jax.lax.stop_gradient(k_mem), k_mem)
                 v_mem = jnp.where(hold, jax.lax.stop_gradient(v_mem), v_mem)

@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
 HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -34,7 +35,7 @@ DEFAULT_BLOCK = 512
 NEG = -1e30
 
 
-def resolve_impl(impl: str, backend: str, dtype: jnp.dtype, head_dim: int,
+def resolve_impl(impl: str, backend: str, dtype: DTypeLike, head_dim: int,
                  has_padding: bool = False, q_offset: int = 0) -> str:
     """The kernel ``impl`` stands for on ``backend`` (a pure function, so tests can check every
     backend on CPU). ``auto``: cuDNN on GPU for bf16/fp16 with a head size it takes, Splash on
@@ -251,7 +252,10 @@ def blockwise_causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxS
     pad_t, pad_s = -t % bq, -s % bk
     valid_BxS = jnp.ones((b, s), bool) if valid_BxS is None else jnp.asarray(valid_BxS, bool)
     valid_BxS = jnp.pad(valid_BxS, ((0, 0), (0, pad_s)))
-    pad = lambda x, p: jnp.pad(x, ((0, 0), (0, p), (0, 0), (0, 0)))
+
+    def pad(x: jax.Array, p: int) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, p), (0, 0), (0, 0)))
+
     q_nqxBxNxQxH = _blocks(pad(q_BxTxNxH, pad_t), bq)
     nq = q_nqxBxNxQxH.shape[0]
     q_nqxBxKxGxQxH = q_nqxBxNxQxH.reshape(nq, b, kv_heads, g, bq, h)

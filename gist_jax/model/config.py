@@ -43,7 +43,8 @@ def check_float(key: str, value: Any, low: float = 0.0, high: float = math.inf, 
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ConfigError(f"{key}={value!r}: must be a finite number; {fix or 'give a real value'}")
     too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
+    # typeshed's numbers.Real declares only < and <= (as the ABC does); real numbers have all four.
+    too_high = value >= high if high_open else value > high  # type: ignore[operator]
     if too_low or too_high:
         raise ConfigError(f"{key}={value!r}: must be {_interval(low, high, low_open, high_open)}; "
                           f"{fix or 'use a value in that range'}")
@@ -137,14 +138,14 @@ class ModelConfig:
     def storage_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from gist_jax.model.config import ModelConfig, RopeScaling
 from gist_jax.model.remat import MLP_HIDDEN
 from gist_jax.sharding import BATCH_LENGTH_MLP, constrain
 
 
-def kernel_init(logical_axes: tuple[str, ...], stddev: float = 0.02):
+def kernel_init(logical_axes: tuple[str, ...], stddev: float = 0.02
+                ) -> Callable[..., nn.LogicallyPartitioned]:
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), logical_axes)
 
 
@@ -27,7 +29,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxE: jax.Array) -> jax.Array:
-        scale_E = self.param(
+        # flax types param() without unbox= as the initializer's box, but it unboxes by default.
+        scale_E: jax.Array = self.param(  # type: ignore[assignment]
             "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
             (x_BxTxE.shape[-1],), self.param_dtype,
         )

@@ -84,7 +84,7 @@ def token_scores(hidden_BxTxE: jax.Array, head_ExV: jax.Array, labels_BxT: jax.A
     are scored at a time. T need not divide by ``chunk``: the tail is padded with masked rows.
     Differentiable in ``hidden`` and ``head``; masked positions get exactly zero gradient.
     """
-    b, t, e = hidden_BxTxE.shape
+    b, t, _ = hidden_BxTxE.shape
     mask_BxT = _full_mask(labels_BxT, mask_BxT)
     c = max(1, min(int(chunk), t))
     pad = -t % c

@@ -7,7 +7,7 @@ cheap elementwise work between them.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -8,7 +8,7 @@ so checkpoints and importers can work in either layout.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -63,7 +63,8 @@ class Decoder(nn.Module):
                  input_embeds_BxTxE: jax.Array | None = None,
                  input_embeds_mask_BxT: jax.Array | None = None,
                  memory: LayerMemory | None = None,
-                 return_hidden: bool = False, head: bool = True):
+                 return_hidden: bool = False, head: bool = True
+                 ) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Float32 logits ``[B, T, V]``; ``(logits, hidden)`` with ``return_hidden``; with
         ``head=False`` only the final-norm hidden states ``[B, T, E]``, for losses that apply
         the head chunk-wise to the rows that need it (``gist_jax/model/loss.py``)."""
@@ -76,7 +77,10 @@ class Decoder(nn.Module):
         )
         x_BxTxE = embed(tokens_BxT)
         if cfg.num_gist_embeddings:
-            gist_GxE = self.param(
+            assert spec.is_gist is not None and spec.gist_slot is not None, (
+                "a model with gist embeddings needs spec.is_gist and spec.gist_slot")
+            # flax types param() without unbox= as the initializer's box, but it unboxes by default.
+            gist_GxE: jax.Array = self.param(  # type: ignore[assignment]
                 "gist_embedding",
                 nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed")),
                 (cfg.num_gist_embeddings, cfg.hidden_size), cfg.storage_dtype)
@@ -138,8 +142,8 @@ def forward(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array,
             spec: AttentionSpec | None = None) -> jax.Array:
     """Float32 logits [B, T, V]; causal positions 0..T-1 unless a spec is given."""
     if spec is None:
-        spec = AttentionSpec.causal(*tokens_BxT.shape)
-    return Decoder(cfg).apply({"params": params}, tokens_BxT, spec)
+        spec = AttentionSpec.causal(tokens_BxT.shape[0], tokens_BxT.shape[1])
+    return cast(jax.Array, Decoder(cfg).apply({"params": params}, tokens_BxT, spec))
 
 
 def collect_kv(intermediates: dict, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:

@@ -35,6 +35,7 @@ step is exactly the step without AE (tested in tests/test_train_step.py).
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -105,7 +106,7 @@ def max_span(comp: CompressionConfig, shape: LayoutShape) -> int:
 def _final_norm(cfg: ModelConfig, params: Params, hidden_XxE: jax.Array) -> jax.Array:
     """The model's own final norm; its LM head is applied by ``gist_jax.model.loss``."""
     norm = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.storage_dtype)
-    return norm.apply({"params": params["final_norm"]}, hidden_XxE)
+    return cast(jax.Array, norm.apply({"params": params["final_norm"]}, hidden_XxE))
 
 
 def _memory(cfg: ModelConfig, k_XxKxH: jax.Array, v_XxKxH: jax.Array) -> LayerMemory:

@@ -28,7 +28,8 @@ import logging
 import pathlib
 import shutil
 import sys
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,6 +46,8 @@ LAYOUT_KEYS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads",
 SET_ASIDE = "checkpoints_set_aside"
 # Room needed beyond the state's raw bytes: Orbax's metadata files and the filesystem's slack.
 SPACE_MARGIN_BYTES = 1 << 20
+
+logger = logging.getLogger(__name__)
 
 
 def layout_metadata(model_cfg: ModelConfig, comp: CompressionConfig, state: TrainState) -> dict[str, Any]:
@@ -125,16 +128,23 @@ class _OrbaxDiskFullFilter(logging.Filter):
 _DISK_FULL_FILTER = _OrbaxDiskFullFilter()
 
 
-def _quiet_closed_loops(previous):
+class _QuietClosedLoops:
     """After a failed save, TensorStore's callbacks for the writes it abandoned find Orbax's
-    event loop closed and report it as "unraisable" (dozens of tracebacks, nothing to act on)."""
+    event loop closed and report it as "unraisable" (dozens of tracebacks, nothing to act on).
+    An ``sys.unraisablehook`` that drops those and passes everything else to ``previous``."""
 
-    def hook(unraisable) -> None:
+    gist_jax_quiet = True  # marks the hook as installed (``_install_quiet_logging``)
+
+    def __init__(self, previous: Callable[[sys.UnraisableHookArgs], Any]) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: sys.UnraisableHookArgs) -> None:
         if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-            previous(unraisable)
+            self.previous(unraisable)
 
-    hook.gist_jax_quiet = True
-    return hook
+
+def _quiet_closed_loops(previous: Callable[[sys.UnraisableHookArgs], Any]) -> _QuietClosedLoops:
+    return _QuietClosedLoops(previous)
 
 
 def _install_quiet_logging() -> None:
@@ -178,8 +188,8 @@ class Checkpointer:
             if is_primary():
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(str(self.directory / str(step)), str(dest))
-            logging.warning("checkpoint %s/%d is damaged (empty step directory): moved to %s; trying an older one",
-                            self.directory, step, dest)
+            logger.warning("checkpoint %s/%d is damaged (empty step directory): moved to %s; trying an older one",
+                           self.directory, step, dest)
         _sync("gist_jax_set_aside_empty_steps")
 
     def _set_aside_path(self, step: int, why: str) -> pathlib.Path:
@@ -303,8 +313,8 @@ class Checkpointer:
             if _all_processes(damaged is None):
                 return step, restored_state.replace(ref_params=state.ref_params), data_state
             dest = self.set_aside(step, "damaged")
-            logging.warning("checkpoint %s/%d is damaged (%s): moved to %s; trying an older one", self.directory,
-                            step, damaged or "unreadable on another process", dest)
+            logger.warning("checkpoint %s/%d is damaged (%s): moved to %s; trying an older one", self.directory,
+                           step, damaged or "unreadable on another process", dest)
         return None
 
     def _read_json(self, step: int, item: str) -> Any:
@@ -342,8 +352,8 @@ class Checkpointer:
         if state_step != step:
             raise CheckpointDamaged(f"its state is at step {state_step}, not {step}")
         if data_state["step"] != step:
-            logging.warning("checkpoint %s/%d: its data-iterator state names step %d; rebuilding it from step %d",
-                            self.directory, step, data_state["step"], step)
+            logger.warning("checkpoint %s/%d: its data-iterator state names step %d; rebuilding it from step %d",
+                           self.directory, step, data_state["step"], step)
             data_state = {**data_state, "step": step}
         return state, data_state
 

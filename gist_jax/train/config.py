@@ -62,7 +62,7 @@ class OptimizerConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup_fraction * self.total_steps))
+        return round(self.warmup_fraction * self.total_steps)
 
 
 AE_INITS = ("copy", "copy_first", "fresh")  # objective.ae_init (gist_jax/train/ae.py init_ae_params)

@@ -10,7 +10,7 @@ numbers are over exactly the same targets. The full-attention row runs the base 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,8 @@ import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import cached_layout
-from gist_jax.gist.params import GIST_PARAM_NAMES, model_config_for
 from gist_jax.gist.parallel import compressed_hidden
+from gist_jax.gist.params import GIST_PARAM_NAMES, model_config_for
 from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores, next_token_labels
@@ -76,7 +76,8 @@ class PerplexityEvaluator:
         else:
             num_segments = comp.num_segments(self.seq_len)
             per_segment = ratios * num_segments
-            slots = comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else comp.segment_length // ratios[0]
+            padded = comp.ratio_sampling == "per_segment"
+            slots = comp.max_gists_per_segment if padded else comp.segment_length // ratios[0]
             layout = cached_layout(self.seq_len, comp, per_segment, slots)
             cfg, shape = model_config_for(self.base_cfg, comp), layout.shape
             arrays = layout_arrays(layout)

@@ -10,6 +10,7 @@ import math
 import pathlib
 import signal
 import time
+from types import FrameType
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ class MetricsWriter:
         self._tb = None
         if self.primary:
             workdir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
+            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the run
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -145,7 +146,7 @@ class PreemptionWatch:
         self.multi = jax.process_count() > 1
         self._previous = None if self.multi else signal.signal(signal.SIGTERM, self._handle)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
 
     def should_stop(self, step: int) -> bool:

@@ -8,7 +8,8 @@ failing (e.g. SmolLM2's 9 heads on tensor=2), and ``describe`` reports where tha
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,7 +46,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
         from jax.experimental import mesh_utils
 
         grid = mesh_utils.create_device_mesh(shape, devices=devices)
-    except Exception:  # topology-unaware fallback (CPU, odd shapes)
+    except Exception:  # noqa: BLE001 - topology-unaware fallback (CPU, odd shapes)
         grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
@@ -65,7 +66,8 @@ def check_batch(global_batch: int, microbatches: int, mesh: Mesh) -> None:
             f"multiple of {dp * microbatches}")
 
 
-def shardings_for(logical_specs: Any, abstract: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+def shardings_for(logical_specs: Any, abstract: Any, mesh: Mesh,
+                  rules: tuple[tuple[str, Any], ...] = LOGICAL_AXIS_RULES) -> Any:
     """Tree of NamedShardings for ``abstract`` (arrays or ShapeDtypeStructs) from its logical
     PartitionSpecs."""
     mesh_specs = logical_to_mesh(logical_specs, rules)

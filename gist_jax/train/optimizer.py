@@ -20,7 +20,7 @@ def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
         end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 
-def _names(path) -> list[str]:
+def _names(path: jax.tree_util.KeyPath) -> list[str]:
     return [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
 
 

@@ -10,7 +10,7 @@ placed leaf by leaf.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import flax.struct
 import jax
@@ -35,6 +35,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     ref_params: Params | None = None
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass at runtime
+        def replace(self, **updates: Any) -> Self: ...
 
 
 def _needs_reference(step_cfg: StepConfig, comp: CompressionConfig) -> bool:
@@ -65,7 +68,7 @@ def trainable_tree(params: Params, comp: CompressionConfig) -> Params:
     return mask
 
 
-def _dict_key_suffix(path) -> tuple[str, ...]:
+def _dict_key_suffix(path: jax.tree_util.KeyPath) -> tuple[str, ...]:
     keys = []
     for entry in reversed(path):
         if not isinstance(entry, jax.tree_util.DictKey):

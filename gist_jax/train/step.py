@@ -25,6 +25,7 @@ from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import LayoutArrays, raw_rows
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores, next_token_labels
+from gist_jax.model.transformer import Params
 from gist_jax.sharding import activation_mesh
 from gist_jax.train.ae import ae_loss
 from gist_jax.train.config import StepConfig
@@ -66,12 +67,16 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
     m = step_cfg.microbatches
 
-    def microbatch_loss(params, ref_params, micro: Batch, arrays: LayoutArrays, denom):
+    def microbatch_loss(params: Params, ref_params: Params | None, micro: Batch, arrays: LayoutArrays,
+                        denom: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         tokens = micro["tokens"]
         mask = loss_positions(tokens, micro["loss_mask"], seg_len, obj.include_first_segment)
-        out = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
-                                **({"kv_layer": obj.ae_layer} if use_ae else {}))
-        hidden, gist_kv = (out if use_ae else (out, None))
+        gist_kv: tuple[jax.Array, jax.Array] | None = None
+        if use_ae:
+            hidden, gist_kv = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
+                                                kv_layer=obj.ae_layer)
+        else:
+            hidden = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays)
         # Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
         scores = lm_token_scores(cfg, params["model"], raw_rows(hidden, arrays, tokens.shape[1]),
                                  next_token_labels(tokens), mask, chunk=obj.loss_chunk)
@@ -90,6 +95,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
         loss = lm_num / denom
         metrics["lm_num"] = lm_num
         if use_ae:
+            assert gist_kv is not None  # compressed_hidden's kv_layer output, above
             ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv,
                                      chunk=obj.loss_chunk, train_shared=obj.ae_train_shared,
                                      normalization=obj.ae_normalization)
@@ -102,7 +108,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
 
 def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
                      shape: LayoutShape, tx: optax.GradientTransformation, mesh: Mesh,
-                     state_shardings: Any) -> Callable[[TrainState, Batch, LayoutArrays], tuple]:
+                     state_shardings: Any) -> jax.stages.Wrapped:
     """A jitted ``(state, batch, layout_arrays) -> (state, metrics)`` for one layout shape.
 
     ``batch``: ``tokens`` [B, N] int32, ``loss_mask`` [B, N] bool (document/padding masks from
@@ -119,7 +125,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
 
     microbatch_loss = make_microbatch_loss(base_cfg, comp, step_cfg, shape)
 
-    def step(state: TrainState, batch: Batch, arrays: LayoutArrays):
+    def step(state: TrainState, batch: Batch, arrays: LayoutArrays) -> tuple[TrainState, dict[str, jax.Array]]:
         trainable = trainable_tree(state.params, comp)
         params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), state.params, trainable)
         full_mask = loss_positions(batch["tokens"], batch["loss_mask"], seg_len, obj.include_first_segment)

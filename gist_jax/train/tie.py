@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,8 @@ def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
         mask = None if mask_TxT is None else jnp.broadcast_to(mask_TxT, shape + shape[-1:])
         spec = AttentionSpec(positions=positions_BxT, mask=mask, is_gist=jnp.zeros(shape, bool),
                              gist_slot=jnp.zeros(shape, jnp.int32))
-        _, hidden = Decoder(cfg).apply({"params": params}, tokens_BxT, spec, return_hidden=True)
+        _, hidden = cast(tuple[jax.Array, jax.Array],
+                         Decoder(cfg).apply({"params": params}, tokens_BxT, spec, return_hidden=True))
         return hidden
 
     def log_probs(hidden_BxNxE: jax.Array) -> jax.Array:
