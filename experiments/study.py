@@ -154,8 +154,8 @@ EVAL: dict[str, dict] = {
 def _reset_to(build):
     def apply(c: _common.ConfigDict) -> None:
         fresh = build()
-        for key in fresh.keys():
-            c[key] = fresh[key]
+        for key, value in fresh.items():
+            c[key] = value
 
     return apply
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from gist_jax.model.config import ConfigError
 

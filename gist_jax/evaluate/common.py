@@ -9,7 +9,8 @@ import functools
 import json
 import math
 import pathlib
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import cached_layout
-from gist_jax.gist.params import model_config_for
 from gist_jax.gist.parallel import compressed_hidden
+from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.loss import lm_token_scores

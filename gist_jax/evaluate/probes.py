@@ -13,7 +13,8 @@ decoding from the compressed cache (``gist_jax.inference``):
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

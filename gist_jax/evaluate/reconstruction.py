@@ -69,7 +69,7 @@ def _probe_fns(setting: common.Setting, length: int, lr: float) -> tuple:
     @jax.jit
     def update(ae, opt, model, tokens_BxN):
         k, v = gist_kv(model, tokens_BxN)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(ae, model, tokens_BxN, k, v)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(ae, model, tokens_BxN, k, v)
         updates, opt = tx.update(grads, opt, ae)
         return optax.apply_updates(ae, updates), opt, loss
 

@@ -5,7 +5,7 @@ returns the file it wrote."""
 from __future__ import annotations
 
 import pathlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -12,7 +12,8 @@ import datetime
 import os
 import pathlib
 import platform
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gist_jax.study import figures, numbers, stats
 from gist_jax.study.plan import Study
@@ -320,10 +321,10 @@ class Report:
         train_s = timings.get("train_seconds", {})
         eval_s = timings.get("eval_seconds", {})
         lines = [f"# Gist-token compression study: scale `{self.study.scale}`\n",
-                 f"Reproduces the analyses of Deng et al. (ACL 2025) on one base model. Command: `{command}`. "
-                 f"Written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} on {platform.node()} "
-                 f"({os.cpu_count()} CPUs, {platform.machine()}). Every number: value [95% bootstrap interval], "
-                 f"{self.B} resamples of windows or examples; an ordering is stated only where intervals separate.\n",
+                 (f"Reproduces the analyses of Deng et al. (ACL 2025) on one base model. Command: `{command}`. "
+                  f"Written {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC} on {platform.node()} "
+                  f"({os.cpu_count()} CPUs, {platform.machine()}). Every number: value [95% bootstrap interval], "
+                  f"{self.B} resamples of windows or examples; an ordering is stated only where intervals separate.\n"),
                  "## Runs\n"]
         rows = []
         for spec in self.study.runs:

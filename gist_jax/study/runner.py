@@ -19,7 +19,8 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gist_jax.study.plan import RunSpec, Study
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -42,7 +43,7 @@ class Estimate:
     def contains(self, x: float, tol: float = 1e-9) -> bool:
         return self.lo - tol <= x <= self.hi + tol
 
-    def below(self, other: "Estimate") -> bool:
+    def below(self, other: Estimate) -> bool:
         """Separated and lower: this interval ends before the other's begins."""
         return self.hi < other.lo
 
@@ -58,7 +59,7 @@ def _num(x: float, digits: int) -> str:
         return f"{x:g}"
     if abs(x) >= 10 ** digits:
         return f"{x:.0f}"
-    return f"{x:.{max(digits - 1 - int(math.floor(math.log10(abs(x)))), 0)}f}"
+    return f"{x:.{max(digits - 1 - math.floor(math.log10(abs(x))), 0)}f}"
 
 
 @functools.lru_cache(maxsize=32)
@@ -130,7 +131,7 @@ def compare(a: str, ea: Estimate, b: str, eb: Estimate, quantity: str, digits: i
 def chain(items: Sequence[tuple[str, Estimate]], quantity: str, digits: int = 3) -> str:
     """The expected ordering ``items[0] < items[1] < ...``, checked pair by adjacent pair."""
     holds, parts = [], []
-    for (a, ea), (b, eb) in zip(items, items[1:]):
+    for (a, ea), (b, eb) in itertools.pairwise(items):
         if ea.below(eb):
             parts.append(f"{a} < {b} (separate)")
             holds.append(True)
