@@ -108,15 +108,16 @@ def load_config_dict(config: str, overrides: Sequence[str] = ()) -> Any:
     ``config_flags`` on a private flag set exactly as ``gist_jax.main`` parses its own;
     faults raise ``CliConfigError`` with main's one-line message."""
     from absl import flags
-    from ml_collections import config_flags
+
+    from gist_jax import experiments
 
     argv = ["tool", f"--config={config}", *overrides]
     bad = [o for o in overrides if not o.startswith(OVERRIDE_PREFIXES)]
     if bad:
         raise CliConfigError(f"unexpected arguments {bad}; only --config.<key>=<value> overrides may follow --config")
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Experiment file", flag_values=fv, lock_config=True,
-                                    sys_argv=argv)
+    experiments.DEFINE_config_file("config", None, "Experiment file", flag_values=fv, lock_config=True,
+                                   sys_argv=argv)  # a shipped recipe's path works outside a checkout too
     return _parse_config_flags(fv, argv)
 
 

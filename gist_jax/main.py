@@ -28,10 +28,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # E402: these imports come after exit_on_sigterm() on purpose, so a SIGTERM while they load exits cleanly.
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/<file>.py[:<variants>]",
-                                          lock_config=True)
+from gist_jax import experiments  # noqa: E402
+
+# A path that does not exist but names a shipped recipe (experiments/<file>.py) runs the packaged one.
+_CONFIG = experiments.DEFINE_config_file("config", None, "Experiment file: experiments/<file>.py[:<variants>]",
+                                         lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
 
