@@ -56,7 +56,10 @@ class Study:
 
 
 def load_module(path: str | pathlib.Path) -> types.ModuleType:
-    path = pathlib.Path(path).absolute()
+    path = pathlib.Path(path)
+    if not path.is_file():  # outside a checkout: the shipped recipe of that name, as every --config tool
+        path = pathlib.Path(_recipes.resolve_config(str(path)))
+    path = path.absolute()
     if not path.is_file():
         raise ConfigError(f"--config={path}: no such study file; use experiments/study.py")
     spec = importlib.util.spec_from_file_location(f"study_config_{path.stem}", path)
