@@ -26,15 +26,12 @@ Scales (``SCALE_BUILDERS`` below build them; ``EVAL`` the suite options, ``GRID`
 * ``cpu``: the real SmolLM2-135M (the packaged GGUF, as ``demo.py``), full-parameter training
   as the paper does, 512 tokens = 4 segments of 128, ratios {4, 8} per instance, batch 1,
   ``CPU_STEPS`` = 25 steps per run; suites on 8 windows and 4 examples per probe (``EVAL``).
-  Sized from a timed run (``--runs fine_kv,coarse_rec,fine_kv_ae_tie --max_steps 3``) on the
-  shared 2-core machine at load 9, scaled to an idle machine by the process's CPU share (0.46
-  cores of 2): per step Fine-KV 10.8 s, Coarse-Rec 15.9 s, Fine-KV+AE+TIE 24.3 s (the demo's
-  own figure for the last is 15 s, so these are pessimistic); about 110 s per step of the
-  whole grid, 25 steps -> 46 min, plus 7 x (start-up and save ~40 s, two compiles ~25 s) -> 53
-  min of training. Evaluation: ~150 forward passes of 512 tokens per compressed checkpoint at
-  ~2.3 s each (measured: the perplexity suite) plus ~25 compiled programs per architecture ->
-  about 54 min. Total about 1 h 45 min (about 1 h 10 min with the demo's calibration). Time
-  the target machine first: ``--max_steps 3 --runs fine_kv`` (docs/study.md).
+  Measured on the 2-core development machine, idle (2026-12-02): the five runs without AE
+  trained and evaluated in 29 min 48 s (training 137-211 s per run, the suites 27 s for full
+  attention and 200-240 s per compressed checkpoint); the whole grid about 45 min
+  (docs/study.md). That is well inside the 2-hour budget the scale is meant to fill, and the
+  compressed models' recall is still 0 after 25 steps, so a later change should spend the rest
+  on steps and examples.
 * ``gpu``: the same model on one H200 in about 8 minutes: 2048 tokens = 4 x 512, batch 8,
   bf16, 150 steps per run (configuration only: not run yet).
 * ``paper``: ``experiments/_paper.py`` (Llama-3.1-8B, 16K = 8 x 2K, ratios {4, 8, 16, 32} per

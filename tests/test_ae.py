@@ -130,6 +130,39 @@ def test_loss_reads_the_gist_kv():
     assert np.isfinite(float(loss)) and abs(float(loss) - float(zero)) > 1e-4
 
 
+@pytest.mark.parametrize("case", ["fine_kv", "per_segment_dead_slots"])
+def test_update_output_equals_its_reference_and_drops_the_input_embedding(case):
+    """objective.ae_decoder_output='update': the head reads the block's output minus its input."""
+    comp, n, ratios, slots = CASES[case]
+    cfg, params, layout, arrays, toks, ae_params = _setup(comp, n, ratios, slots)
+    k, v = _gist_kv(cfg, comp, layout.shape, params, toks, arrays)
+    update = jax.jit(functools.partial(ae_loss, decoder_output="update"), static_argnums=(0, 1, 2))
+    loss, _ = update(cfg, comp, layout.shape, params, ae_params, toks, arrays, k, v)
+    ref = ae_loss_reference(cfg, comp, layout, params, ae_params, toks, k, v, decoder_output="update")
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5, atol=1e-5)
+    residual, _ = _ae(cfg, comp, layout.shape, params, ae_params, toks, arrays, k, v)
+    assert abs(float(loss) - float(residual)) > 1e-3
+
+
+def test_base_gate_stops_the_gradient_into_the_gist_kv_not_the_value():
+    comp = CASES["fine_kv"][0]
+    cfg, params, layout, arrays, toks, ae_params = _setup(comp, 24)
+    k, v = _gist_kv(cfg, comp, layout.shape, params, toks, arrays)
+
+    @jax.jit
+    def value_and_grads(gate, ae_params, k, v):
+        f = lambda ae_params, k, v: ae_loss(cfg, comp, layout.shape, params, ae_params, toks, arrays, k, v,
+                                            base_gate=gate)[0]
+        return jax.value_and_grad(f, argnums=(0, 1, 2))(ae_params, k, v)
+
+    (l_off, (g_ae_off, gk_off, gv_off)) = value_and_grads(0.0, ae_params, k, v)
+    (l_on, (g_ae_on, gk_on, gv_on)) = value_and_grads(1.0, ae_params, k, v)
+    assert float(l_off) == float(l_on)
+    assert not np.any(np.asarray(gk_off)) and not np.any(np.asarray(gv_off))
+    assert np.any(np.asarray(gk_on)) and np.any(np.asarray(gv_on))
+    jax.tree.map(np.testing.assert_array_equal, g_ae_off, g_ae_on)  # the decoder trains either way
+
+
 # -- the defaults chosen by measurement (docs/ae.md) -------------------------------------------------
 @pytest.mark.parametrize("tied", [False, True])
 def test_default_ae_leaves_embedding_final_norm_and_head_to_the_lm_loss(tied):
@@ -251,6 +284,10 @@ def test_objective_rejects_unknown_ae_choices():
         ObjectiveConfig(ae_init="random")
     with pytest.raises(ConfigError, match="ae_normalization"):
         ObjectiveConfig(ae_normalization="sum")
+    with pytest.raises(ConfigError, match="ae_decoder_output"):
+        ObjectiveConfig(ae_decoder_output="delta")
+    with pytest.raises(ConfigError, match="ae_base_warmup_steps"):
+        ObjectiveConfig(ae_base_warmup_steps=-1)
 
 
 def test_demo_uses_the_measured_ae_recipe():

@@ -24,6 +24,8 @@ def test_tiny_demo_trains_reports_exports_and_generates(tmp_path):
     config = json.loads((workdir / "hf" / "config.json").read_text())
     assert config["gist"]["variant"] == "fine_kv" and (workdir / "hf" / "modeling_gist.py").exists()
     assert "compressed memory: " in out and "full attention:    " in out
+    assert "docs/study.md" in out.rstrip().splitlines()[-1], "the closing lines point at the study"
+    assert (REPO / "docs" / "study.md").is_file()
     for suite, plot in (("perplexity", "perplexity_vs_ratio"), ("boundary", "boundary_loss_by_position"),
                         ("uuid", "uuid_prefix_accuracy")):
         assert f"## {suite} (" in out

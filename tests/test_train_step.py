@@ -239,3 +239,29 @@ def test_startup_errors_name_the_numbers():
     with pytest.raises(ConfigError, match="microbatches"):
         StepConfig(batch_size=8, microbatches=3)
     assert make_mesh(MeshConfig(2, -1, 2)).shape["fsdp"] == 2
+
+
+def test_ae_base_warmup_trains_the_decoder_alone_then_the_compressor():
+    """objective.ae_base_warmup_steps=2: in steps 0 and 1 L_ae reaches only its decoder, so the
+    model's parameters take exactly the AE-off updates (the clip is a no-op, else the decoder's
+    gradient would rescale the model's; step 0's learning rate is 0, hence two steps); from
+    step 2 on they do not."""
+    opt = OptimizerConfig(learning_rate=1e-3, total_steps=20, warmup_fraction=0.1, grad_clip_norm=1e9)
+
+    def run(objective, steps):
+        cfg = StepConfig(batch_size=8, seq_len=SEQ, mesh=MeshConfig(2, 4, 1), optimizer=opt, objective=objective)
+        state, history = _run(FINE, cfg, [_batch(_text_batch(8, offset=i * SEQ)) for i in range(steps)])
+        return jax.device_get(state.params), history
+
+    def same_model(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a["model"]), jax.tree.leaves(b["model"])))
+
+    off2, _ = run(ObjectiveConfig(ae=False), 2)
+    warm2, m_warm = run(ObjectiveConfig(ae=True, ae_base_warmup_steps=2), 2)
+    on2, m_on = run(ObjectiveConfig(ae=True), 2)
+    assert same_model(warm2, off2), "during the warm-up L_ae must not reach the gists or the base"
+    assert not same_model(on2, off2), "without the warm-up L_ae trains the compressor"
+    assert m_warm[0]["ae_loss"] == m_on[0]["ae_loss"], "the gate changes gradients, not the loss"
+    off3, _ = run(ObjectiveConfig(ae=False), 3)
+    warm3, _ = run(ObjectiveConfig(ae=True, ae_base_warmup_steps=2), 3)
+    assert not same_model(warm3, off3), "after the warm-up L_ae trains the compressor"

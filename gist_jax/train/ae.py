@@ -50,7 +50,7 @@ from gist_jax.model.config import ConfigError, ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 from gist_jax.model.loss import DEFAULT_CHUNK, dense_token_scores, lm_head, lm_token_scores
 from gist_jax.model.transformer import Block, Params
-from gist_jax.train.config import AE_INITS, AE_NORMALIZATIONS
+from gist_jax.train.config import AE_DECODER_OUTPUTS, AE_INITS, AE_NORMALIZATIONS
 
 
 def decoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -96,6 +96,12 @@ def init_ae_params(cfg: ModelConfig, comp: CompressionConfig, params: Params,
     return {"block": block, "ae_embedding": jnp.tile(row_E[None], (len(comp.ratios), 1))}
 
 
+def _gate_gradient(x: jax.Array, gate: jax.Array | float) -> jax.Array:
+    """``x`` in value; its gradient scaled by ``gate`` (0 stops it, 1 passes it)."""
+    frozen = jax.lax.stop_gradient(x)
+    return frozen + jnp.asarray(gate, x.dtype) * (x - frozen)
+
+
 def max_span(comp: CompressionConfig, shape: LayoutShape) -> int:
     """R: the longest span one gist can cover (static decoder length)."""
     if comp.ratio_sampling == "per_segment":
@@ -136,7 +142,8 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
             ae_params: dict, tokens_BxN: jax.Array, arrays: LayoutArrays,
             gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array, *,
             chunk: int = DEFAULT_CHUNK, train_shared: bool = True,
-            normalization: str = "gist") -> tuple[jax.Array, dict]:
+            normalization: str = "gist", decoder_output: str = "residual",
+            base_gate: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
     """Batched L_ae. ``arrays`` = ``specs.layout_arrays(layout)`` (nothing extra);
     ``gist_*`` = layer ``ae_layer`` un-rotated (k, v) of every layout token, as returned by
     ``compressed_logits(..., kv_layer=ae_layer)``; ``chunk``: decoder tokens per LM-head
@@ -149,10 +156,19 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
     untrained decoder's huge early loss otherwise rewrites the token embeddings.
     ``normalization`` (``objective.ae_normalization``): ``gist`` = mean over gists of the
     per-token mean (method.md), ``token`` = mean over all span tokens (long spans weigh more;
-    equal to ``gist`` when every gist covers the same number of tokens, e.g. per_instance)."""
+    equal to ``gist`` when every gist covers the same number of tokens, e.g. per_instance).
+    ``decoder_output`` (``objective.ae_decoder_output``): ``residual`` normalises the block's
+    output stream (method.md); ``update`` subtracts the decoder's input embedding first, so the
+    tied head does not see the input token x_(j-1). ``base_gate``: a 0/1 scalar multiplying
+    the gradient that flows into the gist key/value (0 during ``objective.ae_base_warmup_steps``:
+    the decoder trains alone); the loss's value does not depend on it."""
     if normalization not in AE_NORMALIZATIONS:
         raise ConfigError(f"objective.ae_normalization={normalization!r} must be one of "
                           f"{', '.join(AE_NORMALIZATIONS)}")
+    if decoder_output not in AE_DECODER_OUTPUTS:
+        raise ConfigError(f"objective.ae_decoder_output={decoder_output!r} must be one of "
+                          f"{', '.join(AE_DECODER_OUTPUTS)}")
+    gist_k_BxTxKxH, gist_v_BxTxKxH = (_gate_gradient(x, base_gate) for x in (gist_k_BxTxKxH, gist_v_BxTxKxH))
     if not train_shared:
         params = {k: (jax.lax.stop_gradient(v) if k in SHARED_PARAM_NAMES else v) for k, v in params.items()}
     b, p, r_max = tokens_BxN.shape[0], shape.padded_raw, max_span(comp, shape)
@@ -191,6 +207,8 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
                                        _memory(dec, k_XxKxH, v_XxKxH))
     # G * R rows per sequence (about the raw length): the head + CE run chunk-wise over them,
     # so the decoder's [B, G, R, V] logits are never built either.
+    if decoder_output == "update":
+        hidden_XxRxE = hidden_XxRxE - x_XxRxE
     hidden_BxGRxE = _final_norm(cfg, params, hidden_XxRxE).reshape(b, g * r_max, -1)
     valid_BxGxR = jnp.broadcast_to(target_valid_GxR, (b, g, r_max))
     scores = lm_token_scores(cfg, params, hidden_BxGRxE, target_BxGxR.reshape(b, g * r_max),
@@ -213,7 +231,8 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
 
 def ae_loss_reference(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,
                       params: Params, ae_params: dict, tokens_BxN: jax.Array,
-                      gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array) -> jax.Array:
+                      gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array,
+                      decoder_output: str = "residual") -> jax.Array:
     """Slow reference (tests): a Python loop over sequences and live gists, each span built
     from the host layout (``span_start``, ``ratios``) and decoded alone at its exact length."""
     tokens = np.asarray(tokens_BxN)
@@ -226,20 +245,24 @@ def ae_loss_reference(cfg: ModelConfig, comp: CompressionConfig, layout: GistLay
             if targets.size:
                 ae_E = ae_params["ae_embedding"][comp.ratios.index(r)]
                 losses.append(_span_loss(cfg, params, ae_params["block"], ae_E,
-                                         gist_k_BxTxKxH[bi, t], gist_v_BxTxKxH[bi, t], targets))
+                                         gist_k_BxTxKxH[bi, t], gist_v_BxTxKxH[bi, t], targets,
+                                         decoder_output))
     return jnp.mean(jnp.stack(losses))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 7))
 def _span_loss(cfg: ModelConfig, params: Params, block: Params, ae_E: jax.Array,
-               k_KxH: jax.Array, v_KxH: jax.Array, targets_n: jax.Array) -> jax.Array:
+               k_KxH: jax.Array, v_KxH: jax.Array, targets_n: jax.Array,
+               decoder_output: str = "residual") -> jax.Array:
     """One gist's span decoded alone at its exact length n (jitted: one compile per length)."""
     dec, n = decoder_config(cfg), targets_n.shape[0]
     x_1xnxE = jnp.concatenate([ae_E[None], params["embed"]["embedding"][targets_n[:-1]]])
     spec = AttentionSpec(positions=jnp.arange(1, n + 1, dtype=jnp.int32)[None],
                          prefix_valid=jnp.ones((1, 1), bool))
-    hidden, _ = Block(dec).apply({"params": block}, x_1xnxE[None].astype(cfg.compute_dtype), spec,
-                                 _memory(dec, k_KxH[None], v_KxH[None]))
+    x_1xnxE = x_1xnxE[None].astype(cfg.compute_dtype)
+    hidden, _ = Block(dec).apply({"params": block}, x_1xnxE, spec, _memory(dec, k_KxH[None], v_KxH[None]))
+    if decoder_output == "update":
+        hidden = hidden - x_1xnxE
     h_1xnxE = _final_norm(cfg, params, hidden)
     scores = dense_token_scores(h_1xnxE, lm_head(cfg, params), targets_n[None],
                                 compute_dtype=cfg.compute_dtype)

@@ -67,6 +67,7 @@ class OptimizerConfig:
 
 AE_INITS = ("copy", "copy_first", "fresh")  # objective.ae_init (gist_jax/train/ae.py init_ae_params)
 AE_NORMALIZATIONS = ("gist", "token")  # objective.ae_normalization (gist_jax/train/ae.py ae_loss)
+AE_DECODER_OUTPUTS = ("residual", "update")  # objective.ae_decoder_output (gist_jax/train/ae.py ae_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,14 @@ class ObjectiveConfig:
     rewrites the base model's embeddings and full-attention perplexity rises.
     ae_normalization: ``gist`` (mean over gists of the per-token mean, method.md) or ``token``
     (mean over all reconstructed tokens); they differ only when spans differ in length.
+    ae_decoder_output: what the final norm and LM head read: ``residual`` (the block's output
+    residual stream, method.md) or ``update`` (that stream minus the decoder's input embedding,
+    i.e. the block's own contribution). With a tied head the residual carries the input token
+    x_(j-1), so an untrained decoder was thought to predict its own input; ``update`` removes that
+    path, and measured it does not help: the start loss stays ~34 nats/token (docs/ae.md).
+    ae_base_warmup_steps: for the first N steps L_ae trains the decoder (and ``[ae]_r``) alone: its
+    gradient into the gist key/value, and through it into the gists and the base layers, is
+    stopped, so the decoder learns to read the gist KV before its gradient shapes the compressor.
     """
 
     tie: bool = False
@@ -103,6 +112,8 @@ class ObjectiveConfig:
     ae_init: str = "copy"
     ae_train_shared: bool = False
     ae_normalization: str = "gist"
+    ae_decoder_output: str = "residual"
+    ae_base_warmup_steps: int = 0
     include_first_segment: bool = True
     loss_chunk: int = 1024
 
@@ -118,6 +129,11 @@ class ObjectiveConfig:
         if self.ae_normalization not in AE_NORMALIZATIONS:
             raise ConfigError(f"objective.ae_normalization={self.ae_normalization!r} must be one of "
                               f"{', '.join(AE_NORMALIZATIONS)} (gist: mean over gists; token: mean over tokens)")
+        if self.ae_decoder_output not in AE_DECODER_OUTPUTS:
+            raise ConfigError(f"objective.ae_decoder_output={self.ae_decoder_output!r} must be one of "
+                              f"{', '.join(AE_DECODER_OUTPUTS)} (residual: method.md; update: minus its input)")
+        check_int("objective.ae_base_warmup_steps", self.ae_base_warmup_steps, 0,
+                  fix="use 0 to let L_ae reach the gists from the first step")
         # ae_layer's range needs the model's layer count: gist_jax.experiment.check_model_matches_run
         # checks it once the model config is known (before the weights load where that is cheap).
 

@@ -54,9 +54,18 @@ def _denominator(mask_BxN: jax.Array, tie_without_rescale: bool) -> jax.Array:
     return jnp.maximum(jnp.sum(mask_BxN), 1).astype(jnp.float32)
 
 
+def ae_base_gate(warmup_steps: int, step: jax.Array | None) -> jax.Array | float:
+    """1.0 once L_ae may train the gists and base (step >= ``objective.ae_base_warmup_steps``),
+    0.0 before; ``step`` None (the memory planner's trace) counts as past the warm-up."""
+    if warmup_steps == 0 or step is None:
+        return 1.0
+    return (step >= warmup_steps).astype(jnp.float32)
+
+
 def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
                          shape: LayoutShape) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
-    """``(params, ref_params, micro, arrays, denom) -> (loss, metrics)`` for one microbatch: the
+    """``(params, ref_params, micro, arrays, denom, step=None) -> (loss, metrics)`` for one
+    microbatch (``step``: the update's index, for ``objective.ae_base_warmup_steps``): the
     compressed forward, the TIE reference passes, the chunked LM loss and the AE loss. Shared by
     the train step and the memory planner (``train/plan.py`` traces its VJP to count what the
     backward keeps)."""
@@ -68,7 +77,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
     m = step_cfg.microbatches
 
     def microbatch_loss(params: Params, ref_params: Params | None, micro: Batch, arrays: LayoutArrays,
-                        denom: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        denom: jax.Array, step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         tokens = micro["tokens"]
         mask = loss_positions(tokens, micro["loss_mask"], seg_len, obj.include_first_segment)
         gist_kv: tuple[jax.Array, jax.Array] | None = None
@@ -98,7 +107,9 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
             assert gist_kv is not None  # compressed_hidden's kv_layer output, above
             ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv,
                                      chunk=obj.loss_chunk, train_shared=obj.ae_train_shared,
-                                     normalization=obj.ae_normalization)
+                                     normalization=obj.ae_normalization,
+                                     decoder_output=obj.ae_decoder_output,
+                                     base_gate=ae_base_gate(obj.ae_base_warmup_steps, step))
             loss = loss + obj.ae_lambda * ae / m
             metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])
         return loss, metrics
@@ -141,7 +152,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
 
         def accumulate(carry, micro):
             grads_acc, loss_acc, metrics_acc = carry
-            (loss, metrics), grads = grad_fn(params, state.ref_params, micro, arrays, denom)
+            (loss, metrics), grads = grad_fn(params, state.ref_params, micro, arrays, denom, state.step)
             return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
                     jax.tree.map(jnp.add, metrics_acc, metrics)), None
 
