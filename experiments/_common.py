@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 
 import ml_collections
 
-from gist_jax.model.config import ConfigError
+from gist_jax.errors import ConfigError
 
 ConfigDict = ml_collections.ConfigDict
 

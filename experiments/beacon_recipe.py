@@ -23,8 +23,8 @@ Variants (comma-separated after ``:``), e.g. the paper's objectives on top, or t
 
 from __future__ import annotations
 
-from gist_jax.experiment import default_config
 from gist_jax.experiments import _common
+from gist_jax.train.experiment import default_config
 
 # Beacon's corpus filter as upsampling rules (a document takes the rate of the rule with the
 # largest min_tokens <= its length): shorter than 2400 or longer than 20000 tokens -> dropped.

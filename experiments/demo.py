@@ -26,8 +26,8 @@ changed afterwards; a longer run keeps its final eval when the cadence moves wit
 
 from __future__ import annotations
 
-from gist_jax.experiment import default_config
 from gist_jax.experiments import _common
+from gist_jax.train.experiment import default_config
 
 # The numbers a CPU budget decides; change them here (or with --config.<key>=...).
 SEQ_LEN = 512  # 4 segments of 128: ~15 s per step and ~4 GB on a 2-core CPU

@@ -35,8 +35,8 @@ The recipe at toy scale (random 2-layer byte model, 8 segments of 32 tokens, sec
 
 from __future__ import annotations
 
-from gist_jax.experiment import default_config
 from gist_jax.experiments import _common, _paper
+from gist_jax.train.experiment import default_config
 
 VARIANTS = _paper.VARIANTS  # the shared architectures and objectives, and the recipe's own tiny
 

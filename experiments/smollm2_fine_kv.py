@@ -33,8 +33,8 @@ Variants (comma-separated after ``:``): the architectures and objectives of the 
 
 from __future__ import annotations
 
-from gist_jax.experiment import default_config
 from gist_jax.experiments import _common
+from gist_jax.train.experiment import default_config
 
 
 def base() -> _common.ConfigDict:

@@ -41,8 +41,8 @@ Scales (``SCALE_BUILDERS`` below build them; ``EVAL`` the suite options, ``GRID`
 
 from __future__ import annotations
 
-from gist_jax.experiment import default_config
 from gist_jax.experiments import _common, _paper, demo
+from gist_jax.train.experiment import default_config
 
 # -- the grid: run name -> variants (Deng et al. Table 2 rows, plus the AE / TIE additions on Fine-KV)
 GRID: dict[str, str] = {

@@ -13,7 +13,7 @@ Flag convention of every tool: ``--config`` and ``--config.<key>`` as here; tool
 not run config are spelled with dashes (``--device-gib``, ``--sample-rows``); the old
 underscore spellings still parse where a tool had them.
 
-ml_collections, absl and ``gist_jax.experiment`` (which imports the data layer's config) are
+ml_collections, absl and ``gist_jax.train.experiment`` (which imports the data layer's config) are
 imported where used, so importing this module costs nothing and pulls in no data code.
 """
 
@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
-    from gist_jax.experiment import RunConfig
     from gist_jax.model.config import ModelConfig
+    from gist_jax.train.experiment import RunConfig
 
 CONFIG_METAVAR = "FILE.py[:VARIANTS]"
 OVERRIDE_PREFIXES = ("--config.", "-config.")
 OVERRIDES_HELP = ("then --config.<key>=<value> to change any key, e.g. --config.step.seq_len=4096 "
-                  "(keys: gist_jax/experiment.py; variants: experiments/README.md)")
+                  "(keys: gist_jax/train/experiment.py; variants: experiments/README.md)")
 
 
 class CliConfigError(ValueError):
@@ -65,11 +65,9 @@ def option(name: str) -> tuple[str, ...]:
 
 def stored_run(checkpoint: str, step: int | None = None) -> dict[str, Any]:
     """The resolved run config a training checkpoint was written with (``<step>/run/metadata``)."""
-    import json
+    from gist_jax.train.checkpoint import read_item, resolve_step_dir
 
-    from gist_jax.hf.export import resolve_step_dir
-
-    return json.loads((resolve_step_dir(checkpoint, step) / "run" / "metadata").read_text())
+    return read_item(resolve_step_dir(checkpoint, step), "run")
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -92,9 +90,14 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def parse_tool_args(parser: argparse.ArgumentParser,
                     argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """``parser.parse_args`` with the ``--config.<key>`` overrides split off first."""
+    """``parser.parse_args`` with the ``--config.<key>`` overrides split off first; then the
+    logging every tool shares (``gist_jax.utils.logs.setup_logging``), since each calls this first."""
+    from gist_jax.utils.logs import setup_logging
+
     rest, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    return parser.parse_args(rest), overrides
+    args = parser.parse_args(rest)
+    setup_logging()
+    return args, overrides
 
 
 def exit_config_error(error: Exception) -> NoReturn:
@@ -143,8 +146,8 @@ def _parse_config_flags(fv: Any, argv: list[str]) -> Any:
 def load_run(config: str, overrides: Sequence[str] = ()) -> RunConfig:
     """The validated ``RunConfig`` of a ``--config`` value and its overrides; ``CliConfigError``
     (a ``ConfigError`` from validation is re-raised as one) on any fault."""
-    from gist_jax.experiment import run_config
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
+    from gist_jax.train.experiment import run_config
 
     cd = load_config_dict(config, overrides)
     try:
@@ -170,8 +173,8 @@ def checkpoint_run(run: dict[str, Any], overrides: Sequence[str], allowed: Seque
     from absl import flags
     from ml_collections import config_flags
 
-    from gist_jax.experiment import run_config
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
+    from gist_jax.train.experiment import run_config
 
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("-").split(".", 1)[1]
@@ -208,7 +211,7 @@ def model_shape(section: Any) -> ModelConfig:
     ``config.json``, a GGUF header, a params dir's config), with the run's model settings."""
     import dataclasses
 
-    from gist_jax.hf.export import base_model_config
+    from gist_jax.hf.importer import base_model_config
     from gist_jax.model.config import PRESETS
 
     try:
@@ -255,7 +258,7 @@ def missing_key(error: BaseException) -> str:
 def unknown_override_line(argv: Sequence[str], name: str) -> str | None:
     """Which ``--config.<key>`` names the missing ``name``, and the keys its section has; None
     when no override does."""
-    from gist_jax.experiment import default_config
+    from gist_jax.train.experiment import default_config
 
     keys = override_keys([a for a in argv if a.startswith(OVERRIDE_PREFIXES)])
     key = next((k for k in keys if name in k.split(".")), None)
@@ -272,7 +275,7 @@ def unknown_override_line(argv: Sequence[str], name: str) -> str | None:
 def flag_error_line(error: Exception) -> str:
     """absl's message on one line; for an error raised inside the experiment file (ml_collections
     wraps it in a message with the whole traceback) the original ``ConfigError``'s message."""
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     cause: BaseException = error
     while cause.__cause__ is not None or cause.__context__ is not None:

@@ -32,18 +32,12 @@ def load_gist_jax(hf_dir: pathlib.Path, checkpoint: str | None, step: int | None
 
     if checkpoint is None:
         return load_gist_hf_dir(hf_dir, dtype="float32")
-    from gist_jax.hf.export import CheckpointSource, checkpoint_configs, resolve_step_dir
     from gist_jax.model.transformer import to_layout
+    from gist_jax.train.checkpoint import ModelParamsReader, checkpoint_configs, resolve_step_dir
 
     step_dir = resolve_step_dir(checkpoint, step)
     cfg, comp, _ = checkpoint_configs(step_dir, run)
-    source = CheckpointSource(step_dir / "state")
-    params: dict = {}
-    for path in source.leaves:
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = source.load(path)
+    params = ModelParamsReader(step_dir).load_all()
     return cfg.replace(dtype="float32"), comp, to_layout(params, cfg)
 
 
@@ -51,8 +45,8 @@ def gist_jax_logits(cfg, comp, params, tokens, ratio: int | None, compressed: bo
     import jax.numpy as jnp
     import numpy as np
 
+    from gist_jax.gist.forward import compressed_logits
     from gist_jax.gist.layout import build_layout
-    from gist_jax.gist.parallel import compressed_logits
     from gist_jax.gist.specs import layout_arrays
     from gist_jax.model.transformer import forward
 

@@ -21,9 +21,9 @@ import sys
 import time
 
 from gist_jax.cli_config import CliConfigError
+from gist_jax.errors import ConfigError
 from gist_jax.hf.importer import CheckpointMismatch, load_gguf, load_hf_dir
-from gist_jax.model.config import ConfigError
-from gist_jax.params_io import check_out_dir, save_params
+from gist_jax.model.params_io import check_out_dir, save_params
 
 
 def resolve_gguf(arg: str) -> pathlib.Path:
@@ -65,13 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     check_out_dir(args.out)  # before the minutes of loading, not after
     start = time.time()
     if args.hf:
-        from gist_jax.tokenizer import HFTokenizer
+        from gist_jax.data.tokenizer import HFTokenizer
 
         cfg, params = load_hf_dir(args.hf, **overrides)
         tokenizer_dir = pathlib.Path(args.hf)
         tokenizer = HFTokenizer.from_dir(tokenizer_dir) if (tokenizer_dir / "tokenizer.json").exists() else None
     else:
-        from gist_jax.tokenizer import HFTokenizer
+        from gist_jax.data.tokenizer import HFTokenizer
 
         path = resolve_gguf(args.gguf)
         cfg, params = load_gguf(path, **overrides)

@@ -21,7 +21,7 @@ import sys
 # The data path imports tensorflow; its C++ start-up log is noise here.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from gist_jax import experiments
 
@@ -34,10 +34,12 @@ EVAL_SUITES = "perplexity,boundary,uuid"
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)
-    from gist_jax.distributed import enable_compilation_cache, initialize_from_env
-    from gist_jax.experiment import run_config
-    from gist_jax.model.config import ConfigError
+    from gist_jax.utils.logs import setup_logging
+
+    setup_logging()  # our INFO lines with timestamps on stderr, not Orbax's per-file INFO
+    from gist_jax.errors import ConfigError
+    from gist_jax.train.distributed import enable_compilation_cache, initialize_from_env
+    from gist_jax.train.experiment import run_config
     from gist_jax.train.report import perplexity_table, plot_perplexity
 
     try:
@@ -91,7 +93,7 @@ def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tok
     hf_logging.disable_progress_bar()
 
     from gist_jax.data.sources import stdlib_files
-    from gist_jax.hf.export import export_checkpoint
+    from gist_jax.train.hf_export import export_checkpoint
 
     out = workdir / "hf"
     if not (out / "config.json").exists():

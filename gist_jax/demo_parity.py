@@ -30,13 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--max_new_tokens", type=int, default=20)
     args = parser.parse_args(argv)
+    from gist_jax.utils.logs import setup_logging
 
-    from gist_jax.generate import greedy_generate
+    setup_logging()
+
+    from gist_jax.data.tokenizer import HFTokenizer
     from gist_jax.hf import reference
     from gist_jax.hf.gguf import smollm2_gguf_path
     from gist_jax.hf.importer import load_gguf
+    from gist_jax.inference.reference_decode import greedy_generate
     from gist_jax.model.transformer import forward
-    from gist_jax.tokenizer import HFTokenizer
 
     path = smollm2_gguf_path()
     print(f"[1/4] loading {path.name} into gist_jax (dequantising Q4_1 with the gguf package)")

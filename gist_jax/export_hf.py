@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = cli_config.parse_tool_args(parser, argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # export reads to the host; no accelerator needed
 
-    from gist_jax.hf.export import export_checkpoint
+    from gist_jax.train.hf_export import export_checkpoint
 
     try:
         run = (cli_config.checkpoint_run(cli_config.stored_run(args.checkpoint, args.step), overrides, OVERRIDABLE)

@@ -5,7 +5,7 @@
         --config.model.init=hf:/models/Meta-Llama-3.1-8B --config.optimizer.total_steps=5000
 
 Rerunning the same command resumes from the newest complete checkpoint in the workdir. Several
-processes (TPU pod, SLURM, ``python -m launch.local``) join through ``gist_jax.distributed``.
+processes (TPU pod, SLURM, ``python -m launch.local``) join through ``gist_jax.train.distributed``.
 Exit codes (docs/training.md has the table of faults):
   0  done; or preempted by SIGTERM (checkpoint saved); or SIGTERM during start-up (nothing to save)
   2  configuration or input error: one line naming the key or file and the fix, nothing written
@@ -19,7 +19,7 @@ import errno
 import os
 import sys
 
-from gist_jax.interrupt import exit_on_sigterm
+from gist_jax.train.interrupt import exit_on_sigterm
 
 exit_on_sigterm()  # from the first moment: jax, the model and the data take a while to load
 
@@ -27,7 +27,7 @@ exit_on_sigterm()  # from the first moment: jax, the model and the data take a w
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # E402: these imports come after exit_on_sigterm() on purpose, so a SIGTERM while they load exits cleanly.
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from gist_jax import experiments  # noqa: E402
 
@@ -42,17 +42,18 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; "
                              "options are --config, --workdir, --config.<key>=<value>")
-    if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv):
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-    from gist_jax.distributed import DistributedInitError, enable_compilation_cache, initialize_from_env
-    from gist_jax.experiment import run_config
-    from gist_jax.model.config import ConfigError
+    from gist_jax.utils.logs import setup_logging
+
+    setup_logging()  # our INFO lines with timestamps on stderr, not Orbax's per-file INFO
+    from gist_jax.errors import ConfigError
     from gist_jax.train.checkpoint import DiskFull
+    from gist_jax.train.distributed import DistributedInitError, enable_compilation_cache, initialize_from_env
+    from gist_jax.train.experiment import run_config
     from gist_jax.train.hooks import TrainingDiverged
 
     try:
         run = run_config(_CONFIG.value)
-        from gist_jax.preflight import check_paths
+        from gist_jax.train.preflight import check_paths
 
         check_paths(run, _WORKDIR.value)  # every file the run names, before anything loads or is written
         enable_compilation_cache()

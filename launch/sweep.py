@@ -256,7 +256,7 @@ def _parse_extra(extra: Sequence[str], cd: Any) -> dict[str, Any]:
 
 def check_run(run: Run, extra: Sequence[str] = (), modules: dict[str, Any] | None = None) -> Any:
     """Builds the run's config exactly as main would and validates it; returns the RunConfig."""
-    from gist_jax.experiment import run_config  # here: ``--print --no_check`` needs no jax
+    from gist_jax.train.experiment import run_config  # here: ``--print --no_check`` needs no jax
 
     file, _, variants = run.config.partition(":")
     modules = {} if modules is None else modules

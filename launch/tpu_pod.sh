@@ -1,6 +1,6 @@
 #!/bin/bash
 # Train on a Cloud TPU VM pod slice: the same command on every worker, joined by JAX's TPU
-# auto-detection (GIST_JAX_DISTRIBUTED=auto, read by gist_jax/distributed.py).
+# auto-detection (GIST_JAX_DISTRIBUTED=auto, read by gist_jax/train/distributed.py).
 #
 #   TPU=my-v5p-128 ZONE=us-east5-a launch/tpu_pod.sh \
 #       --config experiments/llama3_8b_paper.py:fine_kv --workdir /gcs/my-bucket/runs/llama3_fine_kv \

@@ -10,7 +10,7 @@ import numpy as np
 from gist_jax.data.config import DataConfig
 from gist_jax.data.loader import SpecialIds
 from gist_jax.data.store import TokenStore, ensure_store
-from gist_jax.tokenizer import ByteTokenizer
+from gist_jax.data.tokenizer import ByteTokenizer
 
 BYTE_IDS = SpecialIds(bos=ByteTokenizer.bos_id, eos=ByteTokenizer.eos_id, pad=ByteTokenizer.pad_id)
 

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from gist_jax.distributed import initialize_from_env
+from gist_jax.train.distributed import initialize_from_env
 
 
 def main(cache_dir: str, out: str, steps: int) -> None:

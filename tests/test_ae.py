@@ -12,8 +12,8 @@ import pytest
 from gist_helpers import comp_config, model, tokens
 
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.transformer import unstack_layers
 from gist_jax.train.ae import ae_loss, ae_loss_reference, init_ae_params
@@ -277,7 +277,7 @@ def test_token_normalization_weighs_long_spans_more():
 
 
 def test_objective_rejects_unknown_ae_choices():
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
     from gist_jax.train.config import ObjectiveConfig
 
     with pytest.raises(ConfigError, match="ae_init"):
@@ -296,7 +296,7 @@ def test_demo_uses_the_measured_ae_recipe():
     import importlib.util
     import pathlib
 
-    from gist_jax.experiment import run_config
+    from gist_jax.train.experiment import run_config
 
     path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "demo.py"
     spec = importlib.util.spec_from_file_location("demo_experiment", path)

@@ -17,10 +17,11 @@ import sys
 import pytest
 from run_helpers import REPO, main_command, main_env
 
-from gist_jax.experiment import check_model_matches_run, run_config
+from gist_jax.errors import ConfigError
 from gist_jax.hf.gguf import open_reader, read_gguf_header, read_gguf_metadata, smollm2_gguf_path
-from gist_jax.model.config import ConfigError, preset
-from gist_jax.preflight import check_paths, check_workdir
+from gist_jax.model.config import preset
+from gist_jax.train.experiment import check_model_matches_run, run_config
+from gist_jax.train.preflight import check_paths, check_workdir
 
 PARALLEL = 4  # concurrent subprocesses: each is mostly a JAX import
 LLAMA = {"model_type": "llama", "vocab_size": 264, "hidden_size": 64, "intermediate_size": 128,
@@ -316,7 +317,7 @@ def test_gguf_header_matches_the_reader_and_catches_every_cut(inputs, smollm2_gg
 
 
 def test_tokenizer_spec_forms_are_one_parser():
-    from gist_jax.tokenizer import split_tokenizer_spec
+    from gist_jax.data.tokenizer import split_tokenizer_spec
 
     assert split_tokenizer_spec("bytes") == ("bytes", "")
     assert split_tokenizer_spec("hf:/m/x") == ("hf", "/m/x")

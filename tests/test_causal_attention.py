@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.model import causal
-from gist_jax.model.attention import AttentionSpec, dot_product_attention
-from gist_jax.model.config import ConfigError, RopeScaling, preset
+from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.causal import dot_product_attention
+from gist_jax.model.config import RopeScaling, preset
 from gist_jax.model.transformer import forward, init_params
 
 

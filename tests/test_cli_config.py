@@ -14,7 +14,7 @@ import pytest
 from gist_jax import cli_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOLS = ("gist_jax.main", "gist_jax.train.plan", "gist_jax.bench", "gist_jax.flops", "gist_jax.data.inspect_data",
+TOOLS = ("gist_jax.main", "gist_jax.train.plan", "gist_jax.bench", "gist_jax.train.flops", "gist_jax.data.inspect_data",
          "gist_jax.evaluate", "gist_jax.export_hf", "gist_jax.compare_hf", "gist_jax.convert")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
@@ -61,7 +61,7 @@ def test_placeholder_weights_and_open_mesh_are_one_line_exit_2():
                     "--devices", "64"],
         "mesh": [sys.executable, "-m", "gist_jax.train.plan", "--config", "experiments/llama3_8b_paper.py",
                  "--config.model.init=preset:llama3_8b"],
-        "key": [sys.executable, "-m", "gist_jax.flops", "--config", "experiments/demo.py:tiny",
+        "key": [sys.executable, "-m", "gist_jax.train.flops", "--config", "experiments/demo.py:tiny",
                 "--config.compression.no_such_key=1"],
     })
     expected = {"weights": "--config.model.init=preset:", "mesh": "--devices",

@@ -10,15 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.inference import Plan, expected_entries, generate
 from gist_jax.inference.cache import entry_bytes
 from gist_jax.inference.decode import sample, sampleable_ids
-from gist_jax.model.config import ConfigError, preset
+from gist_jax.model.config import preset
 from gist_jax.model.transformer import init_params
 
 # Smaller than preset:tiny (compilation dominates on a 2-core machine); two layers so KV from
@@ -178,9 +179,9 @@ def test_clear_errors():
 
 @pytest.mark.slow
 def test_smollm2_full_attention_matches_transformers_greedy(smollm2_gguf):
+    from gist_jax.data.tokenizer import HFTokenizer
     from gist_jax.hf import reference
     from gist_jax.hf.importer import load_gguf
-    from gist_jax.tokenizer import HFTokenizer
 
     cfg, params = load_gguf(smollm2_gguf, dtype="float32")
     tokenizer = HFTokenizer.from_gguf(smollm2_gguf)

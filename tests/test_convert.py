@@ -9,10 +9,10 @@ import pytest
 import tiny_hf
 
 from gist_jax import convert
+from gist_jax.data.tokenizer import HFTokenizer, load_tokenizer
 from gist_jax.hf.importer import load_hf_dir
+from gist_jax.model.params_io import load_params
 from gist_jax.model.transformer import forward
-from gist_jax.params_io import load_params, load_tokenizer
-from gist_jax.tokenizer import HFTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from gist_jax.data import inspect_data
 from gist_jax.data.loader import Sequencer, SpecialIds
 from gist_jax.data.store import ensure_store
-from gist_jax.experiment import run_config
+from gist_jax.train.experiment import run_config
 from gist_jax.train.loop import step_ratios
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -144,9 +144,9 @@ def test_length_histogram_buckets():
 
 
 def test_render_row_marks_eos_padding_segments_and_gists():
+    from gist_jax.data.tokenizer import ByteTokenizer
     from gist_jax.gist.config import CompressionConfig
     from gist_jax.gist.layout import build_layout
-    from gist_jax.tokenizer import ByteTokenizer
 
     ids = SpecialIds(bos=ByteTokenizer.bos_id, eos=ByteTokenizer.eos_id, pad=ByteTokenizer.pad_id)
     tokens = np.array([*b"abcdefgh", ids.eos, *b"xyz", *[ids.pad] * 4], np.int32)

@@ -14,7 +14,7 @@ from data_helpers import BYTE_IDS, byte_stores
 from gist_jax.data.config import DataConfig
 from gist_jax.data.loader import BatchLoader, Sequencer
 from gist_jax.data.packing import plan_epoch
-from gist_jax.model.config import ConfigError
+from gist_jax.errors import ConfigError
 from gist_jax.train.config import MeshConfig
 from gist_jax.train.mesh import batch_sharding, make_mesh
 

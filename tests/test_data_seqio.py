@@ -15,8 +15,8 @@ from test_data_sources import names_in, train_sentencepiece  # tests/ is on sys.
 
 from gist_jax.data import sources, tasks
 from gist_jax.data.local_text_builder import build_local_text
+from gist_jax.data.tokenizer import tokenizer_from_spec
 from gist_jax.data.vocabularies import TokenizerVocabulary, tf, vocabulary_from_spec
-from gist_jax.tokenizer import tokenizer_from_spec
 
 STRINGS = ["Hello world!", "", "  tabs\tand\nnewlines\n", "Ünïcødé naïve café — “quotes” 😀 日本語",
            "def f(x):\n    return x ** 2  # square\n"]

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 
 from gist_jax.data import sources
-from gist_jax.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, tokenizer_from_spec
+from gist_jax.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, tokenizer_from_spec
 
 
 def train_sentencepiece(directory: pathlib.Path) -> pathlib.Path:

@@ -56,10 +56,10 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
 
     sys.path.insert(0, str(REPO))
     from experiments.demo import get_config
-    from gist_jax.experiment import run_config
     from gist_jax.gist.params import model_config_for
     from gist_jax.model.config import preset
     from gist_jax.train.checkpoint import Checkpointer, layout_metadata
+    from gist_jax.train.experiment import run_config
     from gist_jax.train.mesh import make_mesh
     from gist_jax.train.state import create_train_state
 

@@ -12,7 +12,7 @@ import types
 import pytest
 from run_helpers import parse_like_main
 
-from gist_jax.experiment import run_config
+from gist_jax.train.experiment import run_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"

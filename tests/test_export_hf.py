@@ -20,15 +20,17 @@ import pytest
 import torch
 import transformers
 
+from gist_jax.data.tokenizer import hf_tokenizer_copy
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.hf import export
 from gist_jax.hf.importer import load_gist_hf_dir, load_hf_dir
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import forward, init_params
+from gist_jax.train.hf_export import export_checkpoint
 
 L = 16
 FAMILIES = {
@@ -67,7 +69,7 @@ def exported(tmp_path_factory):
     for family in FAMILIES:
         cfg, comp, params = tiny_model(family)
         directory = tmp_path_factory.mktemp(family) / "hf"
-        export.export_params(cfg, comp, params, "bytes" if family == "llama" else None, directory,
+        export.export_params(cfg, comp, params, hf_tokenizer_copy("bytes") if family == "llama" else None, directory,
                              shard_size="40KB" if family == "qwen2" else "2GB")
         out[family] = (cfg, comp, params, directory)
     return out
@@ -221,7 +223,7 @@ def padded_vocab_export(tmp_path_factory):
     kernel_ExV[np.arange(len(banned)) // 2, banned] = 100.0 * (1 - 2 * (np.arange(len(banned)) % 2))
     params = {**params, "lm_head": {"kernel": jnp.asarray(kernel_ExV)}}
     directory = tmp_path_factory.mktemp("padded") / "hf"
-    export.export_params(cfg, comp, params, "bytes", directory)
+    export.export_params(cfg, comp, params, hf_tokenizer_copy("bytes"), directory)
     return cfg, comp, params, directory
 
 
@@ -258,7 +260,8 @@ def test_round_trip_is_byte_identical(exported, tmp_path):
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
             np.testing.assert_array_equal(np.asarray(a), b)
         spec = f"hf:{directory}" if (directory / "tokenizer.json").exists() else None
-        again = export.export_params(cfg2, comp2, params2, spec, tmp_path / family,
+        tok = hf_tokenizer_copy(spec) if spec else None
+        again = export.export_params(cfg2, comp2, params2, tok, tmp_path / family,
                                      shard_size="40KB" if family == "qwen2" else "2GB")
         files = sorted(p.name for p in directory.glob("*.safetensors"))
         assert files == sorted(p.name for p in again.glob("*.safetensors"))
@@ -283,7 +286,8 @@ def test_sharded_params_export_the_same_bytes(exported, tmp_path):
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     sharded = jax.tree.map(place, unstack_layers(params))
-    out = export.export_params(cfg, comp, {"model": sharded, "ae": {"unused": np.zeros(3)}}, "bytes", tmp_path / "s")
+    out = export.export_params(cfg, comp, {"model": sharded, "ae": {"unused": np.zeros(3)}},
+                             hf_tokenizer_copy("bytes"), tmp_path / "s")
     assert (out / "model.safetensors").read_bytes() == (directory / "model.safetensors").read_bytes()
 
 
@@ -325,14 +329,14 @@ def trained_run(tmp_path_factory):
 
 def test_export_trained_checkpoint_cli(trained_run, tmp_path):
     from gist_jax import export_hf
-    from gist_jax.hf.export import CheckpointSource, checkpoint_configs, resolve_step_dir
+    from gist_jax.train.checkpoint import ModelParamsReader, checkpoint_configs, resolve_step_dir
 
     out = tmp_path / "hf"
     assert export_hf.main(["--checkpoint", str(trained_run), "--out", str(out), "--shard-size", "100KB"]) == 0
     assert (out / "model.safetensors.index.json").exists()
     step_dir = resolve_step_dir(trained_run)
     _, comp, _ = checkpoint_configs(step_dir)
-    source = CheckpointSource(step_dir / "state")
+    source = ModelParamsReader(step_dir)
     assert not any(p[0] == "ae" for p in source.leaves)  # the AE decoder is not exported
     cfg2, comp2, params = load_gist_hf_dir(out, dtype="float32")
     assert comp2 == comp and cfg2.num_gist_embeddings == 1
@@ -350,13 +354,34 @@ def test_export_trained_checkpoint_cli(trained_run, tmp_path):
     ours = jax_raw_logits(cfg2, comp2.replace(ratios=(4,), ratio_sampling="fixed"), params, tokens)
     assert np.abs(ours - theirs).max() <= 1e-4
     with pytest.raises(FileNotFoundError, match="available steps"):
-        export.export_checkpoint(trained_run, tmp_path / "other", step=7)
+        export_checkpoint(trained_run, tmp_path / "other", step=7)
 
 
 def test_training_loop_exports_every_n_steps(trained_run, tmp_path):
     """``checkpoint.export_hf_every`` writes <workdir>/hf/<step>; the final one is the same bytes
     as exporting the final checkpoint afterwards."""
     assert sorted(p.name for p in (trained_run / "hf").iterdir()) == ["1", "2"]
-    out = export.export_checkpoint(trained_run, tmp_path / "after")
+    out = export_checkpoint(trained_run, tmp_path / "after")
     for name in ("model.safetensors", "config.json"):
         assert (out / name).read_bytes() == (trained_run / "hf" / "2" / name).read_bytes(), name
+
+
+def test_reading_a_checkpoint_logs_no_orbax_metadata_warning(trained_run, tmp_path, caplog):
+    """Evaluation and export read a step through ``train.checkpoint`` (Orbax's handlers), not
+    ``PyTreeCheckpointer.metadata(<step>/state)``, which logs "Metadata file does not exist"
+    for the per-item ``_CHECKPOINT_METADATA`` a CheckpointManager never writes."""
+    import logging
+
+    import orbax.checkpoint as ocp
+
+    from gist_jax.evaluate.common import load_checkpoint
+    from gist_jax.train.checkpoint import resolve_step_dir
+
+    caplog.set_level(logging.INFO)
+    ocp.PyTreeCheckpointer().metadata(resolve_step_dir(trained_run) / "state")  # the old way, to show it is caught
+    assert "does not exist" in caplog.text
+    caplog.clear()
+    load_checkpoint(trained_run)
+    export_checkpoint(trained_run, tmp_path / "hf")
+    assert "does not exist" not in caplog.text
+    assert "_CHECKPOINT_METADATA" not in caplog.text

@@ -1,4 +1,4 @@
-"""Sparsity-aware FLOP counting (gist_jax/flops.py): visible pairs against the masks the model
+"""Sparsity-aware FLOP counting (gist_jax/train/flops.py): visible pairs against the masks the model
 really builds, the FLOP formula by hand, peak table and MFU arithmetic."""
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 import gist_jax.model.attention as attention_module
-from gist_jax import flops
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.transformer import init_params
+from gist_jax.train import flops
 from gist_jax.train.config import ObjectiveConfig, StepConfig
 from gist_jax.train.state import _needs_reference, uses_ae
 

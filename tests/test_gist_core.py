@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from gist_helpers import BASE, comp_config, model, tokens
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout, cached_layout, sample_ratios
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.params import add_gist_params, model_config_for, trainable_mask
 from gist_jax.gist.specs import layout_arrays, parallel_spec
-from gist_jax.model.config import ConfigError
 from gist_jax.model.transformer import forward, init_params
 
 VARIANTS = [("kv", "fine"), ("kv", "coarse"), ("recurrent", "coarse")]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from gist_helpers import comp_config, model, tokens
 
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.sequential import sequential_logits
 from gist_jax.gist.specs import layout_arrays
 

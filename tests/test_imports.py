@@ -6,9 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-CORE = ["gist_jax.model.transformer", "gist_jax.gist.parallel", "gist_jax.gist.sequential",
-        "gist_jax.train.step", "gist_jax.train.plan", "gist_jax.train.loop", "gist_jax.flops",
-        "gist_jax.hf.importer", "gist_jax.hf.export", "gist_jax.tokenizer", "gist_jax.data.loader",
+CORE = ["gist_jax.model.transformer", "gist_jax.gist.forward", "gist_jax.gist.sequential",
+        "gist_jax.train.step", "gist_jax.train.plan", "gist_jax.train.loop", "gist_jax.train.flops",
+        "gist_jax.hf.importer", "gist_jax.hf.export", "gist_jax.data.tokenizer", "gist_jax.data.loader",
         "gist_jax.inference.decode", "gist_jax.evaluate", "gist_jax.evaluate.perplexity",
         "gist_jax.evaluate.boundary", "gist_jax.evaluate.probes",
         "gist_jax.evaluate.reconstruction", "gist_jax.gist.structured", "gist_jax.gist.flash",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from gist_jax.experiment import default_config
+from gist_jax.train.experiment import default_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 METHOD = REPO / "docs" / "method.md"

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gist_jax.errors import ConfigError
 from gist_jax.model.attention import AttentionSpec
-from gist_jax.model.config import ConfigError, ModelConfig, preset
+from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.remat import REMAT_POLICIES
+from gist_jax.model.sharding import LOGICAL_AXIS_RULES
 from gist_jax.model.transformer import forward, init_params, param_logical_specs, stack_layers, unstack_layers
-from gist_jax.sharding import LOGICAL_AXIS_RULES
 
 
 def _loss_and_grads(cfg: ModelConfig, params, tokens):

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gist_jax.generate import greedy_generate
+from gist_jax.data.tokenizer import HFTokenizer
 from gist_jax.hf import reference
 from gist_jax.hf.importer import load_gguf
+from gist_jax.inference.reference_decode import greedy_generate
+from gist_jax.model.params_io import load_params, save_params
 from gist_jax.model.transformer import forward
-from gist_jax.params_io import load_params, save_params
-from gist_jax.tokenizer import HFTokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,12 @@ from gist_helpers import comp_config, model, tokens
 from test_gist_core import _raw_embedding_grads
 from test_structured_attention import CASES, _assert_equal, _dense_and_structured
 
-from gist_jax.gist import cudnn_stats, parallel, split
+from gist_jax.errors import ConfigError
+from gist_jax.gist import cudnn_stats, forward, split
+from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits, resolve_attention_impl
 from gist_jax.gist.specs import layout_arrays, parallel_spec
 from gist_jax.gist.structured import NEG, partial_attention
-from gist_jax.model.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +272,7 @@ def test_resolve_split_and_auto(monkeypatch):
     if jax.default_backend() != "gpu":  # off GPU: the XLA backend, exact for every layout
         assert resolve_attention_impl("split") == "split"
         assert resolve_attention_impl("split", whole_segments=False) == "split"
-    monkeypatch.setattr(parallel, "_WARNED", set())
+    monkeypatch.setattr(forward, "_WARNED", set())
     monkeypatch.setattr(cudnn_stats, "ready", lambda backend=None: False)
     monkeypatch.setattr(cudnn_stats, "unavailable_reason", lambda: "no cuDNN here")
     with warnings.catch_warnings(record=True) as caught:

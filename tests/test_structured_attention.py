@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from gist_helpers import BASE, comp_config, model, tokens
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import compressed_logits, resolve_attention_impl
 from gist_jax.gist.specs import layout_arrays, parallel_spec
 from gist_jax.gist.structured import merge_partials, partial_attention
-from gist_jax.model.attention import dot_product_attention
-from gist_jax.model.config import ConfigError
+from gist_jax.model.causal import dot_product_attention
 
 
 def _dense_and_structured(comp, num_raw, per_segment_ratios=None, batch=2,
@@ -288,7 +288,7 @@ def test_gist_bank_under_a_sharded_mesh():
     Splash kernel runs under shard_map over batch and heads, and still equals dense."""
     from jax.sharding import Mesh
 
-    from gist_jax.sharding import MESH_AXES, activation_mesh
+    from gist_jax.model.sharding import MESH_AXES, activation_mesh
 
     comp = comp_config("kv", "fine", "aligned", sinks=2, ratio=4, segment_length=16)
     cfg, params = model(comp)

@@ -89,7 +89,8 @@ def study(tmp_path_factory) -> dict:
     timings["resumed"] = time.perf_counter() - start
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     print(f"\nsmoke study: killed after {timings['killed']:.0f}s, resumed in {timings['resumed']:.0f}s")
-    return {"out": out, "env": env, "killed": killed, "resumed": done.stdout, "timings": timings}
+    # The "[study] training <run>" lines are log lines (stderr); the report's path is on stdout.
+    return {"out": out, "env": env, "killed": killed, "resumed": done.stdout + done.stderr, "timings": timings}
 
 
 def test_a_killed_study_resumes_without_retraining_finished_runs(study):
@@ -173,7 +174,7 @@ def test_a_finished_study_re_reports_without_retraining(study):
                           timeout=300)
     seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "re-reporting from the cache" in done.stdout
+    assert "re-reporting from the cache" in done.stdout + done.stderr  # a log line (stderr)
     assert _steps(out) == steps
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == caches
     assert (out / "report" / "study.md").stat().st_mtime_ns > report_mtime

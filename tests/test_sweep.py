@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from run_helpers import parse_like_main
 
-from gist_jax.experiment import run_config
+from gist_jax.train.experiment import run_config
 from launch import sweep as sw
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from gist_jax.data.synthetic import (
     score_exact,
     score_uuid_prefixes,
 )
-from gist_jax.tokenizer import ByteTokenizer, HFTokenizer
+from gist_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 
 STDLIB_FILES = ("argparse.py", "textwrap.py", "difflib.py", "json/decoder.py", "dataclasses.py", "functools.py",
                 "shlex.py", "fractions.py")
@@ -193,7 +193,7 @@ def test_determinism_across_processes(corpus):
     script = (
         "import pathlib, sysconfig, sys\n"
         "from gist_jax.data.synthetic import generate\n"
-        "from gist_jax.tokenizer import ByteTokenizer\n"
+        "from gist_jax.data.tokenizer import ByteTokenizer\n"
         "stdlib = pathlib.Path(sysconfig.get_paths()['stdlib'])\n"
         f"corpus = [(stdlib / n).read_text(encoding='utf-8') for n in {STDLIB_FILES!r}]\n"
         "[e] = generate('multikey_uuid', corpus, ByteTokenizer(), context_tokens=1024, depth=(0.0, 1.0), seed=9)\n"

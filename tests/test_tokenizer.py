@@ -11,8 +11,8 @@ import textwrap
 
 import pytest
 
+from gist_jax.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, gguf_tokenizer
 from gist_jax.hf.gguf import smollm2_gguf_path
-from gist_jax.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, gguf_tokenizer
 
 PROMPTS = [
     "Hello world!",
@@ -126,7 +126,7 @@ def test_byte_tokenizer_roundtrip(text: str) -> None:
 
 def test_tokenizer_module_imports_without_heavy_frameworks() -> None:
     code = (
-        "import sys, gist_jax.tokenizer\n"
+        "import sys, gist_jax.data.tokenizer\n"
         "heavy = [m for m in ('torch', 'transformers', 'tensorflow', 'gguf') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

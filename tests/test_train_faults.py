@@ -60,8 +60,8 @@ def _cpu0():
 
 @pytest.fixture
 def tiny_state():
-    from gist_jax.experiment import run_config
     from gist_jax.experiments.demo import get_config
+    from gist_jax.train.experiment import run_config
     from gist_jax.train.loop import load_base_model
     from gist_jax.train.state import create_train_state
 

@@ -143,8 +143,8 @@ def test_divergence_stops_with_step_metric_and_checkpoint(token_cache, tmp_path)
 
 
 def test_url_workdir_is_refused_before_anything_loads():
-    from gist_jax.experiment import default_config, run_config
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
+    from gist_jax.train.experiment import default_config, run_config
     from gist_jax.train.loop import train
 
     with pytest.raises(ConfigError, match="gcsfuse"):

@@ -12,11 +12,11 @@ import pytest
 from gist_helpers import BASE, comp_config
 from jax.sharding import PartitionSpec as P
 
+from gist_jax.data.tokenizer import ByteTokenizer
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays
-from gist_jax.model.config import ConfigError
-from gist_jax.tokenizer import ByteTokenizer
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.mesh import check_batch, make_mesh
 from gist_jax.train.state import create_train_state, logical_param_specs

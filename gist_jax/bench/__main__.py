@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else list(argv),
                            "xla_threads": pin_threads(args.threads)}
     from gist_jax.bench.recipe import load_run
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     try:
         run = load_run(args.config, overrides)

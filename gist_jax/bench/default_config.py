@@ -29,7 +29,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 def base():
-    from gist_jax.experiment import default_config
+    from gist_jax.train.experiment import default_config
 
     c = default_config()
     c.name = "bench"
@@ -54,7 +54,7 @@ def base():
 
 
 def get_config(arg: str | None = None):
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     c = base()
     names = [n.strip() for n in (arg or "").split(",") if n.strip()]

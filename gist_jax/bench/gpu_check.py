@@ -135,8 +135,8 @@ def correctness(shapes: dict[str, Any]) -> dict[str, Any]:
     """flash and split vs dense in bf16: relative error of logits and of parameter gradients,
     and cuDNN custom calls in the compiled gradient's HLO."""
     from gist_jax.gist.config import CompressionConfig
+    from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
     from gist_jax.gist.layout import build_layout
-    from gist_jax.gist.parallel import compressed_logits, resolve_attention_impl
     from gist_jax.gist.params import add_gist_params, model_config_for
     from gist_jax.gist.specs import layout_arrays
     from gist_jax.model.config import preset

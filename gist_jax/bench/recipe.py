@@ -32,7 +32,7 @@ def load_run(config: str, overrides: list[str]):
 
 def changed(run, keys: dict[str, Any]):
     """``run`` with ``{"section.key": value}`` changed, validated like any run config."""
-    from gist_jax.experiment import run_config
+    from gist_jax.train.experiment import run_config
 
     d = run.to_dict()
     for key, value in keys.items():
@@ -43,8 +43,8 @@ def changed(run, keys: dict[str, Any]):
 
 def setup_from_run(run, name: str | None = None) -> StepSetup:
     """The ``StepSetup`` of a resolved ``RunConfig``."""
-    from gist_jax.experiment import check_model_matches_run
     from gist_jax.gist.layout import cached_layout
+    from gist_jax.train.experiment import check_model_matches_run
     from gist_jax.train.loop import load_base_model, step_ratios
     from gist_jax.train.mesh import make_mesh
 

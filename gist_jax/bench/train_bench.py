@@ -15,7 +15,7 @@ step needs on the device, available on every backend including CPU, and independ
 other processes. ``rss_max_bytes`` (process peak RSS, CPU only meaningful) is reported too
 but is a lifetime maximum, so it only grows across benchmarks run in one process.
 
-MFU: sparsity-aware model FLOPs (``gist_jax/flops.py``: visible attention pairs, gist tokens
+MFU: sparsity-aware model FLOPs (``gist_jax/train/flops.py``: visible attention pairs, gist tokens
 counted) over step time and the device's dense bf16 peak; CPU has no listed peak, so MFU is
 None unless ``peak_flops`` is given. ``model_tflops_per_s`` is always reported.
 """
@@ -36,12 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax import flops
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import resolve_attention_impl
 from gist_jax.gist.layout import GistLayout, build_layout
-from gist_jax.gist.parallel import resolve_attention_impl
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
+from gist_jax.train import flops
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
 from gist_jax.train.state import create_train_state

@@ -112,12 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="timed batches per mode")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches per mode before timing")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of --steps batches per mode; best kept")
-    parser.add_argument("--tokenizer", default="gguf:smollm2", help="tokenizer spec (gist_jax.tokenizer)")
+    parser.add_argument("--tokenizer", default="gguf:smollm2", help="tokenizer spec (gist_jax.data.tokenizer)")
     parser.add_argument("--source", default="stdlib", help="source spec (gist_jax.data.sources)")
     parser.add_argument("--max_documents", type=int, default=0, help="first N documents only (0: all)")
     parser.add_argument("--packing", default="concat", choices=("concat", "doc_start", "none"))
     parser.add_argument("--prefetch", type=int, default=2, help="batches built ahead by the prefetch thread")
     args = parser.parse_args(argv)
+    from gist_jax.utils.logs import setup_logging
+
+    setup_logging()
     if min(args.seq_len, args.batch, args.steps, args.repeats, args.prefetch) < 1 or args.warmup < 0:
         parser.error("--seq_len, --batch, --steps, --repeats and --prefetch must be >= 1, --warmup >= 0")
 

@@ -12,7 +12,8 @@ import pathlib
 from typing import Any
 
 from gist_jax.data.sources import parse_source_spec
-from gist_jax.model.config import ConfigError, check_float, check_int
+from gist_jax.errors import ConfigError
+from gist_jax.model.config import check_float, check_int
 
 PACKING = ("concat", "doc_start", "none")
 

@@ -39,7 +39,7 @@ from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, build_layout
 
 if TYPE_CHECKING:
-    from gist_jax.experiment import RunConfig
+    from gist_jax.train.experiment import RunConfig
 
 BAR_WIDTH = 40
 
@@ -161,8 +161,8 @@ def _split_config(data: DataConfig, split: str) -> DataConfig:
 
 
 def print_report(run: RunConfig, split: str, steps: int, sample_rows: int, file: TextIO | None = None) -> None:
-    """The four sections of the module docstring, for ``run`` (a `gist_jax.experiment.RunConfig`)."""
-    from gist_jax.tokenizer import tokenizer_from_spec
+    """The four sections of the module docstring, for ``run`` (a `gist_jax.train.experiment.RunConfig`)."""
+    from gist_jax.data.tokenizer import tokenizer_from_spec
 
     file = sys.stdout if file is None else file
     data, seq_len, batch = run.data, run.step.seq_len, run.step.batch_size
@@ -227,7 +227,7 @@ def _plan_row(sequencer: Sequencer, g: int) -> tuple[EpochPlan, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 usage or configuration error, as gist_jax.main)."""
     from gist_jax import cli_config
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     argv = list(sys.argv if argv is None else argv)[1:]  # argv[0]: the program, as in sys.argv
     try:

@@ -26,7 +26,7 @@ from jax.sharding import Sharding
 from gist_jax.data.config import DataConfig
 from gist_jax.data.packing import EpochPlan, framed_slice, plan_epoch
 from gist_jax.data.store import TokenStore, ensure_store
-from gist_jax.model.config import ConfigError
+from gist_jax.errors import ConfigError
 
 HostBatch = dict[str, np.ndarray]
 
@@ -43,7 +43,7 @@ class SpecialIds:
 
     @classmethod
     def from_tokenizer_spec(cls, spec: str) -> SpecialIds:
-        from gist_jax.tokenizer import tokenizer_from_spec
+        from gist_jax.data.tokenizer import tokenizer_from_spec
 
         tok = tokenizer_from_spec(spec)
         if tok.eos_id is None:

@@ -19,22 +19,27 @@ second corpus built into the same ``data_dir`` would silently reuse the first.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from collections.abc import Iterator
 from typing import ClassVar
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from gist_jax.utils import quiet_tf  # noqa: F401 - first: tensorflow without its C++ start-up lines on stderr
+
+# isort: split
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 from gist_jax.data import sources
 from gist_jax.data.vocabularies import hide_gpus_from_tensorflow
+from gist_jax.utils import progress
 
 hide_gpus_from_tensorflow()  # before tfds first touches tf devices
 
 LOCAL_TEXT_VERSION = "1.0.0"
+logger = logging.getLogger(__name__)
 
 
 class LocalText(tfds.core.GeneratorBasedBuilder):
@@ -96,6 +101,9 @@ def build_local_text(manual_dir: str | os.PathLike, data_dir: str | os.PathLike)
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"local_text manual_dir {str(manual_dir)!r} is not a directory")
     builder = LocalText(data_dir=str(data_dir))
+    if not builder.is_prepared():
+        logger.info("preparing tfds local_text from %s into %s", manual_dir, data_dir)
+    tfds.display_progress_bar(progress.enabled())  # tfds's own bars ("Generating splits"), under our policy
     builder.download_and_prepare(
         download_dir=str(data_dir / "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),

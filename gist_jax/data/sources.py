@@ -328,7 +328,7 @@ def synthetic_examples(parsed: SyntheticSpec, split: str,
     training text. ``context_tokens`` is measured in ``parsed.tokenizer`` tokens, else in
     ``tokenizer_spec``'s (the data tokenizer), so a context fits the model's sequence budget.
     """
-    from gist_jax.tokenizer import tokenizer_from_spec  # lazy: the tokenizers package is only needed here
+    from gist_jax.data.tokenizer import tokenizer_from_spec  # lazy: the tokenizers package is only needed here
 
     spec = parsed.tokenizer or tokenizer_spec
     if not spec:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -24,7 +25,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from gist_jax.utils.progress import progress
+
 STORE_FORMAT = 1
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +79,15 @@ def write_store(path: pathlib.Path, documents: Iterable[np.ndarray], meta: dict)
     try:
         lengths: list[int] = []
         start = time.perf_counter()
-        with open(tmp / "tokens.raw", "wb") as f:
+        total = meta.get("max_documents") or None  # a cap is the only count known before reading the source
+        with open(tmp / "tokens.raw", "wb") as f, progress(desc=f"tokenising {path.name}", total=total,
+                                                           unit="doc") as bar:
             for doc in documents:
                 doc = np.asarray(doc, dtype=np.int32)
                 if doc.size:
                     f.write(doc.tobytes())
                     lengths.append(doc.size)
+                bar.update(1)
         raw = np.fromfile(tmp / "tokens.raw", dtype=np.int32)
         np.save(tmp / "tokens.npy", raw)
         (tmp / "tokens.raw").unlink()
@@ -94,6 +101,8 @@ def write_store(path: pathlib.Path, documents: Iterable[np.ndarray], meta: dict)
             os.rename(tmp, path)
         except OSError:  # another process published first; its store is identical
             shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("token store %s: %d documents, %d tokens in %.1fs", path, meta["num_documents"],
+                    meta["num_tokens"], meta["build_seconds"])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -121,5 +130,7 @@ def ensure_store(source_spec: str, split: str, tokenizer_spec: str, cache_dir: s
     if document_stream is None:
         from gist_jax.data.tasks import document_stream
     meta = {"source": source_spec, "split": split, "tokenizer": tokenizer_spec, "max_documents": max_documents}
+    logger.info("building token store %s (source %s, split %s, tokenizer %s): tokenising once, later runs reuse it",
+                path, source_spec, split, tokenizer_spec)
     docs = _limited(document_stream(source_spec, split, tokenizer_spec), max_documents)
     return write_store(path, docs, meta)

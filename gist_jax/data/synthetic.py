@@ -77,7 +77,7 @@ _SENTENCE_START = re.compile(r"[.!?] (?=[A-Z])")
 
 
 class TokenCounter(Protocol):
-    """The part of `gist_jax.tokenizer.Tokenizer` used here: lengths are measured in its tokens."""
+    """The part of `gist_jax.data.tokenizer.Tokenizer` used here: lengths are measured in its tokens."""
 
     def encode(self, text: str) -> list[int]: ...
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import re
 from collections.abc import Iterator, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before tensorflow is first imported
+from gist_jax.utils.quiet_tf import tf  # first: tensorflow without its C++ start-up lines on stderr
+
+# isort: split
 
 import numpy as np
 import seqio
@@ -38,7 +39,7 @@ import tensorflow_datasets as tfds
 
 from gist_jax.data import sources, synthetic
 from gist_jax.data.local_text_builder import LOCAL_TEXT_VERSION, build_local_text, local_text_spec  # noqa: F401
-from gist_jax.data.vocabularies import encode_batch, tf, vocabulary_from_spec
+from gist_jax.data.vocabularies import encode_batch, vocabulary_from_spec
 
 TASK_PREFIX = "gist_jax_text"
 EVAL_TASK_PREFIX = "gist_jax_synthetic_eval"

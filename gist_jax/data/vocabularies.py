@@ -1,6 +1,6 @@
 """seqio vocabularies for gist_jax tokenizers, so seqio tasks tokenise exactly like the model does.
 
-`TokenizerVocabulary` wraps any `gist_jax.tokenizer.Tokenizer` (SmolLM2's byte-level BPE from its
+`TokenizerVocabulary` wraps any `gist_jax.data.tokenizer.Tokenizer` (SmolLM2's byte-level BPE from its
 GGUF, an HF directory, the byte tokenizer), which seqio has no vocabulary for. It never adds
 BOS/EOS: the packer decides where they go. `vocabulary_from_spec` maps tokenizer specs to
 vocabularies, using seqio's own `SentencePieceVocabulary` for SentencePiece models.
@@ -14,23 +14,27 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import os
 from collections.abc import Sequence
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before tensorflow is first imported
+from gist_jax.utils.quiet_tf import tf  # first: tensorflow without its C++ start-up lines on stderr
+
+# isort: split
 
 import numpy as np
 import seqio
-import tensorflow as tf
 
-from gist_jax.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, tokenizer_from_spec
+from gist_jax.data.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, tokenizer_from_spec
+from gist_jax.utils.logs import native_stderr_silenced
 
 
 def hide_gpus_from_tensorflow() -> None:
-    """Keep tf off the accelerators (JAX owns them; tf only runs string ops here). Idempotent."""
+    """Keep tf off the accelerators (JAX owns them; tf only runs string ops here). Idempotent.
+    Listing the devices initialises CUDA, whose C++ complaint on a machine without a GPU ("failed
+    call to cuInit") would reach stderr: the call runs with fd 2 silenced."""
     try:
-        tf.config.set_visible_devices([], "GPU")
+        with native_stderr_silenced():
+            tf.config.set_visible_devices([], "GPU")
     except (RuntimeError, ValueError):  # tf already initialised its devices (someone used it first): leave them
         pass
 
@@ -191,7 +195,7 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
 
 @functools.cache
 def vocabulary_from_spec(spec: str) -> seqio.Vocabulary:
-    """seqio vocabulary for a tokenizer spec (see `gist_jax.tokenizer.tokenizer_from_spec`), cached per spec.
+    """seqio vocabulary for a tokenizer spec (see `gist_jax.data.tokenizer.tokenizer_from_spec`), cached per spec.
 
     ``sentencepiece:<file>`` gives seqio's own `SentencePieceVocabulary` (tf-native tokenisation,
     same ids as the sentencepiece package); every other spec wraps our tokenizer, so ``bytes``

@@ -7,12 +7,16 @@ PNG plots into ``out_dir``, prints a summary table per suite and returns ``{suit
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gist_jax.model.config import ConfigError
+from gist_jax.errors import ConfigError
+from gist_jax.utils.progress import progress, write
+
+logger = logging.getLogger(__name__)
 
 SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
 
@@ -69,7 +73,9 @@ def run_suites(checkpoint_dir: str | pathlib.Path, suites: str | Sequence[str], 
     out_dir = pathlib.Path(out_dir)
     ck = load_checkpoint(checkpoint_dir, step)
     results = {}
-    for name in names:
+    # One bar over the suites (each suite draws its own below it); the tables print above both.
+    for name in progress(names, desc="suites", unit="suite", leave=len(names) > 1):
+        logger.info("suite %s on %s", name, ck.step_dir)
         start = time.perf_counter()
         payload = _suite_fn(name)(ck, out_dir, **options)
         payload["seconds"] = time.perf_counter() - start
@@ -77,11 +83,11 @@ def run_suites(checkpoint_dir: str | pathlib.Path, suites: str | Sequence[str], 
         if on_result is not None:
             on_result(name, payload)
         if verbose:
-            print(f"\n## {name} ({ck.step_dir}, {payload['seconds']:.1f}s)\n")
-            print(format_table(payload["rows"], SUMMARY_COLUMNS.get(name)))
+            write(f"\n## {name} ({ck.step_dir}, {payload['seconds']:.1f}s)\n")
+            write(format_table(payload["rows"], SUMMARY_COLUMNS.get(name)))
             if name == "boundary":
-                print()
-                print(format_table(payload["continuation"]))
+                write()
+                write(format_table(payload["continuation"]))
     return results
 
 

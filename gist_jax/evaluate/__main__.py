@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.window, args.ratios = window, ratios
     from gist_jax import evaluate
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     options = {k: getattr(args, k) for k in ("datasets", "split", "max_documents", "window", "num_windows", "ratios",
                                              "batch", "num_examples", "context_tokens", "recall_lengths", "depths",

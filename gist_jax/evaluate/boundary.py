@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.evaluate import common
 from gist_jax.evaluate.metrics import bucket_means, edge_gap, log_buckets, loss_by_position
+from gist_jax.utils.progress import progress
 
 
 def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ...] = ("stdlib",),
@@ -26,7 +28,7 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
         ratios=None, batch: int = 4, edge: int = 16, gen_tokens: int | None = None,
         context_segments: int | None = None, **_: Any) -> dict:
     if not ck.comp.enabled:
-        raise common.ConfigError(f"{ck.step_dir} is a full-attention checkpoint (compression.memory='none'); "
+        raise ConfigError(f"{ck.step_dir} is a full-attention checkpoint (compression.memory='none'); "
                                  "the boundary suite needs a compressed one")
     L = ck.comp.segment_length
     window = window or ck.seq_len
@@ -40,11 +42,15 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
     gen = gen_tokens or L // 2
     start = m * L + L // 2
     if start + gen > window:
-        raise common.ConfigError(f"--config.step.seq_len={window} (the window) is too short for a {m}-segment "
+        raise ConfigError(f"--config.step.seq_len={window} (the window) is too short for a {m}-segment "
                                  "context plus half a segment "
                                  f"and {gen} continuation tokens; lower --context-segments or --gen-tokens")
-    for setting in common.settings(ck, ratios):
+    settings = common.settings(ck, ratios)
+    # Three scoring passes per setting: the windows, then the two continuation contexts.
+    bar = progress(desc="boundary", total=3 * len(settings), unit="pass")
+    for setting in settings:
         nll, _ = common.token_nll(ck, setting, tokens, batch)
+        bar.update()
         curve = loss_by_position(nll, L)
         curves[setting.name] = curve
         window_curves[setting.name] = [loss_by_position(nll[i:i + 1], L) for i in range(len(nll))]
@@ -56,11 +62,13 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ..
         for kind, k in (("boundary", m * L), ("mid_segment", m * L + L // 2)):
             ctx = tokens[:, start - k:start + gen]
             g_nll, g_ok = common.token_nll(ck, setting, ctx, batch)
+            bar.update()
             gen_rows.append({"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1,
                              "start": kind, "context_tokens": k, "continuation_nll": float(g_nll[:, k - 1:].mean()),
                              "continuation_accuracy": float(g_ok[:, k - 1:].mean())})
             window_continuation.append({"setting": setting.name, "start": kind, "nll": g_nll[:, k - 1:].mean(axis=1),
                                         "accuracy": g_ok[:, k - 1:].mean(axis=1)})
+    bar.close()
     _plot(curves, L, out_dir / "boundary_loss_by_position.png")
     extra = {"loss_by_position": {k: v.tolist() for k, v in curves.items()}, "continuation": gen_rows,
              "buckets": buckets, "segment_length": L, "windows": int(tokens.shape[0]), "window": window,

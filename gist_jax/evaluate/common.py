@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_hidden
 from gist_jax.gist.layout import cached_layout
-from gist_jax.gist.parallel import compressed_hidden
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays, raw_rows
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores
 from gist_jax.model.transformer import Params
 from gist_jax.train.evaluation import strip_gist_params
@@ -44,7 +45,7 @@ class Checkpoint:
 
     @functools.cached_property
     def tokenizer(self):
-        from gist_jax.tokenizer import tokenizer_from_spec
+        from gist_jax.data.tokenizer import tokenizer_from_spec
 
         return tokenizer_from_spec(self.tokenizer_spec)
 
@@ -56,21 +57,11 @@ class Checkpoint:
 def load_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkpoint:
     """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir; only ``params['model']``
     is read (not the optimizer state), in float32 compute for exact comparisons."""
-    import orbax.checkpoint as ocp
-
-    from gist_jax.hf.export import checkpoint_configs, resolve_step_dir
+    from gist_jax.train.checkpoint import ModelParamsReader, checkpoint_configs, resolve_step_dir
 
     step_dir = resolve_step_dir(path, step)
     cfg, comp, run = checkpoint_configs(step_dir)
-    ckpt = ocp.PyTreeCheckpointer()
-    meta = ckpt.metadata(step_dir / "state")
-    tree = getattr(getattr(meta, "item_metadata", None), "tree", meta)
-    model_meta = tree["params"]["model"]
-    item = {"params": {"model": jax.tree.map(lambda _: 0, model_meta)}}
-    args = {"params": {"model": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), model_meta)}}
-    restored = ckpt.restore(step_dir / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                            partial_restore=True))
-    params = jax.tree.map(jnp.asarray, restored["params"]["model"])
+    params = jax.tree.map(jnp.asarray, ModelParamsReader(step_dir).load_all())
     name = step_dir.parent.parent.name  # the run's workdir name
     return Checkpoint(name, step_dir, cfg, comp, params, run)
 

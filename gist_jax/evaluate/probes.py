@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 
 from gist_jax.data import synthetic
+from gist_jax.errors import ConfigError
 from gist_jax.evaluate import common
 from gist_jax.evaluate.metrics import mean_prefix_scores, score_exact
+from gist_jax.utils.progress import progress
 
 
 def _haystack(ck: common.Checkpoint, datasets: Sequence[str], split: str, max_documents: int) -> list[str]:
@@ -33,7 +35,7 @@ def _examples(kind: str, hay: list[str], ck: common.Checkpoint, **kw: Any) -> li
     try:
         return synthetic.generate(kind, hay, ck.tokenizer, **kw)
     except ValueError as e:
-        raise common.ConfigError(f"cannot build {kind} examples: {e} (options: --context_tokens, --datasets)") from e
+        raise ConfigError(f"cannot build {kind} examples: {e} (options: --context_tokens, --datasets)") from e
 
 
 def _context_tokens(ck: common.Checkpoint, context_tokens: int | None) -> int:
@@ -44,6 +46,12 @@ def _prompts(examples: Sequence[synthetic.RecallExample]) -> list[str]:
     return [synthetic.as_text(e)[0] for e in examples]
 
 
+def _settings(suite: str, ck: common.Checkpoint, ratios: Sequence[int] | None) -> Any:
+    """The settings to decode, under a progress bar: each one greedy-decodes every example (the
+    suite's minutes go there), so the bar advances per setting."""
+    return progress(common.settings(ck, ratios), desc=suite, unit="setting")
+
+
 def run_surprise(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdlib",), split: str = "validation",
                  max_documents: int = 0, num_examples: int = 8, context_tokens: int | None = None,
                  ratios=None, seed: int = 0, answer_tokens: int = 8, **_: Any) -> dict:
@@ -52,7 +60,7 @@ def run_surprise(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("std
     pairs = {rel: _examples("surprise_needle", hay, ck, context_tokens=n_ctx, depth=(0.1, 0.9),
                                      seed=seed, num_examples=num_examples, relevant=rel) for rel in (True, False)}
     rows, per_example = [], []
-    for setting in common.settings(ck, ratios):
+    for setting in _settings("surprise", ck, ratios):
         acc = {}
         both = common.generate_texts(ck, setting, _prompts(pairs[True] + pairs[False]), answer_tokens)
         for rel, examples in pairs.items():
@@ -80,7 +88,7 @@ def run_uuid(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdlib"
     # Enough tokens for 32 characters plus the leading space, whatever the tokenizer.
     max_new = uuid_tokens or len(ck.tokenizer.encode(" " + uuids[0])) + 4
     rows, per_example = [], []
-    for setting in common.settings(ck, ratios):
+    for setting in _settings("uuid", ck, ratios):
         preds = common.generate_texts(ck, setting, _prompts(examples), max_new)
         scores = mean_prefix_scores(preds, uuids)
         rows.append({"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1,
@@ -101,7 +109,7 @@ def run_recall(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdli
     examples = {c: _examples(c[0], hay, ck, context_tokens=c[1], depth=c[2], seed=seed,
                                       num_examples=num_examples) for c in cells}
     rows, per_example = [], []
-    for setting in common.settings(ck, ratios):
+    for setting in _settings("recall", ck, ratios):
         flat = [e for c in cells for e in examples[c]]
         preds = iter(common.generate_texts(ck, setting, _prompts(flat), answer_tokens))
         for kind, n, d in cells:

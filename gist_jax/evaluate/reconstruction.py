@@ -20,18 +20,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gist_jax.errors import ConfigError
 from gist_jax.evaluate import common
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import cached_layout
-from gist_jax.gist.parallel import compressed_logits
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.train.ae import ae_loss, init_ae_params
+from gist_jax.utils.progress import progress
 
 
 def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdlib",), split: str = "validation",
         window: int | None = None, num_windows: int = 4, max_documents: int = 0, ratios=None,
         probe_steps: int = 200, probe_lr: float = 1e-3, batch: int = 4, seed: int = 0, **_: Any) -> dict:
     if not ck.comp.enabled:
-        raise common.ConfigError(f"{ck.step_dir} has no gists (compression.memory='none'); the reconstruction "
+        raise ConfigError(f"{ck.step_dir} has no gists (compression.memory='none'); the reconstruction "
                                  "probe needs a compressed checkpoint")
     window = window or ck.seq_len
     texts = common.documents(datasets[0], split, ck.tokenizer_spec, max_documents)
@@ -39,10 +41,11 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets=("stdlib",), s
     half = len(tokens) // 2
     train_tokens, test_tokens = tokens[:half], tokens[half:]
     rows = []
-    for setting in common.settings(ck, ratios):
-        if setting.ratio is None:
-            continue
-        rows.append(_probe(ck, setting, train_tokens, test_tokens, probe_steps, probe_lr, batch, seed))
+    compressed = [s for s in common.settings(ck, ratios) if s.ratio is not None]
+    # Per ratio: probe_steps training steps, then one scoring call per held-out window.
+    with progress(desc="reconstruction", total=len(compressed) * (probe_steps + len(test_tokens)), unit="step") as bar:
+        for setting in compressed:
+            rows.append(_probe(ck, setting, train_tokens, test_tokens, probe_steps, probe_lr, batch, seed, bar))
     per_window = [{"setting": r["setting"], "correct": r.pop("window_correct"), "tokens": r.pop("window_tokens")}
                   for r in rows]  # for bootstrap intervals over the held-out windows
     _plot(rows, out_dir / "reconstruction_accuracy_vs_ratio.png")
@@ -80,7 +83,7 @@ def _probe_fns(setting: common.Setting, length: int, lr: float) -> tuple:
     return tx, update, score
 
 
-def _probe(ck, setting, train_tokens, test_tokens, steps, lr, batch, seed) -> dict:
+def _probe(ck, setting, train_tokens, test_tokens, steps, lr, batch, seed, bar) -> dict:
     model = ck.params
     tx, update, score = _probe_fns(setting, train_tokens.shape[1], float(lr))
     ae = init_ae_params(setting.cfg, setting.comp, model, -1)
@@ -91,12 +94,16 @@ def _probe(ck, setting, train_tokens, test_tokens, steps, lr, batch, seed) -> di
     for _ in range(steps):
         rows = rng.choice(len(train_tokens), size=min(batch, len(train_tokens)), replace=False)
         ae, opt, loss = update(ae, opt, model, jnp.asarray(train_tokens[rows]))
+        if not bar.disable:  # a shown bar counts finished steps, not dispatched ones (its ETA stays true)
+            jax.block_until_ready(loss)
+        bar.update()
     # One held-out window at a time: per-window counts for bootstrap intervals over windows.
     window_correct, window_tokens = [], []
     for i in range(len(test_tokens)):
         metrics = score(ae, model, jnp.asarray(test_tokens[i:i + 1]))
         window_correct.append(float(metrics["ae_accuracy"]) * float(metrics["ae_tokens"]))
         window_tokens.append(float(metrics["ae_tokens"]))
+        bar.update()
     correct, total = sum(window_correct), sum(window_tokens)
     return {"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio, "probe_steps": steps,
             "final_train_loss": float(loss), "token_accuracy": correct / max(total, 1.0), "test_tokens": int(total),

@@ -37,7 +37,7 @@ from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
-from gist_jax.sharding import active_mesh_spec
+from gist_jax.model.sharding import active_mesh_spec
 
 # Bank-order activations [B, N, Tp, H]: sharded like any attention activation.
 BANK_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_head_dim")

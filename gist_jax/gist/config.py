@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gist_jax.model.config import ConfigError, check_int
+from gist_jax.errors import ConfigError
+from gist_jax.model.config import check_int
 
 MEMORY = ("kv", "recurrent", "none")
 GRANULARITY = ("coarse", "fine")

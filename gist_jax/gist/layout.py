@@ -25,8 +25,8 @@ import hashlib
 
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.model.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

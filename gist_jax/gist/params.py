@@ -6,8 +6,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params
 
 GIST_PARAM_NAMES = ("gist_embedding", "gist_q_proj", "gist_k_proj", "gist_v_proj")

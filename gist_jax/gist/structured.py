@@ -1,6 +1,6 @@
 """Decomposed attention for the KV variants: no T x T score matrix, same result as the masks.
 
-The dense reference (``specs.parallel_spec`` + ``attention.dot_product_attention``) builds a
+The dense reference (``specs.parallel_spec`` + ``causal.dot_product_attention``) builds a
 ``[T, 2T]`` score matrix per head: every layout token against every token rotated at its own
 position and again at its memory position. Almost all of it is masked. The mask has only two
 non-empty parts, and this module computes each one at its own size:

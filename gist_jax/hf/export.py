@@ -18,6 +18,10 @@ The AE decoder and the TIE reference are training-only and never exported.
 Arrays are read one at a time (one checkpoint leaf, or one gathered in-memory leaf) and each
 transformers tensor is written at its pre-planned offset, so no process holds more than one
 leaf of the model at once.
+
+This module writes; it never reads a training checkpoint, so the training loop's export hook
+can use it without the hf layer importing train. Exporting a checkpoint (step resolution, its
+stored configs, a leaf-by-leaf restore) is ``gist_jax.hf.export_checkpoint``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import pathlib
 import shutil
 from typing import Any
@@ -33,18 +36,18 @@ from typing import Any
 import jax
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.params import model_config_for
 from gist_jax.hf import families, gist_names
 from gist_jax.hf.families import TensorRule
 from gist_jax.hf.safetensors_write import PlannedTensor, ShardedWriter, parse_size
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 
 MODELING_FILE = pathlib.Path(__file__).with_name("modeling_gist.py")
 CLASS_NAMES = {"llama": "GistLlamaForCausalLM", "qwen2": "GistQwen2ForCausalLM"}
 LeafPath = tuple[str, ...]
 
-logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- param sources
@@ -65,46 +68,6 @@ class TreeSource:
 
             x = multihost_utils.process_allgather(x, tiled=True)  # this leaf only
         return np.asarray(jax.device_get(x))
-
-
-class CheckpointSource:
-    """``state.params["model"]`` of an Orbax training checkpoint, restored leaf by leaf on the
-    host (any saved sharding; nothing else of the state, e.g. the optimizer, is read)."""
-
-    def __init__(self, state_dir: pathlib.Path):
-        import orbax.checkpoint as ocp
-
-        self.state_dir = state_dir
-        self._ckpt = ocp.PyTreeCheckpointer()
-        meta = self._ckpt.metadata(state_dir)
-        tree = getattr(getattr(meta, "item_metadata", None), "tree", meta)
-        try:
-            model = tree["params"]["model"]
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{state_dir} has no params['model'] tree: not a gist_jax training "
-                              "checkpoint (pass the run's --workdir or a <workdir>/checkpoints/<step>)") from e
-        self.leaves = {_path_tuple(p): x for p, x in jax.tree_util.tree_flatten_with_path(model)[0]}
-
-    def shape_dtype(self, path: LeafPath) -> tuple[tuple[int, ...], np.dtype]:
-        x = self.leaves[path]
-        return tuple(x.shape), np.dtype(x.dtype)
-
-    def load(self, path: LeafPath) -> np.ndarray:
-        import orbax.checkpoint as ocp
-
-        item: dict[str, Any] = {}
-        args: dict[str, Any] = {}
-        node_i, node_a = item, args
-        for key in ("params", "model", *path[:-1]):
-            node_i, node_a = node_i.setdefault(key, {}), node_a.setdefault(key, {})
-        node_i[path[-1]] = 0
-        node_a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-        restored = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=args, partial_restore=True))
-        node = restored["params"]["model"]
-        for key in path:
-            node = node[key]
-        return np.asarray(node)
 
 
 def _path_tuple(path) -> LeafPath:
@@ -164,48 +127,14 @@ def write_weights(out: pathlib.Path, cfg: ModelConfig, source, dtype: np.dtype |
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _hf_tokenizer(spec: str):
-    """An ``HFTokenizer`` (a fresh copy: the spec cache must not see ``<gist>``) or None."""
-    import tokenizers
-
-    from gist_jax.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_from_spec
-
-    tok = tokenizer_from_spec(spec)
-    if isinstance(tok, HFTokenizer):
-        return HFTokenizer(tokenizers.Tokenizer.from_str(tok.tokenizer.to_str()), bos_token=tok.bos_token,
-                           eos_token=tok.eos_token, pad_token=tok.pad_token, unk_token=tok.unk_token,
-                           add_bos=tok.add_bos, add_eos=tok.add_eos, chat_template=tok.chat_template)
-    if isinstance(tok, ByteTokenizer):
-        return _byte_tokenizer()
-    logger.warning("data.tokenizer=%r has no tokenizer.json form; the export has no tokenizer files "
-                   "(copy the tokenizer next to it by hand)", spec)
-    return None
-
-
-def _byte_tokenizer():
-    """``ByteTokenizer`` as an HF tokenizer with the same ids (bytes 0..255, pad/bos/eos)."""
-    import tokenizers
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-
-    from gist_jax.tokenizer import ByteTokenizer, HFTokenizer, bytes_to_unicode
-
-    spelling = bytes_to_unicode()
-    tok = tokenizers.Tokenizer(models.BPE(vocab={spelling[b]: b for b in range(256)}, merges=[], fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    names = {ByteTokenizer.pad_id: "<pad>", ByteTokenizer.bos_id: "<s>", ByteTokenizer.eos_id: "</s>"}
-    tok.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in sorted(names)])
-    return HFTokenizer(tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-def write_tokenizer(spec: str | None, out: pathlib.Path, with_gist: bool) -> tuple[int | None, int | None]:
-    """Tokenizer files with ``<gist>`` added; returns the ``<gist>`` id and the written
+def write_tokenizer(tok: Any | None, out: pathlib.Path, with_gist: bool) -> tuple[int | None, int | None]:
+    """Tokenizer files of ``tok`` with ``<gist>`` added (to ``tok`` itself: pass a copy,
+    ``data.tokenizer.hf_tokenizer_copy(spec)``); returns the ``<gist>`` id and the written
     tokenizer's size, ``<gist>`` included (None, None: no tokenizer). Generation needs the
     size: LM-head rows at or beyond it (a padded vocabulary) are never sampled. The size is
     the largest id + 1, so a tokenizer with unused ids in between never loses a real one."""
     from tokenizers import AddedToken
 
-    tok = _hf_tokenizer(spec) if spec else None
     if tok is None:
         return None, None
     gist_id = None
@@ -218,12 +147,13 @@ def write_tokenizer(spec: str | None, out: pathlib.Path, with_gist: bool) -> tup
 
 
 # ----------------------------------------------------------------------------- whole directory
-def _export(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer_spec: str | None,
-            out_dir: str | pathlib.Path, dtype: str | None, shard_size: str | int) -> pathlib.Path:
-    from gist_jax.distributed import is_primary
-
+def export_source(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: Any | None,
+                  out_dir: str | pathlib.Path, dtype: str | None, shard_size: str | int) -> pathlib.Path:
+    """The whole directory from a params ``source``: anything with ``leaves`` (leaf path ->
+    metadata), ``shape_dtype(path)`` and ``load(path)``, e.g. ``TreeSource`` or a training
+    checkpoint's ``train.checkpoint.ModelParamsReader`` (``hf/export_checkpoint.py``)."""
     out = pathlib.Path(out_dir).absolute()
-    primary = is_primary()
+    primary = jax.process_index() == 0  # process 0 writes (gist_jax.train.distributed.is_primary)
     if primary:
         if (out / "config.json").exists():
             raise FileExistsError(f"{out} already holds an export; choose another --out")
@@ -234,7 +164,7 @@ def _export(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer_spec: s
     write_weights(out, cfg, source, np_dtype, shard_size, primary)
     if not primary:
         return out
-    gist_id, tokenizer_size = write_tokenizer(tokenizer_spec, out, with_gist=comp.enabled)
+    gist_id, tokenizer_size = write_tokenizer(tokenizer, out, with_gist=comp.enabled)
     if comp.enabled:
         shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
     stored = np_dtype or source.shape_dtype(next(iter(source.leaves)))[1]
@@ -253,89 +183,15 @@ def _export(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer_spec: s
 
 
 def export_params(model_cfg: ModelConfig, comp_cfg: CompressionConfig, params: dict[str, Any],
-                  tokenizer_spec: str | None, out_dir: str | pathlib.Path, *, dtype: str | None = None,
+                  tokenizer: Any | None, out_dir: str | pathlib.Path, *, dtype: str | None = None,
                   shard_size: str | int = "2GB") -> pathlib.Path:
     """Export an in-memory params tree (``state.params`` or its ``"model"`` part; scanned or
     not; numpy or jax, sharded over any mesh) to ``out_dir``. ``model_cfg`` may be the base or
-    the gist model config; ``tokenizer_spec`` is a ``data.tokenizer`` spec (None: no tokenizer
-    files). Every process must call it (leaves are gathered collectively); only the primary
-    writes. ``dtype`` (e.g. "bfloat16") casts the stored tensors; default: as the params."""
+    the gist model config; ``tokenizer`` is the ``HFTokenizer`` to write with ``<gist>`` added
+    (``data.tokenizer.hf_tokenizer_copy(run.data.tokenizer)``; None: no tokenizer files). Every
+    process must call it (leaves are gathered collectively); only the primary writes. ``dtype``
+    (e.g. "bfloat16") casts the stored tensors; default: as the params."""
     if "model" in params and "embed" not in params:
         params = params["model"]  # the TrainState tree; the AE decoder is not exported
     cfg = model_config_for(model_cfg, comp_cfg).replace(scan_layers="layers" in params)
-    return _export(cfg, comp_cfg, TreeSource(params), tokenizer_spec, out_dir, dtype, shard_size)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def resolve_step_dir(path: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir -> the step directory
-    (newest step unless ``step`` is given)."""
-    path = pathlib.Path(path).absolute()
-    if (path / "state").is_dir() and (path / "run").is_dir():
-        if step is not None and path.name != str(step):
-            raise ConfigError(f"--checkpoint={path} is step {path.name} but --step={step}; pass the workdir")
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"--checkpoint={path}: no finished checkpoints (<step>/state) under {root}")
-    if step is None:
-        return root / str(steps[-1])
-    if step not in steps:
-        raise FileNotFoundError(f"--step={step} is not in {root}; available steps: {steps}")
-    return root / str(step)
-
-
-def base_model_config(model_section: dict[str, Any]) -> ModelConfig:
-    """The base ModelConfig a run started from (``model.init``), without reading any weights."""
-    kind, where = model_section["init"].split(":", 1)
-    if kind == "preset":
-        from gist_jax.model.config import preset
-
-        cfg = preset(where)
-    elif kind == "gguf":
-        import gguf
-
-        from gist_jax.hf.gguf import hf_config_from_metadata, smollm2_gguf_path
-
-        reader = gguf.GGUFReader(str(smollm2_gguf_path() if where == "smollm2" else where))
-        metadata = {k: f.contents() for k, f in reader.fields.items()}
-        cfg = families.config_from_hf(hf_config_from_metadata(metadata, [t.name for t in reader.tensors]))
-    elif kind == "hf":
-        cfg = families.config_from_hf(json.loads((pathlib.Path(where) / "config.json").read_text()))
-    else:
-        from gist_jax.params_io import CONFIG_FILE
-
-        cfg = ModelConfig.from_dict(json.loads((pathlib.Path(where) / CONFIG_FILE).read_text())["model"])
-    overrides = {k: model_section[k] for k in ("dtype", "param_dtype") if model_section.get(k)}
-    return cfg.replace(**overrides)
-
-
-def checkpoint_configs(step_dir: pathlib.Path, run: dict[str, Any] | None = None
-                       ) -> tuple[ModelConfig, CompressionConfig, dict[str, Any]]:
-    """(gist model config, compression config, run dict) of a training checkpoint, checked
-    against the layout it recorded. ``run``: the stored run dict with a tool's overrides
-    (``cli_config.checkpoint_run``, e.g. a moved ``model.init``); default: as stored."""
-    from gist_jax.train.checkpoint import LAYOUT_KEYS
-
-    if run is None:
-        run = json.loads((step_dir / "run" / "metadata").read_text())
-    layout = json.loads((step_dir / "layout" / "metadata").read_text())
-    comp = CompressionConfig(**run["compression"])
-    cfg = model_config_for(base_model_config(run["model"]), comp).replace(scan_layers=layout["scan_layers"])
-    diff = {k: (getattr(cfg, k), layout[k]) for k in LAYOUT_KEYS if k in layout and getattr(cfg, k) != layout[k]}
-    if diff:
-        raise ConfigError(f"{step_dir}: model.init={run['model']['init']!r} now describes a different model than "
-                          f"the checkpoint ({diff}); restore the base model the run used")
-    return cfg, comp, run
-
-
-def export_checkpoint(checkpoint_dir_or_workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
-                      step: int | None = None, *, dtype: str | None = None,
-                      shard_size: str | int = "2GB", run: dict[str, Any] | None = None) -> pathlib.Path:
-    """Export a training checkpoint (newest step, or ``step``) to a transformers directory
-    (``run``: the stored run config with overrides, see ``checkpoint_configs``)."""
-    step_dir = resolve_step_dir(checkpoint_dir_or_workdir, step)
-    cfg, comp, run = checkpoint_configs(step_dir, run)
-    tokenizer = (run.get("data") or {}).get("tokenizer")
-    return _export(cfg, comp, CheckpointSource(step_dir / "state"), tokenizer, out_dir, dtype, shard_size)
+    return export_source(cfg, comp_cfg, TreeSource(params), tokenizer, out_dir, dtype, shard_size)

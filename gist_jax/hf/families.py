@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from gist_jax.model.config import ConfigError, ModelConfig, RopeScaling
+from gist_jax.errors import ConfigError
+from gist_jax.model.config import ModelConfig, RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -129,7 +129,7 @@ def _damaged(path: str | pathlib.Path, why: str) -> Exception:
 def check_magic(path: str | pathlib.Path) -> None:
     """A missing file, or one that is not GGUF at all (an HF safetensors file, an HTML error page
     saved under a .gguf name), as ``ConfigError`` naming the file."""
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     try:
         with open(path, "rb") as f:
@@ -343,8 +343,10 @@ def read_gguf(path: str | pathlib.Path) -> GGUFContents:
     if unknown:
         raise ValueError(f"Unknown GGUF tensor names (no transformers equivalent): {unknown}")
 
+    from gist_jax.utils.progress import progress
+
     state_dict: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
+    for tensor in progress(reader.tensors, desc=f"dequantising {pathlib.Path(path).name}", unit="tensor"):
         weight = _dequantize(tensor)
         if permuted and (".attn_q." in tensor.name or ".attn_k." in tensor.name):
             n_head = config["num_attention_heads" if ".attn_q." in tensor.name else "num_key_value_heads"]

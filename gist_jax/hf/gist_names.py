@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.hf import families
 from gist_jax.hf.families import TensorRule
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 
 GIST_PREFIX = "gist."
 GIST_TOKEN = "<gist>"

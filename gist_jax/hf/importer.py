@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.hf import families
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params, to_layout
+from gist_jax.utils.progress import progress
 
 
 class CheckpointMismatch(ValueError):
@@ -25,9 +27,11 @@ class CheckpointMismatch(ValueError):
 
 
 def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray],
-                           available: Iterable[str], rules: list | None = None) -> Params:
+                           available: Iterable[str], rules: list | None = None,
+                           desc: str = "converting tensors") -> Params:
     """Apply the family's name table (or ``rules``: the table plus gist tensors, see
-    ``gist_names.all_rules``); returns params in ``cfg``'s layer layout (host numpy)."""
+    ``gist_names.all_rules``); returns params in ``cfg``'s layer layout (host numpy). A progress
+    bar ``desc`` counts the tensors: reading a sharded checkpoint tensor by tensor takes minutes."""
     available = set(available)
     rules = families.expand_rules(cfg) if rules is None else rules
     missing = [r.hf_name for r in rules if r.hf_name not in available]
@@ -46,7 +50,7 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray],
             f"{unexpected[:8]}; refusing a partial import")
 
     params: dict[str, Any] = {}
-    for rule in rules:
+    for rule in progress(rules, desc=desc, unit="tensor"):
         hf_array = np.asarray(get(rule.hf_name))
         ours = families.TRANSFORMS[rule.transform].to_ours(hf_array, families.head_count(cfg, rule))
         node = params
@@ -126,7 +130,7 @@ def load_hf_dir(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelC
     keys = ckpt.keys()
     if "gist" in hf_config:  # a gist_jax export: the base model only (load_gist_hf_dir keeps the gists)
         keys = [k for k in keys if not k.startswith("gist.")]
-    return cfg, params_from_hf_tensors(cfg, ckpt.get, keys)
+    return cfg, params_from_hf_tensors(cfg, ckpt.get, keys, desc=f"reading {directory.name}")
 
 
 def load_gist_hf_dir(directory: str | pathlib.Path, **overrides: Any):
@@ -145,7 +149,8 @@ def load_gist_hf_dir(directory: str | pathlib.Path, **overrides: Any):
             else CompressionConfig(memory="none", ratios=(1,), ratio_sampling="fixed", num_sinks=0))
     cfg = model_config_for(model_config_from_hf(hf_config, directory / "config.json", **overrides), comp)
     ckpt = SafetensorsCheckpoint(directory)
-    return cfg, comp, params_from_hf_tensors(cfg, ckpt.get, ckpt.keys(), gist_names.all_rules(cfg))
+    return cfg, comp, params_from_hf_tensors(cfg, ckpt.get, ckpt.keys(), gist_names.all_rules(cfg),
+                                             desc=f"reading {directory.name}")
 
 
 def load_gguf(path: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, Params]:
@@ -156,3 +161,30 @@ def load_gguf(path: str | pathlib.Path, **overrides: Any) -> tuple[ModelConfig, 
     cfg = model_config_from_hf(contents.hf_config, path, **overrides)
     state = contents.state_dict
     return cfg, params_from_hf_tensors(cfg, state.__getitem__, state.keys())
+
+
+def base_model_config(model_section: dict[str, Any]) -> ModelConfig:
+    """The base ModelConfig a run's ``model`` section names (``model.init``: ``preset:``,
+    ``gguf:``, ``hf:`` or a converted params directory), with its dtype overrides, without
+    reading any weights. Checkpoint readers rebuild a trained model's config from it."""
+    kind, where = model_section["init"].split(":", 1)
+    if kind == "preset":
+        from gist_jax.model.config import preset
+
+        cfg = preset(where)
+    elif kind == "gguf":
+        import gguf
+
+        from gist_jax.hf.gguf import hf_config_from_metadata, smollm2_gguf_path
+
+        reader = gguf.GGUFReader(str(smollm2_gguf_path() if where == "smollm2" else where))
+        metadata = {k: f.contents() for k, f in reader.fields.items()}
+        cfg = families.config_from_hf(hf_config_from_metadata(metadata, [t.name for t in reader.tensors]))
+    elif kind == "hf":
+        cfg = families.config_from_hf(json.loads((pathlib.Path(where) / "config.json").read_text()))
+    else:
+        from gist_jax.model.params_io import CONFIG_FILE
+
+        cfg = ModelConfig.from_dict(json.loads((pathlib.Path(where) / CONFIG_FILE).read_text())["model"])
+    overrides = {k: model_section[k] for k in ("dtype", "param_dtype") if model_section.get(k)}
+    return cfg.replace(**overrides)

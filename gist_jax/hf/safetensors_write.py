@@ -19,7 +19,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from gist_jax.model.config import ConfigError
+from gist_jax.errors import ConfigError
+from gist_jax.utils.progress import progress
 
 _NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
           np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
@@ -80,7 +81,10 @@ def _header(shard: list[PlannedTensor]) -> tuple[bytes, dict[str, int]]:
 
 
 class ShardedWriter:
-    """Pre-planned shard files; ``write(name, array)`` in any order, then ``close()``."""
+    """Pre-planned shard files; ``write(name, array)`` in any order, then ``close()``.
+
+    It draws the export's progress bar (bytes written, with rate and ETA): every tensor of an
+    export passes through ``write``, so the bar spans the whole gather-and-write loop."""
 
     def __init__(self, directory: str | pathlib.Path, tensors: list[PlannedTensor], max_shard_bytes: int):
         self.directory = pathlib.Path(directory)
@@ -98,6 +102,8 @@ class ShardedWriter:
             for t in shard:
                 self._where[t.name] = (k, len(header) + offsets[t.name], t)
         self._written: set[str] = set()
+        self._bar = progress(desc=f"writing {self.directory.name}", total=sum(t.nbytes for t in tensors), unit="B",
+                             unit_scale=True, unit_divisor=1024)
 
     def write(self, name: str, array: np.ndarray) -> None:
         k, offset, planned = self._where[name]
@@ -108,11 +114,13 @@ class ShardedWriter:
         self._handles[k].seek(offset)
         self._handles[k].write(array.reshape(-1).view(np.uint8).data)
         self._written.add(name)
+        self._bar.update(planned.nbytes)
 
     def close(self) -> list[str]:
         """Close the files and write the index (only when sharded); returns the file names."""
         for handle in self._handles:
             handle.close()
+        self._bar.close()
         missing = sorted(set(self._where) - self._written)
         if missing:
             raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[:5]}")

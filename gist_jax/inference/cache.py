@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import _segment_order
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.inference.cache import Cache, Plan, cache_stats
 from gist_jax.model.attention import AttentionSpec, LayerMemory
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, rope_inverse_frequencies
 from gist_jax.model.transformer import Decoder, Params, collect_kv
 

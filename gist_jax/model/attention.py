@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from gist_jax.model.causal import causal_attention
+from gist_jax.model.causal import causal_attention, dot_product_attention
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, kernel_init, rope_inverse_frequencies
 from gist_jax.model.remat import ATTN_OUT, QKV_PROJ
-from gist_jax.sharding import BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, constrain
+from gist_jax.model.sharding import BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, constrain
 
 
 class AttentionStructure(Protocol):
@@ -99,25 +99,6 @@ class LayerMemory:
 
     k_BxMxKxH: jax.Array
     v_BxMxKxH: jax.Array
-
-
-def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-                          mask_BxTxS: jax.Array) -> jax.Array:
-    """Dense reference attention (materialises [T, S] scores); softmax in float32.
-
-    A fully masked query row (padding) gets a uniform average instead of NaN, so padding
-    never poisons gradients.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    kv_heads = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32) * (h ** -0.5)
-    big_negative = jnp.finfo(jnp.float32).min
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, big_negative)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 class Attention(nn.Module):

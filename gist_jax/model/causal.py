@@ -1,7 +1,7 @@
 """Plain causal attention without an N x N score matrix: the fast path of every no-gist pass.
 
 The full-attention baseline, TIE's two frozen reference passes and full-attention prefill all
-run ordinary causal attention. Through the dense reference (``attention.dot_product_attention``
+run ordinary causal attention. Through the dense reference (``dot_product_attention``, here
 with a ``[B, T, T]`` mask) their memory grows 4x per doubling of the context, which would make
 "compression vs full attention" a comparison against a strawman (engineering.md section 3).
 ``causal_attention`` picks a kernel per backend (``resolve_impl``):
@@ -61,6 +61,25 @@ def causal_mask(t: int, s: int, valid_BxS: jax.Array | None, q_offset: int = 0) 
     return mask_1xTxS if valid_BxS is None else mask_1xTxS & valid_BxS[:, None, :]
 
 
+def dot_product_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
+                          mask_BxTxS: jax.Array) -> jax.Array:
+    """Dense reference attention (materialises [T, S] scores); softmax in float32.
+
+    A fully masked query row (padding) gets a uniform average instead of NaN, so padding
+    never poisons gradients.
+    """
+    b, t, n, h = q_BxTxNxH.shape
+    kv_heads = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
+                                  preferred_element_type=jnp.float32) * (h ** -0.5)
+    big_negative = jnp.finfo(jnp.float32).min
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, big_negative)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
+
+
 def causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
                      valid_BxS: jax.Array | None = None, *, impl: str = "auto",
                      q_offset: int = 0, block: int | None = None) -> jax.Array:
@@ -70,8 +89,6 @@ def causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
     impl = resolve_impl(impl, jax.default_backend(), q_BxTxNxH.dtype, q_BxTxNxH.shape[-1],
                         valid_BxS is not None, q_offset)
     if impl == "dense":
-        from gist_jax.model.attention import dot_product_attention  # local: attention imports us
-
         t, s = q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
         mask = causal_mask(t, s, valid_BxS, q_offset)
         return dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,

@@ -14,12 +14,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from gist_jax.errors import ConfigError
+
 FAMILIES = ("llama", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and the fix."""
 
 
 # -- value checks shared by every config dataclass ---------------------------------------------------
@@ -204,7 +202,7 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         family="llama", vocab_size=256 + 8, hidden_size=64, intermediate_size=128,
         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
-        dtype="float32", bos_token_id=257, eos_token_id=258,  # gist_jax.tokenizer.ByteTokenizer ids
+        dtype="float32", bos_token_id=257, eos_token_id=258,  # gist_jax.data.tokenizer.ByteTokenizer ids
     ),
     "smollm2_135m": ModelConfig(
         family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,

@@ -12,7 +12,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gist_jax.model.config import ModelConfig, RopeScaling
 from gist_jax.model.remat import MLP_HIDDEN
-from gist_jax.sharding import BATCH_LENGTH_MLP, constrain
+from gist_jax.model.sharding import BATCH_LENGTH_MLP, constrain
 
 
 def kernel_init(logical_axes: tuple[str, ...], stddev: float = 0.02

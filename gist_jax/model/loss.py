@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gist_jax.model.config import ModelConfig
-from gist_jax.sharding import BATCH_LENGTH_VOCAB, constrain
+from gist_jax.model.sharding import BATCH_LENGTH_VOCAB, constrain
 
 # Tokens per chunk: B x 1024 x V float32 logits live at once (0.5 GiB for Llama-3's 128K vocab
 # at B = 1), against N x V for the whole sequence.

@@ -18,7 +18,7 @@ from gist_jax.model.attention import Attention, AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import Mlp, RMSNorm, kernel_init
 from gist_jax.model.remat import REMAT_POLICIES
-from gist_jax.sharding import BATCH_LENGTH_EMBED, BATCH_LENGTH_VOCAB, constrain
+from gist_jax.model.sharding import BATCH_LENGTH_EMBED, BATCH_LENGTH_VOCAB, constrain
 
 Params = dict[str, Any]
 

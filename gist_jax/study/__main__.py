@@ -14,6 +14,7 @@ Exit codes: 0 done, 2 configuration error (one line).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pathlib
 import shlex
@@ -21,6 +22,7 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the data path imports tensorflow; its start-up log is noise
+logger = logging.getLogger("gist_jax.study")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,10 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report_only", action="store_true", help="only write the report from cached results")
     p.add_argument("--max_steps", type=int, default=0, help="stop every run at this step (timing a scale); 0: all")
     args = p.parse_args(argv)
+    from gist_jax.utils.logs import setup_logging
+
+    setup_logging()
     out = pathlib.Path(args.out).absolute()
     start = time.perf_counter()
 
-    from gist_jax.model.config import ConfigError
+    from gist_jax.errors import ConfigError
 
     try:
         from gist_jax.study.plan import load_study
@@ -51,17 +56,14 @@ def main(argv: list[str] | None = None) -> int:
             pending = [s.name for s in study.runs
                        if not runner.is_trained(out, s) or runner.missing_suites(out, study, s)]
             if pending:  # only then pay for jax, the compilation cache and the models
-                from absl import logging
-
-                logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-                from gist_jax.distributed import enable_compilation_cache
+                from gist_jax.train.distributed import enable_compilation_cache
 
                 enable_compilation_cache()
                 trained = runner.train_all(out, study)
                 evaluated = runner.evaluate_all(out, study)
-                print(f"[study] trained {len(trained)} runs, evaluated {len(evaluated)} (run, suite) pairs")
+                logger.info("[study] trained %d runs, evaluated %d (run, suite) pairs", len(trained), len(evaluated))
             else:
-                print("[study] every run is trained and evaluated: re-reporting from the cache")
+                logger.info("[study] every run is trained and evaluated: re-reporting from the cache")
         from gist_jax.study.report import write_report
         from gist_jax.study.runner import load_results
 

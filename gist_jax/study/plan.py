@@ -14,7 +14,7 @@ import types
 from typing import Any
 
 from gist_jax import experiments as _recipes
-from gist_jax.model.config import ConfigError
+from gist_jax.errors import ConfigError
 
 DEFAULT_CONFIG = _recipes.DIR / "study.py"  # experiments/study.py in a checkout, packaged when installed
 # The two suites that need gists: on the full-attention run they have nothing to measure.
@@ -27,7 +27,7 @@ class RunSpec:
 
     name: str
     variants: str  # the experiment-file variant list, scale first: "smoke,fine_kv,ae,notie"
-    run: Any  # gist_jax.experiment.RunConfig
+    run: Any  # gist_jax.train.experiment.RunConfig
 
     @property
     def compressed(self) -> bool:
@@ -74,7 +74,7 @@ def load_study(scale: str, config_path: str | pathlib.Path = DEFAULT_CONFIG,
     ``max_steps``: stop every run there (``train.max_steps``; the schedule is unchanged), to time
     a scale before running it whole."""
     from gist_jax.evaluate import resolve_suites
-    from gist_jax.experiment import run_config
+    from gist_jax.train.experiment import run_config
 
     module = load_module(config_path)
     if scale not in module.SCALE_BUILDERS:

@@ -15,6 +15,7 @@ suites' own JSON/CSV/PNG), ``cache/<name>/<suite>.json``, ``timings.json``, ``re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import tempfile
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from gist_jax.study.plan import RunSpec, Study
+
+logger = logging.getLogger(__name__)
 
 
 def write_json_atomic(path: pathlib.Path, payload: Any) -> None:
@@ -106,7 +109,7 @@ def add_timing(out: pathlib.Path, section: str, name: str, seconds: float) -> No
 
 
 # ----------------------------------------------------------------------------- the two stages
-def train_all(out: pathlib.Path, study: Study, log: Callable[[str], None] = print) -> list[str]:
+def train_all(out: pathlib.Path, study: Study, log: Callable[[str], None] = logger.info) -> list[str]:
     """Trains every unfinished run (resuming each from its own checkpoints); returns their names."""
     todo = [spec for spec in study.runs if not is_trained(out, spec)]
     if not todo:
@@ -121,7 +124,8 @@ def train_all(out: pathlib.Path, study: Study, log: Callable[[str], None] = prin
     return [spec.name for spec in todo]
 
 
-def evaluate_all(out: pathlib.Path, study: Study, log: Callable[[str], None] = print) -> list[tuple[str, str]]:
+def evaluate_all(out: pathlib.Path, study: Study,
+                 log: Callable[[str], None] = logger.info) -> list[tuple[str, str]]:
     """Runs every suite not cached for its checkpoint's newest step; returns (run, suite) computed."""
     done: list[tuple[str, str]] = []
     for spec in study.runs:

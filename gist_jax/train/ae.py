@@ -41,12 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.gist.params import GIST_PARAM_NAMES
 from gist_jax.gist.specs import LayoutArrays, pad_raw
 from gist_jax.model.attention import AttentionSpec, LayerMemory
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 from gist_jax.model.loss import DEFAULT_CHUNK, dense_token_scores, lm_head, lm_token_scores
 from gist_jax.model.transformer import Block, Params

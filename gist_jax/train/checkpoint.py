@@ -35,9 +35,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gist_jax.distributed import is_primary
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.model.config import ModelConfig
+from gist_jax.train.distributed import is_primary
 from gist_jax.train.integrity import check_resume_config, first_mismatch, state_checksums
 from gist_jax.train.state import TrainState
 
@@ -364,3 +365,107 @@ def check_layout(saved: dict, expected: dict, where: pathlib.Path) -> None:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointLayoutError(f"checkpoint {where} was written with a different layout ({detail}); resume "
                                     "with the settings it was trained with, or use a new --workdir")
+
+
+# ---- reading a finished step (evaluation, export, comparison) --------------------------------------
+# The one place that reads a step for anything other than resuming. A step is read through Orbax's
+# handlers directly (PyTreeCheckpointHandler for the state, JsonCheckpointHandler for the run and
+# layout items): ``PyTreeCheckpointer.metadata(<step>/state)`` would look for a per-item
+# ``_CHECKPOINT_METADATA`` that a CheckpointManager never writes (it keeps one per step) and log
+# "Metadata file does not exist" on every read; the handlers read only what the item holds.
+LeafPath = tuple[str, ...]
+
+
+def resolve_step_dir(path: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
+    """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir -> the step directory
+    (the newest finished step unless ``step`` is given; Orbax's unfinished ``*.orbax-checkpoint-tmp*``
+    directories are never steps)."""
+    path = pathlib.Path(path).absolute()
+    if (path / "state").is_dir() and (path / "run").is_dir():
+        if step is not None and path.name != str(step):
+            raise ConfigError(f"--checkpoint={path} is step {path.name} but --step={step}; pass the workdir")
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"--checkpoint={path}: no finished checkpoints (<step>/state) under {root}")
+    if step is None:
+        return root / str(steps[-1])
+    if step not in steps:
+        raise FileNotFoundError(f"--step={step} is not in {root}; available steps: {steps}")
+    return root / str(step)
+
+
+def read_item(step_dir: pathlib.Path, item: str) -> Any:
+    """A JSON item of a step (``run``: the resolved run config, ``layout``: ``layout_metadata``)."""
+    return ocp.JsonCheckpointHandler().restore(pathlib.Path(step_dir) / item)
+
+
+def checkpoint_configs(step_dir: pathlib.Path, run: dict[str, Any] | None = None
+                       ) -> tuple[ModelConfig, CompressionConfig, dict[str, Any]]:
+    """(gist model config, compression config, run dict) of a step, checked against the layout
+    it recorded. ``run``: the stored run dict with a tool's overrides (``cli_config.checkpoint_run``,
+    e.g. a moved ``model.init``); default: as stored."""
+    from gist_jax.gist.params import model_config_for
+    from gist_jax.hf.importer import base_model_config
+
+    run = read_item(step_dir, "run") if run is None else run
+    layout = read_item(step_dir, "layout")
+    comp = CompressionConfig(**run["compression"])
+    cfg = model_config_for(base_model_config(run["model"]), comp).replace(scan_layers=layout["scan_layers"])
+    diff = {k: (getattr(cfg, k), layout[k]) for k in LAYOUT_KEYS if k in layout and getattr(cfg, k) != layout[k]}
+    if diff:
+        raise ConfigError(f"{step_dir}: model.init={run['model']['init']!r} now describes a different model than "
+                          f"the checkpoint ({diff}); restore the base model the run used")
+    return cfg, comp, run
+
+
+class ModelParamsReader:
+    """``state.params["model"]`` of a step, on the host as numpy (any saved sharding), leaf by
+    leaf (``load``: an export holds one leaf at a time) or whole (``load_all``); nothing else of
+    the state (optimizer, AE decoder) is read. Also the params source of ``hf.export``."""
+
+    def __init__(self, step_dir: pathlib.Path) -> None:
+        self.state_dir = pathlib.Path(step_dir) / "state"
+        self._handler = ocp.PyTreeCheckpointHandler()
+        meta = self._handler.metadata(self.state_dir)
+        tree = getattr(meta, "tree", meta)
+        try:
+            model = tree["params"]["model"]
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{self.state_dir} has no params['model'] tree: not a gist_jax training "
+                              "checkpoint (pass the run's --workdir or a <workdir>/checkpoints/<step>)") from e
+        self.model_metadata = model
+        self.leaves = {_path_tuple(p): x for p, x in jax.tree_util.tree_flatten_with_path(model)[0]}
+
+    def shape_dtype(self, path: LeafPath) -> tuple[tuple[int, ...], np.dtype]:
+        x = self.leaves[path]
+        return tuple(x.shape), np.dtype(x.dtype)
+
+    def _restore(self, model_item: Any, model_args: Any) -> Any:
+        args = ocp.args.PyTreeRestore(item={"params": {"model": model_item}},
+                                      restore_args={"params": {"model": model_args}}, partial_restore=True)
+        return self._handler.restore(self.state_dir, args=args)["params"]["model"]
+
+    def load(self, path: LeafPath) -> np.ndarray:
+        item: dict[str, Any] = {}
+        args: dict[str, Any] = {}
+        node_i, node_a = item, args
+        for key in path[:-1]:
+            node_i, node_a = node_i.setdefault(key, {}), node_a.setdefault(key, {})
+        node_i[path[-1]] = 0
+        node_a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+        node = self._restore(item, args)
+        for key in path:
+            node = node[key]
+        return np.asarray(node)
+
+    def load_all(self) -> Any:
+        """The whole ``params["model"]`` tree as numpy arrays, in one restore."""
+        item = jax.tree.map(lambda _: 0, self.model_metadata)
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), self.model_metadata)
+        return self._restore(item, args)
+
+
+def _path_tuple(path: Any) -> LeafPath:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from gist_jax.model.config import ConfigError, check_float, check_int
+from gist_jax.errors import ConfigError
+from gist_jax.model.config import check_float, check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +135,7 @@ class ObjectiveConfig:
                               f"{', '.join(AE_DECODER_OUTPUTS)} (residual: method.md; update: minus its input)")
         check_int("objective.ae_base_warmup_steps", self.ae_base_warmup_steps, 0,
                   fix="use 0 to let L_ae reach the gists from the first step")
-        # ae_layer's range needs the model's layer count: gist_jax.experiment.check_model_matches_run
+        # ae_layer's range needs the model's layer count: gist_jax.train.experiment.check_model_matches_run
         # checks it once the model config is known (before the weights load where that is cheap).
 
 

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_hidden
 from gist_jax.gist.layout import cached_layout
-from gist_jax.gist.parallel import compressed_hidden
 from gist_jax.gist.params import GIST_PARAM_NAMES, model_config_for
 from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ModelConfig

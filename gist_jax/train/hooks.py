@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from gist_jax.distributed import is_primary
+from gist_jax.train.distributed import is_primary
 
 FINITE_KEYS = ("loss", "lm_loss", "grad_norm", "ae_loss")
 

@@ -22,15 +22,16 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gist_jax.data.loader import BatchLoader
-from gist_jax.distributed import is_primary
-from gist_jax.experiment import ModelSection, RunConfig, check_model_matches_data, check_model_matches_run
-from gist_jax.flops import peak_flops, step_objectives, train_flops_per_step
+from gist_jax.errors import ConfigError
 from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
-from gist_jax.model.config import ConfigError, ModelConfig, preset
+from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train.checkpoint import Checkpointer, NonFiniteState, layout_metadata
+from gist_jax.train.distributed import is_primary
 from gist_jax.train.evaluation import PerplexityEvaluator
+from gist_jax.train.experiment import ModelSection, RunConfig, check_model_matches_data, check_model_matches_run
+from gist_jax.train.flops import peak_flops, step_objectives, train_flops_per_step
 from gist_jax.train.hooks import (
     MetricsWriter,
     PreemptionWatch,
@@ -62,7 +63,7 @@ def load_base_model(section: ModelSection) -> tuple[ModelConfig, Any]:
 
         cfg, params = load_hf_dir(where)
     else:
-        from gist_jax.params_io import load_params
+        from gist_jax.model.params_io import load_params
 
         cfg, params = load_params(where)
     overrides = {k: getattr(section, k) for k in ("dtype", "param_dtype") if getattr(section, k)}
@@ -159,7 +160,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     check_model_matches_run(base_cfg, run)
     if run.train.plan_memory:
         writer.console(memory_plan(base_cfg, run, mesh))
-    from gist_jax.tokenizer import tokenizer_from_spec
+    from gist_jax.data.tokenizer import tokenizer_from_spec
 
     tok = tokenizer_from_spec(run.data.tokenizer)
     check_model_matches_data(base_cfg, tok.vocab_size, tok.eos_id, run.data.tokenizer)
@@ -188,13 +189,14 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
                                    "optimizer.learning_rate or check the data, then rerun to resume") from None
 
     def export_hf(step: int) -> None:  # every process: leaves are gathered collectively, process 0 writes
+        from gist_jax.data.tokenizer import hf_tokenizer_copy
         from gist_jax.hf.export import export_params
 
         out = workdir / "hf" / str(step)
         # config.json is written last, after the collective gather, so every process sees the same
         # answer here; a partial export (a kill mid-write) has none and is redone.
         if not (out / "config.json").exists():
-            export_params(base_cfg, comp, state.params, run.data.tokenizer, out)
+            export_params(base_cfg, comp, state.params, hf_tokenizer_copy(run.data.tokenizer), out)
             writer.console(f"exported Hugging Face model to {out}")
 
     # ------------------------------------------------------------------ hooks

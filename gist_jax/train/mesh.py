@@ -1,6 +1,6 @@
 """Device mesh from config, batch checks, and logical-axis -> NamedSharding resolution.
 
-The rules table lives in ``gist_jax/sharding.py``; this module only applies it to a concrete
+The rules table lives in ``gist_jax/model/sharding.py``; this module only applies it to a concrete
 mesh. A dimension that a mesh axis does not divide is replicated along that axis instead of
 failing (e.g. SmolLM2's 9 heads on tensor=2), and ``describe`` reports where that happened.
 """
@@ -15,8 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gist_jax.model.config import ConfigError
-from gist_jax.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
+from gist_jax.errors import ConfigError
+from gist_jax.model.sharding import LOGICAL_AXIS_RULES, MESH_AXES, fit_spec, logical_to_mesh
 from gist_jax.train.config import MeshConfig
 
 BATCH_AXES = ("data", "fsdp")

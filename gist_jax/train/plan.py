@@ -42,15 +42,16 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from jax.typing import DTypeLike
 
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import resolve_attention_impl
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.parallel import resolve_attention_impl
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.structured import QUERY_BLOCK
 from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mesh
 from gist_jax.model.transformer import init_params, param_logical_specs
-from gist_jax.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mesh
 from gist_jax.train.config import MeshConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
 from gist_jax.train.plan_trace import layer_residual_bytes, saved_residual_bytes
@@ -247,13 +248,11 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
 
 def mesh_devices(mesh: MeshConfig, devices: int | None) -> int:
     """``devices``, or the product of the mesh's sizes when none of them is -1."""
-    from gist_jax.cli_config import CliConfigError
-
     sizes = mesh.sizes()
     if devices is None:
         if any(v == -1 for v in sizes.values()):
-            raise CliConfigError(f"mesh {sizes} has an axis of -1 (all remaining devices): give the device count "
-                                 "to plan for, e.g. --devices 64")
+            raise ConfigError(f"mesh {sizes} has an axis of -1 (all remaining devices): give the device count "
+                              "to plan for, e.g. --devices 64")
         return math.prod(sizes.values())
     return devices
 

@@ -19,14 +19,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.forward import compressed_hidden
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.parallel import compressed_hidden
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import LayoutArrays, raw_rows
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores, next_token_labels
+from gist_jax.model.sharding import activation_mesh
 from gist_jax.model.transformer import Params
-from gist_jax.sharding import activation_mesh
 from gist_jax.train.ae import ae_loss
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated

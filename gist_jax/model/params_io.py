@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 
-from gist_jax.model.config import ConfigError, ModelConfig
+from gist_jax.errors import ConfigError
+from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params, to_layout
 
 CONFIG_FILE = "model_config.json"
@@ -93,10 +94,3 @@ def _abstract_params(cfg: ModelConfig) -> Params:
     from gist_jax.model.transformer import init_params
 
     return init_params(cfg, jax.random.key(0))
-
-
-def load_tokenizer(directory: str | pathlib.Path):
-    from gist_jax.tokenizer import HFTokenizer
-
-    return HFTokenizer.from_dir(pathlib.Path(directory) / TOKENIZER_DIR)
-

@@ -19,6 +19,7 @@ import os
 import pathlib
 import signal
 import sys
+from types import FrameType
 
 
 def exit_on_sigterm() -> None:
@@ -36,7 +37,7 @@ def _workdir_from_argv(argv: list[str]) -> str | None:
     return None
 
 
-def _exit_now(signum, frame) -> None:
+def _exit_now(signum: int, frame: FrameType | None) -> None:
     try:
         print(startup_interrupted_line(_workdir_from_argv(sys.argv)), file=sys.stderr, flush=True)
         sys.stdout.flush()

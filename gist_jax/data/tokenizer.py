@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import logging
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -321,7 +322,7 @@ TOKENIZER_SPEC_FORMS = ("bytes", "gguf:smollm2", "gguf:<file.gguf>", "hf:<dir>",
 def split_tokenizer_spec(spec: str) -> tuple[str, str]:
     """``"hf:/models/x"`` -> ``("hf", "/models/x")``, ``"bytes"`` -> ``("bytes", "")``; any other form
     is a ``ValueError`` listing `TOKENIZER_SPEC_FORMS`. The one parser of the forms, shared by
-    `tokenizer_from_spec` and the run's start-up checks (``gist_jax.preflight``)."""
+    `tokenizer_from_spec` and the run's start-up checks (``gist_jax.train.preflight``)."""
     kind, sep, arg = spec.partition(":")
     if spec == "bytes":
         return "bytes", ""
@@ -348,9 +349,16 @@ def tokenizer_from_spec(spec: str) -> Tokenizer:
         return HFTokenizer.from_dir(_existing(arg, spec, is_dir=True))
     if kind == "sentencepiece":
         return SentencePieceTokenizer.from_file(_existing(arg, spec, is_dir=False))
-    from gist_jax.params_io import load_tokenizer
-
     return load_tokenizer(_existing(arg, spec, is_dir=True))
+
+
+def load_tokenizer(directory: str | pathlib.Path) -> HFTokenizer:
+    """The tokenizer a converted params directory holds (``<dir>/tokenizer``, written by
+    ``gist_jax.convert`` next to the params). Here, not in ``model/params_io.py``: the params
+    format knows only the folder's name, so the model layer never imports the tokenizers."""
+    from gist_jax.model.params_io import TOKENIZER_DIR
+
+    return HFTokenizer.from_dir(pathlib.Path(directory) / TOKENIZER_DIR)
 
 
 def _existing(path: str, spec: str, is_dir: bool) -> pathlib.Path:
@@ -363,6 +371,33 @@ def _existing(path: str, spec: str, is_dir: bool) -> pathlib.Path:
 def gguf_tokenizer(path: str | pathlib.Path) -> HFTokenizer:
     """Shorthand for `HFTokenizer.from_gguf`."""
     return HFTokenizer.from_gguf(path)
+
+
+def hf_tokenizer_copy(spec: str) -> HFTokenizer | None:
+    """The tokenizer of ``spec`` as a fresh ``HFTokenizer`` with the same ids, for writing
+    ``tokenizer.json`` (an export adds ``<gist>`` to it, which ``tokenizer_from_spec``'s cache must
+    never see); a byte tokenizer becomes an equivalent byte-level BPE; None if it has no such form."""
+    tok = tokenizer_from_spec(spec)
+    if isinstance(tok, HFTokenizer):
+        return HFTokenizer(tokenizers.Tokenizer.from_str(tok.tokenizer.to_str()), bos_token=tok.bos_token,
+                           eos_token=tok.eos_token, pad_token=tok.pad_token, unk_token=tok.unk_token,
+                           add_bos=tok.add_bos, add_eos=tok.add_eos, chat_template=tok.chat_template)
+    if isinstance(tok, ByteTokenizer):
+        return _byte_tokenizer()
+    logging.getLogger(__name__).warning("data.tokenizer=%r has no tokenizer.json form; the export has no "
+                                        "tokenizer files (copy the tokenizer next to it by hand)", spec)
+    return None
+
+
+def _byte_tokenizer() -> HFTokenizer:
+    """``ByteTokenizer`` as an HF tokenizer with the same ids (bytes 0..255, pad/bos/eos)."""
+    spelling = bytes_to_unicode()
+    tok = tokenizers.Tokenizer(models.BPE(vocab={spelling[b]: b for b in range(256)}, merges=[], fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    names = {ByteTokenizer.pad_id: "<pad>", ByteTokenizer.bos_id: "<s>", ByteTokenizer.eos_id: "</s>"}
+    tok.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in sorted(names)])
+    return HFTokenizer(tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
 def bytes_to_unicode() -> dict[int, str]:

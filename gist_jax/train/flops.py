@@ -302,7 +302,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     """
     import jax
 
-    from gist_jax.gist.parallel import resolve_attention_impl
+    from gist_jax.gist.forward import resolve_attention_impl
 
     resolve_impl = causal_kernel.resolve_impl
 
@@ -418,14 +418,14 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
 def main(argv: list[str] | None = None) -> None:
     """Compare a run config's compression with full attention: pairs, FLOPs per raw token, 6N.
 
-    python -m gist_jax.flops --config experiments/llama3_8b_paper.py --config.model.init=preset:llama3_8b
+    python -m gist_jax.train.flops --config experiments/llama3_8b_paper.py --config.model.init=preset:llama3_8b
 
     One row per ratio the recipe can draw (its sequence length, segments, sinks, AE and TIE as
     the file says), then full attention. Only the model's shape is read from ``model.init``.
     """
     from gist_jax import cli_config
 
-    p = argparse.ArgumentParser(prog="python -m gist_jax.flops", description=main.__doc__,
+    p = argparse.ArgumentParser(prog="python -m gist_jax.train.flops", description=main.__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cli_config.add_config_flag(p, what="the run to count")
     args, overrides = cli_config.parse_tool_args(p, argv)

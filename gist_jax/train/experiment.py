@@ -17,10 +17,10 @@ if TYPE_CHECKING:  # imported where used: the GPU machine has no ml_collections
     import ml_collections
 
 from gist_jax.data.config import DataConfig
+from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.model.config import (
     PRESETS,
-    ConfigError,
     ModelConfig,
     check_attention_impl,
     check_dtype_name,
@@ -105,7 +105,7 @@ class CheckpointSection:
         check_int("checkpoint.export_hf_every", self.export_hf_every, 0, fix="use 0 for no exports")
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type | None] = {
     "model": ModelSection, "compression": CompressionConfig, "step": None, "mesh": MeshConfig,
     "optimizer": OptimizerConfig, "objective": ObjectiveConfig, "data": DataConfig, "train": TrainSection,
     "checkpoint": CheckpointSection,
@@ -145,7 +145,7 @@ def _defaults(cls: type) -> dict[str, Any]:
 def default_config() -> ml_collections.ConfigDict:
     """Every key with its default; experiment files start from this and change what they need."""
     step = StepConfig()
-    d = {name: _defaults(cls) for name, cls in SECTIONS.items() if cls is not None}
+    d: dict[str, Any] = {name: _defaults(cls) for name, cls in SECTIONS.items() if cls is not None}
     d["step"] = {k: getattr(step, k) for k in STEP_KEYS}
     d["name"] = "run"
     import ml_collections

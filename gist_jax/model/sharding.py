@@ -90,6 +90,7 @@ def active_mesh_spec(logical_axes: Sequence[str | None],
     if mesh is None:
         return None
     spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    assert spec is not None  # a tuple of names always maps to a spec
     return mesh, fit_spec(spec, shape, mesh.shape)
 
 
@@ -99,9 +100,10 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh is None:
         return x
     spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    assert spec is not None  # a tuple of names always maps to a spec
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh.shape)))
 
 
-def logical_to_mesh(logical_specs: Any, rules=LOGICAL_AXIS_RULES) -> Any:
+def logical_to_mesh(logical_specs: Any, rules: Any = LOGICAL_AXIS_RULES) -> Any:
     """Tree of logical ``PartitionSpec``s -> tree of mesh ``PartitionSpec``s."""
     return nn.logical_to_mesh(logical_specs, rules)

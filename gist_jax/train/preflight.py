@@ -17,9 +17,11 @@ import functools
 import os
 import pathlib
 import stat
+from typing import Any
 
-from gist_jax.experiment import ModelSection, RunConfig, check_model_matches_run
-from gist_jax.model.config import ConfigError, ModelConfig, preset
+from gist_jax.errors import ConfigError
+from gist_jax.model.config import ModelConfig, preset
+from gist_jax.train.experiment import ModelSection, RunConfig, check_model_matches_run
 
 
 def check_paths(run: RunConfig, workdir: str | os.PathLike) -> None:
@@ -107,7 +109,7 @@ def model_config_before_loading(section: ModelSection) -> ModelConfig:
             from gist_jax.hf.importer import hf_model_config
 
             return hf_model_config(where)
-        from gist_jax.params_io import read_params_config
+        from gist_jax.model.params_io import read_params_config
 
         return read_params_config(where)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, or e.g. a GGUF architecture no family maps
@@ -123,7 +125,7 @@ def _gguf_path(where: str) -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _gguf_header(path: pathlib.Path):
+def _gguf_header(path: pathlib.Path) -> Any:
     """One header walk per file and process: model.init and data.tokenizer often name the same file."""
     from gist_jax.hf.gguf import read_gguf_header
 
@@ -133,8 +135,8 @@ def _gguf_header(path: pathlib.Path):
 # -- data.tokenizer ---------------------------------------------------------------------------------
 def check_tokenizer(spec: str, key: str = "data.tokenizer") -> None:
     """What ``tokenizer_from_spec(spec)`` will open exists (the tokenizer is not built)."""
-    from gist_jax.params_io import TOKENIZER_DIR
-    from gist_jax.tokenizer import split_tokenizer_spec
+    from gist_jax.data.tokenizer import split_tokenizer_spec
+    from gist_jax.model.params_io import TOKENIZER_DIR
 
     try:
         kind, arg = split_tokenizer_spec(spec)
@@ -170,7 +172,7 @@ def check_source(spec: str) -> None:
     from gist_jax.data.sources import matches_any_file, parse_source_spec
 
     parsed = parse_source_spec(spec)  # DataConfig already parsed it: this cannot fail
-    if parsed.kind == "synthetic":
+    if parsed.kind == "synthetic" and parsed.synthetic is not None:
         check_source(parsed.synthetic.haystack)
         if parsed.synthetic.tokenizer:
             check_tokenizer(parsed.synthetic.tokenizer, key=f"data.sources={spec!r}: tokenizer")
