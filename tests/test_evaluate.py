@@ -113,7 +113,8 @@ def test_suite_writes_its_files(results, suite):
 def test_suite_values_are_sane(results):
     _, p = results
     for row in p["perplexity"]["rows"]:
-        assert 1.0 < row["ppl"] < 2 * 264 and row["tokens"] == 2 * (64 - 16)  # random model, bytes
+        # random model, bytes; the predictions of positions 16..62 (j >= L, j < N - 1) in 2 windows
+        assert 1.0 < row["ppl"] < 2 * 264 and row["tokens"] == 2 * (64 - 16 - 1)
     boundary = p["boundary"]
     assert len(boundary["loss_by_position"]["full"]) == 16
     assert {r["start"] for r in boundary["continuation"]} == {"boundary", "mid_segment"}
@@ -124,6 +125,28 @@ def test_suite_values_are_sane(results):
     assert len(p["recall"]["rows"]) == 3 * 2 * 2
     for row in p["reconstruction"]["rows"]:
         assert 0.0 <= row["token_accuracy"] <= 1.0 and row["test_tokens"] > 0
+
+
+def test_the_suite_and_the_in_training_validation_are_one_evaluator(checkpoint, results):
+    """The same windows through ``PerplexityEvaluator`` (what ``metrics.jsonl`` reports during
+    training) and through the ``perplexity`` suite give the same number for every setting: one
+    set of settings, layouts and targets (``gist_jax.train.evaluation``)."""
+    import jax.numpy as jnp
+
+    from gist_jax.evaluate import common
+    from gist_jax.train.evaluation import PerplexityEvaluator
+
+    _, payloads = results
+    ck = common.load_checkpoint(checkpoint)
+    texts = common.documents("stdlib", "validation", ck.tokenizer_spec)
+    tokens = jnp.asarray(common.windows(ck, texts, ck.seq_len, SMALL["num_windows"]))
+    batch = {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, bool).at[:, -1].set(False)}
+    got = PerplexityEvaluator(ck.cfg, ck.comp, ck.seq_len, [batch])(ck.params)
+    rows = payloads["perplexity"]["rows"]
+    assert {f"eval/ppl_{r['setting']}" for r in rows} | {"eval/tokens"} == set(got)
+    for row in rows:
+        assert got[f"eval/ppl_{row['setting']}"] == pytest.approx(row["ppl"], rel=1e-5), row["setting"]
+        assert got["eval/tokens"] == row["tokens"]
 
 
 def test_compare_and_cli_errors(checkpoint, tmp_path, capsys):

@@ -9,7 +9,7 @@ import functools
 import json
 import math
 import pathlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -18,14 +18,9 @@ import numpy as np
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.forward import compressed_hidden
-from gist_jax.gist.layout import cached_layout
-from gist_jax.gist.params import model_config_for
-from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.loss import lm_token_scores
 from gist_jax.model.transformer import Params
-from gist_jax.train.evaluation import strip_gist_params
+from gist_jax.train.evaluation import Setting, eval_settings, setting_params, token_nll_fn
 
 
 @dataclasses.dataclass
@@ -66,32 +61,10 @@ def load_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkp
     return Checkpoint(name, step_dir, cfg, comp, params, run)
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One way to run the checkpoint: ``full`` (the base model, gist params unused) or ``r<k>``."""
-
-    name: str
-    ratio: int | None  # None: full attention
-    cfg: ModelConfig
-    comp: CompressionConfig
-
-
 def settings(ck: Checkpoint, ratios: Sequence[int] | None = None) -> list[Setting]:
-    """Full attention plus every ratio the checkpoint trained (or ``ratios``)."""
-    none = ck.comp.full_attention()
-    out = [Setting("full", None, model_config_for(ck.cfg, none), none)]
-    if ck.comp.enabled:
-        for r in (ck.comp.ratios if ratios is None else ratios):
-            if ck.comp.segment_length % int(r):
-                raise ConfigError(f"--config.compression.ratios: {r} does not divide the checkpoint's segment length "
-                                  f"{ck.comp.segment_length}; use ratios from {ck.comp.ratios}")
-            comp = ck.comp.replace(ratios=(int(r),), ratio_sampling="fixed", pad_to_segments=True)
-            out.append(Setting(f"r{r}", int(r), ck.cfg, comp))
-    return out
-
-
-def setting_params(ck: Checkpoint, setting: Setting) -> Params:
-    return strip_gist_params(ck.params) if setting.ratio is None else ck.params
+    """Full attention plus every ratio the checkpoint trained (or ``ratios``): the settings the
+    in-training validation uses too (``train.evaluation.eval_settings``)."""
+    return eval_settings(ck.cfg, ck.comp, ratios)
 
 
 # ----------------------------------------------------------------------------- text
@@ -126,35 +99,11 @@ def windows(ck: Checkpoint, texts: Iterable[str], length: int, count: int) -> np
 
 
 # ----------------------------------------------------------------------------- log-likelihoods
-@functools.lru_cache(maxsize=64)
-def _nll_fn(setting: Setting, length: int) -> Callable:
-    """Jitted ``(params, tokens) -> (nll, correct)`` ``[B, N-1]``: raw rows' hidden states,
-    then the chunked head + CE (``gist_jax.model.loss``), never ``[B, N, V]`` logits."""
-    if setting.ratio is None:
-        def run(params, tokens):
-            return compressed_hidden(setting.cfg, setting.comp, None, params, tokens, {})
-    else:
-        layout = cached_layout(length, setting.comp)
-        arrays, shape = layout_arrays(layout), layout.shape
-
-        def run(params, tokens):
-            hidden = compressed_hidden(setting.cfg, setting.comp, shape, params, tokens, arrays)
-            return raw_rows(hidden, arrays, length)
-
-    @jax.jit
-    def nll(params, tokens_BxN):
-        hidden_BxNxE = run(params, tokens_BxN)
-        scores = lm_token_scores(setting.cfg, params, hidden_BxNxE[:, :-1], tokens_BxN[:, 1:])
-        return scores.nll, scores.correct
-
-    return nll
-
-
 def token_nll(ck: Checkpoint, setting: Setting, tokens_BxN: np.ndarray,
               batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """NLL and argmax-correctness ``[B, N-1]`` of token j+1 given tokens <= j (teacher forcing)."""
-    fn = _nll_fn(setting, tokens_BxN.shape[1])
-    params = setting_params(ck, setting)
+    fn = token_nll_fn(setting, tokens_BxN.shape[1])
+    params = setting_params(ck.params, setting)
     nll, correct = [], []
     for i in range(0, len(tokens_BxN), batch):
         a, b = fn(params, jnp.asarray(tokens_BxN[i:i + batch]))
@@ -170,7 +119,7 @@ def generate_texts(ck: Checkpoint, setting: Setting, prompts: Sequence[str], max
 
     tok = ck.tokenizer
     ids = [tok.encode(p) for p in prompts]
-    params = setting_params(ck, setting)
+    params = setting_params(ck.params, setting)
     out: list[str] = []
     for i in range(0, len(ids), batch):
         chunk = ids[i:i + batch]

@@ -1,9 +1,9 @@
 """Suite ``perplexity``: long documents in windows (stride = window), full attention against
 every compression ratio the checkpoint supports, per dataset (method.md section 6).
 
-Perplexity counts the targets after the first segment only (tokens j >= L predicting j + 1),
-as the in-training evaluation does: only there does compression change what a token sees, so
-every setting is scored on exactly the same targets.
+Settings, layouts and targets are the in-training validation's (``train.evaluation``): the
+predictions of positions j >= L (token j + 1) only, where compression changes what a token sees,
+so every setting is scored on exactly the same targets.
 """
 
 from __future__ import annotations
@@ -15,21 +15,21 @@ import numpy as np
 
 from gist_jax.evaluate import common
 from gist_jax.evaluate.metrics import perplexity
+from gist_jax.train.evaluation import scored_positions
 
 
 def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, datasets: tuple[str, ...] = ("stdlib",),
         split: str = "validation", window: int | None = None, num_windows: int = 4,
         max_documents: int = 0, ratios=None, batch: int = 4, **_: Any) -> dict:
     window = window or ck.seq_len
-    first = ck.comp.segment_length if ck.comp.enabled else 0
+    scored_M = scored_positions(ck.comp, window)  # the checkpoint's rule, for every setting
     rows, per_window = [], []
     for dataset in datasets:
         texts = common.documents(dataset, split, ck.tokenizer_spec, max_documents)
         tokens = common.windows(ck, texts, window, num_windows)
         for setting in common.settings(ck, ratios):
             nll, _ = common.token_nll(ck, setting, tokens, batch)
-            mask = np.zeros(nll.shape, bool)
-            mask[:, max(first - 1, 0):] = True  # target index j + 1 >= L
+            mask = np.broadcast_to(scored_M, nll.shape)
             rows.append({"checkpoint": ck.name, "dataset": dataset, "setting": setting.name,
                          "ratio": setting.ratio or 1, "ppl": perplexity(nll, mask), "tokens": int(mask.sum()),
                          "windows": int(tokens.shape[0]), "window": window})
