@@ -103,13 +103,13 @@ def test_a_damaged_final_checkpoint_is_set_aside_and_the_run_finishes(reference,
         warnings = [line for line in err.splitlines() if "damaged" in line]
         assert len(warnings) == 1 and f"checkpoints/{STEPS} is damaged" in warnings[0], (name, err[-2000:])
         assert "TensorStore" not in warnings[0] and "Traceback" not in err, (name, warnings)
-        assert f"resumed from {workdir / 'checkpoints'}/{STEPS - 2}" in out, (name, out[-1000:])
+        assert f"resumed from {workdir / 'checkpoints'}/{STEPS - 2}" in out + err, (name, out[-1000:])
         assert (workdir / "checkpoints_set_aside" / f"{STEPS}.damaged").is_dir(), name
         assert checkpoint_steps(workdir) == [STEPS - 4, STEPS - 2, STEPS], name
         assert_same_losses(losses(workdir), ref, (STEPS - 1, STEPS))
     again = run(workdirs["bit-rotted array file"], token_cache, *RUN)
     assert again.returncode == 0 and "damaged" not in again.stderr, again.stderr[-2000:]
-    assert f"resumed from {workdirs['bit-rotted array file'] / 'checkpoints'}/{STEPS}" in again.stdout
+    assert f"resumed from {workdirs['bit-rotted array file'] / 'checkpoints'}/{STEPS}" in again.stdout + again.stderr
 
 
 def test_a_data_state_naming_another_step_is_rebuilt_from_the_checkpoint_step(reference, token_cache, tmp_path):
@@ -136,7 +136,7 @@ def test_resuming_with_changed_keys_is_refused_unless_they_may_change(reference,
     longer = run(workdir, token_cache, *RUN, f"--config.optimizer.total_steps={STEPS + 2}",
                  "--config.train.log_every=2", "--config.checkpoint.keep=4", "--config.optimizer.learning_rate=5e-5")
     assert longer.returncode == 0, longer.stderr[-2000:]
-    assert f"resumed from {workdir / 'checkpoints'}/{STEPS}" in longer.stdout
+    assert f"resumed from {workdir / 'checkpoints'}/{STEPS}" in longer.stdout + longer.stderr
     assert sorted(losses(workdir)) == [STEPS + 2]
 
 
@@ -157,7 +157,7 @@ def test_weights_that_blow_up_inside_a_step_are_never_named_as_the_good_checkpoi
     assert (tmp_path / "checkpoints_set_aside" / "3.diverged").is_dir()
     resumed = run(tmp_path, token_cache, *sane)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {tmp_path / 'checkpoints'}/2" in resumed.stdout
+    assert f"resumed from {tmp_path / 'checkpoints'}/2" in resumed.stdout + resumed.stderr
     assert max(losses(tmp_path)) == STEPS
 
     inf_dir = tmp_path / "inf"
@@ -230,4 +230,4 @@ def test_a_full_disk_stops_with_one_line_and_loses_no_checkpoint(token_cache, tm
         subprocess.run(["umount", str(disk)], check=False)
     resumed = run(moved, token_cache, *overrides)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {moved / 'checkpoints'}/{newest}" in resumed.stdout
+    assert f"resumed from {moved / 'checkpoints'}/{newest}" in resumed.stdout + resumed.stderr

@@ -47,7 +47,7 @@ def test_sigkill_at_three_points_then_resume_is_exact(reference, token_cache, tm
         assert not (tmp_path / "final_metrics.json").exists(), "the run ended before it was killed"
     result = run(tmp_path, token_cache, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stdout
+    assert "resumed from" in result.stdout + result.stderr
     assert_same_losses(losses(tmp_path), ref, range(1, STEPS + 1))
 
 
@@ -64,7 +64,8 @@ def test_sigterm_saves_the_current_step_and_exits_zero(reference, token_cache, t
     assert checkpoint_steps(tmp_path) == [stopped] and stopped < STEPS
     assert "preempted" in out
     result = run(tmp_path, token_cache, *overrides)
-    assert result.returncode == 0 and f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in result.stdout
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}/{stopped}" in result.stdout + result.stderr
     assert_same_losses(losses(tmp_path), ref, range(1, STEPS + 1))
     assert final
 
@@ -80,7 +81,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(reference, token_c
     (workdir / "metrics.jsonl").unlink()
     result = run(workdir, token_cache, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from {ckpts}/{STEPS - 2}" in result.stdout
+    assert f"resumed from {ckpts}/{STEPS - 2}" in result.stdout + result.stderr
     assert sorted(losses(workdir)) == [STEPS - 1, STEPS]
     assert_same_losses(losses(workdir), ref, (STEPS - 1, STEPS))
 

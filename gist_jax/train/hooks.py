@@ -1,21 +1,43 @@
-"""Side effects of the training loop, kept out of it: metrics (console, JSONL, TensorBoard),
-throughput and MFU, divergence checks, profiling, preemption. Only process 0 writes files;
-every process computes the same numbers.
+"""Side effects of the training loop, kept out of it, and the hooks that hang them on it.
+
+The loop (``gist_jax.train.loop.train``) takes steps and, after each, calls ``HookList.after_step``;
+everything else it does is a ``Hook``: an object with a name, a ``Cadence`` (every N steps, at the
+start of a fresh run, at the end) and a ``run`` that receives the ``RunContext`` explicitly
+(the state, the step, the checkpointer, the loader...), never closed-over locals of ``train()``.
+This module holds the machinery (``Cadence``, ``Hook``, ``HookList``, ``RunContext``), the tools
+the hooks share (``MetricsWriter``, ``Throughput``, ``CompileLog``) and the hooks that need no
+train state: the profiler and the preemption watch. The hooks that read or write the train
+state (metrics and divergence, checkpoint, Hugging Face export, evaluation) are in
+``gist_jax.train.state_hooks``.
+
+Only process 0 writes files; every process computes the same numbers and runs the same hooks at
+the same steps (a collective inside one, the export's gather, needs every process).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import pathlib
 import signal
 import time
+from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from gist_jax.train.distributed import is_primary
+
+if TYPE_CHECKING:
+    from gist_jax.data.loader import BatchLoader
+    from gist_jax.train.checkpoint import Checkpointer
+    from gist_jax.train.experiment import RunConfig
+    from gist_jax.train.state import TrainState
+
+logger = logging.getLogger(__name__)
 
 FINITE_KEYS = ("loss", "lm_loss", "grad_norm", "ae_loss")
 
@@ -30,6 +52,123 @@ def non_finite_metric(metrics: dict[str, float]) -> str | None:
         if key in metrics and not math.isfinite(metrics[key]):
             return f"{key}={metrics[key]}"
     return None
+
+
+# ---------------------------------------------------------------------- the hook machinery
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a hook may read or change, handed to it explicitly.
+
+    The services are fixed for the run; ``state``, ``step`` and ``metrics`` are set by the loop
+    after every step (``step`` counts the updates done: ``state`` holds the weights after
+    ``step`` steps, ``metrics`` are that step's, still on the device); ``stop`` and ``preempted``
+    are set by the preemption watch.
+    """
+
+    run: RunConfig
+    workdir: pathlib.Path
+    checkpointer: Checkpointer
+    loader: BatchLoader
+    writer: MetricsWriter
+    throughput: Throughput
+    state: TrainState
+    start_step: int  # the step this run began at (0, or the restored checkpoint's)
+    total_steps: int
+    resumed: bool  # restored from a checkpoint
+    step: int
+    metrics: dict[str, Any] | None = None
+    stop: bool = False  # the loop ends after this step
+    preempted: bool = False  # ... and stopped before total_steps
+
+    @property
+    def trained_this_run(self) -> bool:
+        """This run took a step, or began from scratch: a resumed run that took none has nothing
+        new to save or export."""
+        return self.step > self.start_step or not self.resumed
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When a hook runs.
+
+    ``every``: after each step ``s`` with ``s % every == 0`` (0: never). ``on_last_step``: the
+    periodic runs include the run's last step (``s == total``); off for what the end of the run
+    does anyway (a save, an export, an eval), so the last step does not do it twice. ``at_start``:
+    once before the first step of a run that begins at step 0 (a resumed run did it when it
+    began). ``at_end``: once after the loop, through ``Hook.at_end``, which decides on how the run
+    ended (preempted, resumed without a step).
+    """
+
+    every: int = 0
+    on_last_step: bool = False
+    at_start: bool = False
+    at_end: bool = False
+
+    def due(self, step: int, total: int) -> bool:
+        """Whether the periodic run happens after step ``step`` of a run of ``total`` steps."""
+        return self.every > 0 and step % self.every == 0 and (step < total or self.on_last_step)
+
+
+class Hook:
+    """One side effect of the loop. Subclasses set ``name`` and ``cadence`` and implement
+    ``run``; ``before_step``, ``at_end`` and ``close`` default to nothing, ``run`` and nothing."""
+
+    name = "hook"
+    cadence = Cadence()
+
+    def before_step(self, ctx: RunContext) -> None:
+        """Before the step that follows ``ctx.step`` is taken, every step (a trace that must
+        contain the step starts here)."""
+
+    def run(self, ctx: RunContext) -> None:
+        """The side effect at ``ctx.step``: when the cadence is due, and at the start."""
+        raise NotImplementedError
+
+    def at_end(self, ctx: RunContext) -> None:
+        """Once after the loop, where ``cadence.at_end``; a hook with conditions overrides it."""
+        self.run(ctx)
+
+    def close(self) -> None:
+        """After the checkpointer has finished its last save."""
+
+
+class HookList:
+    """The run's hooks, called in the order they are given: that order is the order of the side
+    effects within a step (metrics first, so a save never sees unchecked metrics; preemption
+    last, so the loop stops after the step's own saves)."""
+
+    def __init__(self, hooks: Sequence[Hook]) -> None:
+        self.hooks = list(hooks)
+
+    def at_start(self, ctx: RunContext) -> None:
+        if ctx.step != 0:
+            return
+        for hook in self.hooks:
+            if hook.cadence.at_start:
+                hook.run(ctx)
+
+    def before_step(self, ctx: RunContext) -> None:
+        for hook in self.hooks:
+            hook.before_step(ctx)
+
+    def after_step(self, ctx: RunContext) -> None:
+        for hook in self.hooks:
+            if hook.cadence.due(ctx.step, ctx.total_steps):
+                hook.run(ctx)
+
+    def at_end(self, ctx: RunContext) -> None:
+        for hook in self.hooks:
+            if hook.cadence.at_end:
+                hook.at_end(ctx)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.close()
+
+
+# ---------------------------------------------------------------------- tools the hooks share
 
 
 class MetricsWriter:
@@ -61,8 +200,16 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
 
     def console(self, line: str) -> None:
+        """A line of the run's report on stdout (the per-step metrics, the memory plan): what a
+        person runs training to read, and what a log scraper parses; process 0 only."""
         if self.primary:
             print(line, flush=True)
+
+    def status(self, line: str) -> None:
+        """A status line (resumed, compiled, exported, evaluated, preempted) through logging:
+        stderr with absl's timestamp prefix (``gist_jax.utils.logs``); process 0 only."""
+        if self.primary:
+            logger.info("%s", line)
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         final = {**self.final, **(extra or {})}
@@ -105,6 +252,24 @@ class Throughput:
         return out
 
 
+class CompileLog:
+    """Called by ``StepFunctions`` after each train-step compilation: the time is left out of
+    throughput (it is not training), printed, and summed into the final metrics."""
+
+    def __init__(self, throughput: Throughput, writer: MetricsWriter) -> None:
+        self.throughput, self.writer = throughput, writer
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, seconds: float) -> None:
+        self.seconds[name] = seconds
+        self.throughput.exclude(seconds)
+        self.writer.status(f"compiled train step for {name} in {seconds:.1f}s")
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
 def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
     parts = [f"step {step}/{total}"]
     for key, fmt in (("loss", ".4f"), ("lm_loss", ".4f"), ("ae_loss", ".4f"), ("accuracy", ".3f"),
@@ -116,32 +281,45 @@ def format_line(step: int, total: int, metrics: dict[str, float]) -> str:
     return " | ".join(parts)
 
 
-class Profiler:
-    """``jax.profiler`` trace of steps [start, start + count) into ``<workdir>/profile``."""
+# ---------------------------------------------------------------------- hooks without train state
+
+
+class Profiler(Hook):
+    """``jax.profiler`` trace of steps [start, start + count) into ``<workdir>/profile``: started
+    before step ``start`` is taken, stopped once ``start + count`` steps are done (or never, when
+    the run ends first)."""
+
+    name = "profile"
+    cadence = Cadence(every=1, on_last_step=True)
 
     def __init__(self, workdir: pathlib.Path, start: int, count: int):
         self.dir, self.start, self.stop, self.active = workdir / "profile", start, start + count, False
 
-    def before_step(self, step: int) -> None:
-        if self.stop > self.start and step == self.start and is_primary():
+    def before_step(self, ctx: RunContext) -> None:
+        if self.stop > self.start and ctx.step == self.start and is_primary():
             jax.profiler.start_trace(str(self.dir))
             self.active = True
 
-    def after_step(self, step: int) -> None:
-        if self.active and step >= self.stop:
+    def run(self, ctx: RunContext) -> None:
+        if self.active and ctx.step >= self.stop:
             jax.profiler.stop_trace()
             self.active = False
 
 
-class PreemptionWatch:
-    """Asks the loop to save and exit at the next step when the job is being preempted.
+class PreemptionWatch(Hook):
+    """Stops the loop after the current step when the job is being preempted; the end of the run
+    then saves that step (and skips the export and eval a finished run would do).
 
-    One process: a SIGTERM handler. Several processes: JAX's preemption sync point (its
+    Checked after every step, the last included, and last of the hooks, after the step's own
+    saves. One process: a SIGTERM handler. Several processes: JAX's preemption sync point (its
     distributed runtime catches SIGTERM itself), so every process stops at the same step even
     when only one of them received the signal; a Python handler there would replace JAX's.
     """
 
-    def __init__(self):
+    name = "preemption"
+    cadence = Cadence(every=1, on_last_step=True)
+
+    def __init__(self) -> None:
         self.requested = False
         self.multi = jax.process_count() > 1
         self._previous = None if self.multi else signal.signal(signal.SIGTERM, self._handle)
@@ -158,6 +336,11 @@ class PreemptionWatch:
             return bool(multihost_utils.reached_preemption_sync_point(step))
         except RuntimeError:  # preemption service unavailable in this runtime
             return False
+
+    def run(self, ctx: RunContext) -> None:
+        if self.should_stop(ctx.step):
+            ctx.stop = True
+            ctx.preempted = ctx.step < ctx.total_steps
 
     def close(self) -> None:
         if self._previous is not None:

@@ -1,5 +1,14 @@
-"""The training run, top to bottom in the order it happens: set-up, mesh, model, data, state,
-restore, loop, final save. Side effects hang on the loop as hooks (``gist_jax.train.hooks``).
+"""The training run, ``train()``, top to bottom in the order it happens: set-up, mesh, checkpoint
+check, model and data, state, restore, step functions and hooks, loop, the end-of-run hooks
+(final metrics, save, export, eval), close.
+
+The loop itself only takes steps: per step, the layout, the batch, the compiled update, then
+``HookList.after_step``. Every side effect is a hook (``gist_jax.train.hooks``, and
+``gist_jax.train.state_hooks`` for those that touch the train state) with its own cadence,
+registered in the order it runs within a step: metrics of the previous step first (so nothing is
+saved before its metrics are checked for divergence), profiler, checkpoint, Hugging Face export,
+eval, and the preemption watch last (it ends the loop after the step's own saves). The hooks
+read and change the run through an explicit ``RunContext``, not through ``train()``'s locals.
 
 Exactness of resume: the batch at step k is a function of (config, k) (data loader), the
 compression ratios of step k are drawn from ``(seed, k)``, and the state carries its own step
@@ -10,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -27,22 +37,15 @@ from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
-from gist_jax.train.checkpoint import Checkpointer, NonFiniteState, layout_metadata
+from gist_jax.train.checkpoint import Checkpointer, layout_metadata
 from gist_jax.train.distributed import is_primary
 from gist_jax.train.evaluation import PerplexityEvaluator
 from gist_jax.train.experiment import ModelSection, RunConfig, check_model_matches_data, check_model_matches_run
 from gist_jax.train.flops import peak_flops, step_objectives, train_flops_per_step
-from gist_jax.train.hooks import (
-    MetricsWriter,
-    PreemptionWatch,
-    Profiler,
-    Throughput,
-    TrainingDiverged,
-    format_line,
-    non_finite_metric,
-)
+from gist_jax.train.hooks import CompileLog, HookList, MetricsWriter, PreemptionWatch, Profiler, RunContext, Throughput
 from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh, replicated
 from gist_jax.train.state import TrainState, create_train_state
+from gist_jax.train.state_hooks import CheckpointHook, EvalHook, HuggingFaceExportHook, MetricsHook
 from gist_jax.train.step import Batch, build_train_step
 
 logger = logging.getLogger(__name__)
@@ -128,7 +131,22 @@ class StepFunctions:
         return fn(state, batch, arrays)
 
 
+def open_checkpointer(run: RunConfig, workdir: pathlib.Path) -> Checkpointer:
+    return Checkpointer(workdir / "checkpoints", run.checkpoint.keep, run.checkpoint.milestone_every,
+                        run.checkpoint.async_save)
+
+
+def step_layout(run: RunConfig, step: int, num_segments: int) -> GistLayout:
+    """The layout of step ``step``: one for the run without compression, else that of its ratios."""
+    if not run.compression.enabled:
+        return cached_layout(run.step.seq_len, run.compression)
+    ratios, slots = step_ratios(run, step, num_segments)
+    return cached_layout(run.step.seq_len, run.compression, ratios, slots)
+
+
 def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains ``run`` in ``workdir``, resuming from its newest sound checkpoint; returns the final
+    metrics (also written to ``<workdir>/final_metrics.json``)."""
     # ------------------------------------------------------------------ set-up
     if "://" in str(workdir):
         raise ConfigError(f"--workdir={workdir}: use a filesystem path that every process sees (for a bucket, "
@@ -141,13 +159,10 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     mesh = make_mesh(step_cfg.mesh)
     check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
 
+    # ------------------------------------------------------------------ checkpoint check
     # Before anything heavy loads: a workdir whose checkpoint this config cannot resume is refused.
     # (The checkpoint directory is only created once the model, data and state are known to load.)
-    def open_checkpoints() -> Checkpointer:
-        return Checkpointer(workdir / "checkpoints", run.checkpoint.keep, run.checkpoint.milestone_every,
-                            run.checkpoint.async_save)
-
-    ckpt = open_checkpoints() if (workdir / "checkpoints").is_dir() else None
+    ckpt = open_checkpointer(run, workdir) if (workdir / "checkpoints").is_dir() else None
     if ckpt is not None:
         ckpt.check_resume(run.to_dict())
     if is_primary():
@@ -169,137 +184,67 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     # ------------------------------------------------------------------ state
     state, tx, shardings = create_train_state(base_cfg, comp, step_cfg, mesh, base_params)
     del base_params
-    model_cfg = model_config_for(base_cfg, comp)
-    layout_meta = layout_metadata(model_cfg, comp, state)
+    layout_meta = layout_metadata(model_config_for(base_cfg, comp), comp, state)
 
     # ------------------------------------------------------------------ restore
-    ckpt = ckpt or open_checkpoints()
+    ckpt = ckpt or open_checkpointer(run, workdir)
     restored = ckpt.restore_latest(state, layout_meta, run.to_dict())
     start = 0
     if restored is not None:
         start, state, data_state = restored
         loader.restore(data_state)
-        writer.console(f"resumed from {ckpt.directory}/{start}")
+        writer.status(f"resumed from {ckpt.directory}/{start}")
 
-    def save(step: int) -> None:
-        try:
-            ckpt.save(step, state, loader.state(), run.to_dict(), layout_meta)
-        except NonFiniteState as e:
-            raise TrainingDiverged(f"{e}. Last good checkpoint: {ckpt.describe_latest()}. Lower "
-                                   "optimizer.learning_rate or check the data, then rerun to resume") from None
-
-    def export_hf(step: int) -> None:  # every process: leaves are gathered collectively, process 0 writes
-        from gist_jax.data.tokenizer import hf_tokenizer_copy
-        from gist_jax.hf.export import export_params
-
-        out = workdir / "hf" / str(step)
-        # config.json is written last, after the collective gather, so every process sees the same
-        # answer here; a partial export (a kill mid-write) has none and is redone.
-        if not (out / "config.json").exists():
-            export_params(base_cfg, comp, state.params, hf_tokenizer_copy(run.data.tokenizer), out)
-            writer.console(f"exported Hugging Face model to {out}")
-
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ step functions and hooks
     total = run.num_steps
-    tie, ae = step_objectives(step_cfg, comp)
     throughput = Throughput(step_cfg.batch_size * step_cfg.seq_len, total, peak_flops(), jax.device_count())
-    compile_seconds: dict[str, float] = {}
-
-    def on_compile(name: str, seconds: float) -> None:
-        compile_seconds[name] = seconds
-        throughput.exclude(seconds)
-        writer.console(f"compiled train step for {name} in {seconds:.1f}s")
-
-    steps = StepFunctions(lambda shape: build_train_step(base_cfg, comp, step_cfg, shape, tx, mesh, shardings),
-                          mesh, on_compile)
+    compile_log = CompileLog(throughput, writer)
+    steps = StepFunctions(functools.partial(build_train_step, base_cfg, comp, step_cfg, tx=tx, mesh=mesh,
+                                            state_shardings=shardings), mesh, compile_log)
     evaluator = make_evaluator(run, base_cfg, mesh)
-    profiler = Profiler(workdir, run.train.profile_start, run.train.profile_steps)
-    preemption = PreemptionWatch()
+    # In run order within a step: metrics of the previous step (checked before anything is saved),
+    # trace stop, save, export, eval, and last the preemption check that ends the loop.
+    metrics_hook = MetricsHook(run.train.log_every)
+    hooks = HookList([
+        metrics_hook,
+        Profiler(workdir, run.train.profile_start, run.train.profile_steps),
+        CheckpointHook(run.checkpoint.every, layout_meta, metrics_hook),
+        *([HuggingFaceExportHook(run.checkpoint.export_hf_every, base_cfg, metrics_hook)]
+          if run.checkpoint.export_hf_every else []),
+        *([EvalHook(evaluator, run.train.eval_every, run.train.eval_at_start)] if evaluator is not None else []),
+        PreemptionWatch(),
+    ])
+    ctx = RunContext(run=run, workdir=workdir, checkpointer=ckpt, loader=loader, writer=writer,
+                     throughput=throughput, state=state, start_step=start, total_steps=total,
+                     resumed=restored is not None, step=start)
+    del state  # ctx.state from here on: the hooks save, export and evaluate that one
+    tie, ae = step_objectives(step_cfg, comp)
     num_segments = comp.num_segments(step_cfg.seq_len) if comp.enabled else 1
 
-    def layout_for(step: int) -> GistLayout:
-        if not comp.enabled:
-            return cached_layout(step_cfg.seq_len, comp)
-        ratios, slots = step_ratios(run, step, num_segments)
-        return cached_layout(step_cfg.seq_len, comp, ratios, slots)
-
-    def evaluate(step: int) -> None:
-        if evaluator is not None:
-            start_eval = time.perf_counter()
-            result = evaluator(state.params["model"])
-            throughput.exclude(time.perf_counter() - start_eval)
-            writer.write(step, result)
-            writer.console(f"eval step {step}: " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in result.items()
-                                                               if k.startswith("eval/ppl")))
-
-    def finish_step(step: int, metrics_device: dict) -> None:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics_device).items()}
-        bad = non_finite_metric(metrics)
-        if bad is not None:
-            # The metrics of step k come from the weights after step k - 1: a checkpoint of that
-            # step (or later) holds the weights that diverged, and must not be resumed from.
-            suspect = [s for s in ckpt.all_steps() if s >= step - 1]
-            moved = [str(ckpt.set_aside(s, "diverged")) for s in suspect]
-            note = f" Moved the checkpoints of those weights aside: {', '.join(moved)}." if moved else ""
-            raise TrainingDiverged(f"{bad} at step {step}: stopping.{note} Last good checkpoint: "
-                                   f"{ckpt.describe_latest()}. Lower optimizer.learning_rate or check the data, "
-                                   "then rerun to resume from it")
-        if step % run.train.log_every == 0 or step == total:
-            metrics.update(throughput.report(step))
-            writer.write(step, metrics)
-            writer.console(format_line(step, total, metrics))
-
     # ------------------------------------------------------------------ loop
-    if run.train.eval_at_start and start == 0:
-        evaluate(0)
-    pending: tuple[int, dict] | None = None
-    step = start
-    stopped_early = False
-    while step < total:
-        profiler.before_step(step)
-        layout = layout_for(step)
+    hooks.at_start(ctx)
+    while ctx.step < total and not ctx.stop:
+        hooks.before_step(ctx)
+        layout = step_layout(run, ctx.step, num_segments)
         batch = next(loader)
-        state, metrics = steps(state, batch, layout)
+        ctx.state, ctx.metrics = steps(ctx.state, batch, layout)
         throughput.add_step(train_flops_per_step(base_cfg, comp, step_cfg.seq_len, step_cfg.batch_size,
                                                  layout.ratios if comp.enabled else None, tie=tie, ae=ae)["total"])
-        if pending is not None:  # one step behind, so the host never waits on the device
-            finish_step(*pending)
-        step += 1
-        pending = (step, metrics)
-        profiler.after_step(step)
-        if step % run.checkpoint.every == 0 and step < total:
-            finish_step(*pending)  # never save a diverged state
-            pending = None
-            save(step)
-        if run.checkpoint.export_hf_every and step % run.checkpoint.export_hf_every == 0 and step < total:
-            if pending is not None:
-                finish_step(*pending)
-                pending = None
-            export_hf(step)
-        if run.train.eval_every and step % run.train.eval_every == 0 and step < total:
-            evaluate(step)
-        if preemption.should_stop(step):
-            stopped_early = step < total
-            break
-    if pending is not None:
-        finish_step(*pending)
+        ctx.step += 1
+        hooks.after_step(ctx)
 
-    # ------------------------------------------------------------------ final save
-    if step > start or restored is None:
-        if ckpt.latest_step() != step:
-            save(step)
-        if run.checkpoint.export_hf_every and not stopped_early:
-            export_hf(step)
-    if not stopped_early and (run.train.eval_every or run.train.eval_at_start):
-        evaluate(step)
+    # ------------------------------------------------------------------ final metrics, save, export, eval
+    hooks.at_end(ctx)
+
+    # ------------------------------------------------------------------ close
     ckpt.close()
-    preemption.close()
+    hooks.close()
     loader.close()
-    final = writer.close({"compile_seconds": sum(compile_seconds.values()),
-                          "wall_seconds": time.perf_counter() - run_start, "preempted": stopped_early})
-    if stopped_early:
-        writer.console(f"preempted: saved step {step} to {ckpt.directory}; rerun the same command to resume")
-    logger.info("finished at step %d", step)
+    final = writer.close({"compile_seconds": compile_log.total_seconds,
+                          "wall_seconds": time.perf_counter() - run_start, "preempted": ctx.preempted})
+    if ctx.preempted:
+        writer.status(f"preempted: saved step {ctx.step} to {ckpt.directory}; rerun the same command to resume")
+    logger.info("finished at step %d", ctx.step)
     return final
 
 
