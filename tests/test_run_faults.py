@@ -100,7 +100,7 @@ def test_a_damaged_final_checkpoint_is_set_aside_and_the_run_finishes(reference,
     for name, workdir in workdirs.items():
         code, out, err = results[name]
         assert code == 0, (name, err[-3000:])
-        warnings = [line for line in err.splitlines() if "damaged" in line]
+        warnings = [line for line in err.splitlines() if "is damaged" in line]
         assert len(warnings) == 1 and f"checkpoints/{STEPS} is damaged" in warnings[0], (name, err[-2000:])
         assert "TensorStore" not in warnings[0] and "Traceback" not in err, (name, warnings)
         assert f"resumed from {workdir / 'checkpoints'}/{STEPS - 2}" in out + err, (name, out[-1000:])
@@ -108,7 +108,7 @@ def test_a_damaged_final_checkpoint_is_set_aside_and_the_run_finishes(reference,
         assert checkpoint_steps(workdir) == [STEPS - 4, STEPS - 2, STEPS], name
         assert_same_losses(losses(workdir), ref, (STEPS - 1, STEPS))
     again = run(workdirs["bit-rotted array file"], token_cache, *RUN)
-    assert again.returncode == 0 and "damaged" not in again.stderr, again.stderr[-2000:]
+    assert again.returncode == 0 and "is damaged" not in again.stderr, again.stderr[-2000:]
     assert f"resumed from {workdirs['bit-rotted array file'] / 'checkpoints'}/{STEPS}" in again.stdout + again.stderr
 
 
