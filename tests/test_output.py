@@ -133,3 +133,19 @@ def test_a_failing_tensorflow_import_keeps_its_message_and_python_output(broken_
     assert "ImportError: this tensorflow is broken: reinstall it" in r.stderr, r.stderr
     assert "python-level note" in r.stderr, r.stderr
     assert "native start-up chatter" not in r.stderr, r.stderr
+
+
+def test_a_training_status_line_is_a_log_line_that_names_its_caller(tmp_path, caplog, capsys):
+    """``resumed from`` and the like go through logging (stderr, timestamped), not stdout, and
+    the absl prefix names the hook or loop line that wrote them, not ``MetricsWriter``."""
+    import logging
+
+    from gist_jax.train.hooks import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    with caplog.at_level(logging.INFO, logger="gist_jax"):
+        writer.status("resumed from somewhere/4")
+    writer.close()
+    assert capsys.readouterr().out == ""
+    [record] = [r for r in caplog.records if r.getMessage() == "resumed from somewhere/4"]
+    assert record.filename == "test_output.py" and record.levelno == logging.INFO

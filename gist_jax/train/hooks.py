@@ -209,7 +209,7 @@ class MetricsWriter:
         """A status line (resumed, compiled, exported, evaluated, preempted) through logging:
         stderr with absl's timestamp prefix (``gist_jax.utils.logs``); process 0 only."""
         if self.primary:
-            logger.info("%s", line)
+            logger.info("%s", line, stacklevel=2)  # file:line of the caller
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         final = {**self.final, **(extra or {})}
