@@ -180,3 +180,22 @@ def test_a_finished_study_re_reports_without_retraining(study):
     assert (out / "report" / "study.md").stat().st_mtime_ns > report_mtime
     assert seconds < 90, f"re-reporting took {seconds:.0f}s"  # loads no model (loose: the machine is shared)
     print(f"\nre-report: {seconds:.1f}s")
+
+
+def test_a_run_trained_under_another_recipe_is_refused_not_re_reported(study, tmp_path):
+    """A run counts as trained by its step; if the recipe changed since (here its AE weight),
+    re-reporting that checkpoint under today's recipe would be a false report. The study exits 2
+    naming the run, the key with both values, and the fix, before it loads anything."""
+    name = "fine_kv_ae"
+    saved = json.loads((study["out"] / "runs" / name / "config.json").read_text())
+    today = saved["objective"]["ae_lambda"]
+    saved["objective"]["ae_lambda"] = today * 5
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    (tmp_path / "runs" / name / "config.json").write_text(json.dumps(saved))
+    done = subprocess.run([*_study(tmp_path), "--report_only"], check=False, cwd=REPO, env=study["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert f"runs/{name}: run {name}" in line and f"objective.ae_lambda {today * 5!r} -> {today!r}" in line, line
+    assert "delete" in line and "new --out" in line, line
+    assert not (tmp_path / "report").exists()

@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
 
         study = load_study(args.scale, args.config, tuple(r for r in args.runs.split(",") if r), args.max_steps)
         out.mkdir(parents=True, exist_ok=True)
+        from gist_jax.study import runner
+
+        runner.check_trained_configs(out, study)  # a changed recipe never re-reports old checkpoints
         if not args.report_only:
-            from gist_jax.study import runner
 
             pending = [s.name for s in study.runs
                        if not runner.is_trained(out, s) or runner.missing_suites(out, study, s)]

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gist_jax.errors import ConfigError
 from gist_jax.study.plan import RunSpec, Study
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,24 @@ def latest_step(run_dir: pathlib.Path) -> int | None:
     root = run_dir / "checkpoints"
     steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.is_dir() else []
     return max(steps) if steps else None
+
+
+def check_trained_configs(out: pathlib.Path, study: Study) -> None:
+    """Refuses a run directory trained under other values of the keys a resume may not change
+    (``train.integrity.changed_keys``: the model, compression, objective, data...). Without it, a
+    recipe edited after a study finished would re-report the old checkpoints under the new
+    recipe's name, since a run counts as trained by its step alone. Reads each run's
+    ``config.json`` (written when its training starts); a run never started has none."""
+    from gist_jax.train.integrity import changed_keys
+
+    for spec in study.runs:
+        saved = read_json(workdir(out, spec) / "config.json")
+        changed = changed_keys(saved, spec.run.to_dict()) if saved is not None else {}
+        if changed:
+            detail = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(f"{workdir(out, spec)}: run {spec.name} was trained with other values than "
+                              f"{study.config_path.name} now gives ({detail}); to retrain it, delete "
+                              f"{workdir(out, spec)} and {out / 'cache' / spec.name}, or use a new --out")
 
 
 def is_trained(out: pathlib.Path, spec: RunSpec) -> bool:
