@@ -199,3 +199,21 @@ def test_a_run_trained_under_another_recipe_is_refused_not_re_reported(study, tm
     assert f"runs/{name}: run {name}" in line and f"objective.ae_lambda {today * 5!r} -> {today!r}" in line, line
     assert "delete" in line and "new --out" in line, line
     assert not (tmp_path / "report").exists()
+
+
+def test_a_cached_result_of_an_older_suite_version_is_recomputed(study, tmp_path):
+    """A suite whose numbers changed meaning (``gist_jax.evaluate.SUITE_VERSIONS``) must not be
+    re-reported from a cache written by its older version next to new results."""
+    from gist_jax.study import runner
+    from gist_jax.study.plan import load_study
+
+    plan = load_study("smoke")
+    spec = plan.run("full")
+    (tmp_path / "runs" / "full" / "checkpoints" / str(STEPS)).mkdir(parents=True)
+    (tmp_path / "cache" / "full").mkdir(parents=True)
+    entry = json.loads((study["out"] / "cache" / "full" / "perplexity.json").read_text())
+    (tmp_path / "cache" / "full" / "perplexity.json").write_text(json.dumps(entry))
+    assert runner.cached(tmp_path, plan, spec, "perplexity") == entry["payload"]
+    entry["key"]["version"] -= 1
+    (tmp_path / "cache" / "full" / "perplexity.json").write_text(json.dumps(entry))
+    assert runner.cached(tmp_path, plan, spec, "perplexity") is None

@@ -102,3 +102,20 @@ def test_enospc_inside_an_orbax_save_becomes_one_disk_full_error(tiny_state, tmp
         assert [p.name for p in (disk / "checkpoints").iterdir()] == ["1"]  # no partial step left
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_an_objective_off_on_both_sides_does_not_block_a_resume_with_its_settings_changed():
+    """``objective.ae_*`` and ``objective.tie_*`` shape nothing while their objective is off, so a
+    changed default there must not refuse a resume (or a finished study run); the switch itself,
+    and the settings of an objective that is on, still do."""
+    from gist_jax.train.integrity import changed_keys
+
+    def run(**objective):
+        return {"objective": {"ae": False, "ae_lambda": 0.1, "ae_layer": -1, "tie": True, "tie_gamma": 2.0,
+                              **objective}, "step": {"seed": 0}}
+
+    assert changed_keys(run(), run(ae_lambda=1.0, ae_layer=15)) == {}
+    assert changed_keys(run(), run(ae=True)) == {"objective.ae": (False, True)}
+    assert changed_keys(run(ae=True), run(ae=True, ae_layer=15)) == {"objective.ae_layer": (-1, 15)}
+    assert changed_keys(run(), run(tie_gamma=1.0)) == {"objective.tie_gamma": (2.0, 1.0)}
+    assert changed_keys(run(tie=False), run(tie=False, tie_gamma=1.0)) == {}

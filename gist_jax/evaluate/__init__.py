@@ -19,6 +19,14 @@ from gist_jax.utils.progress import progress, write
 logger = logging.getLogger(__name__)
 
 SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
+# Bumped when a suite's numbers change meaning for the same checkpoint and options, so cached
+# results (``gist_jax.study``) are recomputed rather than mixed with new ones. perplexity 2: the
+# targets are the predictions of positions j >= L only (2026-12-02; before, also L - 1's).
+SUITE_VERSIONS = {"perplexity": 2}
+
+
+def suite_version(name: str) -> int:
+    return SUITE_VERSIONS.get(name, 1)
 
 
 def _suite_fn(name: str) -> Callable:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gist_jax.errors import ConfigError
+from gist_jax.evaluate import suite_version
 from gist_jax.study.plan import RunSpec, Study
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def is_trained(out: pathlib.Path, spec: RunSpec) -> bool:
 
 def cache_key(study: Study, spec: RunSpec, suite: str, step: int) -> dict[str, Any]:
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(study.eval_options.items())}
-    return {"run": spec.name, "suite": suite, "step": step, "ratios": list(study.ratios), "options": options}
+    return {"run": spec.name, "suite": suite, "version": suite_version(suite), "step": step,
+            "ratios": list(study.ratios), "options": options}
 
 
 def cached(out: pathlib.Path, study: Study, spec: RunSpec, suite: str) -> dict | None:

@@ -93,12 +93,23 @@ def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
+# An objective's settings have no effect while the objective is off: (switch, its settings' prefix).
+INERT_WHEN_OFF = (("objective.ae", "objective.ae_"), ("objective.tie", "objective.tie_"))
+
+
+def _inert(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True for a setting of an objective that is off on both sides (e.g. ``objective.ae_lambda``
+    with ``objective.ae`` False before and after): it shapes nothing either run computes."""
+    return any(key.startswith(prefix) and old.get(switch) is False and new.get(switch) is False
+               for switch, prefix in INERT_WHEN_OFF)
+
+
 def changed_keys(saved_run: dict[str, Any], run: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (checkpoint value, this run's value)} of the keys that may not change on resume.
     Both sides go through JSON so tuples and lists compare equal."""
     old, new = _flat(json.loads(json.dumps(saved_run))), _flat(json.loads(json.dumps(run)))
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not _resumable(k)}
+            if old.get(k) != new.get(k) and not _resumable(k) and not _inert(k, old, new)}
 
 
 def check_resume_config(saved_run: dict[str, Any], run: dict[str, Any], where: Any) -> None:
