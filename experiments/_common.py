@@ -143,6 +143,10 @@ def make_tiny(c: ConfigDict, *, seq_len: int = 64, segment_length: int = 16, rat
     c.train.plan_memory = False  # the plan's trace would cost more than these six steps
     c.train.profile_steps = 0
     c.checkpoint.every = 2
+    # A recipe's AE depth and warm-up are sized for its model and run (the demo: layer 15 of 30,
+    # half of 20 steps); the tiny model's AE reads its last layer and trains from step 0.
+    c.objective.ae_layer = -1
+    c.objective.ae_base_warmup_steps = 0
     c.checkpoint.keep = 2
     c.checkpoint.milestone_every = 0
     c.checkpoint.async_save = False

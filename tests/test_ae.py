@@ -291,8 +291,9 @@ def test_objective_rejects_unknown_ae_choices():
 
 
 def test_demo_uses_the_measured_ae_recipe():
-    """experiments/demo.py runs the AE at the weight docs/ae.md measured (lambda 0.1, no
-    gradient into the shared embedding/norm/head); ``ae_as_written`` keeps method.md's recipe."""
+    """experiments/demo.py runs the AE docs/ae.md measured best (lambda 0.1, no gradient into the
+    shared embedding/norm/head, the middle layer's gist KV, the decoder alone for the first half);
+    ``ae_as_written`` keeps method.md's recipe, and the tiny shrink the plain AE."""
     import importlib.util
     import pathlib
 
@@ -304,6 +305,9 @@ def test_demo_uses_the_measured_ae_recipe():
     spec.loader.exec_module(demo)
     obj = run_config(demo.get_config()).step.objective
     assert obj.ae and obj.ae_lambda == 0.1 and not obj.ae_train_shared
-    assert (obj.ae_init, obj.ae_layer, obj.ae_normalization) == ("copy", -1, "gist")
+    assert (obj.ae_init, obj.ae_layer, obj.ae_normalization, obj.ae_base_warmup_steps) == ("copy", 15, "gist", 10)
     paper = run_config(demo.get_config("ae_as_written")).step.objective
     assert paper.ae and paper.ae_lambda == 1.0 and paper.ae_train_shared
+    assert (paper.ae_layer, paper.ae_base_warmup_steps) == (-1, 0)
+    tiny = run_config(demo.get_config("tiny")).step.objective
+    assert tiny.ae and (tiny.ae_layer, tiny.ae_base_warmup_steps) == (-1, 0)
