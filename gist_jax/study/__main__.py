@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
         runner.check_trained_configs(out, study)  # a changed recipe never re-reports old checkpoints
         if not args.report_only:
-
             pending = [s.name for s in study.runs
                        if not runner.is_trained(out, s) or runner.missing_suites(out, study, s)]
             if pending:  # only then pay for jax, the compilation cache and the models
