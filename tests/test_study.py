@@ -217,3 +217,18 @@ def test_a_cached_result_of_an_older_suite_version_is_recomputed(study, tmp_path
     entry["key"]["version"] -= 1
     (tmp_path / "cache" / "full" / "perplexity.json").write_text(json.dumps(entry))
     assert runner.cached(tmp_path, plan, spec, "perplexity") is None
+
+
+def test_timings_add_across_resumes_and_restart_for_work_done_again(tmp_path):
+    """A run trained in pieces (killed, resumed) sums its pieces; a run retrained from scratch or
+    a suite recomputed reports the new time only, not the sum with work whose result is gone."""
+    from gist_jax.study.runner import add_timing
+
+    add_timing(tmp_path, "train_seconds", "fine_kv_ae", 100.0)
+    add_timing(tmp_path, "train_seconds", "fine_kv_ae", 50.0)  # resumed after a kill
+    add_timing(tmp_path, "eval_seconds", "fine_kv_ae/perplexity", 30.0, replace=True)
+    add_timing(tmp_path, "eval_seconds", "fine_kv_ae/perplexity", 20.0, replace=True)  # recomputed
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings == {"train_seconds": {"fine_kv_ae": 150.0}, "eval_seconds": {"fine_kv_ae/perplexity": 20.0}}
+    add_timing(tmp_path, "train_seconds", "fine_kv_ae", 70.0, replace=True)  # retrained from scratch
+    assert json.loads((tmp_path / "timings.json").read_text())["train_seconds"] == {"fine_kv_ae": 70.0}

@@ -122,10 +122,13 @@ def missing_suites(out: pathlib.Path, study: Study, spec: RunSpec) -> list[str]:
     return [s for s in study.suites_for(spec) if cached(out, study, spec, s) is None]
 
 
-def add_timing(out: pathlib.Path, section: str, name: str, seconds: float) -> None:
+def add_timing(out: pathlib.Path, section: str, name: str, seconds: float, *, replace: bool = False) -> None:
+    """Adds ``seconds`` to ``timings.json[section][name]`` (a run trained in pieces across kills),
+    or replaces it (a run trained from scratch, a suite recomputed: the old time is of work whose
+    result is gone)."""
     timings = read_json(out / "timings.json") or {}
     timings.setdefault(section, {})
-    timings[section][name] = timings[section].get(name, 0.0) + seconds
+    timings[section][name] = (0.0 if replace else timings[section].get(name, 0.0)) + seconds
     write_json_atomic(out / "timings.json", timings)
 
 
@@ -139,9 +142,10 @@ def train_all(out: pathlib.Path, study: Study, log: Callable[[str], None] = logg
 
     for i, spec in enumerate(todo):
         log(f"[study] training {spec.name} ({i + 1}/{len(todo)}): {spec.command.replace('<out>', str(out))}")
+        fresh = latest_step(workdir(out, spec)) is None  # no checkpoint: an earlier time is not of this run
         start = time.perf_counter()
         train(spec.run, workdir(out, spec))
-        add_timing(out, "train_seconds", spec.name, time.perf_counter() - start)
+        add_timing(out, "train_seconds", spec.name, time.perf_counter() - start, replace=fresh)
     return [spec.name for spec in todo]
 
 
@@ -163,7 +167,8 @@ def evaluate_all(out: pathlib.Path, study: Study,
         def save(suite: str, payload: dict, spec: RunSpec = spec, step: int = step) -> None:
             write_json_atomic(cache_path(out, spec, suite), {"key": cache_key(study, spec, suite, step),
                                                              "payload": payload})
-            add_timing(out, "eval_seconds", f"{spec.name}/{suite}", float(payload.get("seconds", 0.0)))
+            add_timing(out, "eval_seconds", f"{spec.name}/{suite}", float(payload.get("seconds", 0.0)),
+                       replace=True)
             done.append((spec.name, suite))
             log(f"[study]   {spec.name}/{suite}: {payload.get('seconds', 0.0):.1f}s")
 
