@@ -29,9 +29,10 @@ Scales (``SCALE_BUILDERS`` below build them; ``EVAL`` the suite options, ``GRID`
   Measured on the 2-core development machine, idle (2026-12-02): the five runs without AE
   trained and evaluated in 29 min 48 s (training 137-211 s per run, the suites 27 s for full
   attention and 200-240 s per compressed checkpoint); the whole grid about 45 min (the AE runs
-  202 and 219 s to train, all seven 22 min of training and 23 min of suites; docs/study.md). That is well inside the 2-hour budget the scale is meant to fill, and the
-  compressed models' recall is still 0 after 25 steps, so a later change should spend the rest
-  on steps and examples.
+  202 and 219 s to train, all seven 22 min of training and 23 min of suites; docs/study.md).
+  That is well inside the 2-hour budget the scale is meant to fill, and the compressed models'
+  recall is still 0 after 25 steps, so a later change should spend the rest on steps and
+  examples.
 * ``gpu``: the same model on one H200 in about 8 minutes: 2048 tokens = 4 x 512, batch 8,
   bf16, 150 steps per run (configuration only: not run yet).
 * ``paper``: ``experiments/_paper.py`` (Llama-3.1-8B, 16K = 8 x 2K, ratios {4, 8, 16, 32} per
