@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 from gist_jax.model.causal import causal_attention, dot_product_attention
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import apply_rope, kernel_init, rope_inverse_frequencies
+from gist_jax.model.matmul import projection_dot_general
 from gist_jax.model.remat import ATTN_OUT, QKV_PROJ
 from gist_jax.model.sharding import BATCH_LENGTH_HEADS, BATCH_LENGTH_KV_HEADS, constrain
 
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         cfg = self.cfg
         return nn.DenseGeneral(
             (heads, cfg.head_dim), use_bias=cfg.qkv_bias, dtype=cfg.compute_dtype,
-            param_dtype=cfg.storage_dtype, kernel_init=kernel_init(axes),
+            param_dtype=cfg.storage_dtype, kernel_init=kernel_init(axes), dot_general=projection_dot_general,
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name,
         )
 
@@ -193,6 +194,6 @@ class Attention(nn.Module):
         cfg = self.cfg
         return nn.DenseGeneral(
             cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=cfg.storage_dtype,
+            param_dtype=cfg.storage_dtype, dot_general=projection_dot_general,
             kernel_init=kernel_init(("q_heads", "head_dim", "embed")), name="o_proj",
         )(out_BxTxNxH)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.matmul import project
 from gist_jax.model.sharding import BATCH_LENGTH_VOCAB, constrain
 
 # Tokens per chunk: B x 1024 x V float32 logits live at once (0.5 GiB for Llama-3's 128K vocab
@@ -59,8 +60,7 @@ def lm_head(cfg: ModelConfig, params: Any) -> jax.Array:
 def _chunk_scores(hidden_BxCxE: jax.Array, head_ExV: jax.Array, labels_BxC: jax.Array,
                   mask_BxC: jax.Array, compute_dtype: Any) -> tuple[jax.Array, jax.Array]:
     """Head + cross-entropy of one chunk (also the dense reference, with C = T)."""
-    logits_BxCxV = jnp.einsum("BCE,EV->BCV", hidden_BxCxE.astype(compute_dtype),
-                              head_ExV.astype(compute_dtype)).astype(jnp.float32)
+    logits_BxCxV = project(hidden_BxCxE.astype(compute_dtype), head_ExV.astype(compute_dtype)).astype(jnp.float32)
     logits_BxCxV = constrain(logits_BxCxV, BATCH_LENGTH_VOCAB)
     labels_BxC = jnp.maximum(labels_BxC, 0)  # -1 (no label) is masked; keep the gather in range
     picked_BxC = jnp.take_along_axis(logits_BxCxV, labels_BxC[..., None], axis=-1)[..., 0]

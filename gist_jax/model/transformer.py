@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from gist_jax.model.attention import Attention, AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import Mlp, RMSNorm, kernel_init
+from gist_jax.model.matmul import projection_dot_general
 from gist_jax.model.remat import REMAT_POLICIES
 from gist_jax.model.sharding import BATCH_LENGTH_EMBED, BATCH_LENGTH_VOCAB, constrain
 
@@ -114,7 +115,7 @@ class Decoder(nn.Module):
             logits_BxTxV = nn.DenseGeneral(
                 cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                 param_dtype=cfg.storage_dtype, kernel_init=kernel_init(("embed", "vocab")),
-                name="lm_head",
+                dot_general=projection_dot_general, name="lm_head",
             )(hidden_BxTxE)
         logits_BxTxV = constrain(logits_BxTxV, BATCH_LENGTH_VOCAB).astype(jnp.float32)
         return (logits_BxTxV, hidden_BxTxE) if return_hidden else logits_BxTxV
