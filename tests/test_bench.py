@@ -81,6 +81,16 @@ def test_peer_alternates_and_reports_the_median_of_pair_ratios():
     assert peer["ours_over_peer"] == pytest.approx(statistics.median(pair))
     assert peer["ratio"]["min"] == pytest.approx(min(pair)) and peer["ratio"]["max"] == pytest.approx(max(pair))
     assert len(peer["loadavg_before"]) == 3 and peer["torch_threads"] >= 1 and peer["device"] == "cpu"
+    assert peer["peer_gradient_checkpointing"] is False  # the built-in config: remat none
+
+
+@pytest.mark.requires("torch", "transformers")
+def test_peer_checkpoints_its_layers_when_ours_rematerialises():
+    """Same memory trade on both sides: remat on ours means gradient checkpointing on the peer."""
+    out = main([*TINY, "--config.model.remat_policy=full", "--steps", "1", "--peer"])
+    peer = out["peer"]["sdpa"]
+    assert "error" not in peer, peer
+    assert peer["peer_gradient_checkpointing"] is True and len(peer["peer_step_s"]) == 1
 
 
 def test_alternate_runs_a_b_a_b_after_warming_both():

@@ -15,6 +15,10 @@ order (gist slots take id 0: the compute is the same as a learned gist row), ``p
   id, so the mask is a few contiguous staircases and block-diagonal blocks that the block
   mask can skip, as fair a layout for it as the bank is for Splash.
 
+Memory: when our step rematerialises (``model.remat_policy`` not ``none``), the peer turns on
+transformers' gradient checkpointing, so both sides make the same trade (recorded as
+``peer_gradient_checkpointing``).
+
 Device: CUDA when ``torch.cuda.is_available()`` (model, inputs and block mask on it; the timer
 is read after ``torch.cuda.synchronize()``), the CPU otherwise.
 
@@ -101,6 +105,12 @@ class PeerStep:
         batch, seq = setup.step_cfg.batch_size, setup.step_cfg.seq_len
         order = gists_first_order(layout) if impl == "flex_attention" and comp.enabled else np.arange(layout.length)
         model = LlamaForCausalLM(_hf_config(setup, impl))
+        # Same memory trade as ours: when our step rematerialises, the peer checkpoints every
+        # layer (transformers' gradient checkpointing), so neither side keeps what the other
+        # recomputes (SmolLM2-sized at 16K does not fit 23 GB without it).
+        self.gradient_checkpointing = setup.base_cfg.remat_policy != "none"
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         dtype = torch.bfloat16 if setup.base_cfg.dtype == "bfloat16" else torch.float32
         self.model = model.to(device=self.device, dtype=dtype)
@@ -214,7 +224,8 @@ def compare_alternating(ours: Callable[[], float], setup: StepSetup, repeats: in
                  "ours_tokens_per_s": batch_tokens / statistics.median(ours_s),
                  "peer_tokens_per_s": batch_tokens / statistics.median(peer_s),
                  "ours_over_peer": ratio["median"], "ratio": ratio, "torch": peer.torch_version,
-                 "torch_threads": peer.threads, "loadavg_before": load_before,
+                 "torch_threads": peer.threads, "peer_gradient_checkpointing": peer.gradient_checkpointing,
+                 "loadavg_before": load_before,
                  "loadavg_after": list(os.getloadavg()), **environment()}
             print(f"peer transformers Llama {impl} on {peer.device} ({peer.threads} threads, torch "
                   f"{peer.torch_version}), alternating {repeats} pairs: ours {r['ours_tokens_per_s']:,.0f} "
