@@ -112,6 +112,5 @@ def projection_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: An
 
 
 def project(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x`` [..., K...] times ``w`` [K..., N...], contracting ``w.ndim - (feature dims)``: the
-    plain matmul form, ``x @ w`` over x's last axis (what the LM head needs)."""
+    """``x @ w``, x's last axis against w's first (the LM head's form), as a projection."""
     return projection_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
