@@ -42,7 +42,7 @@ ENABLED = True
 
 
 def _accumulate_dtype(dtype: Any) -> Any:
-    """float32 for 16-bit floats (what makes YNNPACK take bfloat16), else the dtype itself."""
+    """float32 for 16-bit floats (what makes YNNPACK take bfloat16), else None (the dtype's own)."""
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 and jnp.issubdtype(dtype, jnp.floating) else None
 
 
