@@ -105,7 +105,8 @@ def test_suite_writes_its_files(results, suite):
     with open(out / f"{suite}.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows) > 0
     settings = {r["setting"] for r in rows}
-    assert settings == ({"r4", "r8"} if suite == "reconstruction" else {"full", "r4", "r8"})
+    expected = {"r4", "r8"} if suite == "reconstruction" else {"full", "r4", "r8"}
+    assert settings == (expected | {"local"} if suite == "perplexity" else expected)
     assert (out / f"{suite}.png").exists() is False  # plots carry descriptive names
     assert payloads[suite]["rows"] == rows
 
@@ -143,10 +144,14 @@ def test_the_suite_and_the_in_training_validation_are_one_evaluator(checkpoint, 
     batch = {"tokens": tokens, "loss_mask": jnp.ones(tokens.shape, bool).at[:, -1].set(False)}
     got = PerplexityEvaluator(ck.cfg, ck.comp, ck.seq_len, [batch])(ck.params)
     rows = payloads["perplexity"]["rows"]
-    assert {f"eval/ppl_{r['setting']}" for r in rows} | {"eval/tokens"} == set(got)
+    efficacy = {f"eval/efficacy_{r['setting']}" for r in rows if r["setting"] not in ("full", "local")}
+    assert {f"eval/ppl_{r['setting']}" for r in rows} | {"eval/tokens"} | efficacy == set(got)
     for row in rows:
         assert got[f"eval/ppl_{row['setting']}"] == pytest.approx(row["ppl"], rel=1e-5), row["setting"]
         assert got["eval/tokens"] == row["tokens"]
+        if row["setting"] in ("r4", "r8"):  # None where the random model's full attention does not beat no memory
+            expected = float("nan") if row["efficacy"] is None else row["efficacy"]
+            assert got[f"eval/efficacy_{row['setting']}"] == pytest.approx(expected, rel=1e-4, nan_ok=True)
 
 
 def test_compare_and_cli_errors(checkpoint, tmp_path, capsys):
@@ -154,7 +159,7 @@ def test_compare_and_cli_errors(checkpoint, tmp_path, capsys):
     from gist_jax.evaluate.__main__ import main
 
     merged = compare([checkpoint, checkpoint], "perplexity", tmp_path, num_windows=1)
-    assert len(merged["perplexity"]) == 6 and (tmp_path / "compare_perplexity.csv").exists()
+    assert len(merged["perplexity"]) == 8 and (tmp_path / "compare_perplexity.csv").exists()  # full, local, r4, r8 each
     assert {r["checkpoint"][:2] for r in merged["perplexity"]} == {"0:", "1:"}
     assert main(["--checkpoint", str(checkpoint), "--suite", "nonsense", "--out", str(tmp_path)]) == 2
     assert "--suite='nonsense' is unknown" in capsys.readouterr().err

@@ -116,11 +116,17 @@ def test_report_has_every_table_and_figure(study):
     summary = json.loads((report / "study.json").read_text())
     assert set(summary["figures"]) == set(FIGURES)
     tables = {e["table"] for e in summary["estimates"]}
-    assert tables == {"perplexity", "boundary_gap", "continuation", "surprise", "uuid", "recall", "reconstruction"}
+    assert tables == {"perplexity", "efficacy", "boundary_gap", "continuation", "surprise", "uuid", "recall",
+                      "reconstruction"}
     for e in summary["estimates"]:  # every number has an interval around it
         assert e["lo"] <= e["value"] <= e["hi"] or e["value"] != e["value"], e
     ppl = {(e["run"], e["setting"]): e for e in summary["estimates"] if e["table"] == "perplexity"}
-    assert set(ppl) == {("full", "full")} | {(r, s) for r in GRID[1:] for s in ("full", "r4", "r8")}
+    assert set(ppl) == {("full", "full")} | {(r, s) for r in GRID[1:] for s in ("full", "local", "r4", "r8")}
+    # Memory efficacy, one interval per compressed run and ratio, and a sign sentence for each.
+    efficacy = {(e["run"], e["setting"]) for e in summary["estimates"] if e["table"] == "efficacy"}
+    assert efficacy == {(r, s) for r in GRID[1:] for s in ("r4", "r8")}
+    assert "## Memory efficacy" in md
+    assert sum(" efficacy at ratio " in f for f in summary["findings"]) == len(efficacy)
     assert any(e["hi"] > e["lo"] for e in ppl.values()), "no interval has any width: the bootstrap did nothing"
     # Orderings are sentences computed from the intervals, one per ratio of Table 2.
     expected = (r"perplexity at ratio \d: the expected order full attention < Fine-KV < Coarse-KV < Coarse-Rec "
@@ -151,12 +157,16 @@ def test_report_numbers_match_the_checkpoints(study, tmp_path):
                           cwd=REPO, env=study["env"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "perplexity.json").read_text())["rows"]
-    assert {r["setting"] for r in rows} == {"full", "r4", "r8"}
+    assert {r["setting"] for r in rows} == {"full", "local", "r4", "r8"}
+    eff = {(e["run"], e["setting"]): e["value"] for e in summary["estimates"] if e["table"] == "efficacy"}
     for row in rows:
         assert ppl[("coarse_kv", row["setting"])] == pytest.approx(row["ppl"], rel=1e-5)
+        if row["setting"] in ("r4", "r8"):
+            expected = float("nan") if row["efficacy"] is None else row["efficacy"]
+            assert eff[("coarse_kv", row["setting"])] == pytest.approx(expected, rel=1e-4, nan_ok=True)
     # (c) the markdown prints those numbers
     md = (out / "report" / "study.md").read_text()
-    from gist_jax.study.stats import Estimate
+    from gist_jax.evaluate.stats import Estimate
 
     table2 = md.split("## Perplexity by variant and ratio (Table 2)")[1].split("\n## ")[0]
     line = next(l for l in table2.splitlines() if l.startswith("| Coarse-KV |"))

@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
 # Bumped when a suite's numbers change meaning for the same checkpoint and options, so cached
 # results (``gist_jax.study``) are recomputed rather than mixed with new ones. perplexity 2: the
-# targets are the predictions of positions j >= L only (2026-12-02; before, also L - 1's).
-SUITE_VERSIONS = {"perplexity": 2}
+# targets are the predictions of positions j >= L only (2026-12-02; before, also L - 1's);
+# perplexity 3: a compressing checkpoint is also scored with no memory (``local``), for efficacy.
+SUITE_VERSIONS = {"perplexity": 3}
 
 
 def suite_version(name: str) -> int:
@@ -59,7 +60,7 @@ def resolve_suites(suites: str | Sequence[str]) -> list[str]:
 
 
 SUMMARY_COLUMNS = {
-    "perplexity": ("checkpoint", "dataset", "setting", "ppl", "tokens"),
+    "perplexity": ("checkpoint", "dataset", "setting", "ppl", "efficacy", "efficacy_lo", "efficacy_hi", "tokens"),
     "boundary": None,
     "surprise": ("checkpoint", "setting", "acc_relevant", "acc_unrelated", "gap"),
     "uuid": ("checkpoint", "setting", "prefix8", "prefix16", "prefix32"),

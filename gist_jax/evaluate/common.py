@@ -61,10 +61,11 @@ def load_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkp
     return Checkpoint(name, step_dir, cfg, comp, params, run)
 
 
-def settings(ck: Checkpoint, ratios: Sequence[int] | None = None) -> list[Setting]:
-    """Full attention plus every ratio the checkpoint trained (or ``ratios``): the settings the
-    in-training validation uses too (``train.evaluation.eval_settings``)."""
-    return eval_settings(ck.cfg, ck.comp, ratios)
+def settings(ck: Checkpoint, ratios: Sequence[int] | None = None, local: bool = False) -> list[Setting]:
+    """Full attention, no memory (``local``, for suites that score it), and every ratio the
+    checkpoint trained (or ``ratios``): the in-training validation's settings
+    (``train.evaluation.eval_settings``)."""
+    return eval_settings(ck.cfg, ck.comp, ratios, local)
 
 
 # ----------------------------------------------------------------------------- text
@@ -157,6 +158,8 @@ def format_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = Non
     columns = list(columns or dict.fromkeys(k for row in rows for k in row))
 
     def cell(v: Any) -> str:
+        if v is None:
+            return ""
         if isinstance(v, float):
             return "nan" if math.isnan(v) else f"{v:.4g}"
         return str(v)

@@ -7,6 +7,7 @@ with both -- through the real training entry point, evaluate every checkpoint wi
 with a bootstrap interval on every number.
 
 Modules: ``plan`` (the study file, ``experiments/study.py``), ``runner`` (train / evaluate /
-cache), ``stats`` (bootstrap and the sentences), ``numbers`` (the estimates from the suites'
-payloads), ``figures`` (PNGs), ``report`` (markdown + JSON). docs/study.md describes it.
+cache), ``numbers`` (the estimates from the suites' payloads), ``figures`` (PNGs), ``report``
+(markdown + JSON); the bootstrap and its sentences are ``gist_jax.evaluate.stats``, shared with
+the suites. docs/study.md describes it.
 """

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from gist_jax.study.stats import Estimate
+from gist_jax.evaluate.stats import Estimate
 
 
 def pyplot():

@@ -3,7 +3,7 @@
 Units resampled: evaluation windows for perplexity, loss by position, the boundary continuation
 and the reconstruction probe (all settings of a checkpoint share their windows, so differences
 are paired); examples for the generation probes (surprise pairs are resampled as pairs).
-Keys are ``(run, setting)`` with setting ``full`` or ``r<ratio>``.
+Keys are ``(run, setting)`` with setting ``full``, ``local`` (no memory) or ``r<ratio>``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from gist_jax.evaluate import stats
 from gist_jax.evaluate.metrics import edge_gap, score_uuid_prefixes
-from gist_jax.study import stats
-from gist_jax.study.stats import Estimate
+from gist_jax.evaluate.stats import Estimate
 
 Key = tuple[str, str]
 Results = dict[str, dict[str, dict[str, Any]]]  # run -> suite -> payload
@@ -35,6 +35,22 @@ def perplexity(results: Results, resamples: int, dataset: str | None = None) -> 
         for w in payload["per_window"]:
             if dataset is None or w["dataset"] == dataset:
                 out[(run, w["setting"])] = stats.ratio(w["nll_sum"], w["tokens"], resamples, exp=True)
+    return out
+
+
+def efficacy(results: Results, resamples: int, dataset: str | None = None) -> dict[Key, Estimate]:
+    """Memory efficacy per compressed setting, ``(run, 'r<k>')``: from the per-window NLL sums of
+    full, local (no memory) and that ratio, the three resampled together
+    (``stats.efficacy``). Runs evaluated without a ``local`` setting have none."""
+    out = {}
+    for run, payload in _suite(results, "perplexity"):
+        sums = {w["setting"]: w["nll_sum"] for w in payload["per_window"]
+                if dataset is None or w["dataset"] == dataset}
+        if "local" not in sums or "full" not in sums:
+            continue
+        for setting, nll in sums.items():
+            if setting not in ("full", "local"):
+                out[(run, setting)] = stats.efficacy(sums["local"], nll, sums["full"], resamples)
     return out
 
 

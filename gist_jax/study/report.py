@@ -15,10 +15,11 @@ import platform
 from collections.abc import Sequence
 from typing import Any
 
-from gist_jax.study import figures, numbers, stats
+from gist_jax.evaluate import stats
+from gist_jax.evaluate.stats import Estimate
+from gist_jax.study import figures, numbers
 from gist_jax.study.plan import Study
 from gist_jax.study.runner import read_json, write_json_atomic
-from gist_jax.study.stats import Estimate
 
 LABELS = {"full": "Full attention", "fine_kv": "Fine-KV", "coarse_kv": "Coarse-KV", "coarse_rec": "Coarse-Rec",
           "fine_kv_ae": "Fine-KV + AE", "fine_kv_tie": "Fine-KV + TIE", "fine_kv_ae_tie": "Fine-KV + AE + TIE"}
@@ -48,7 +49,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _settings(study: Study, run: str) -> list[str]:
-    return ["full"] + ([f"r{r}" for r in study.ratios] if study.run(run).compressed else [])
+    return ["full"] + (["local"] + [f"r{r}" for r in study.ratios] if study.run(run).compressed else [])
 
 
 class Report:
@@ -82,8 +83,9 @@ class Report:
         ppl = numbers.perplexity(self.results, self.B)
         self.md.append("## Perplexity by variant and ratio (Table 2)\n")
         self.md.append("Held-out windows, targets after the first segment only; *own full* is the same checkpoint "
-                       "run with full attention (gist parameters unused). " + PAPER["perplexity"] + ".\n")
-        header = ["variant", "own full"] + [f"ratio {r}" for r in self.study.ratios]
+                       "run with full attention (gist parameters unused), *no memory* the same weights on each "
+                       "segment alone. " + PAPER["perplexity"] + ".\n")
+        header = ["variant", "own full", "no memory"] + [f"ratio {r}" for r in self.study.ratios]
         rows = []
         for run in self.runs:
             cells = [_cell(ppl.get((run, s))) for s in _settings(self.study, run)]
@@ -115,6 +117,33 @@ class Report:
                 if own:
                     self.finding(stats.compare("the full-attention run", full, f"{label(run)} run with full attention",
                                                own, "full-attention perplexity"))
+
+    def efficacy(self) -> None:
+        """Memory efficacy per compressed run and ratio: whether the gists carry anything
+        beyond what the raw tokens of the segment already give (docs/recipe.md)."""
+        eff = numbers.efficacy(self.results, self.B)
+        if not eff:
+            return
+        self.md.append("\n## Memory efficacy\n")
+        self.md.append("(NLL no memory - NLL compressed) / (NLL no memory - NLL full attention), per target on the "
+                       "perplexity suite's windows, all three settings from the same checkpoint. 1: as good as full "
+                       "attention; 0: as good as dropping the earlier segments (*no memory* in the table "
+                       "above); below 0: the gists hurt.\n")
+        header = ["variant"] + [f"efficacy, ratio {r}" for r in self.study.ratios]
+        rows = []
+        for run in self.compressed:
+            rows.append([label(run)] + [_cell(eff.get((run, f"r{r}"))) for r in self.study.ratios])
+            for r in self.study.ratios:
+                self.record("efficacy", run, f"r{r}", "efficacy", eff.get((run, f"r{r}")))
+        self.md.append(_table(header, rows))
+        self.md.append("\nFindings:\n")
+        for run in self.compressed:
+            for r in self.study.ratios:
+                e = eff.get((run, f"r{r}"))
+                if e is not None:
+                    self.finding(stats.sign(f"{label(run)} efficacy at ratio {r}", e,
+                                            "the gists carry context (better than no memory)",
+                                            "the gists hurt (worse than no memory)"))
 
     def position(self) -> None:
         curves = numbers.position_curves(self.results, self.B)
@@ -344,8 +373,8 @@ class Report:
 
     def write(self, command: str) -> pathlib.Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for section in (self.perplexity, self.position, self.continuation, self.surprise, self.uuid, self.recall,
-                        self.reconstruction):
+        for section in (self.perplexity, self.efficacy, self.position, self.continuation, self.surprise, self.uuid,
+                        self.recall, self.reconstruction):
             section()
         body = self.header(command) + self.md + ["\n## All findings\n"] + [f"{i + 1}. {f}" for i, f in
                                                                           enumerate(self.findings)]

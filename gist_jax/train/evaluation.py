@@ -4,12 +4,19 @@ evaluation suite (``gist_jax.evaluate``), so a number in ``metrics.jsonl`` and t
 from ``python -m gist_jax.evaluate`` come from the same settings, layouts and targets.
 
 * Settings: ``full`` runs the base model alone (the gist parameters unused), which is what a
-  user compares against; ``r<k>`` runs the trained compression at the single ratio k with a fixed
-  layout of L / k gists per segment (``ratio_sampling='fixed'``), whatever sampling the run
-  trained with, so a ratio's number never depends on how training drew ratios.
+  user compares against; ``local`` runs the same base weights with no memory at all: each
+  segment alone, as if the earlier context were thrown away (the prediction at a segment's last
+  position sees that segment only and predicts the next segment's first token); ``r<k>`` runs
+  the trained compression at the single ratio k with a fixed layout of L / k gists per segment
+  (``ratio_sampling='fixed'``), whatever sampling the run trained with, so a ratio's number
+  never depends on how training drew ratios.
 * Targets: perplexity counts the predictions of raw positions j >= L (token j + 1), the
   positions the LM loss trains (``train.step.loss_positions``): only from there on does
   compression change what a token sees, so every setting is scored on exactly the same targets.
+* Memory efficacy at ratio k: ``(NLL_local - NLL_rk) / (NLL_local - NLL_full)``, NLL the mean
+  per target. 1 is as good as full attention, 0 no better than dropping the earlier context,
+  below 0 harmful. Perplexity alone cannot tell these apart: a compressor can beat its untrained
+  self and still lose to no memory (``memory_efficacy``).
 """
 
 from __future__ import annotations
@@ -46,18 +53,23 @@ class Setting:
     """One way to run the weights: ``full`` (the base model, gist params unused) or ``r<k>``."""
 
     name: str
-    ratio: int | None  # None: full attention
+    ratio: int | None  # None: full attention, or no memory (``local``)
     cfg: ModelConfig
     comp: CompressionConfig
+    local: bool = False  # each segment of comp.segment_length run alone, the base weights
 
 
 def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
-                  ratios: Sequence[int] | None = None) -> list[Setting]:
-    """Full attention plus every ratio ``comp`` trains (or ``ratios``). ``model_cfg`` is the
-    model config *with* the trained gist parameters (``model_config_for(base, comp)``): a single
-    ratio's layout indexes the same gist-embedding table the run trained."""
+                  ratios: Sequence[int] | None = None, local: bool = False) -> list[Setting]:
+    """Full attention, no memory (``local``, when asked and ``comp`` compresses), then every
+    ratio ``comp`` trains (or ``ratios``). ``model_cfg`` is the model config *with* the trained
+    gist parameters (``model_config_for(base, comp)``): a single ratio's layout indexes the same
+    gist-embedding table the run trained."""
     none = comp.full_attention()
-    out = [Setting("full", None, model_config_for(model_cfg, none), none)]
+    base_cfg = model_config_for(model_cfg, none)
+    out = [Setting("full", None, base_cfg, none)]
+    if comp.enabled and local:
+        out.append(Setting("local", None, base_cfg, none, local=True))
     if comp.enabled:
         for r in (comp.ratios if ratios is None else ratios):
             if comp.segment_length % int(r):
@@ -69,7 +81,7 @@ def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
 
 
 def setting_params(params: Params, setting: Setting) -> Params:
-    """The params tree a setting reads: the base model's alone for full attention."""
+    """The params tree a setting reads: the base model's alone for full attention and local."""
     return strip_gist_params(params) if setting.ratio is None else params
 
 
@@ -87,6 +99,12 @@ def scored_positions(comp: CompressionConfig, length: int) -> np.ndarray:
 def _raw_hidden(setting: Setting, length: int) -> tuple[Callable, dict]:
     """``(fn(params, tokens, arrays) -> [B, N, E] final-norm states of the raw tokens, arrays)``;
     the layout arrays are arguments, not constants baked into the program."""
+    if setting.local:
+        segment_length = setting.comp.segment_length
+
+        def alone(params, tokens_BxN, arrays):
+            return segments_alone_hidden(setting.cfg, setting.comp, params, tokens_BxN, segment_length)
+        return alone, {}
     if setting.ratio is None:
         def full(params, tokens_BxN, arrays):
             return compressed_hidden(setting.cfg, setting.comp, None, params, tokens_BxN, arrays)
@@ -98,6 +116,40 @@ def _raw_hidden(setting: Setting, length: int) -> tuple[Callable, dict]:
         hidden = compressed_hidden(setting.cfg, setting.comp, shape, params, tokens_BxN, arrays)
         return raw_rows(hidden, arrays, length)
     return compressed, layout_arrays(layout)
+
+
+def fold_segments(tokens_BxN: jax.Array, segment_length: int) -> jax.Array:
+    """``[B, N] -> [B * S, L]``: every segment its own row (the last padded at its end, where no
+    live query sees the padding), so a plain causal pass runs each segment alone."""
+    pad = -tokens_BxN.shape[1] % segment_length
+    return jnp.pad(tokens_BxN, ((0, 0), (0, pad))).reshape(-1, segment_length)
+
+
+def segments_alone_hidden(cfg: ModelConfig, comp_none: CompressionConfig, params: Params,
+                          tokens_BxN: jax.Array, segment_length: int) -> jax.Array:
+    """Final-norm states ``[B, N, E]`` of the base model run on each segment alone, positions
+    restarting at 0 in every segment: what a model with no memory of earlier segments sees."""
+    b, n = tokens_BxN.shape
+    tokens_BSxL = fold_segments(tokens_BxN, segment_length)
+    hidden_BSxLxE = compressed_hidden(cfg, comp_none, None, params, tokens_BSxL, {})
+    return hidden_BSxLxE.reshape(b, -1, hidden_BSxLxE.shape[-1])[:, :n]
+
+
+def memory_efficacy(nll_local: float, nll_compressed: float, nll_full: float) -> float:
+    """``(NLL_local - NLL_r) / (NLL_local - NLL_full)``, mean NLL per target of each setting on
+    the same targets. NaN when full attention does not beat no memory (the gap is not positive):
+    then there is no context benefit for a memory to carry, and the ratio has no meaning."""
+    gap = nll_local - nll_full
+    return (nll_local - nll_compressed) / gap if gap > 0 else float("nan")
+
+
+def efficacy_metrics(mean_nll: dict[str, float]) -> dict[str, float]:
+    """``{'eval/efficacy_r<k>': ...}`` from the mean NLL of each setting name (``full``,
+    ``local``, ``r<k>``); empty without ``local``."""
+    if "local" not in mean_nll or "full" not in mean_nll:
+        return {}
+    return {f"eval/efficacy_{name}": memory_efficacy(mean_nll["local"], nll, mean_nll["full"])
+            for name, nll in mean_nll.items() if name not in ("full", "local")}
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,23 +186,25 @@ def nll_sums_fn(setting: Setting, length: int, first_position: int) -> Callable:
 
 
 class PerplexityEvaluator:
-    """In-training validation: ``eval/ppl_<setting>`` over fixed batches, each setting compiled
-    once (``nll_sums_fn``); call with the model params (``state.params['model']``)."""
+    """In-training validation: ``eval/ppl_<setting>`` (full, local, each ratio) and
+    ``eval/efficacy_r<k>`` over fixed batches, each setting compiled once (``nll_sums_fn``);
+    call with the model params (``state.params['model']``)."""
 
     def __init__(self, base_cfg: ModelConfig, comp: CompressionConfig, seq_len: int,
                  batches: list[dict[str, jax.Array]]):
-        self.settings = eval_settings(model_config_for(base_cfg, comp), comp)
+        self.settings = eval_settings(model_config_for(base_cfg, comp), comp, local=True)
         self.seq_len, self.batches = seq_len, batches
         self.first_position = first_scored_position(comp)  # the same targets for every setting
 
     def __call__(self, model_params: Params) -> dict[str, float]:
-        out = {}
+        out, mean_nll = {}, {}
         for setting in self.settings:
             fn = nll_sums_fn(setting, self.seq_len, self.first_position)
             params = setting_params(model_params, setting)
             sums = [fn(params, b["tokens"], b["loss_mask"]) for b in self.batches]
             nll = float(np.sum([jax.device_get(s[0]) for s in sums]))
             count = float(np.sum([jax.device_get(s[1]) for s in sums]))
-            out[f"eval/ppl_{setting.name}"] = math.exp(nll / max(count, 1.0))
+            mean_nll[setting.name] = nll / max(count, 1.0)
+            out[f"eval/ppl_{setting.name}"] = math.exp(mean_nll[setting.name])
             out["eval/tokens"] = count
-        return out
+        return {**out, **efficacy_metrics(mean_nll)}

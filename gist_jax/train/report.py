@@ -4,6 +4,7 @@ vs each compression ratio) and its plot, from ``<workdir>/metrics.jsonl``."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 
@@ -23,20 +24,41 @@ def before_after(workdir: str | pathlib.Path) -> tuple[dict, dict]:
 
 def _settings(entry: dict) -> list[str]:
     names = [k[len("eval/ppl_"):] for k in entry if k.startswith("eval/ppl_")]
-    return sorted(names, key=lambda n: (n != "full", int(n[1:]) if n[1:].isdigit() else 0))
+    return sorted(names, key=lambda n: (n != "full", n != "local", int(n[1:]) if n[1:].isdigit() else 0))
+
+
+LABELS = {"full": "full attention", "local": "no memory (each segment alone)"}
+
+
+def setting_label(name: str) -> str:
+    return LABELS.get(name, f"compressed, ratio {name[1:]}")
 
 
 def perplexity_table(workdir: str | pathlib.Path) -> str:
-    """Markdown table: validation perplexity per setting, before and after training."""
+    """Markdown table: validation perplexity per setting, before and after training, and each
+    ratio's memory efficacy (1: as good as full attention, 0: as good as no memory)."""
     before, after = before_after(workdir)
-    rows = [f"| setting | ppl at step {before['step']} | ppl at step {after['step']} | change |",
-            "|---|---|---|---|"]
+    has_efficacy = any(k.startswith("eval/efficacy_") for k in after)
+    header = f"| setting | ppl at step {before['step']} | ppl at step {after['step']} | change |"
+    if has_efficacy:
+        header += f" efficacy at step {before['step']} | efficacy at step {after['step']} |"
+    rows = [header, "|" + "---|" * header.count(" |")]
     for name in _settings(after):
         a, b = before.get(f"eval/ppl_{name}"), after[f"eval/ppl_{name}"]
-        label = "full attention" if name == "full" else f"compressed, ratio {name[1:]}"
         change = f"{(b - a) / a:+.1%}" if a else "n/a"
-        rows.append(f"| {label} | {a:.3f} | {b:.3f} | {change} |" if a else f"| {label} | n/a | {b:.3f} | n/a |")
+        row = f"| {setting_label(name)} | {a:.3f} | {b:.3f} | {change} |" if a else \
+            f"| {setting_label(name)} | n/a | {b:.3f} | n/a |"
+        if has_efficacy:
+            row += "".join(f" {_fmt(e.get(f'eval/efficacy_{name}'))} |" for e in (before, after))
+        rows.append(row)
     return "\n".join(rows)
+
+
+def _fmt(value: float | None) -> str:
+    """Blank for a setting with no efficacy; n/a where full attention did not beat no memory."""
+    if value is None:
+        return ""
+    return "n/a" if math.isnan(value) else f"{value:+.3f}"
 
 
 def plot_perplexity(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
@@ -54,7 +76,7 @@ def plot_perplexity(workdir: str | pathlib.Path, out: str | pathlib.Path | None 
     ax.bar([i - width / 2 for i in x], [before.get(f"eval/ppl_{n}", 0) for n in names], width,
            label=f"step {before['step']}")
     ax.bar([i + width / 2 for i in x], [after[f"eval/ppl_{n}"] for n in names], width, label=f"step {after['step']}")
-    ax.set_xticks(list(x), ["full" if n == "full" else f"r = {n[1:]}" for n in names])
+    ax.set_xticks(list(x), [n if n in LABELS else f"r = {n[1:]}" for n in names])
     ax.set_ylabel("validation perplexity (segments 2+)")
     ax.set_yscale("log")
     ax.legend()

@@ -124,6 +124,14 @@ class HuggingFaceExportHook(Hook):
             self.run(ctx)
 
 
+def eval_line(result: dict[str, float]) -> str:
+    """``ppl_full 4.536 | ppl_local 9.8 | ppl_r4 ... | efficacy_r4 0.31 | ...``: perplexity per
+    setting, then memory efficacy per ratio (1: as good as full attention, 0: as good as no
+    memory, below 0: the gists hurt), so a run that carries nothing says so where it is read."""
+    keys = [k for k in result if k.startswith("eval/ppl_")] + [k for k in result if k.startswith("eval/efficacy_")]
+    return " | ".join(f"{k[5:]} {result[k]:.3f}" for k in keys)
+
+
 class EvalHook(Hook):
     """Held-out perplexity every ``train.eval_every`` steps, before step 0 with
     ``train.eval_at_start``, and at the end of a run that finished (resumed without a step
@@ -141,8 +149,7 @@ class EvalHook(Hook):
         result = self.evaluator(ctx.state.params["model"])
         ctx.throughput.exclude(time.perf_counter() - started)
         ctx.writer.write(ctx.step, result)
-        ctx.writer.status(f"eval step {ctx.step}: " + " | ".join(f"{k[5:]} {v:.3f}" for k, v in result.items()
-                                                                  if k.startswith("eval/ppl")))
+        ctx.writer.status(f"eval step {ctx.step}: " + eval_line(result))
 
     def at_end(self, ctx: RunContext) -> None:
         if not ctx.preempted:

@@ -93,6 +93,28 @@ def ratio(num_N: Sequence[float], den_N: Sequence[float], resamples: int = 1000,
     return _interval(value, boots, n)
 
 
+def efficacy(local_nll_N: Sequence[float], compressed_nll_N: Sequence[float], full_nll_N: Sequence[float],
+             resamples: int = 1000, seed: int = 0) -> Estimate:
+    """Memory efficacy ``(NLL_local - NLL_r) / (NLL_local - NLL_full)`` from per-window NLL sums
+    of the three settings on the same targets (``train.evaluation.memory_efficacy``); windows are
+    resampled together for the three, so the interval is the paired one. A resample whose
+    full-attention gain is not positive has no efficacy and is left out."""
+    from gist_jax.train.evaluation import memory_efficacy
+
+    local, comp, full = (np.asarray(x, np.float64) for x in (local_nll_N, compressed_nll_N, full_nll_N))
+    n = len(local)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    value = memory_efficacy(local.sum(), comp.sum(), full.sum())
+    if math.isnan(value):  # no context gain on the whole sample: nothing to interval either
+        return Estimate(value, value, value, n)
+    idx = _indices(n, resamples, seed)
+    gap = local[idx].sum(axis=1) - full[idx].sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = np.where(gap > 0, (local[idx].sum(axis=1) - comp[idx].sum(axis=1)) / gap, np.nan)
+    return _interval(value, boots, n)
+
+
 def mean(values_N: Sequence[float], resamples: int = 1000, seed: int = 0) -> Estimate:
     values = np.asarray(values_N, np.float64)
     return ratio(values, np.ones_like(values), resamples, seed)
