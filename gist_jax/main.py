@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
         run = run_config(_CONFIG.value)
         from gist_jax.train.preflight import check_paths
 
-        check_paths(run, _WORKDIR.value)  # every file the run names, before anything loads or is written
+        check_paths(run, _WORKDIR.value, sys.argv[1:])  # every file the run names, before anything loads or is written
         enable_compilation_cache()
         initialize_from_env()
         from gist_jax.train.loop import train

@@ -143,3 +143,20 @@ def test_config_file_benchmarks_the_runs_own_step():
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["--model", "tiny"])  # the old shape flags are run config now: --config.<key>=<value>
+
+
+def test_against_alternates_the_run_with_changed_keys():
+    """``--against objective.tie_source=precomputed``: the online-TIE step and the same step reading
+    precomputed weights from the batch, compiled in one process and timed A B A B; the speed-up
+    is the median of the per-pair ratios."""
+    out = main([*TINY, "--config.objective.tie=True", "--against", "objective.tie_source=precomputed",
+                "--steps", "3", "--warmup", "1"])
+    r = out["against"]
+    assert r["other"].endswith("with objective.tie_source=precomputed") and r["repeats"] == 3
+    assert len(r["base_step_s"]) == len(r["other_step_s"]) == 3
+    pairs = [b / o for b, o in zip(r["base_step_s"], r["other_step_s"])]
+    assert r["speedup"] == pytest.approx(statistics.median(pairs)) and r["ratio"]["ratios"] == pytest.approx(pairs)
+    assert len(r["loadavg_before"]) == 3 and r["device"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TINY, "--against", "tie_source=precomputed"])  # no section: one line, exit 2
+    assert exit_info.value.code == 2

@@ -10,6 +10,8 @@ Examples::
     python -m gist_jax.bench --config.objective.tie=True --config.objective.ae=True --config.step.seq_len=8192 \
         --config.compression.segment_length=256
     python -m gist_jax.bench --config experiments/demo.py:tiny,coarse_kv --config.step.seq_len=2048
+    python -m gist_jax.bench --config experiments/demo.py --config.objective.tie=True \
+        --against objective.tie_source=precomputed --steps 3          # online vs precomputed TIE
 
 The step is exactly the step of the run config (``bench/recipe.py``), read as ``gist_jax.main``
 reads it (``gist_jax/cli_config.py``); without ``--config``, the built-in
@@ -19,7 +21,10 @@ option, not run config. ``--compare`` times the config with each KV attention im
 ``--sweep`` times ``--contexts`` x ``--variants`` (``step.seq_len`` and the architecture keys
 of the default config's variants, changed on the resolved run). ``--peer`` alternates ours and
 the PyTorch peer in one process and reports the median of the per-pair ratios
-(``bench/peer_torch.py``). ``--threads`` pins XLA's CPU threads (``XLA_FLAGS``, set before jax
+(``bench/peer_torch.py``); ``--against KEY=VALUE ...`` does the same with the run's step and the
+step of the run with those keys changed (e.g. ``objective.tie_source=precomputed``: the step
+without TIE's two reference forwards), so load on a shared machine hits both alike.
+``--threads`` pins XLA's CPU threads (``XLA_FLAGS``, set before jax
 starts its backend) and torch's (``torch.set_num_threads``).
 """
 
@@ -29,12 +34,15 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gist_jax import cli_config
 from gist_jax.bench.default_config import ARCHITECTURES
 from gist_jax.bench.recipe import DEFAULT_CONFIG
 from gist_jax.bench.train_bench import COMPARE, OursStep, StepSetup, format_result, step_result, time_steps
+
+if TYPE_CHECKING:
+    from gist_jax.train.experiment import RunConfig
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -63,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         "(gist_jax.inference), with cache bytes")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="CPU threads for XLA (XLA_FLAGS, before jax starts) and torch (default: all)")
+    p.add_argument("--against", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="also compile the run with these keys changed (e.g. objective.tie_source=precomputed) and "
+                        "alternate the two steps; reports the median per-pair speed-up of that step over the run's")
     p.add_argument("--json", default=None, help="write all results as JSON here")
     return cli_config.parse_tool_args(p, argv)
 
@@ -102,9 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         run = load_run(args.config, overrides)
         setups = [] if args.sweep else _setups(run, args)
+        other = _against(run, args.against) if args.against else None
     except (cli_config.CliConfigError, ConfigError) as e:
         cli_config.exit_config_error(e)
-    if args.sweep:
+    if other is not None:
+        out["against"] = compare_programs(setups[-1], other, max(args.steps, 1), args.warmup)
+    elif args.sweep:
         from gist_jax.bench.sweep import run_sweep
 
         out["sweep"] = run_sweep(args, run)
@@ -140,6 +154,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
     return out
+
+
+def _against(run: RunConfig, pairs: list[str]) -> StepSetup:
+    """The setup of ``run`` with ``KEY=VALUE`` pairs changed (values parsed as Python literals,
+    else kept as strings), validated like any run config."""
+    import ast
+
+    from gist_jax.bench.recipe import changed, setup_from_run
+    from gist_jax.errors import ConfigError
+
+    keys: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key.count(".") != 1:
+            raise ConfigError(f"--against {pair!r}: give <section>.<key>=<value>, "
+                              "e.g. objective.tie_source=precomputed")
+        try:
+            keys[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            keys[key] = value
+    try:
+        other = changed(run, keys)
+    except KeyError as e:
+        raise ConfigError(f"--against: no config key {e}") from None
+    return setup_from_run(other, f"{run.name} with {' '.join(pairs)}")
+
+
+def compare_programs(base: StepSetup, other: StepSetup, repeats: int, warmup: int) -> dict[str, Any]:
+    """Both steps compiled in this process, then timed alternately (A B A B ...); the speed-up is
+    the median over pairs of base seconds / other seconds, with its spread and the load average
+    before and after (a shared machine's load moves both programs of a pair alike)."""
+    import statistics
+
+    from gist_jax.bench.peer_torch import pair_ratios
+    from gist_jax.bench.train_bench import environment
+
+    a, b = OursStep(base), OursStep(other)
+    load_before = list(os.getloadavg())
+    for _ in range(max(warmup, 1)):  # the first call of each allocates its buffers
+        a()
+        b()
+    base_s, other_s = [], []
+    for i in range(repeats):
+        base_s.append(a())
+        other_s.append(b())
+        print(f"  pair {i + 1}/{repeats}: base {base_s[-1]:.3f} s, other {other_s[-1]:.3f} s, "
+              f"base / other {base_s[-1] / other_s[-1]:.3f}x, load {os.getloadavg()[0]:.2f}", flush=True)
+    ratio = pair_ratios(other_s, base_s)  # per pair: base seconds / other seconds
+    r = {"base": base.name, "other": other.name, "repeats": repeats, "warmup": warmup, "base_step_s": base_s,
+         "other_step_s": other_s, "base_compile_s": a.compile_s, "other_compile_s": b.compile_s,
+         "speedup": ratio["median"], "ratio": ratio, "loadavg_before": load_before,
+         "loadavg_after": list(os.getloadavg()), **environment()}
+    print(f"{base.name}: step median {statistics.median(base_s):.3f} s; {other.name}: "
+          f"{statistics.median(other_s):.3f} s; speed-up (base / other, per pair) median {ratio['median']:.3f}x "
+          f"(IQR {ratio['q1']:.3f}-{ratio['q3']:.3f}, min {ratio['min']:.3f}, max {ratio['max']:.3f}, "
+          f"{repeats} pairs after {warmup} warm-up); [{r['platform']}: {r['device']}], load "
+          f"{load_before[0]:.2f} -> {r['loadavg_after'][0]:.2f}", flush=True)
+    return r
 
 
 def _ratio(a: int | None, b: int | None) -> str:

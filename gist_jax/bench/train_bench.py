@@ -180,6 +180,10 @@ class OursStep:
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, cfg.vocab_size, (step_cfg.batch_size, step_cfg.seq_len), dtype=np.int32)
         self.batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.ones(tokens.shape, bool)}
+        obj = step_cfg.objective
+        if obj.tie and obj.tie_source == "precomputed" and comp.enabled:
+            # what the loader serves from the precomputed file (values do not change the step's time)
+            self.batch["tie_weights"] = jnp.ones(tokens.shape, jnp.float32)
         t0 = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch, self.arrays).compile()
         self.compile_s = time.perf_counter() - t0
@@ -207,6 +211,7 @@ def describe_setup(setup: StepSetup) -> dict[str, Any]:
         "segment": comp.segment_length if comp.enabled else None,
         "sinks": comp.num_sinks, "positions": comp.positions, "batch": step_cfg.batch_size,
         "tie": tie, "ae": ae, "trainable": comp.trainable, "bptt": comp.bptt_segments,
+        "tie_precomputed": step_cfg.objective.tie and step_cfg.objective.tie_source == "precomputed" and comp.enabled,
         "remat": cfg.remat_policy, "dtype": cfg.dtype, "layout_tokens": setup.layout.length,
         "attention_pairs": pairs, "attention_pairs_computed_over_exact": pairs["computed_over_exact"],
     }
@@ -278,6 +283,7 @@ def format_result(r: dict[str, Any]) -> str:
     what = (f"{r['model']} {r['variant']} attention={r['attention']} causal={r['causal_impl']} "
             f"seq={r['seq']} r={r['ratio']} L={r['segment']} batch={r['batch']}"
             + "".join(f" +{k}" for k in ("tie", "ae") if r.get(k))
+            + (" +tie(precomputed weights)" if r.get("tie_precomputed") else "")
             + (f" trainable={r['trainable']}" if r.get("trainable") != "all" else "")
             + (f" bptt={r['bptt']}" if r.get("bptt") else ""))
     over = r["attention_pairs_computed_over_exact"]

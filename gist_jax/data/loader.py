@@ -6,6 +6,10 @@ the batch sharding and the global array is assembled from those shards, so no pr
 data it does not need and the global batch is identical for any number of processes. The
 iterator state is the next step (plus a fingerprint of what the stream depends on): resuming at
 step k reproduces an uninterrupted run exactly, also after changing the process count.
+
+Per-row data computed offline from the same sequences (precomputed TIE weights,
+``gist_jax/train/tie_store.py``) rides along as ``extra_rows``: a function of the global
+sequence index, so it follows the tokens through every process count, resume and prefetch.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import hashlib
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -29,6 +33,8 @@ from gist_jax.data.store import TokenStore, ensure_store
 from gist_jax.errors import ConfigError
 
 HostBatch = dict[str, np.ndarray]
+# batch key -> (global sequence indices [n] -> that key's rows [n, seq_len]); see the module docstring
+RowSource = Callable[[np.ndarray], np.ndarray]
 
 
 def open_stores(cfg: DataConfig, split: str) -> list[TokenStore]:
@@ -121,11 +127,12 @@ def local_row_slices(sharding: Sharding, global_shape: tuple[int, ...]) -> dict[
 
 
 class BatchLoader:
-    """Iterator of global batches ``{"tokens", "loss_mask"}`` [B, N] for a batch sharding."""
+    """Iterator of global batches ``{"tokens", "loss_mask"}`` [B, N] for a batch sharding, plus
+    one [B, N] entry per ``extra_rows`` key (e.g. ``tie_weights``) for the same sequences."""
 
     def __init__(self, cfg: DataConfig, seq_len: int, global_batch: int, sharding: Sharding,
                  split: str | None = None, start_step: int = 0, stores: list[TokenStore] | None = None,
-                 ids: SpecialIds | None = None):
+                 ids: SpecialIds | None = None, extra_rows: Mapping[str, RowSource] | None = None):
         self.split = split or cfg.train_split
         stores = stores if stores is not None else open_stores(cfg, self.split)
         self.sequencer = Sequencer(cfg, stores, seq_len, ids or SpecialIds.from_tokenizer_spec(cfg.tokenizer))
@@ -134,6 +141,7 @@ class BatchLoader:
         self.slices = local_row_slices(sharding, self.global_shape)
         self.local_rows = np.unique(np.concatenate([np.arange(s.start, s.stop) for s in self.slices.values()]))
         self.fingerprint = self._fingerprint(stores)
+        self.extra_rows = dict(extra_rows or {})
         self.step = start_step
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
@@ -148,7 +156,11 @@ class BatchLoader:
     def host_batch(self, step: int, rows: np.ndarray | None = None) -> HostBatch:
         """This process's rows (or ``rows``, indices into the global batch) of step ``step``."""
         rows = self.local_rows if rows is None else np.asarray(rows)
-        return self.sequencer.rows(step * self.global_batch + rows)
+        global_rows = step * self.global_batch + rows
+        batch = self.sequencer.rows(global_rows)
+        for key, source in self.extra_rows.items():
+            batch[key] = source(global_rows)
+        return batch
 
     def to_global(self, host: HostBatch) -> dict[str, jax.Array]:
         where = {int(r): i for i, r in enumerate(self.local_rows.tolist())}

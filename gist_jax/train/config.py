@@ -71,12 +71,30 @@ AE_NORMALIZATIONS = ("gist", "token")  # objective.ae_normalization (gist_jax/tr
 AE_DECODER_OUTPUTS = ("residual", "update")  # objective.ae_decoder_output (gist_jax/train/ae.py ae_loss)
 
 
+def check_tie_weights_path(path: object) -> None:
+    """``objective.tie_weights_path``: empty (the default location) or a local ``.npy`` path; a
+    URL is refused because the loader memory-maps the file (every process reads its own rows)."""
+    key = "objective.tie_weights_path"
+    if not isinstance(path, str):
+        raise ConfigError(f"{key}={path!r} must be a string: a .npy path, or '' for the default location "
+                          "under data.cache_dir")
+    if path and (not path.endswith(".npy") or "://" in path):
+        raise ConfigError(f"{key}={path!r}: give a local file path ending in .npy (its .json sidecar is written "
+                          "beside it), or '' for the default location under data.cache_dir")
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """LM loss (optionally TIE-weighted) plus lambda * AE loss; both extras can be off.
 
     tie_source: ``online`` runs the two frozen-reference passes inside the step;
-    ``precomputed`` reads per-token weights from the batch (``batch['tie_weights']``).
+    ``precomputed`` reads per-token weights from the batch (``batch['tie_weights']``), which the
+    loader serves from a file ``python -m gist_jax.train.tie_precompute`` writes once
+    (``gist_jax/train/tie_store.py``): the two reference forwards leave the step.
+    tie_weights_path: that file (``.npy``, with its ``.json`` sidecar beside it); ``""`` puts it
+    under ``data.cache_dir``, beside the token stores, named after the data stream. Only read
+    with ``tie_source="precomputed"``; where the weights live may change on resume (the file's
+    sidecar, not its path, is checked against the run).
     loss_chunk: tokens per chunk of the LM head + cross-entropy (``gist_jax/model/loss.py``);
     the step's logits peak is ``microbatch x loss_chunk x V`` float32, never ``x T``.
 
@@ -107,6 +125,7 @@ class ObjectiveConfig:
     tie_gamma: float = 2.0
     tie_rescale: bool = True
     tie_source: str = "online"
+    tie_weights_path: str = ""
     ae: bool = False
     ae_lambda: float = 1.0
     ae_layer: int = -1
@@ -122,6 +141,7 @@ class ObjectiveConfig:
         check_int("objective.loss_chunk", self.loss_chunk, 1, fix="use e.g. 1024 tokens")
         if self.tie_source not in ("online", "precomputed"):
             raise ConfigError(f"objective.tie_source={self.tie_source!r} must be 'online' or 'precomputed'")
+        check_tie_weights_path(self.tie_weights_path)
         check_float("objective.tie_gamma", self.tie_gamma, low_open=True, fix="use e.g. 2.0")
         check_float("objective.ae_lambda", self.ae_lambda, fix="use 0 to turn the AE loss off, e.g. 1.0")
         if self.ae_init not in AE_INITS:

@@ -71,11 +71,13 @@ def first_mismatch(saved: dict[str, int], actual: dict[str, int]) -> str | None:
 
 # Keys that may differ on resume: cadence and length of the run, learning rate and clipping
 # (the fix a divergence message suggests), and how the same update is executed (mesh,
-# microbatches, compute dtype, remat, attention implementation, data cache and prefetch).
+# microbatches, compute dtype, remat, attention implementation, data cache and prefetch; where
+# precomputed TIE weights live, since their sidecar is checked against the run at every start).
 RESUMABLE_KEYS = (
     "name", "train.", "checkpoint.", "optimizer.total_steps", "optimizer.learning_rate",
     "optimizer.grad_clip_norm", "mesh.", "step.microbatches", "model.dtype", "model.remat_policy",
     "model.attention_impl", "compression.attention_impl", "objective.loss_chunk", "data.prefetch", "data.cache_dir",
+    "objective.tie_weights_path",
 )
 
 

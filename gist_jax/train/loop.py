@@ -179,7 +179,7 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
 
     tok = tokenizer_from_spec(run.data.tokenizer)
     check_model_matches_data(base_cfg, tok.vocab_size, tok.eos_id, run.data.tokenizer)
-    loader = BatchLoader(run.data, step_cfg.seq_len, step_cfg.batch_size, batch_sharding(mesh))
+    loader = make_train_loader(run, mesh)
 
     # ------------------------------------------------------------------ state
     state, tx, shardings = create_train_state(base_cfg, comp, step_cfg, mesh, base_params)
@@ -246,6 +246,23 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
         writer.status(f"preempted: saved step {ctx.step} to {ckpt.directory}; rerun the same command to resume")
     logger.info("finished at step %d", ctx.step)
     return final
+
+
+def make_train_loader(run: RunConfig, mesh: Mesh) -> BatchLoader:
+    """The training batches; with precomputed TIE, each batch also carries ``tie_weights`` for
+    exactly its rows, read from the file checked against the run and its opened token stores
+    (``train/tie_store.py``), so resume and any process count see the weights of their tokens."""
+    from gist_jax.data.loader import open_stores
+    from gist_jax.train import tie_store
+
+    stores = open_stores(run.data, run.data.train_split)
+    extra = {}
+    if tie_store.uses_precomputed(run):
+        from gist_jax.train.preflight import model_config_before_loading
+
+        extra["tie_weights"] = tie_store.open_weights(run, model_config_before_loading(run.model), stores)
+    return BatchLoader(run.data, run.step.seq_len, run.step.batch_size, batch_sharding(mesh), stores=stores,
+                       extra_rows=extra)
 
 
 def make_evaluator(run: RunConfig, base_cfg: ModelConfig, mesh: Mesh) -> PerplexityEvaluator | None:

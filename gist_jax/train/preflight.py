@@ -17,6 +17,7 @@ import functools
 import os
 import pathlib
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 from gist_jax.errors import ConfigError
@@ -24,11 +25,13 @@ from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train.experiment import ModelSection, RunConfig, check_model_matches_run
 
 
-def check_paths(run: RunConfig, workdir: str | os.PathLike) -> None:
+def check_paths(run: RunConfig, workdir: str | os.PathLike, argv: Sequence[str] | None = None) -> None:
     """Every path-bearing key of ``run`` and the workdir; ``ConfigError`` for the first bad one.
 
     Where the model's config is known without loading weights (all four ``model.init`` kinds),
-    the checks that need the model's shape (``check_model_matches_run``) run here too.
+    the checks that need the model's shape (``check_model_matches_run``) run here too, and so
+    does the check of precomputed TIE weights against the run (``argv``: the command line, whose
+    ``--config`` and overrides make the scoring command a refusal suggests).
     """
     check_workdir(workdir)
     check_cache_dir(run)
@@ -37,6 +40,20 @@ def check_paths(run: RunConfig, workdir: str | os.PathLike) -> None:
     check_tokenizer(run.data.tokenizer)
     for spec, _ in run.data.sources:
         check_source(spec)
+    check_tie_weights(run, model_cfg, argv)
+
+
+# -- objective.tie_source=precomputed ----------------------------------------------------------------
+def check_tie_weights(run: RunConfig, model_cfg: ModelConfig, argv: Sequence[str] | None = None) -> None:
+    """With precomputed TIE: the weights file exists, is complete, was made for this run's data
+    stream, token stores, reference model and TIE settings, and holds a row for every sequence the
+    run will train on (``train/tie_store.py check_weights``: sidecar and file stats only, no
+    weights are read). The loop checks again against the opened stores (one not built yet is
+    skipped here)."""
+    from gist_jax.train import tie_store
+
+    if tie_store.uses_precomputed(run):
+        tie_store.check_weights(run, model_cfg, fix=tie_store.fix_command(argv))
 
 
 # -- workdir ----------------------------------------------------------------------------------------

@@ -90,6 +90,24 @@ def optimizer_shardings(opt_abstract: Any, param_shardings: Any, mesh: Mesh) -> 
     return jax.tree_util.tree_map_with_path(pick, opt_abstract)
 
 
+def initial_base_params(base_cfg: ModelConfig, seed: int, mesh: Mesh,
+                        base_params: Params | None = None) -> tuple[Params, Any]:
+    """(the base model's weights at step 0, their shardings): ``base_params`` placed leaf by leaf
+    in the storage dtype, or the random init of ``seed`` when None. The train state's model and
+    ``ref_params`` start from these, and precomputed TIE (``train/tie_precompute.py``) scores with
+    them, so its reference is bit for bit the online reference."""
+    rng = jax.random.key(seed)
+    base_abstract = jax.eval_shape(lambda: init_params(base_cfg, rng))
+    base_shardings = shardings_for(param_logical_specs(base_cfg), base_abstract, mesh)
+    if base_params is None:
+        base = jax.jit(lambda: init_params(base_cfg, rng), out_shardings=base_shardings)()
+    else:
+        # numpy in, so every process contributes its shards of a global array (multi-host safe)
+        base = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(base_cfg.storage_dtype), s),
+                            to_layout(base_params, base_cfg), base_shardings)
+    return base, base_shardings
+
+
 def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
                        mesh: Mesh, base_params: Params | None = None
                        ) -> tuple[TrainState, optax.GradientTransformation, Any]:
@@ -100,14 +118,7 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
     """
     cfg = model_config_for(base_cfg, comp)
     rng = jax.random.key(step_cfg.seed)
-    base_abstract = jax.eval_shape(lambda: init_params(base_cfg, rng))
-    base_shardings = shardings_for(param_logical_specs(base_cfg), base_abstract, mesh)
-    if base_params is None:
-        base = jax.jit(lambda: init_params(base_cfg, rng), out_shardings=base_shardings)()
-    else:
-        # numpy in, so every process contributes its shards of a global array (multi-host safe)
-        base = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x).astype(base_cfg.storage_dtype), s),
-                            to_layout(base_params, base_cfg), base_shardings)
+    base, base_shardings = initial_base_params(base_cfg, step_cfg.seed, mesh, base_params)
 
     def build(base):
         params = {"model": add_gist_params(base, cfg)}
