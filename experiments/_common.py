@@ -44,6 +44,11 @@ def _architecture(memory: str, granularity: str) -> Callable[[ConfigDict], None]
         if memory == "none":  # the full-attention baseline has no gists to autoencode or weigh against
             c.objective.ae = False
             c.objective.tie = False
+            if c.compression.trainable == "gist_only":
+                # It trains every weight instead; a gist-only learning rate is ~10x a full-parameter one
+                # (docs/recipe.md), so the baseline takes a tenth of it rather than a rate that would
+                # rewrite the base model.
+                c.optimizer.learning_rate = c.optimizer.learning_rate / 10
             c.compression.trainable = "all"
             c.compression.bptt_segments = 0
         if memory != "recurrent":

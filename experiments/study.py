@@ -23,10 +23,13 @@ Scales (``SCALE_BUILDERS`` below build them; ``EVAL`` the suite options, ``GRID`
 * ``smoke``: random ``preset:tiny`` byte model (the ``demo.py:tiny`` model), 64 tokens = 4
   segments of 16, ratios {4, 8} drawn per segment (one compiled step per run instead of one per
   ratio), 6 steps, tiny suites. Minutes on a 2-core CPU; ``tests/test_study.py`` runs it.
-* ``cpu``: the real SmolLM2-135M (the packaged GGUF, as ``demo.py``), full-parameter training
-  as the paper does, 512 tokens = 4 segments of 128, ratios {4, 8} per instance, batch 1,
-  ``CPU_STEPS`` = 25 steps per run; suites on 8 windows and 4 examples per probe (``EVAL``).
-  Measured on the 2-core development machine, idle (2026-12-02): the five runs without AE
+* ``cpu``: the real SmolLM2-135M (the packaged GGUF, as ``demo.py``) with the demo's recipe
+  (docs/recipe.md: gist parameters only, aligned positions, lr 1e-3; the full-attention run
+  trains every weight at a tenth of it), 512 tokens = 4 segments of 128, ratios {4, 8} per
+  instance, batch 1, ``CPU_STEPS`` = 25 steps per run; suites on 8 windows and 4 examples per
+  probe (``EVAL``). Every scale builds on ``demo.base()``, so it follows the demo's recipe.
+  Timed with the earlier full-parameter recipe on the 2-core development machine, idle
+  (2026-12-02; docs/study.md's report is that run): the five runs without AE
   trained and evaluated in 29 min 48 s (training 137-211 s per run, the suites 27 s for full
   attention and 200-240 s per compressed checkpoint); the whole grid about 45 min (the AE runs
   202 and 219 s to train, all seven 22 min of training and 23 min of suites; docs/study.md).

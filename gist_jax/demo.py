@@ -1,9 +1,11 @@
-"""The demo (the README's first command): continue training the real SmolLM2-135M as a Fine-KV
-compressor with AE and TIE on the built-in corpus, checkpointing as it goes, then print the
-validation perplexity of full attention vs compression at each ratio, before and after
-training, write the plot, run the evaluation suites (perplexity, loss by position in a
-segment, UUID recall), export the result to Hugging Face and generate from it with
-transformers and compressed memory.
+"""The demo (the README's first command): train the real SmolLM2-135M into a Fine-KV compressor
+on the built-in corpus with the recipe docs/recipe.md measured best, checkpointing as it goes,
+then print the validation perplexity of full attention, no memory and compression at each
+ratio, before and after training, with each ratio's memory efficacy (1: as good as full
+attention, 0: no better than dropping the earlier segments), write the plot, run the evaluation
+suites (perplexity with efficacy intervals over 32 windows, loss by position in a segment, UUID
+recall), export the result to Hugging Face and generate from it with transformers and
+compressed memory.
 
     python -m gist_jax.demo --workdir runs/demo
     python -m gist_jax.demo --workdir runs/demo_tiny --config experiments/demo.py:tiny
@@ -28,7 +30,9 @@ from gist_jax import experiments
 _CONFIG = experiments.DEFINE_config_file("config", str(experiments.DIR / "demo.py"),
                                          "Experiment file (default: experiments/demo.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory")
-EVAL_SUITES = "perplexity,boundary,uuid"
+EVAL_SUITES = "boundary,uuid"
+# Efficacy needs enough windows for an interval that says something (docs/recipe.md uses 32).
+PERPLEXITY_WINDOWS = 32
 
 
 def main(argv: list[str]) -> int:
@@ -77,7 +81,10 @@ def evaluate(workdir: pathlib.Path) -> None:
     position inside a segment, UUID recall; tables printed, JSON/CSV/PNG in <workdir>/eval."""
     from gist_jax.evaluate import run_suites
 
-    print("\nEvaluation suites (python -m gist_jax.evaluate; small scale: 4 validation windows, 4 UUID examples)")
+    print(f"\nEvaluation suites (python -m gist_jax.evaluate): perplexity and memory efficacy with 95% intervals "
+          f"over {PERPLEXITY_WINDOWS} validation windows; at small scale, loss by position (4 windows) and UUID "
+          "recall (4 examples)")
+    run_suites(workdir, "perplexity", workdir / "eval", num_windows=PERPLEXITY_WINDOWS, batch=4)
     run_suites(workdir, EVAL_SUITES, workdir / "eval", num_windows=4, batch=2, num_examples=4)
     print(f"\nplots: {workdir / 'eval'}/*.png")
 

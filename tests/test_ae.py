@@ -303,7 +303,7 @@ def test_demo_uses_the_measured_ae_recipe():
     spec = importlib.util.spec_from_file_location("demo_experiment", path)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    obj = run_config(demo.get_config()).step.objective
+    obj = run_config(demo.get_config("ae")).step.objective  # the demo's recipe has the AE off (docs/recipe.md)
     assert obj.ae and obj.ae_lambda == 0.1 and not obj.ae_train_shared
     assert (obj.ae_init, obj.ae_layer, obj.ae_normalization, obj.ae_base_warmup_steps) == ("copy", 15, "gist", 10)
     paper = run_config(demo.get_config("ae_as_written")).step.objective

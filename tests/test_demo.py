@@ -18,8 +18,13 @@ def test_tiny_demo_trains_reports_exports_and_generates(tmp_path):
                             text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    for row in ("| full attention |", "| compressed, ratio 4 |", "| compressed, ratio 8 |"):
+    for row in ("| full attention |", "| no memory (each segment alone) |", "| compressed, ratio 4 |",
+                "| compressed, ratio 8 |"):
         assert row in out, out[-3000:]
+    assert "| efficacy at step 0 | efficacy at step 6 |" in out  # the table says whether the gists carry anything
+    rows = json.loads((workdir / "eval" / "perplexity.json").read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"full", "local", "r4", "r8"}
+    assert all("efficacy_lo" in r for r in rows if r["setting"] in ("r4", "r8"))
     assert (workdir / "perplexity.png").stat().st_size > 1000
     config = json.loads((workdir / "hf" / "config.json").read_text())
     assert config["gist"]["variant"] == "fine_kv" and (workdir / "hf" / "modeling_gist.py").exists()

@@ -144,7 +144,14 @@ def markdown(records: list[dict]) -> str:
 
 
 def _machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} (CPU)"
+    """The CPU model (``/proc/cpuinfo`` where there is one), core count and OS: every row is CPU."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} (CPU)"
 
 
 def _now() -> str:
