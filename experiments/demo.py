@@ -53,8 +53,9 @@ GIST_PROJECTIONS = True
 POSITIONS = "aligned"
 LEARNING_RATE = 1e-3
 WARMUP_FRACTION = 0.1
-# `long`: at most an hour on the 2-core CPU, a quarter of its sequences passkey retrieval over
-# stdlib text (one example per sequence, the key in the first 70% of ~480 tokens).
+# `long`: about 25 minutes of an idle 2-core CPU (sized for at most an hour), a quarter of its
+# sequences passkey retrieval over stdlib text (one example per sequence, the key in the first
+# 70% of ~480 tokens).
 LONG_STEPS = 300
 PASSKEY = "synthetic:passkey?haystack=stdlib&context_tokens=480&depth_max=0.7&num_examples=2000"
 PASSKEY_SHARE = 0.25
@@ -62,8 +63,8 @@ PASSKEY_SHARE = 0.25
 # steps the one-block decoder never learns to reconstruct (token accuracy < 1%), so its gradient
 # through the gist KV is mostly noise for the base layers. Lambda 1 (method.md) cost +9.5%
 # full-attention perplexity, 0.1 costs +1.8%; keeping that gradient out of the base for the first
-# half of the run (the decoder trains alone) and reading the middle layer's gist KV instead of the
-# last brings it to +0.5%, level with no AE.
+# 10 steps (half of that 20-step run; the decoder trains alone) and reading the middle layer's
+# gist KV instead of the last brings it to +0.5%, level with no AE.
 AE_LAMBDA = 0.1
 AE_LAYER = 15  # of SmolLM2-135M's 30: the middle layer's gist KV (the last: -1, method.md)
 AE_BASE_WARMUP_STEPS = 10
@@ -143,7 +144,7 @@ VARIANTS: dict[str, _common.Variant] = {
     "tiny": _common.Variant("size", _common.make_tiny,
                             "random preset:tiny, bytes, 64-token sequences, 6 steps, every weight + AE + TIE"),
     "long": _common.Variant("budget", long,
-                            f"{LONG_STEPS} steps, {PASSKEY_SHARE:.0%} passkey sequences: an hour on 2 cores"),
+                            f"{LONG_STEPS} steps, {PASSKEY_SHARE:.0%} passkey sequences: under an hour on 2 cores"),
     "all_weights": _common.Variant(
         "recipe", all_weights, "the recipe before the ablation: all weights, compressed positions, lr 1e-4, AE + TIE"),
     "ae_as_written": _common.Variant("ae", ae_as_written,

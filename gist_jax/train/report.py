@@ -76,7 +76,7 @@ def plot_perplexity(workdir: str | pathlib.Path, out: str | pathlib.Path | None 
     ax.bar([i - width / 2 for i in x], [before.get(f"eval/ppl_{n}", 0) for n in names], width,
            label=f"step {before['step']}")
     ax.bar([i + width / 2 for i in x], [after[f"eval/ppl_{n}"] for n in names], width, label=f"step {after['step']}")
-    ax.set_xticks(list(x), [n if n in LABELS else f"r = {n[1:]}" for n in names])
+    ax.set_xticks(list(x), [{"full": "full", "local": "no memory"}.get(n, f"r = {n[1:]}") for n in names])
     ax.set_ylabel("validation perplexity (segments 2+)")
     ax.set_yscale("log")
     ax.legend()
