@@ -8,7 +8,8 @@ the gist parameters train (the gist embedding and per-layer gist q/k/v projectio
 the base, Activation Beacon's design), gists take the position of the raw token after them
 (``aligned``, UniGist), learning rate 1e-3, no AE or TIE. It evaluates before the first step
 and after the last (perplexity and memory efficacy), checkpoints every 10 steps, and finishes
-in about 5 minutes on a 2-core CPU (float32 compute: bf16 matmuls are slow on CPU).
+training in about 4 minutes on an idle 2-core CPU (estimated from the ablation rows, not timed
+idle; float32 compute: bf16 matmuls are slow on CPU).
 
     python -m gist_jax.main --config experiments/demo.py --workdir /tmp/gist_demo
 
