@@ -187,20 +187,12 @@ def compare_programs(base: StepSetup, other: StepSetup, repeats: int, warmup: in
     before and after (a shared machine's load moves both programs of a pair alike)."""
     import statistics
 
-    from gist_jax.bench.peer_torch import pair_ratios
+    from gist_jax.bench.peer_torch import alternate, pair_ratios
     from gist_jax.bench.train_bench import environment
 
     a, b = OursStep(base), OursStep(other)
     load_before = list(os.getloadavg())
-    for _ in range(max(warmup, 1)):  # the first call of each allocates its buffers
-        a()
-        b()
-    base_s, other_s = [], []
-    for i in range(repeats):
-        base_s.append(a())
-        other_s.append(b())
-        print(f"  pair {i + 1}/{repeats}: base {base_s[-1]:.3f} s, other {other_s[-1]:.3f} s, "
-              f"base / other {base_s[-1] / other_s[-1]:.3f}x, load {os.getloadavg()[0]:.2f}", flush=True)
+    base_s, other_s = alternate(a, b, repeats, warmup)  # the peer comparison's A B A B loop
     ratio = pair_ratios(other_s, base_s)  # per pair: base seconds / other seconds
     r = {"base": base.name, "other": other.name, "repeats": repeats, "warmup": warmup, "base_step_s": base_s,
          "other_step_s": other_s, "base_compile_s": a.compile_s, "other_compile_s": b.compile_s,
