@@ -16,6 +16,7 @@ import sys
 
 import pytest
 from run_helpers import REPO, main_command, main_env
+from test_safetensors_hostile import hostile_files
 
 from gist_jax.errors import ConfigError
 from gist_jax.hf.gguf import open_reader, read_gguf_header, read_gguf_metadata, smollm2_gguf_path
@@ -43,6 +44,11 @@ def inputs(tmp_path_factory) -> dict[str, pathlib.Path]:
     (root / "incomplete" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (root / "no_weights").mkdir()
     (root / "no_weights" / "config.json").write_text(json.dumps(LLAMA))
+    for name, blob in hostile_files(root).items():
+        if name in ("cut_to_60_percent", "overlapping_offsets", "header_length_2_62"):
+            (root / f"hf_{name}").mkdir()
+            (root / f"hf_{name}" / "config.json").write_text(json.dumps(LLAMA))
+            (root / f"hf_{name}" / "model.safetensors").write_bytes(blob)
     (root / "empty_corpus").mkdir()
     (root / "a_file").write_text("not a directory\n")
     (root / "read_only").mkdir()
@@ -137,6 +143,9 @@ def cases(inputs: dict[str, pathlib.Path], tmp: pathlib.Path) -> dict[str, Case]
                                    names=("model.init", i["data_cut.gguf"], "truncated")),
         "not_gguf": main_case(tmp / "s", f"--config.model.init=gguf:{i['not.gguf']}",
                               names=("model.init", i["not.gguf"], "not a GGUF")),
+        **{f"hf_safetensors_{n}": main_case(tmp / f"st_{n}", f"--config.model.init=hf:{i[f'hf_{n}']}",
+                                            names=("model.init", f"{i[f'hf_{n}']}/model.safetensors", "not a valid"))
+           for n in ("cut_to_60_percent", "overlapping_offsets", "header_length_2_62")},
         "missing_tokenizer_dir": main_case(tmp / "t", f"--config.data.tokenizer=hf:{tmp}/no_tokenizer",
                                            names=("data.tokenizer", "no_tokenizer")),
         "corpus_glob_matches_nothing": main_case(
@@ -157,7 +166,8 @@ def cases(inputs: dict[str, pathlib.Path], tmp: pathlib.Path) -> dict[str, Case]
 
 # One of each kind of check, for the default (fast) run; the slow test runs every case.
 FAST = ("nan_learning_rate", "ae_layer_out_of_range", "unknown_variant", "missing_config_file",
-        "unknown_override_key", "missing_params_dir", "gguf_header_cut", "not_gguf", "missing_tokenizer_dir",
+        "unknown_override_key", "missing_params_dir", "hf_safetensors_overlapping_offsets", "gguf_header_cut",
+        "not_gguf", "missing_tokenizer_dir",
         "corpus_glob_matches_nothing", "workdir_read_only", "convert_unsupported_model_type")
 
 

@@ -81,23 +81,12 @@ def read_hf_config(directory: str | pathlib.Path) -> dict[str, Any]:
 
 
 def check_hf_weights(directory: str | pathlib.Path) -> None:
-    """The safetensors files ``SafetensorsCheckpoint`` will open exist (no tensor is read): one
-    ``model.safetensors``, or an index whose every shard is present."""
-    directory = pathlib.Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"{str(index)!r} is not a safetensors index ({type(e).__name__}: {e}); "
-                              "re-download it") from None
-        missing = [s for s in shards if not (directory / s).is_file()]
-        if missing:
-            raise ConfigError(f"{str(directory)!r} lacks {len(missing)} of the {len(shards)} shards its index names, "
-                              f"e.g. {missing[0]!r}; finish the download")
-    elif not (directory / "model.safetensors").is_file():
-        raise ConfigError(f"{str(directory)!r} has neither model.safetensors nor model.safetensors.index.json; "
-                          "save the model with save_pretrained(..., safe_serialization=True)")
+    """The safetensors files ``SafetensorsCheckpoint`` will open exist and their headers are valid
+    (``hf.safetensors_io.read_header``: bounds, dtypes, shapes, contiguous offsets); only headers
+    are read. ``ConfigError`` naming the file otherwise, before anything is loaded or written."""
+    from gist_jax.hf.safetensors_io import SafetensorsCheckpoint
+
+    SafetensorsCheckpoint(directory)
 
 
 def model_config_from_hf(hf_config: dict[str, Any], source: str | pathlib.Path, **overrides: Any) -> ModelConfig:
@@ -125,8 +114,7 @@ def load_hf_dir(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelC
     directory = pathlib.Path(directory)
     hf_config = read_hf_config(directory)
     cfg = model_config_from_hf(hf_config, directory / "config.json", **overrides)
-    check_hf_weights(directory)
-    ckpt = SafetensorsCheckpoint(directory)
+    ckpt = SafetensorsCheckpoint(directory)  # every header validated before a tensor is read
     keys = ckpt.keys()
     if "gist" in hf_config:  # a gist_jax export: the base model only (load_gist_hf_dir keeps the gists)
         keys = [k for k in keys if not k.startswith("gist.")]
