@@ -64,10 +64,11 @@ def option(name: str) -> tuple[str, ...]:
 
 
 def stored_run(checkpoint: str, step: int | None = None) -> dict[str, Any]:
-    """The resolved run config a training checkpoint was written with (``<step>/run/metadata``)."""
-    from gist_jax.train.checkpoint import read_item, resolve_step_dir
+    """The resolved run config a training checkpoint was written with (``<step>/run/metadata``),
+    from the step a tool will read (a damaged newest step is skipped, see ``step_reader.sound_step``)."""
+    from gist_jax.train.step_reader import read_item, sound_step
 
-    return read_item(resolve_step_dir(checkpoint, step), "run")
+    return sound_step(checkpoint, step, lambda step_dir: read_item(step_dir, "run"))
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -33,11 +33,13 @@ def load_gist_jax(hf_dir: pathlib.Path, checkpoint: str | None, step: int | None
     if checkpoint is None:
         return load_gist_hf_dir(hf_dir, dtype="float32")
     from gist_jax.model.transformer import to_layout
-    from gist_jax.train.checkpoint import ModelParamsReader, checkpoint_configs, resolve_step_dir
+    from gist_jax.train.step_reader import ModelParamsReader, checkpoint_configs, sound_step
 
-    step_dir = resolve_step_dir(checkpoint, step)
-    cfg, comp, _ = checkpoint_configs(step_dir, run)
-    params = ModelParamsReader(step_dir).load_all()
+    def read(step_dir):
+        cfg, comp, _ = checkpoint_configs(step_dir, run)
+        return cfg, comp, ModelParamsReader(step_dir).load_all()
+
+    cfg, comp, params = sound_step(checkpoint, step, read)
     return cfg.replace(dtype="float32"), comp, to_layout(params, cfg)
 
 
@@ -66,6 +68,36 @@ def _strip_gist(params: dict) -> dict:
     return params
 
 
+def _compare(args: argparse.Namespace, run: dict | None) -> None:
+    import numpy as np
+    import torch
+    import transformers
+
+    from gist_jax.hf.own_code import check_modeling_file, load_gist_model
+    from gist_jax.hf.reference import logit_agreement
+
+    hf_dir = pathlib.Path(args.hf)
+    if args.mode != "plain":
+        check_modeling_file(hf_dir)  # before anything loads
+    text = pathlib.Path(args.text_file).read_text() if args.text_file else (args.text or DEFAULT_TEXT)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:args.max_tokens]
+    tokens = np.asarray([ids], np.int32)
+    cfg, comp, params = load_gist_jax(hf_dir, args.checkpoint, args.step, run)
+    modes = ["compressed", "plain"] if args.mode == "both" else [args.mode]
+    if not comp.enabled:
+        modes = ["plain"]
+    for mode in modes:
+        compressed = mode == "compressed"
+        load = load_gist_model if compressed else transformers.AutoModelForCausalLM.from_pretrained
+        model = load(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():
+            ids_t = torch.from_numpy(tokens.astype(np.int64))
+            theirs = model.compressed_forward(ids_t, ratio=args.ratio) if compressed else model(input_ids=ids_t).logits
+        ours = gist_jax_logits(cfg, comp, params, tokens, args.ratio, compressed)
+        report = {"mode": mode, "tokens": int(tokens.shape[1]), **logit_agreement(ours, theirs.float().numpy())}
+        print(json.dumps(report))
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gist_jax.compare_hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,35 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = (cli_config.checkpoint_run(cli_config.stored_run(args.checkpoint, args.step), overrides, OVERRIDABLE)
                if overrides else None)
-    except (cli_config.CliConfigError, FileNotFoundError) as e:
+    except (cli_config.CliConfigError, ValueError, FileNotFoundError) as e:  # ValueError: ConfigError too
         cli_config.exit_config_error(e)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-    import numpy as np
-    import torch
-    import transformers
+    from gist_jax.errors import ConfigError
 
-    from gist_jax.hf.reference import logit_agreement
-
-    hf_dir = pathlib.Path(args.hf)
-    text = pathlib.Path(args.text_file).read_text() if args.text_file else (args.text or DEFAULT_TEXT)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:args.max_tokens]
-    tokens = np.asarray([ids], np.int32)
-    cfg, comp, params = load_gist_jax(hf_dir, args.checkpoint, args.step, run)
-    modes = ["compressed", "plain"] if args.mode == "both" else [args.mode]
-    if not comp.enabled:
-        modes = ["plain"]
-    for mode in modes:
-        compressed = mode == "compressed"
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(hf_dir), trust_remote_code=compressed, dtype=torch.float32, attn_implementation="eager").eval()
-        with torch.no_grad():
-            ids_t = torch.from_numpy(tokens.astype(np.int64))
-            theirs = model.compressed_forward(ids_t, ratio=args.ratio) if compressed else model(input_ids=ids_t).logits
-        ours = gist_jax_logits(cfg, comp, params, tokens, args.ratio, compressed)
-        report = {"mode": mode, "tokens": int(tokens.shape[1]), **logit_agreement(ours, theirs.float().numpy())}
-        print(json.dumps(report))
+    try:
+        _compare(args, run)
+    except (ConfigError, FileNotFoundError) as e:  # a damaged checkpoint step, a changed modeling_gist.py
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -94,19 +94,20 @@ def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tok
     transformers with the exported ``modeling_gist.py``, generating from a held-out file with
     compressed memory (and, for comparison, the same weights with full attention)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     from gist_jax.data.sources import stdlib_files
+    from gist_jax.hf.own_code import load_gist_model
     from gist_jax.train.hf_export import export_checkpoint
 
     out = workdir / "hf"
     if not (out / "config.json").exists():
         export_checkpoint(workdir, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    model = load_gist_model(out, dtype=torch.float32).eval()  # what trust_remote_code=True gives, but our own code
     prompt = stdlib_files("validation")[0].read_text(encoding="utf-8", errors="replace")[:prompt_chars]
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     gist = model.config.gist

@@ -329,7 +329,7 @@ def trained_run(tmp_path_factory):
 
 def test_export_trained_checkpoint_cli(trained_run, tmp_path):
     from gist_jax import export_hf
-    from gist_jax.train.checkpoint import ModelParamsReader, checkpoint_configs, resolve_step_dir
+    from gist_jax.train.step_reader import ModelParamsReader, checkpoint_configs, resolve_step_dir
 
     out = tmp_path / "hf"
     assert export_hf.main(["--checkpoint", str(trained_run), "--out", str(out), "--shard-size", "100KB"]) == 0
@@ -375,7 +375,7 @@ def test_reading_a_checkpoint_logs_no_orbax_metadata_warning(trained_run, tmp_pa
     import orbax.checkpoint as ocp
 
     from gist_jax.evaluate.common import load_checkpoint
-    from gist_jax.train.checkpoint import resolve_step_dir
+    from gist_jax.train.step_reader import resolve_step_dir
 
     caplog.set_level(logging.INFO)
     ocp.PyTreeCheckpointer().metadata(resolve_step_dir(trained_run) / "state")  # the old way, to show it is caught

@@ -103,6 +103,7 @@ def test_a_damaged_final_checkpoint_is_set_aside_and_the_run_finishes(reference,
         warnings = [line for line in err.splitlines() if "is damaged" in line]
         assert len(warnings) == 1 and f"checkpoints/{STEPS} is damaged" in warnings[0], (name, err[-2000:])
         assert "TensorStore" not in warnings[0] and "Traceback" not in err, (name, warnings)
+        assert "Exception ignored" not in err, (name, err[-2000:])  # Orbax's abandoned reads, dropped
         assert f"resumed from {workdir / 'checkpoints'}/{STEPS - 2}" in out + err, (name, out[-1000:])
         assert (workdir / "checkpoints_set_aside" / f"{STEPS}.damaged").is_dir(), name
         assert checkpoint_steps(workdir) == [STEPS - 4, STEPS - 2, STEPS], name

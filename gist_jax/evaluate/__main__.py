@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = cli_config.parse_tool_args(p, argv)
     try:
         window, ratios = _overridden(args, overrides)
-    except (cli_config.CliConfigError, FileNotFoundError) as e:
+    except (cli_config.CliConfigError, ValueError, FileNotFoundError) as e:  # ValueError: ConfigError too
         print(f"config error: {e}", file=sys.stderr)
         return 2
     args.window, args.ratios = window, ratios

@@ -51,14 +51,18 @@ class Checkpoint:
 
 def load_checkpoint(path: str | pathlib.Path, step: int | None = None) -> Checkpoint:
     """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir; only ``params['model']``
-    is read (not the optimizer state), in float32 compute for exact comparisons."""
-    from gist_jax.train.checkpoint import ModelParamsReader, checkpoint_configs, resolve_step_dir
+    is read (not the optimizer state), checked against its checksums, in float32 compute for
+    exact comparisons. A damaged newest step falls back to the newest sound one with a warning;
+    a damaged ``step`` is a ``ConfigError`` (``train.step_reader.sound_step``)."""
+    from gist_jax.train.step_reader import ModelParamsReader, checkpoint_configs, sound_step
 
-    step_dir = resolve_step_dir(path, step)
-    cfg, comp, run = checkpoint_configs(step_dir)
-    params = jax.tree.map(jnp.asarray, ModelParamsReader(step_dir).load_all())
-    name = step_dir.parent.parent.name  # the run's workdir name
-    return Checkpoint(name, step_dir, cfg, comp, params, run)
+    def read(step_dir: pathlib.Path) -> Checkpoint:
+        cfg, comp, run = checkpoint_configs(step_dir)
+        params = jax.tree.map(jnp.asarray, ModelParamsReader(step_dir).load_all())
+        name = step_dir.parent.parent.name  # the run's workdir name
+        return Checkpoint(name, step_dir, cfg, comp, params, run)
+
+    return sound_step(path, step, read)
 
 
 def settings(ck: Checkpoint, ratios: Sequence[int] | None = None, local: bool = False) -> list[Setting]:

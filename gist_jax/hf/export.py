@@ -21,7 +21,7 @@ leaf of the model at once.
 
 This module writes; it never reads a training checkpoint, so the training loop's export hook
 can use it without the hf layer importing train. Exporting a checkpoint (step resolution, its
-stored configs, a leaf-by-leaf restore) is ``gist_jax.hf.export_checkpoint``.
+stored configs, a verified leaf-by-leaf restore) is ``gist_jax.train.hf_export``.
 """
 
 from __future__ import annotations
@@ -147,23 +147,68 @@ def write_tokenizer(tok: Any | None, out: pathlib.Path, with_gist: bool) -> tupl
 
 
 # ----------------------------------------------------------------------------- whole directory
+def check_export_dir(out_dir: str | pathlib.Path, overwrite: bool = False) -> pathlib.Path:
+    """``out_dir`` may receive an export: it does not exist, is an empty directory, or holds an
+    earlier export and ``overwrite`` is set. ``FileExistsError`` (one line naming the fix)
+    otherwise; a directory of other files is never replaced."""
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out={out} is a file; give a directory (it is created if missing)")
+    if (out / "config.json").exists():
+        if not overwrite:
+            raise FileExistsError(f"--out={out} already holds an export; choose another --out, or pass --overwrite "
+                                  "to replace it")
+    elif out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out={out} holds other files (no export's config.json); give a new or empty "
+                              "directory")
+    return out
+
+
+def _partial_dir(out: pathlib.Path) -> pathlib.Path:
+    """Where an export is written before it is renamed to ``out``: beside it, so the rename is
+    atomic (one filesystem), and hidden, so nothing takes a half-written export for one."""
+    return out.parent / f".{out.name}.partial"
+
+
 def export_source(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: Any | None,
-                  out_dir: str | pathlib.Path, dtype: str | None, shard_size: str | int) -> pathlib.Path:
+                  out_dir: str | pathlib.Path, dtype: str | None, shard_size: str | int,
+                  overwrite: bool = False) -> pathlib.Path:
     """The whole directory from a params ``source``: anything with ``leaves`` (leaf path ->
     metadata), ``shape_dtype(path)`` and ``load(path)``, e.g. ``TreeSource`` or a training
-    checkpoint's ``train.checkpoint.ModelParamsReader`` (``hf/export_checkpoint.py``)."""
+    checkpoint's ``train.step_reader.ModelParamsReader``.
+
+    Written to ``.<out>.partial`` and renamed to ``out`` when complete: an export cut short (a
+    kill, a full disk, a damaged checkpoint leaf found mid-way) leaves no ``out`` at all, and the
+    next export removes the partial one. ``overwrite`` replaces an earlier export in ``out``."""
     out = pathlib.Path(out_dir).absolute()
     primary = jax.process_index() == 0  # process 0 writes (gist_jax.train.distributed.is_primary)
-    if primary:
-        if (out / "config.json").exists():
-            raise FileExistsError(f"{out} already holds an export; choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
     if cfg.family == "llama" and cfg.qkv_bias:
         raise ConfigError("a llama-family model with q/k/v biases has no transformers equivalent")
+    partial = _partial_dir(out)
+    if primary:
+        check_export_dir(out, overwrite)
+        if partial.exists():
+            shutil.rmtree(partial)  # what an earlier export cut short left
+        partial.mkdir(parents=True)
     np_dtype = np.dtype(jax.numpy.dtype(dtype)) if dtype else None
-    write_weights(out, cfg, source, np_dtype, shard_size, primary)
-    if not primary:
-        return out
+    try:
+        write_weights(partial, cfg, source, np_dtype, shard_size, primary)
+        if primary:
+            _write_rest(cfg, comp, source, tokenizer, partial, np_dtype)
+    except BaseException:
+        if primary:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if primary:
+        if out.exists():  # empty, or an earlier export that overwrite replaces
+            shutil.rmtree(out)
+        partial.rename(out)
+    return out
+
+
+def _write_rest(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: Any | None, out: pathlib.Path,
+                np_dtype: np.dtype | None) -> None:
+    """Tokenizer, modeling file, generation config and (last) ``config.json`` of an export."""
     gist_id, tokenizer_size = write_tokenizer(tokenizer, out, with_gist=comp.enabled)
     if comp.enabled:
         shutil.copyfile(MODELING_FILE, out / MODELING_FILE.name)
@@ -176,10 +221,7 @@ def export_source(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: 
         # modeling_gist.generate never samples ids >= tokenizer_vocab_size (nor the gist id).
         hf["gist"] = {**gist_names.gist_section(cfg, comp, gist_id), "tokenizer_vocab_size": tokenizer_size}
         hf["auto_map"] = {"AutoModelForCausalLM": f"modeling_gist.{CLASS_NAMES[cfg.family]}"}
-    tmp = out / "config.json.tmp"  # written last: a directory without config.json is incomplete
-    tmp.write_text(json.dumps(hf, indent=2) + "\n")
-    tmp.rename(out / "config.json")
-    return out
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 
 def export_params(model_cfg: ModelConfig, comp_cfg: CompressionConfig, params: dict[str, Any],

@@ -28,6 +28,7 @@ import logging
 import pathlib
 import shutil
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -130,17 +131,32 @@ _DISK_FULL_FILTER = _OrbaxDiskFullFilter()
 
 
 class _QuietClosedLoops:
-    """After a failed save, TensorStore's callbacks for the writes it abandoned find Orbax's
-    event loop closed and report it as "unraisable" (dozens of tracebacks, nothing to act on).
-    An ``sys.unraisablehook`` that drops those and passes everything else to ``previous``."""
+    """Orbax's abandoned async work, reported as "unraisable": after a failed save, TensorStore's
+    callbacks find Orbax's event loop closed (dozens of tracebacks); after a failed read (a cut or
+    bit-rotted array), the read coroutines left suspended raise again when they are collected,
+    each printed as "Exception ignored in <coroutine ...>" with a ~100-line TensorStore spec.
+    Nothing there is actionable: the save or restore that failed is reported by ``Checkpointer``
+    (or the tool) in one line. An ``sys.unraisablehook`` that drops those (a DEBUG log line
+    keeps a trace) and passes everything else to ``previous``."""
 
-    gist_jax_quiet = True  # marks the hook as installed (``_install_quiet_logging``)
+    gist_jax_quiet = True  # marks the hook as installed (``install_quiet_logging``)
 
     def __init__(self, previous: Callable[[sys.UnraisableHookArgs], Any]) -> None:
         self.previous = previous
 
+    @staticmethod
+    def _from_checkpoint_io(unraisable: sys.UnraisableHookArgs) -> bool:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and "Event loop is closed" in str(error):
+            return True
+        frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+        return any("orbax" in f.filename or "tensorstore" in f.filename for f in frames)
+
     def __call__(self, unraisable: sys.UnraisableHookArgs) -> None:
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        if self._from_checkpoint_io(unraisable):
+            error = unraisable.exc_value
+            logger.debug("dropped Orbax's abandoned async error: %s", short_reason(error) if error else "?")
+        else:
             self.previous(unraisable)
 
 
@@ -148,7 +164,9 @@ def _quiet_closed_loops(previous: Callable[[sys.UnraisableHookArgs], Any]) -> _Q
     return _QuietClosedLoops(previous)
 
 
-def _install_quiet_logging() -> None:
+def install_quiet_logging() -> None:
+    """Orbax's noise after a failed save or read dropped (``_OrbaxDiskFullFilter``,
+    ``_QuietClosedLoops``); every process that reads or writes checkpoints calls it."""
     logging.getLogger("absl").addFilter(_DISK_FULL_FILTER)  # adding it twice is a no-op
     if not getattr(sys.unraisablehook, "gist_jax_quiet", False):
         sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
@@ -172,7 +190,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, keep: int, milestone_every: int = 0, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         self.set_aside_directory = self.directory.parent / SET_ASIDE
-        _install_quiet_logging()
+        install_quiet_logging()
         self._set_aside_empty_steps()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=milestone_every or None,
                                                enable_async_checkpointing=async_save, create=True)
@@ -365,107 +383,3 @@ def check_layout(saved: dict, expected: dict, where: pathlib.Path) -> None:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointLayoutError(f"checkpoint {where} was written with a different layout ({detail}); resume "
                                     "with the settings it was trained with, or use a new --workdir")
-
-
-# ---- reading a finished step (evaluation, export, comparison) --------------------------------------
-# The one place that reads a step for anything other than resuming. A step is read through Orbax's
-# handlers directly (PyTreeCheckpointHandler for the state, JsonCheckpointHandler for the run and
-# layout items): ``PyTreeCheckpointer.metadata(<step>/state)`` would look for a per-item
-# ``_CHECKPOINT_METADATA`` that a CheckpointManager never writes (it keeps one per step) and log
-# "Metadata file does not exist" on every read; the handlers read only what the item holds.
-LeafPath = tuple[str, ...]
-
-
-def resolve_step_dir(path: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir -> the step directory
-    (the newest finished step unless ``step`` is given; Orbax's unfinished ``*.orbax-checkpoint-tmp*``
-    directories are never steps)."""
-    path = pathlib.Path(path).absolute()
-    if (path / "state").is_dir() and (path / "run").is_dir():
-        if step is not None and path.name != str(step):
-            raise ConfigError(f"--checkpoint={path} is step {path.name} but --step={step}; pass the workdir")
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"--checkpoint={path}: no finished checkpoints (<step>/state) under {root}")
-    if step is None:
-        return root / str(steps[-1])
-    if step not in steps:
-        raise FileNotFoundError(f"--step={step} is not in {root}; available steps: {steps}")
-    return root / str(step)
-
-
-def read_item(step_dir: pathlib.Path, item: str) -> Any:
-    """A JSON item of a step (``run``: the resolved run config, ``layout``: ``layout_metadata``)."""
-    return ocp.JsonCheckpointHandler().restore(pathlib.Path(step_dir) / item)
-
-
-def checkpoint_configs(step_dir: pathlib.Path, run: dict[str, Any] | None = None
-                       ) -> tuple[ModelConfig, CompressionConfig, dict[str, Any]]:
-    """(gist model config, compression config, run dict) of a step, checked against the layout
-    it recorded. ``run``: the stored run dict with a tool's overrides (``cli_config.checkpoint_run``,
-    e.g. a moved ``model.init``); default: as stored."""
-    from gist_jax.gist.params import model_config_for
-    from gist_jax.hf.importer import base_model_config
-
-    run = read_item(step_dir, "run") if run is None else run
-    layout = read_item(step_dir, "layout")
-    comp = CompressionConfig(**run["compression"])
-    cfg = model_config_for(base_model_config(run["model"]), comp).replace(scan_layers=layout["scan_layers"])
-    diff = {k: (getattr(cfg, k), layout[k]) for k in LAYOUT_KEYS if k in layout and getattr(cfg, k) != layout[k]}
-    if diff:
-        raise ConfigError(f"{step_dir}: model.init={run['model']['init']!r} now describes a different model than "
-                          f"the checkpoint ({diff}); restore the base model the run used")
-    return cfg, comp, run
-
-
-class ModelParamsReader:
-    """``state.params["model"]`` of a step, on the host as numpy (any saved sharding), leaf by
-    leaf (``load``: an export holds one leaf at a time) or whole (``load_all``); nothing else of
-    the state (optimizer, AE decoder) is read. Also the params source of ``hf.export``."""
-
-    def __init__(self, step_dir: pathlib.Path) -> None:
-        self.state_dir = pathlib.Path(step_dir) / "state"
-        self._handler = ocp.PyTreeCheckpointHandler()
-        meta = self._handler.metadata(self.state_dir)
-        tree = getattr(meta, "tree", meta)
-        try:
-            model = tree["params"]["model"]
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{self.state_dir} has no params['model'] tree: not a gist_jax training "
-                              "checkpoint (pass the run's --workdir or a <workdir>/checkpoints/<step>)") from e
-        self.model_metadata = model
-        self.leaves = {_path_tuple(p): x for p, x in jax.tree_util.tree_flatten_with_path(model)[0]}
-
-    def shape_dtype(self, path: LeafPath) -> tuple[tuple[int, ...], np.dtype]:
-        x = self.leaves[path]
-        return tuple(x.shape), np.dtype(x.dtype)
-
-    def _restore(self, model_item: Any, model_args: Any) -> Any:
-        args = ocp.args.PyTreeRestore(item={"params": {"model": model_item}},
-                                      restore_args={"params": {"model": model_args}}, partial_restore=True)
-        return self._handler.restore(self.state_dir, args=args)["params"]["model"]
-
-    def load(self, path: LeafPath) -> np.ndarray:
-        item: dict[str, Any] = {}
-        args: dict[str, Any] = {}
-        node_i, node_a = item, args
-        for key in path[:-1]:
-            node_i, node_a = node_i.setdefault(key, {}), node_a.setdefault(key, {})
-        node_i[path[-1]] = 0
-        node_a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-        node = self._restore(item, args)
-        for key in path:
-            node = node[key]
-        return np.asarray(node)
-
-    def load_all(self) -> Any:
-        """The whole ``params["model"]`` tree as numpy arrays, in one restore."""
-        item = jax.tree.map(lambda _: 0, self.model_metadata)
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), self.model_metadata)
-        return self._restore(item, args)
-
-
-def _path_tuple(path: Any) -> LeafPath:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
