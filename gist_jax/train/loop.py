@@ -37,6 +37,7 @@ from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
+from gist_jax.train import workdir_lock
 from gist_jax.train.checkpoint import Checkpointer, layout_metadata
 from gist_jax.train.distributed import is_primary
 from gist_jax.train.evaluation import PerplexityEvaluator
@@ -152,6 +153,13 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
         raise ConfigError(f"--workdir={workdir}: use a filesystem path that every process sees (for a bucket, "
                           "mount it with gcsfuse, e.g. /gcs/<bucket>/runs/<name>); URLs are not supported")
     workdir = pathlib.Path(workdir).absolute()
+    # One run per workdir (process 0 holds the lock until train() returns or raises): a second
+    # command on the same workdir is refused here, before anything reads or writes it.
+    with workdir_lock.hold(workdir, primary=is_primary()):
+        return _train(run, workdir)
+
+
+def _train(run: RunConfig, workdir: pathlib.Path) -> dict[str, Any]:
     comp, step_cfg = run.compression, run.step
     run_start = time.perf_counter()
 
