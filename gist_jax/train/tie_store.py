@@ -108,14 +108,20 @@ def objective_fields(run: RunConfig) -> dict[str, Any]:
 
 def store_fields(run: RunConfig, stores: Sequence[TokenStore] | None = None) -> dict[str, str | None]:
     """``token store <dir>`` -> its fingerprint, for each train-split store the stream reads;
-    None for a store not built yet (the check then leaves it to the loader, which builds it)."""
-    from gist_jax.data.store import TokenStore, store_key
+    None for a store not built yet, or damaged (the check then leaves it to the loader, which
+    builds or rebuilds it, or refuses it in one line)."""
+    from gist_jax.data.store import DamagedStore, TokenStore, store_key
 
     data, out = run.data, {}
     for i, (spec, _) in enumerate(data.sources):
         path = pathlib.Path(data.cache_dir).expanduser() / store_key(spec, data.train_split, data.tokenizer,
                                                                     data.max_documents)
-        store = stores[i] if stores is not None else (TokenStore.open(path) if (path / "meta.json").exists() else None)
+        store = stores[i] if stores is not None else None
+        if stores is None and (path / "meta.json").exists():
+            try:
+                store = TokenStore.open(path)
+            except DamagedStore:
+                store = None
         out[f"token store {path.name}"] = None if store is None else (
             f"{store.num_documents} documents, {store.num_tokens} tokens, offsets sha1 "
             f"{hashlib.sha1(np.ascontiguousarray(store.offsets).tobytes()).hexdigest()[:16]}")
