@@ -182,6 +182,7 @@ class MetricsWriter:
         self._tb = None
         if self.primary:
             workdir.mkdir(parents=True, exist_ok=True)
+            trim_torn_record(workdir / "metrics.jsonl")  # a killed run's half line would swallow our first
             self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the run
             if tensorboard:
                 from tensorboardX import SummaryWriter
@@ -221,6 +222,45 @@ class MetricsWriter:
             if self._tb is not None:
                 self._tb.close()
         return final
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError of a cut multi-byte character
+        return False
+
+
+def trim_torn_record(path: pathlib.Path) -> None:
+    """Makes ``path`` (a JSON-lines log) end in a complete record and a newline before it is
+    appended to: a kill or a full disk mid-write leaves half a line, which the next record would
+    otherwise be glued onto, losing both. That tail is cut off with one warning naming the file
+    and the bytes dropped; a complete last record that only lacks its newline gets one. Only the
+    last line is looked at: anything before it was followed by a newline, so it was written whole
+    (``gist_jax.train.report.read_records`` reports older damage)."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "r+b") as f:
+        start, body, ends_line = size, b"", False  # body: the file from start on, less its final newline
+        while start > 0 and b"\n" not in body:  # back until the newline before the last line
+            start = max(0, start - (1 << 16))
+            f.seek(start)
+            tail = f.read(size - start)
+            ends_line = tail.endswith(b"\n")
+            body = tail[:-1] if ends_line else tail
+        cut = body.rfind(b"\n") + 1  # where the last line begins, from start
+        if _is_record(body[cut:]):
+            if not ends_line:
+                f.seek(size)
+                f.write(b"\n")
+            return
+        f.truncate(start + cut)
+    logger.warning("%s ended in a partial record (%d bytes, what a kill or a full disk leaves); dropped it so the "
+                   "records of this run start on a line of their own", path, size - start - cut)
 
 
 class Throughput:

@@ -4,13 +4,61 @@ vs each compression ratio) and its plot, from ``<workdir>/metrics.jsonl``."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(line)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (``metrics.jsonl``), none dropped without a warning.
+
+    A last line without its newline that is not a record is what a kill or a full disk leaves
+    (or a live run mid-write): skipped with a warning. A damaged line before it is a warning
+    naming the line, not an error: the log is the run's output, not an input, and every other
+    record (the evaluations a report compares, each named by its step) is still good; refusing
+    would make a whole run unreadable for one line. Such lines come from runs that were resumed
+    after a kill by a version that did not trim the torn record (``hooks.trim_torn_record``), so
+    the half record is glued to the next one: that next record is kept when it parses whole.
+    """
+    path = pathlib.Path(path)
+    lines = path.read_bytes().split(b"\n")
+    torn = lines.pop()  # b"" when the file ends in a newline
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _record(line)
+        if record is None:
+            glued = line.rfind(b'{"step"')
+            record = _record(line[glued:]) if glued > 0 else None
+            logger.warning("%s:%d is not a JSON record (%d bytes)%s", path, number, len(line),
+                           f"; kept the complete record at its end (step {record.get('step')})" if record else
+                           "; skipped it")
+        if record is not None:
+            records.append(record)
+    if torn.strip():
+        record = _record(torn)
+        if record is None:
+            logger.warning("%s ends in a partial record (%d bytes, from a kill, a full disk or a run still writing); "
+                           "skipped it", path, len(torn))
+        else:
+            records.append(record)
+    return records
 
 
 def eval_entries(workdir: str | pathlib.Path) -> list[dict]:
-    path = pathlib.Path(workdir) / "metrics.jsonl"
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = read_records(pathlib.Path(workdir) / "metrics.jsonl")
     return [e for e in entries if any(k.startswith("eval/ppl_") for k in e)]
 
 

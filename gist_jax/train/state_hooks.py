@@ -27,9 +27,18 @@ def diverged(checkpointer: Checkpointer, step: int, bad: str) -> TrainingDiverge
     suspect = [s for s in checkpointer.all_steps() if s >= step - 1]
     moved = [str(checkpointer.set_aside(s, "diverged")) for s in suspect]
     note = f" Moved the checkpoints of those weights aside: {', '.join(moved)}." if moved else ""
-    return TrainingDiverged(f"{bad} at step {step}: stopping.{note} Last good checkpoint: "
-                            f"{checkpointer.describe_latest()}. Lower optimizer.learning_rate or check the data, "
-                            "then rerun to resume from it")
+    return TrainingDiverged(f"{bad} at step {step}: stopping.{note} {rerun_advice(checkpointer)}")
+
+
+def rerun_advice(checkpointer: Checkpointer) -> str:
+    """What a rerun after a divergence does: resume from the last good checkpoint, or, when there
+    is none (none saved yet, or all set aside), start again from step 0 with the weights of
+    ``model.init``; the message must not promise a resume that cannot happen."""
+    fix = "Lower optimizer.learning_rate or check the data, then rerun"
+    if checkpointer.latest_step() is None:
+        return (f"No good checkpoint to resume from: a rerun starts from scratch (step 0, the weights of "
+                f"model.init). {fix}")
+    return f"Last good checkpoint: {checkpointer.describe_latest()}. {fix} to resume from it"
 
 
 class MetricsHook(Hook):
@@ -85,8 +94,7 @@ class CheckpointHook(Hook):
         try:
             ctx.checkpointer.save(ctx.step, ctx.state, ctx.loader.state(), ctx.run.to_dict(), self.layout_meta)
         except NonFiniteState as e:
-            raise TrainingDiverged(f"{e}. Last good checkpoint: {ctx.checkpointer.describe_latest()}. Lower "
-                                   "optimizer.learning_rate or check the data, then rerun to resume") from None
+            raise TrainingDiverged(f"{e}. {rerun_advice(ctx.checkpointer)}") from None
 
     def at_end(self, ctx: RunContext) -> None:
         if ctx.trained_this_run and ctx.checkpointer.latest_step() != ctx.step:
