@@ -164,11 +164,14 @@ def test_a_damaged_index_is_refused_naming_it(tmp_path):
 def test_hostile_headers_allocate_nothing_they_claim(hostile):
     """Peak RSS of a process that opens every hostile file stays far under 1 GiB (a 2**62-byte
     header or a 4 TiB shape would otherwise be a MemoryError or an OOM kill)."""
-    code = ("import resource, sys\n"
+    # VmHWM, not getrusage's ru_maxrss: the latter carries over the forking parent's peak (a
+    # pytest worker holding compiled JAX programs), VmHWM is this process image's own.
+    code = ("import sys\n"
             "from gist_jax.hf.safetensors_io import SafetensorsCheckpoint, SafetensorsError\n"
             "for d in sys.argv[1:]:\n"
             "    try:\n        SafetensorsCheckpoint(d)\n    except SafetensorsError:\n        pass\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+            "status = open('/proc/self/status').read().splitlines()\n"
+            "print(next(line.split()[1] for line in status if line.startswith('VmHWM:')))\n")
     out = subprocess.run([sys.executable, "-c", code, *[str(p.parent) for p in hostile.values()]],
                          capture_output=True, text=True, check=True)
     peak_kib = int(out.stdout.strip())

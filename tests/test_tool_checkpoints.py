@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
 import shutil
 import subprocess
@@ -50,6 +51,12 @@ def _flip_every_array_file(step_dir: pathlib.Path) -> None:
             path.write_bytes(bytes(data))
 
 
+def _truncate_every_array_file(step_dir: pathlib.Path) -> None:
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            os.truncate(path, path.stat().st_size // 2)
+
+
 def _edit_one_params_checksum(step_dir: pathlib.Path) -> None:
     meta = step_dir / "checksums" / "metadata"
     sums = json.loads(meta.read_text())
@@ -59,10 +66,11 @@ def _edit_one_params_checksum(step_dir: pathlib.Path) -> None:
 
 
 TOOL_DAMAGE = {**DAMAGE, "bit rot in every array file": _flip_every_array_file,
+               "every array file cut in half": _truncate_every_array_file,
                "a params leaf that does not match its checksum": _edit_one_params_checksum}
 # One flipped byte in the largest array file may land in the optimizer state, which no tool reads:
 # then the export must be the step's true params, else a warning and the older step.
-MAY_MISS_PARAMS = {"bit-rotted array file"}
+MAY_MISS_PARAMS = {"bit-rotted array file", "truncated array file"}
 # Damage to what a tool does not read (the data-iterator state) is not the tool's concern.
 NOT_READ = {"garbage data state", "wrong-shaped data state", "missing data state"}
 
@@ -145,7 +153,7 @@ def test_tools_on_damage_exit_2_in_one_line_without_traceback(trained, tmp_path,
     """Through the real entry points: a cut array file at a named step, only an unfinished
     Orbax step, a taken --out (and --overwrite), evaluate on a damaged named step."""
     cut = copy_run(trained, tmp_path / "cut")
-    DAMAGE["truncated array file"](cut / "checkpoints" / "4")
+    _truncate_every_array_file(cut / "checkpoints" / "4")
     unfinished = tmp_path / "unfinished"
     (unfinished / "checkpoints").mkdir(parents=True)
     shutil.copytree(trained / "checkpoints" / "4", unfinished / "checkpoints" / "4.orbax-checkpoint-tmp-123")
