@@ -34,7 +34,8 @@ from gist_jax import experiments  # noqa: E402
 # A path that does not exist but names a shipped recipe (experiments/<file>.py) runs the packaged one.
 _CONFIG = experiments.DEFINE_config_file("config", None, "Experiment file: experiments/<file>.py[:<variants>]",
                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard events")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory, a path or gs://<bucket>/<path>: checkpoints, metrics, "
+                                "TensorBoard events")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

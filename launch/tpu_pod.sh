@@ -13,7 +13,8 @@
 #
 # Everything after the script name goes to `python -m gist_jax.main` unchanged (quoted safely for
 # the remote shell). Each worker must hold the repository at the same path (REPO_DIR) and reach
-# the model and data at the same paths; the workdir must be shared (a gcsfuse-mounted bucket), because
+# the model and data at the same paths; the workdir must be shared (a gcsfuse-mounted bucket or a
+# gs://<bucket>/<path> URL, the latter tested with one process only: docs/training.md), because
 # every worker writes its shards of every checkpoint. Rerunning the same command resumes from the
 # newest checkpoint; a preempted slice checkpoints and exits 0 (JAX's preemption sync point).
 #

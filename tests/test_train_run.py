@@ -145,13 +145,14 @@ def test_divergence_stops_with_step_metric_and_checkpoint(token_cache, tmp_path)
     assert "loss" in message or "grad_norm" in message
 
 
-def test_url_workdir_is_refused_before_anything_loads():
+def test_url_workdir_other_than_gs_is_refused_before_anything_loads():
+    """gs:// workdirs run in the bucket (tests/test_bucket_workdir.py); other schemes are refused."""
     from gist_jax.errors import ConfigError
     from gist_jax.train.experiment import default_config, run_config
     from gist_jax.train.loop import train
 
-    with pytest.raises(ConfigError, match="gcsfuse"):
-        train(run_config(default_config()), "gs://bucket/run")
+    with pytest.raises(ConfigError, match=r"s3:// is not supported; use gs://<bucket>/<path> or a local path"):
+        train(run_config(default_config()), "s3://bucket/run")
 
 
 def test_missing_worker_fails_within_the_timeout_with_the_fix(token_cache, tmp_path):

@@ -4,7 +4,8 @@ the resolved run config, the layout metadata and the state's checksums in every 
 Guarantees:
   * a save is asynchronous (the loop continues while shards are written) and atomic: Orbax
     writes ``<step>.orbax-checkpoint-tmp-*`` and renames it when every process is done, so a
-    save cut short by a kill is never listed;
+    save cut short by a kill is never listed (in a ``gs://`` workdir, where nothing renames,
+    Orbax writes ``<step>`` in place and lists it only once its ``commit_success.txt`` exists);
   * a non-finite state is never saved, and a save that would not fit on the disk is not started
     (``DiskFull``: one line naming the step, the path and the newest complete checkpoint);
   * restore walks the steps newest first and takes the first one that is complete *and* whose
@@ -42,6 +43,7 @@ from gist_jax.model.config import ModelConfig
 from gist_jax.train.distributed import is_primary
 from gist_jax.train.integrity import check_resume_config, first_mismatch, state_checksums
 from gist_jax.train.state import TrainState
+from gist_jax.utils import bucket
 
 LAYOUT_KEYS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                "scan_layers", "num_gist_embeddings", "gist_projections", "tie_embeddings")
@@ -188,7 +190,7 @@ class Checkpointer:
     ITEMS = ("state", "data", "run", "layout", "checksums")
 
     def __init__(self, directory: str | pathlib.Path, keep: int, milestone_every: int = 0, async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = bucket.as_path(directory)  # a gs:// URL: an epath.Path (utils/bucket.py)
         self.set_aside_directory = self.directory.parent / SET_ASIDE
         install_quiet_logging()
         self._set_aside_empty_steps()
@@ -196,6 +198,7 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=self.ITEMS)
         self._writing: int | None = None  # step of the save that may still be in flight
+        self.before_save: Callable[[], None] = lambda: None  # the loop's: metrics.jsonl into the workdir first
 
     def _set_aside_empty_steps(self) -> None:
         """Orbax never leaves an empty step directory (it renames finished saves into place), so
@@ -206,7 +209,7 @@ class Checkpointer:
             dest = self._set_aside_path(step, "damaged")
             if is_primary():
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(self.directory / str(step)), str(dest))
+                bucket.move(self.directory / str(step), dest)
             logger.warning("checkpoint %s/%d is damaged (empty step directory): moved to %s; trying an older one",
                            self.directory, step, dest)
         _sync("gist_jax_set_aside_empty_steps")
@@ -235,6 +238,7 @@ class Checkpointer:
             raise NonFiniteState(f"the state after step {step} holds NaN or inf; it was not saved")
         self.wait()  # Orbax would wait for the previous save anyway; its bytes must count as used
         self._check_space(step, saved)
+        self.before_save()
         args = ocp.args.Composite(state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state),
                                   run=ocp.args.JsonSave(run), layout=ocp.args.JsonSave(layout),
                                   checksums=ocp.args.JsonSave(sums))
@@ -243,6 +247,8 @@ class Checkpointer:
         self._writing = step
 
     def _check_space(self, step: int, saved: TrainState) -> None:
+        if bucket.is_url(self.directory):  # a bucket does not fill up
+            return
         needed = int(1.02 * sum(x.nbytes for x in jax.tree.leaves(saved))) + SPACE_MARGIN_BYTES
         free = shutil.disk_usage(self.directory).free
         if not _all_processes(free >= needed):
@@ -281,7 +287,7 @@ class Checkpointer:
             self.manager.check_for_errors()
         if writing is None or _all_processes(writing in self.manager.all_steps()):
             return
-        if shutil.disk_usage(self.directory).free < SPACE_MARGIN_BYTES:
+        if not bucket.is_url(self.directory) and shutil.disk_usage(self.directory).free < SPACE_MARGIN_BYTES:
             self._writing = writing
             with self._disk_full_as(writing):
                 raise OSError(28, "No space left on device")
@@ -300,7 +306,7 @@ class Checkpointer:
         dest = self._set_aside_path(step, why)
         if is_primary():
             self.set_aside_directory.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(self.directory / str(step)), str(dest))
+            bucket.move(self.directory / str(step), dest)
         _sync(f"gist_jax_set_aside_{step}_{why}")
         self.manager.reload()
         return dest

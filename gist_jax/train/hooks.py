@@ -25,11 +25,12 @@ import signal
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import jax
 
 from gist_jax.train.distributed import is_primary
+from gist_jax.utils import bucket
 
 if TYPE_CHECKING:
     from gist_jax.data.loader import BatchLoader
@@ -182,8 +183,12 @@ class MetricsWriter:
         self._tb = None
         if self.primary:
             workdir.mkdir(parents=True, exist_ok=True)
-            trim_torn_record(workdir / "metrics.jsonl")  # a killed run's half line would swallow our first
-            self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the run
+            self._jsonl: IO[str] | bucket.ObjectLog
+            if bucket.is_url(workdir):  # gs://: no append; the object is rewritten whole (utils/bucket.py)
+                self._jsonl = bucket.ObjectLog(workdir / "metrics.jsonl")
+            else:
+                trim_torn_record(workdir / "metrics.jsonl")  # a killed run's half line would swallow our first
+                self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - open for the run
             if tensorboard:
                 from tensorboardX import SummaryWriter
 
@@ -200,6 +205,12 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and value is not None:
                     self._tb.add_scalar(key, value, step)
 
+    def sync(self) -> None:
+        """Everything written so far is in the workdir (a local file is line-buffered; a bucket's
+        object is uploaded): called before each checkpoint, so a run resumed from it has its steps' lines."""
+        if self.primary:
+            self._jsonl.flush()
+
     def console(self, line: str) -> None:
         """A line of the run's report on stdout (the per-step metrics, the memory plan): what a
         person runs training to read, and what a log scraper parses; process 0 only."""
@@ -215,9 +226,7 @@ class MetricsWriter:
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         final = {**self.final, **(extra or {})}
         if self.primary:
-            tmp = self.workdir / "final_metrics.json.tmp"
-            tmp.write_text(json.dumps(final, indent=1, sort_keys=True))
-            tmp.rename(self.workdir / "final_metrics.json")
+            bucket.write_text(self.workdir / "final_metrics.json", json.dumps(final, indent=1, sort_keys=True))
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()

@@ -32,7 +32,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from gist_jax.data.loader import BatchLoader
-from gist_jax.errors import ConfigError
 from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
 from gist_jax.gist.specs import layout_arrays
@@ -48,6 +47,7 @@ from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh, replicat
 from gist_jax.train.state import TrainState, create_train_state
 from gist_jax.train.state_hooks import CheckpointHook, EvalHook, HuggingFaceExportHook, MetricsHook
 from gist_jax.train.step import Batch, build_train_step
+from gist_jax.utils import bucket
 
 logger = logging.getLogger(__name__)
 
@@ -149,10 +149,9 @@ def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains ``run`` in ``workdir``, resuming from its newest sound checkpoint; returns the final
     metrics (also written to ``<workdir>/final_metrics.json``)."""
     # ------------------------------------------------------------------ set-up
-    if "://" in str(workdir):
-        raise ConfigError(f"--workdir={workdir}: use a filesystem path that every process sees (for a bucket, "
-                          "mount it with gcsfuse, e.g. /gcs/<bucket>/runs/<name>); URLs are not supported")
-    workdir = pathlib.Path(workdir).absolute()
+    if bucket.is_url(workdir):  # gs://: checkpoints, config, metrics and exports in the bucket (utils/bucket.py)
+        bucket.check_url("--workdir", workdir)
+    workdir = bucket.as_path(workdir)
     # One run per workdir (process 0 holds the lock until train() returns or raises): a second
     # command on the same workdir is refused here, before anything reads or writes it.
     with workdir_lock.hold(workdir, primary=is_primary()):
@@ -196,6 +195,7 @@ def _train(run: RunConfig, workdir: pathlib.Path) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ restore
     ckpt = ckpt or open_checkpointer(run, workdir)
+    ckpt.before_save = writer.sync  # metrics.jsonl is in the workdir (a bucket: uploaded) before each save
     restored = ckpt.restore_latest(state, layout_meta, run.to_dict())
     start = 0
     if restored is not None:

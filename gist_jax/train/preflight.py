@@ -61,9 +61,14 @@ def check_workdir(workdir: str | os.PathLike) -> None:
     """The workdir is a directory, or can be created as one, and is writable. Nothing is created
     here: a run refused by a later check leaves no trace.
 
-    URLs are left to ``train()``, which refuses them with the gcsfuse fix.
+    A URL must be a ``gs://<bucket>/...`` with the modules to reach it installed
+    (``utils/bucket.py``); the bucket itself is first contacted when ``train()`` takes its lock.
     """
-    if "://" not in str(workdir):
+    from gist_jax.utils import bucket
+
+    if bucket.is_url(workdir):
+        bucket.check_url("--workdir", workdir)
+    else:
         check_writable_dir("--workdir", workdir)
 
 

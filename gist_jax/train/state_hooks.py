@@ -16,8 +16,10 @@ import jax
 
 from gist_jax.model.config import ModelConfig
 from gist_jax.train.checkpoint import Checkpointer, NonFiniteState
+from gist_jax.train.distributed import is_primary
 from gist_jax.train.evaluation import PerplexityEvaluator
 from gist_jax.train.hooks import Cadence, Hook, RunContext, TrainingDiverged, format_line, non_finite_metric
+from gist_jax.utils import bucket
 
 
 def diverged(checkpointer: Checkpointer, step: int, bad: str) -> TrainingDiverged:
@@ -123,8 +125,9 @@ class HuggingFaceExportHook(Hook):
         self.metrics.flush(ctx)  # never export a diverged state
         out = ctx.workdir / "hf" / str(ctx.step)
         if not (out / "config.json").exists():
-            export_params(self.base_cfg, ctx.run.compression, ctx.state.params,
-                          hf_tokenizer_copy(ctx.run.data.tokenizer), out)
+            with bucket.staged_dir(out, upload=is_primary()) as target:  # gs://: written here, then uploaded
+                export_params(self.base_cfg, ctx.run.compression, ctx.state.params,
+                              hf_tokenizer_copy(ctx.run.data.tokenizer), target)
             ctx.writer.status(f"exported Hugging Face model to {out}")
 
     def at_end(self, ctx: RunContext) -> None:

@@ -31,6 +31,7 @@ from gist_jax.gist.config import CompressionConfig
 from gist_jax.model.config import ModelConfig
 from gist_jax.train.checkpoint import LAYOUT_KEYS, CheckpointDamaged, install_quiet_logging, short_reason
 from gist_jax.train.integrity import state_checksums
+from gist_jax.utils import bucket
 
 LeafPath = tuple[str, ...]
 T = TypeVar("T")
@@ -49,15 +50,20 @@ def _is_step_dir(path: pathlib.Path) -> bool:
 
 def finished_steps(path: str | pathlib.Path) -> list[int]:
     """The finished steps under a workdir or its ``checkpoints`` dir (Orbax's unfinished
-    ``*.orbax-checkpoint-tmp*`` directories are never steps), oldest first."""
-    root = _checkpoints_root(pathlib.Path(path).absolute())
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+    ``*.orbax-checkpoint-tmp*`` directories are never steps; in a bucket, a ``<step>`` without
+    its ``commit_success.txt`` is not one either), oldest first."""
+    root = _checkpoints_root(bucket.as_path(path))
+    if not root.is_dir():
+        return []
+    url = bucket.is_url(root)
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()
+                  and (not url or ocp.path.step.is_path_finalized(p)))
 
 
 def resolve_step_dir(path: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
     """A run's --workdir, its ``checkpoints`` dir or one ``<step>`` dir -> the step directory
     (the newest finished step unless ``step`` is given)."""
-    path = pathlib.Path(path).absolute()
+    path = bucket.as_path(path)
     if _is_step_dir(path):
         if step is not None and path.name != str(step):
             raise ConfigError(f"--checkpoint={path} is step {path.name} but --step={step}; pass the workdir")
@@ -79,7 +85,7 @@ def sound_step(path: str | pathlib.Path, step: int | None, use: Callable[[pathli
     half-written behind when it does). Asked for the newest step (``step`` None, ``path`` not a
     step dir): each damaged step is named in one warning and the next older one is tried.
     Asked for one step: its damage is a ``ConfigError`` naming the step and the sound choices."""
-    path = pathlib.Path(path).absolute()
+    path = bucket.as_path(path)
     first = resolve_step_dir(path, step)
     if step is not None or _is_step_dir(path):
         try:
@@ -104,7 +110,7 @@ def read_item(step_dir: pathlib.Path, item: str) -> Any:
     """A JSON item of a step (``run``: the resolved run config, ``layout``: ``layout_metadata``);
     ``CheckpointDamaged`` when it cannot be read."""
     try:
-        return ocp.JsonCheckpointHandler().restore(pathlib.Path(step_dir) / item)
+        return ocp.JsonCheckpointHandler().restore(bucket.as_path(step_dir, absolute=False) / item)
     except Exception as e:  # noqa: BLE001 - any unreadable item makes the step unusable
         raise CheckpointDamaged(f"{item} unreadable: {short_reason(e)}") from None
 
@@ -145,7 +151,7 @@ class ModelParamsReader:
 
     def __init__(self, step_dir: pathlib.Path) -> None:
         install_quiet_logging()  # a failed read's abandoned coroutines are reported here in one line
-        self.step_dir = pathlib.Path(step_dir)
+        self.step_dir = bucket.as_path(step_dir, absolute=False)
         self.state_dir = self.step_dir / "state"
         if not (self.state_dir / "_METADATA").is_file():
             raise CheckpointDamaged("state/_METADATA is missing")

@@ -18,6 +18,11 @@ refused at once: ``WorkdirLocked``, a ``ConfigError`` (exit 2, one line naming t
   Other host: it lives while its heartbeat (rewritten every ``HEARTBEAT_S``) is under ``STALE_S``.
 * Only process 0 locks; the others share the workdir and wait at a barrier until it holds the
   lock, so no process of a refused run writes anything.
+* A bucket (``gs://``) has no flock: ``BucketLock`` creates ``run.lock`` only if no object of
+  that name exists (generation precondition 0), refreshes the heartbeat only while the object
+  is still its own generation, and takes a dead holder's lock over by replacing exactly the
+  generation it read; the record decides liveness as above (same host: the pid; other: the
+  heartbeat).
 """
 
 from __future__ import annotations
@@ -81,7 +86,10 @@ def _alive(record: dict[str, Any]) -> bool:
 
 def _read_record(fd: int) -> dict[str, Any] | None:
     """The record, ``{}`` for an empty file, None for one that is not a record (garbage)."""
-    raw = os.pread(fd, 65536, 0)
+    return _parse_record(os.pread(fd, 65536, 0))
+
+
+def _parse_record(raw: bytes) -> dict[str, Any] | None:
     if not raw.strip():
         return {}
     try:
@@ -99,13 +107,18 @@ def _holder(record: dict[str, Any] | None) -> str:
     return f"pid {record['pid']} on host {record['host']} (started {record.get('started', '?')})"
 
 
+def _new_record() -> dict[str, Any]:
+    """This process's record, less the heartbeat (added at every write)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(),
+            "start": _proc_start(os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 class WorkdirLock:
     """A held lock: the open, flocked file and the thread that refreshes its heartbeat."""
 
     def __init__(self, path: pathlib.Path, fd: int, created: list[pathlib.Path]) -> None:
         self.path, self.fd, self.created = path, fd, created
-        self.record = {"pid": os.getpid(), "host": socket.gethostname(), "boot": _boot_id(),
-                       "start": _proc_start(os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        self.record = _new_record()
         os.ftruncate(fd, 0)
         self._write()
         self._stop = threading.Event()
@@ -174,7 +187,92 @@ def acquire(workdir: pathlib.Path) -> WorkdirLock:
         raise
 
 
-def _refusal(workdir: pathlib.Path, path: pathlib.Path, record: dict[str, Any] | None) -> str:
+class BucketLock:
+    """A held lock in a bucket: the object ``run.lock`` at the generation this process last wrote
+    (``blob.generation``), and the thread that refreshes its heartbeat."""
+
+    def __init__(self, blob: Any, path: str, record: dict[str, Any]) -> None:
+        self.blob, self.path, self.record = blob, path, record
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        from google.api_core import exceptions
+
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                _upload(self.blob, self.record, self.blob.generation)
+            except exceptions.PreconditionFailed:
+                logger.error("%s: another run took this workdir's lock over (this run's heartbeat was over %.0fs "
+                             "late); both runs now write to the workdir", self.path, STALE_S)
+                return
+            except Exception:  # noqa: BLE001 - a network fault: the next beat tries again
+                continue
+
+    def release(self) -> None:
+        """Deletes the object if it is still this process's generation."""
+        from google.api_core import exceptions
+
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(exceptions.GoogleAPIError):
+            current = self.blob.bucket.get_blob(self.blob.name)  # the precondition alone: some emulators ignore it
+            if current is not None and current.generation == self.blob.generation:
+                self.blob.delete(if_generation_match=self.blob.generation)
+
+
+def _upload(blob: Any, record: dict[str, Any], generation: int) -> None:
+    """Writes the record with a fresh heartbeat if the object is at ``generation`` (0: absent);
+    ``PreconditionFailed`` otherwise. The upload updates ``blob.generation``."""
+    blob.upload_from_string(json.dumps({**record, "heartbeat": time.time()}), content_type="application/json",
+                            if_generation_match=generation)
+
+
+def acquire_bucket(workdir: str | os.PathLike, attempts: int = 8) -> BucketLock:
+    """Takes ``<workdir>/run.lock`` in a bucket (``gs://``); ``WorkdirLocked`` if a live run holds
+    it, ``ConfigError`` for a bucket that does not exist or may not be written. Never blocks."""
+    from google.api_core import exceptions
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    url = os.fspath(workdir).rstrip("/")
+    bucket_name, _, prefix = url.partition("://")[2].partition("/")
+    name = f"{prefix}/{LOCK_NAME}" if prefix else LOCK_NAME
+    path = f"gs://{bucket_name}/{name}"
+    try:
+        blob = storage.Client().bucket(bucket_name).blob(name)
+    except DefaultCredentialsError:
+        raise ConfigError(f"--workdir={url}: no Google Cloud credentials; run `gcloud auth application-default login` "
+                          "or set GOOGLE_APPLICATION_CREDENTIALS") from None
+    record, expected, held = _new_record(), 0, None
+    for _ in range(attempts):
+        try:
+            _upload(blob, record, expected)
+        except exceptions.PreconditionFailed:
+            pass  # someone else's object, or not the generation we read: look again
+        except (exceptions.NotFound, exceptions.Forbidden) as e:
+            raise ConfigError(f"--workdir={url}: cannot write {path}: {e.message}; check the bucket name and this "
+                              "account's permissions") from None
+        else:
+            if expected:
+                logger.warning("%s: taking over the lock of %s, which ended without releasing it (killed?); this run "
+                               "now holds it", path, _holder(held))
+            return BucketLock(blob, path, record)
+        current = blob.bucket.get_blob(name)
+        if current is None:  # released since: create it
+            expected, held = 0, None
+            continue
+        with contextlib.suppress(exceptions.NotFound):
+            held = _parse_record(current.download_as_bytes(if_generation_match=current.generation))
+            if held and _alive(held):
+                raise WorkdirLocked(_refusal(url, path, held))
+        expected = current.generation
+    raise WorkdirLocked(f"--workdir={url}: the lock {path} changed hands {attempts} times while this run tried to "
+                        "take it; another run is starting there: wait for it, or give this run another --workdir")
+
+
+def _refusal(workdir: pathlib.Path | str, path: pathlib.Path | str, record: dict[str, Any] | None) -> str:
     stop = f"stop it (kill {record['pid']} on {record['host']})" if record else "stop it"
     line = (f"--workdir={workdir}: another run is using this workdir: {_holder(record)}, lock file {path}; "
             f"wait for it to finish, {stop}, or give this run another --workdir")
@@ -184,9 +282,12 @@ def _refusal(workdir: pathlib.Path, path: pathlib.Path, record: dict[str, Any] |
 
 
 @contextlib.contextmanager
-def hold(workdir: str | pathlib.Path, primary: bool) -> Iterator[WorkdirLock | None]:
-    """The lock while the block runs, however it ends: on process 0 only, not for URLs; all processes wait for it."""
-    lock = acquire(pathlib.Path(workdir)) if primary and "://" not in str(workdir) else None
+def hold(workdir: str | pathlib.Path, primary: bool) -> Iterator[WorkdirLock | BucketLock | None]:
+    """The lock while the block runs, however it ends: on process 0 only (a ``gs://`` workdir's in
+    the bucket); all processes wait for it."""
+    lock: WorkdirLock | BucketLock | None = None
+    if primary:
+        lock = acquire_bucket(workdir) if "://" in str(workdir) else acquire(pathlib.Path(workdir))
     try:
         import jax
         from jax.experimental import multihost_utils
