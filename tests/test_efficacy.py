@@ -54,6 +54,20 @@ def _segments_alone_nll(cfg, params, tokens_BxN, segment_length):
     return nll
 
 
+def _segments_behind_sinks_nll(cfg, params, tokens_BxN, segment_length, sinks):
+    """As ``_segments_alone_nll``, each segment run by hand behind the window's first ``sinks``
+    tokens (positions 0..s-1, the segment at s..s+L-1)."""
+    b, n = tokens_BxN.shape
+    nll = np.zeros((b, n - 1))
+    for start in range(0, n, segment_length):
+        seg_BxL = jnp.concatenate([tokens_BxN[:, :sinks], tokens_BxN[:, start:start + segment_length]], axis=1)
+        logits = Decoder(cfg).apply({"params": params}, seg_BxL, AttentionSpec.causal(b, seg_BxL.shape[1]))
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        for j in range(start, min(start + segment_length, n - 1)):
+            nll[:, j] = -np.asarray(logp[jnp.arange(b), sinks + j - start, tokens_BxN[:, j + 1]])
+    return nll
+
+
 def _local_nll(comp, params, tokens_BxN):
     setting = _local_setting(comp)
     nll, _ = token_nll_fn(setting, tokens_BxN.shape[1])(setting_params(params, setting), tokens_BxN)
@@ -80,7 +94,7 @@ def test_the_comparison_fails_when_local_leaks_one_earlier_segment(case, monkeyp
     the comparison above: the test can fail, and fails for exactly the leak it guards."""
     comp, params, toks, reference = case
 
-    def leaking(cfg, comp_none, params, tokens_BxN, segment_length):
+    def leaking(cfg, comp_none, params, tokens_BxN, segment_length, sinks=0):
         n = tokens_BxN.shape[1]
         rows = []
         for start in range(0, n, segment_length):
@@ -99,6 +113,22 @@ def test_the_comparison_fails_when_local_leaks_one_earlier_segment(case, monkeyp
     np.testing.assert_allclose(leaked[:, first], reference[:, first], atol=2e-5)  # segment 0 has nothing to leak
     with pytest.raises(AssertionError):
         np.testing.assert_allclose(leaked, reference, atol=2e-5, rtol=1e-5)
+
+
+def test_the_sinks_control_is_the_base_model_behind_the_sinks_on_each_segment(case):
+    """The ``sinks`` setting (the memory a compressed setting keeps besides its gists) equals the
+    base model run by hand on [sinks, segment]; it differs from ``local`` (it sees something)."""
+    comp, params, toks, reference = case
+    cfg, _ = model(comp)
+    (sinks,) = [s for s in eval_settings(cfg, comp, local=True, sinks_only=True) if s.name == "sinks"]
+    assert sinks.sinks == comp.num_sinks == 2 and sinks.local
+    got, _ = token_nll_fn(sinks, toks.shape[1])(setting_params(params, sinks), toks)
+    want = _segments_behind_sinks_nll(sinks.cfg, evaluation.strip_gist_params(params), toks, SEGMENT, 2)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5, rtol=1e-5)
+    scored = np.arange(toks.shape[1] - 1) >= SEGMENT
+    assert np.abs(np.asarray(got)[:, scored] - reference[:, scored]).max() > 1e-3
+    assert "sinks" not in [s.name for s in eval_settings(cfg, comp.replace(num_sinks=0), local=True, sinks_only=True)]
+    assert "sinks" not in [s.name for s in eval_settings(cfg, comp, local=True)]  # only when asked for
 
 
 def test_efficacy_formula_and_edges():

@@ -67,3 +67,13 @@ def test_a_tiny_row_trains_scores_and_tabulates_then_resumes(tmp_path):
     again = _driver(*args, tmp_path=tmp_path)
     assert again.returncode == 0 and (out / "runs" / "lead_4" / "final_metrics.json").stat().st_mtime == mtime
     assert json.loads((out / "ablation.json").read_text()) == records
+    # The sinks-only control on the same tiny run: every ratio's gain over the sinks alone, the
+    # sinks' own efficacy, each with its interval.
+    from gist_jax.study import sink_control
+
+    assert sink_control.main(["--checkpoint", str(out / "runs" / "lead_4"), "--out", str(tmp_path / "sc"),
+                              "--num-windows", "3"]) == 0
+    control = json.loads((tmp_path / "sc" / "sink_control.json").read_text())
+    assert set(control["ppl"]) == {"full", "local", "sinks", "r4", "r8"} and control["num_sinks"] > 0
+    assert set(control["efficacy"]) == {"sinks", "r4", "r8"} and set(control["over_sinks"]) == {"r4", "r8"}
+    assert "| sinks |" in (tmp_path / "sc" / "sink_control.md").read_text()

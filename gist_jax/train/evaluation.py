@@ -9,7 +9,9 @@ from ``python -m gist_jax.evaluate`` come from the same settings, layouts and ta
   position sees that segment only and predicts the next segment's first token); ``r<k>`` runs
   the trained compression at the single ratio k with a fixed layout of L / k gists per segment
   (``ratio_sampling='fixed'``), whatever sampling the run trained with, so a ratio's number
-  never depends on how training drew ratios.
+  never depends on how training drew ratios. ``sinks`` (asked for separately: a control) is
+  ``local`` with the window's first ``num_sinks`` tokens in front of every segment: the raw
+  tokens a compressed setting keeps besides its gists, without the gists.
 * Targets: perplexity counts the predictions of raw positions j >= L (token j + 1), the
   positions the LM loss trains (``train.step.loss_positions``): only from there on does
   compression change what a token sees, so every setting is scored on exactly the same targets.
@@ -57,11 +59,14 @@ class Setting:
     cfg: ModelConfig
     comp: CompressionConfig
     local: bool = False  # each segment of comp.segment_length run alone, the base weights
+    sinks: int = 0  # with local: the window's first ``sinks`` tokens in front of every segment
 
 
 def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
-                  ratios: Sequence[int] | None = None, local: bool = False) -> list[Setting]:
-    """Full attention, no memory (``local``, when asked and ``comp`` compresses), then every
+                  ratios: Sequence[int] | None = None, local: bool = False,
+                  sinks_only: bool = False) -> list[Setting]:
+    """Full attention, no memory (``local``, when asked and ``comp`` compresses), the sinks
+    without the gists (``sinks_only``, when asked and ``comp`` keeps sinks), then every
     ratio ``comp`` trains (or ``ratios``). ``model_cfg`` is the model config *with* the trained
     gist parameters (``model_config_for(base, comp)``): a single ratio's layout indexes the same
     gist-embedding table the run trained."""
@@ -70,6 +75,8 @@ def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
     out = [Setting("full", None, base_cfg, none)]
     if comp.enabled and local:
         out.append(Setting("local", None, base_cfg, none, local=True))
+    if comp.enabled and sinks_only and comp.num_sinks:
+        out.append(Setting("sinks", None, base_cfg, none, local=True, sinks=comp.num_sinks))
     if comp.enabled:
         for r in (comp.ratios if ratios is None else ratios):
             if comp.segment_length % int(r):
@@ -103,7 +110,8 @@ def _raw_hidden(setting: Setting, length: int) -> tuple[Callable, dict]:
         segment_length = setting.comp.segment_length
 
         def alone(params, tokens_BxN, arrays):
-            return segments_alone_hidden(setting.cfg, setting.comp, params, tokens_BxN, segment_length)
+            return segments_alone_hidden(setting.cfg, setting.comp, params, tokens_BxN, segment_length,
+                                         setting.sinks)
         return alone, {}
     if setting.ratio is None:
         def full(params, tokens_BxN, arrays):
@@ -126,12 +134,18 @@ def fold_segments(tokens_BxN: jax.Array, segment_length: int) -> jax.Array:
 
 
 def segments_alone_hidden(cfg: ModelConfig, comp_none: CompressionConfig, params: Params,
-                          tokens_BxN: jax.Array, segment_length: int) -> jax.Array:
+                          tokens_BxN: jax.Array, segment_length: int, sinks: int = 0) -> jax.Array:
     """Final-norm states ``[B, N, E]`` of the base model run on each segment alone, positions
-    restarting at 0 in every segment: what a model with no memory of earlier segments sees."""
+    restarting at 0 in every segment: what a model with no memory of earlier segments sees.
+    ``sinks``: each segment behind the window's first ``sinks`` tokens (at positions 0..s-1,
+    the segment right after them), the memory a compressed setting keeps besides its gists.
+    Segment 0 then sees its own first tokens twice; no target of it is scored."""
     b, n = tokens_BxN.shape
     tokens_BSxL = fold_segments(tokens_BxN, segment_length)
-    hidden_BSxLxE = compressed_hidden(cfg, comp_none, None, params, tokens_BSxL, {})
+    if sinks:
+        sinks_BSxS = jnp.repeat(tokens_BxN[:, :sinks], tokens_BSxL.shape[0] // b, axis=0)
+        tokens_BSxL = jnp.concatenate([sinks_BSxS, tokens_BSxL], axis=1)
+    hidden_BSxLxE = compressed_hidden(cfg, comp_none, None, params, tokens_BSxL, {})[:, sinks:]
     return hidden_BSxLxE.reshape(b, -1, hidden_BSxLxE.shape[-1])[:, :n]
 
 
