@@ -14,6 +14,7 @@ import pathlib
 import types
 
 import pytest
+from test_train_hooks import FakeCheckpointer
 
 from gist_jax.train.checkpoint import NonFiniteState
 from gist_jax.train.hooks import MetricsWriter, RunContext, TrainingDiverged
@@ -88,25 +89,10 @@ def test_the_reader_warns_of_every_line_it_skips(tmp_path, caplog):
 
 
 # -- the divergence message --------------------------------------------------------------------------------
-class Checkpoints:
+class Checkpoints(FakeCheckpointer):
+    """The hooks tests' fake Checkpointer, in a run directory, whose saves meet a non-finite state."""
+
     directory = pathlib.Path("/runs/x/checkpoints")
-
-    def __init__(self, steps=()) -> None:
-        self.steps = list(steps)
-
-    def latest_step(self):
-        return max(self.steps, default=None)
-
-    def all_steps(self):
-        return sorted(self.steps)
-
-    def set_aside(self, step, why):
-        self.steps.remove(step)
-        return self.directory.parent / "checkpoints_set_aside" / f"{step}.{why}"
-
-    def describe_latest(self) -> str:  # Checkpointer's own wording
-        latest = self.latest_step()
-        return "none yet" if latest is None else str(self.directory / str(latest))
 
     def save(self, step, *args) -> None:
         raise NonFiniteState(f"the state after step {step} holds NaN or inf; it was not saved")
@@ -123,11 +109,12 @@ def _checkpoint_hook_message(ckpt: Checkpoints) -> str:
 
 def test_the_divergence_message_promises_a_resume_only_when_there_is_a_checkpoint():
     with_one = str(diverged(Checkpoints([2, 4]), 5, "loss=nan"))
-    assert "Last good checkpoint: /runs/x/checkpoints/2." in with_one and "rerun to resume from it" in with_one
+    latest = Checkpoints([2]).describe_latest()
+    assert f"Last good checkpoint: {latest}." in with_one and "rerun to resume from it" in with_one
     assert "4.diverged" in with_one
     for message in (str(diverged(Checkpoints(), 1, "loss=nan")), str(diverged(Checkpoints([2]), 3, "loss=nan")),
                     _checkpoint_hook_message(Checkpoints())):
         assert "none yet" not in message and "rerun to resume" not in message, message
         assert "No good checkpoint to resume from: a rerun starts from scratch (step 0" in message, message
         assert "model.init" in message and "Lower optimizer.learning_rate" in message, message
-    assert "Last good checkpoint: /runs/x/checkpoints/2" in _checkpoint_hook_message(Checkpoints([2]))
+    assert f"Last good checkpoint: {latest}" in _checkpoint_hook_message(Checkpoints([2]))

@@ -15,6 +15,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -75,6 +76,16 @@ MAY_MISS_PARAMS = {"bit-rotted array file", "truncated array file"}
 NOT_READ = {"garbage data state", "wrong-shaped data state", "missing data state"}
 
 
+def _damaged_copies(trained: pathlib.Path, tmp_path: pathlib.Path) -> Iterator[tuple[int, str, pathlib.Path]]:
+    """(index, damage name, a copy of the run with that damage to its newest step 4), for every
+    damage a tool reads."""
+    for i, (name, damage) in enumerate(TOOL_DAMAGE.items()):
+        if name not in NOT_READ:
+            workdir = copy_run(trained, tmp_path / f"case{i}")
+            damage(workdir / "checkpoints" / "4")
+            yield i, name, workdir
+
+
 def _exported(out: pathlib.Path) -> dict[str, np.ndarray]:
     from gist_jax.hf.safetensors_io import SafetensorsCheckpoint
 
@@ -85,11 +96,7 @@ def _exported(out: pathlib.Path) -> dict[str, np.ndarray]:
 def test_export_falls_back_from_a_damaged_newest_step_and_refuses_a_damaged_named_one(
         trained, tmp_path, caplog, capsys):
     sound = {2: _exported_of(trained, 2, tmp_path / "ref2"), 4: _exported_of(trained, 4, tmp_path / "ref4")}
-    for i, (name, damage) in enumerate(TOOL_DAMAGE.items()):
-        if name in NOT_READ:
-            continue
-        workdir = copy_run(trained, tmp_path / f"case{i}")
-        damage(workdir / "checkpoints" / "4")
+    for i, name, workdir in _damaged_copies(trained, tmp_path):
         caplog.clear()
         capsys.readouterr()
         out = tmp_path / f"out{i}"
@@ -118,11 +125,7 @@ def test_evaluate_reads_the_newest_sound_step(trained, tmp_path, caplog):
     from gist_jax.evaluate.common import load_checkpoint
 
     want = _params(trained / "checkpoints" / "2")
-    for i, (name, damage) in enumerate(TOOL_DAMAGE.items()):
-        if name in NOT_READ:
-            continue
-        workdir = copy_run(trained, tmp_path / f"case{i}")
-        damage(workdir / "checkpoints" / "4")
+    for _, name, workdir in _damaged_copies(trained, tmp_path):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             ck = load_checkpoint(workdir)
