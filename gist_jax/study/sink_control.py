@@ -30,6 +30,7 @@ import numpy as np
 def measure(checkpoint: str | pathlib.Path, step: int | None = None, num_windows: int = 32,
             batch: int = 4, dataset: str = "stdlib", split: str = "validation") -> dict[str, Any]:
     """Per-setting perplexity and the efficacies above for one checkpoint."""
+    from gist_jax.errors import ConfigError
     from gist_jax.evaluate import common, stats
     from gist_jax.evaluate.metrics import perplexity
     from gist_jax.train.evaluation import eval_settings, scored_positions
@@ -44,7 +45,8 @@ def measure(checkpoint: str | pathlib.Path, step: int | None = None, num_windows
         ppl[setting.name] = perplexity(nll, mask)
         sums[setting.name] = np.where(mask, nll.astype(np.float64), 0.0).sum(axis=1)
     if "sinks" not in sums:
-        raise SystemExit(f"{ck.step_dir}: compression.num_sinks is 0 or the run does not compress; nothing to control")
+        raise ConfigError(f"{ck.step_dir}: compression.num_sinks is 0 or the run does not compress; there are no "
+                          "sinks to control for (the suite's efficacy is already over no memory)")
     ratios = [name for name in sums if name not in ("full", "local", "sinks")]
     efficacy = {name: stats.efficacy(sums["local"], sums[name], sums["full"]).to_dict()
                 for name in ("sinks", *ratios)}
