@@ -55,8 +55,22 @@ def _architecture(memory: str, granularity: str) -> Callable[[ConfigDict], None]
             c.compression.bptt_segments = 0
         if memory != "kv":  # the decomposed attention is for KV memory; the others use their own paths
             c.compression.attention_impl = "dense"
+        c.compression.window = 0  # chunked: the paper's three architectures
 
     return apply
+
+
+def _unigist(c: ConfigDict) -> None:
+    """UniGist (Deng et al., NeurIPS 2025): Fine-KV's layout without chunks, aligned positions,
+    a sliding window of one segment length (``make_tiny`` keeps it so when it shrinks the
+    segments), one ratio per sequence."""
+    _architecture("kv", "fine")(c)
+    c.compression.positions = "aligned"
+    c.compression.window = c.compression.segment_length
+    if c.compression.ratio_sampling == "per_segment":
+        c.compression.ratio_sampling = "per_instance"
+    if c.compression.attention_impl not in ("dense", "decomposed", "auto"):
+        c.compression.attention_impl = "auto"
 
 
 def _switch(key: str, value: bool) -> Callable[[ConfigDict], None]:
@@ -75,6 +89,8 @@ ARCHITECTURES: dict[str, Variant] = {
     "coarse_rec": Variant("architecture", _architecture("recurrent", "coarse"),
                           "Coarse-Rec: gists after the segment, last-layer states fed back as inputs"),
     "full": Variant("architecture", _architecture("none", "fine"), "full-attention baseline (no gists, no AE/TIE)"),
+    "unigist": Variant("architecture", _unigist,
+                       "UniGist: a gist every r tokens, no chunks, a sliding window of one segment length"),
 }
 OBJECTIVES: dict[str, Variant] = {
     "ae": Variant("ae", _switch("objective.ae", True), "fine-grained autoencoding loss on"),
@@ -136,6 +152,8 @@ def make_tiny(c: ConfigDict, *, seq_len: int = 64, segment_length: int = 16, rat
     c.step.seq_len = seq_len
     c.step.microbatches = 1
     c.compression.segment_length = segment_length
+    if c.compression.window:  # UniGist's window follows the segment length it was set from
+        c.compression.window = segment_length
     c.compression.ratios = ratios if c.compression.ratio_sampling != "fixed" else (min(ratios),)
     c.compression.num_sinks = min(c.compression.num_sinks, segment_length // 4)
     c.optimizer.total_steps = total_steps

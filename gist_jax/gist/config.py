@@ -45,6 +45,13 @@ class CompressionConfig:
                      earlier segments (AutoCompressors: 2); 0 = unlimited.
     pad_to_segments: accept sequence lengths that are not a whole number of segments by
                      padding the last segment (padding carries no loss).
+    window:          0: chunked compression (the paper's three architectures: a token sees its
+                     own segment and earlier segments' memory). W > 0: UniGist (Deng et al.,
+                     NeurIPS 2025): no chunks; every token, raw or gist, sees the sinks, every
+                     earlier gist, and the raw tokens of its own gist unit (r raw tokens and
+                     their gist) and of the W / r units before it. Needs memory='kv',
+                     granularity='fine', positions='aligned' and one ratio per sequence;
+                     segments remain only as the unit of layout, evaluation and prefill.
     attention_impl:  KV variants' parallel (training) pass, all with the same values and
                      gradients (docs/performance.md): ``dense`` (reference masks, a T x 2T
                      score matrix per head); ``decomposed`` (segment-local causal attention +
@@ -71,6 +78,7 @@ class CompressionConfig:
     trainable: str = "all"
     bptt_segments: int = 0
     pad_to_segments: bool = False
+    window: int = 0
     attention_impl: str = "dense"
 
     def __post_init__(self) -> None:
@@ -86,6 +94,11 @@ class CompressionConfig:
         return self.memory != "none"
 
     @property
+    def windowed(self) -> bool:
+        """UniGist: a sliding local window instead of chunks (``window > 0``)."""
+        return self.window > 0
+
+    @property
     def max_gists_per_segment(self) -> int:
         """Gist slots per segment: L / min(r) (per_segment pads every segment to this)."""
         return self.segment_length // min(self.ratios)
@@ -96,7 +109,8 @@ class CompressionConfig:
     def full_attention(self) -> CompressionConfig:
         """This config's full-attention baseline (``memory='none'``), with the settings that
         only apply to compression reset, so it is valid whatever this config trains."""
-        return self.replace(memory="none", trainable="all", bptt_segments=0, attention_impl="dense")
+        return self.replace(memory="none", trainable="all", bptt_segments=0, window=0,
+                            attention_impl="dense")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -164,6 +178,32 @@ def validate(c: CompressionConfig) -> None:
                           f"compression.segment_length={c.segment_length}")
     if c.bptt_segments and c.memory != "recurrent":
         raise ConfigError("compression.bptt_segments only applies to memory='recurrent'; set it to 0")
+    check_int("compression.window", c.window, 0, fix="use 0 (chunked) or the window in raw tokens, e.g. 128")
+    if c.window:
+        _validate_window(c)
     if c.trainable == "gist_only" and c.memory == "none":
         raise ConfigError("compression.trainable='gist_only' with memory='none' trains nothing; "
                           "use trainable='all'")
+
+
+def _validate_window(c: CompressionConfig) -> None:
+    """UniGist's constraints: each names the key that breaks it and the fix."""
+    need = {"memory": "kv", "granularity": "fine", "positions": "aligned"}
+    for key, value in need.items():
+        if getattr(c, key) != value:
+            raise ConfigError(
+                f"compression.window={c.window} (UniGist) needs compression.{key}={value!r}, got "
+                f"{getattr(c, key)!r}; set it, or compression.window=0 for chunked compression")
+    if c.ratio_sampling == "per_segment":
+        raise ConfigError(
+            f"compression.window={c.window} (UniGist) has no chunks to draw a ratio for: use "
+            "compression.ratio_sampling='per_instance' or 'fixed'")
+    bad = [r for r in c.ratios if c.window % r]
+    if bad:
+        raise ConfigError(
+            f"compression.window={c.window} is not a multiple of ratio(s) {bad}: the window is a "
+            "whole number of gist units; use a multiple of every ratio, e.g. the segment length")
+    if c.attention_impl not in ("dense", "decomposed", "auto"):
+        raise ConfigError(
+            f"compression.attention_impl={c.attention_impl!r} has no windowed (UniGist) kernel; "
+            "use 'decomposed' (or 'auto'), exact for compression.window > 0, or 'dense'")

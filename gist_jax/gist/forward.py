@@ -23,6 +23,7 @@ from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
 from gist_jax.gist.split import SplitKV
 from gist_jax.gist.structured import DecomposedKV, structured_spec
+from gist_jax.gist.window import WindowedKV
 from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Decoder, Params, collect_kv
@@ -32,7 +33,8 @@ LayerKV = tuple[jax.Array, jax.Array]  # one layer's un-rotated (k, v), [B, T, K
 
 
 def resolve_attention_impl(impl: str, whole_segments: bool = True,
-                           compute_dtype: str = "bfloat16", backend: str | None = None) -> str:
+                           compute_dtype: str = "bfloat16", backend: str | None = None,
+                           windowed: bool = False) -> str:
     """The implementation a KV pass runs, decided at trace time from the backend (default:
     this process's; the memory planner passes the target's): ``auto`` is ``flash`` on GPU
     with a bf16/fp16 compute dtype (where cuDNN runs it): ``split`` when this process is on
@@ -42,8 +44,12 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
     layout). ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash`` and
     ``bank`` need whole segments (a padded segment has dead raw tokens before live gists); a
     layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``, which is
-    exact for every layout."""
+    exact for every layout. A windowed (UniGist) config has one structured path
+    (``window.py``): ``auto`` and ``decomposed`` run it, ``dense`` the reference."""
     from gist_jax.gist import cudnn_stats
+
+    if windowed:
+        return "dense" if impl == "dense" else "decomposed"
 
     on_gpu = (backend or jax.default_backend()) == "gpu"
     if impl == "auto":
@@ -70,24 +76,27 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
                 raw_embeds_BxNxE: jax.Array | None = None,
                 stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
                 head: bool = True) -> jax.Array | tuple[jax.Array, LayerKV]:
-    """Fine-KV / Coarse-KV in one pass: the dense reference masks, or a structured path
+    """Fine-KV / Coarse-KV / UniGist in one pass: the dense reference masks, or a structured path
     chosen by ``comp.attention_impl`` (``resolve_attention_impl``; decomposed
-    ``structured.py``, flash ``flash.py``, split ``split.py``, bank ``bank.py``): equal values and gradients, no
-    T x T score matrix.
+    ``structured.py`` or, windowed, ``window.py``, flash ``flash.py``, split ``split.py``, bank
+    ``bank.py``): equal values and gradients, no T x T score matrix.
 
     With ``kv_layer`` set, also returns that layer's un-rotated (k, v) ``[B, T, K, H]`` for
     every layout token (the autoencoding objective reads the gists' entries)."""
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
     # Whole segments is the layout's word, not the token array's width: a caller may pass
     # tokens already padded to whole segments, and that padding is still dead.
-    impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments, cfg.dtype)
+    impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments, cfg.dtype,
+                                  windowed=comp.windowed)
     if impl == "bank" and stop_gist_memory_gradient:
         impl = "decomposed"  # the bank has one view of each gist key; this needs two
     if impl == "dense":
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
         structure: AttentionStructure
-        if impl == "decomposed":
+        if comp.windowed:
+            structure = WindowedKV.from_arrays(arrays, shape, comp.window)
+        elif impl == "decomposed":
             structure = DecomposedKV.from_arrays(arrays, shape)
         elif impl == "flash":
             structure = PrefixCausalKV.from_arrays(arrays, shape)

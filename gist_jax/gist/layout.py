@@ -12,6 +12,11 @@ Per segment i (L raw tokens, ``slots`` gist slots, ratio r_i, t_i = L / r_i live
 Dead slots only exist with per-segment ratios (every segment padded to L / min(ratios)); they
 are never attended to and never enter memory.
 
+UniGist (``compression.window`` W > 0) uses the fine layout unchanged: with one ratio per
+sequence, segment after segment of ``x_1 .. x_r, g_1, ...`` is one uninterrupted stream of gist
+units. What differs is the mask (``specs.parallel_spec``): a token sees the raw tokens from its
+``window_start`` (its unit's first raw token minus W) besides every earlier sink and gist.
+
 Memory: the first ``num_sinks`` raw tokens and every live gist, in order. The memory buffer of
 the sequential and recurrent paths has ``num_sinks + S * slots`` entries: sink j at j, gist
 slot j of segment i at ``num_sinks + i * slots + j``.
@@ -83,6 +88,9 @@ class GistLayout:
     memory_slot: np.ndarray  # index in the memory buffer, -1 for tokens never kept
     label: np.ndarray  # raw index of the next raw token to predict, -1: no LM loss
     span_start: np.ndarray  # gists: first raw index of the span it summarises, else -1
+    # First raw index whose token this one sees besides sinks and gists: its segment's first
+    # raw token (chunked), or the start of its gist unit minus the window (UniGist, >= 0).
+    window_start: np.ndarray
 
     @property
     def shape(self) -> LayoutShape:
@@ -170,7 +178,7 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
         raise ConfigError(f"{slots} gist slots cannot hold L / r = {L // min(ratios)} gists")
 
     cols: dict[str, list[int]] = {k: [] for k in ("raw_index", "segment", "is_gist", "alive", "gist_slot", "position",
-                            "memory_position", "memory_slot", "span_start")}
+                            "memory_position", "memory_slot", "span_start", "window_start")}
     gists_before = 0  # live gists of earlier segments (memory grows by these)
     for i, r in enumerate(ratios):
         live = L // r
@@ -195,10 +203,15 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
                 memory_slot = s + i * slots + slot if alive else -1
             else:
                 memory_slot = raw if raw < s and alive else -1
+            if cfg.windowed:  # the own gist unit (fine: a gist follows its span) and W before it
+                unit_start = i * L + slot * r if is_gist else raw - raw % r
+                window_start = max(0, unit_start - cfg.window)
+            else:
+                window_start = i * L
             for key, value in (("raw_index", raw), ("segment", i), ("is_gist", is_gist),
                                ("alive", alive), ("gist_slot", slot), ("position", position),
                                ("memory_position", memory_position), ("memory_slot", memory_slot),
-                               ("span_start", span)):
+                               ("span_start", span), ("window_start", window_start)):
                 cols[key].append(value)
         gists_before += live
 
@@ -220,7 +233,7 @@ def _full_attention_layout(num_raw: int) -> GistLayout:
         num_raw=num_raw, num_segments=1, segment_length=num_raw, slots=0, num_sinks=0,
         ratios=(1,), raw_index=raw, segment=zeros, is_gist=false, is_sink=false,
         alive=np.ones(num_raw, bool), gist_slot=zeros, position=raw, memory_position=zeros,
-        memory_slot=np.full(num_raw, -1, np.int32),
+        memory_slot=np.full(num_raw, -1, np.int32), window_start=zeros,
         label=np.where(raw + 1 < num_raw, raw + 1, -1).astype(np.int32),
         span_start=np.full(num_raw, -1, np.int32))
 

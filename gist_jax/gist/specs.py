@@ -27,7 +27,7 @@ class RawEmbedInputs(TypedDict, total=False):
     input_embeds_BxTxE: jax.Array
     input_embeds_mask_BxT: jax.Array
 _FIELDS = ("raw_index", "segment", "is_gist", "is_sink", "alive", "gist_slot", "position",
-           "memory_position", "memory_slot", "label")
+           "memory_position", "memory_slot", "label", "window_start")
 
 
 def layout_arrays(layout: GistLayout) -> LayoutArrays:
@@ -85,7 +85,20 @@ def parallel_spec(arrays: LayoutArrays, comp: CompressionConfig, batch: int,
                   stop_gist_memory_gradient: bool = False) -> AttentionSpec:
     """The whole sequence in one pass (KV variants). Own segment: causal, keys at their
     in-segment positions. Earlier segments: sinks and live gists only, keys at memory positions.
+    UniGist (``comp.windowed``): ``windowed_mask``, every key at its one (aligned) position.
     """
+    if comp.windowed:
+        # One position per key (aligned), so the two views split the windowed mask in two:
+        # raw tokens inside the window, and the sinks and gists (which may be held fixed).
+        visible_TxS = windowed_mask(arrays)
+        always_S = arrays["is_gist"] | arrays["is_sink"]
+        return AttentionSpec(positions=_per_batch(batch, arrays["position"]),
+                             mask=_per_batch(batch, visible_TxS & ~always_S[None, :]),
+                             memory_positions=_per_batch(batch, arrays["position"]),
+                             memory_mask=_per_batch(batch, visible_TxS & always_S[None, :]),
+                             is_gist=_per_batch(batch, arrays["is_gist"]),
+                             gist_slot=_per_batch(batch, embedding_rows(arrays["gist_slot"], comp)),
+                             stop_gist_memory_gradient=stop_gist_memory_gradient)
     seg_T, alive_T = arrays["segment"], arrays["alive"]
     idx_T = jnp.arange(seg_T.shape[0])
     local_TxS = (seg_T[:, None] == seg_T[None, :]) & (idx_T[None, :] <= idx_T[:, None]) & alive_T[None, :]
@@ -96,6 +109,17 @@ def parallel_spec(arrays: LayoutArrays, comp: CompressionConfig, batch: int,
                          memory_mask=_per_batch(batch, memory_TxS), is_gist=_per_batch(batch, arrays["is_gist"]),
                          gist_slot=_per_batch(batch, embedding_rows(arrays["gist_slot"], comp)),
                          stop_gist_memory_gradient=stop_gist_memory_gradient)
+
+
+def windowed_mask(arrays: LayoutArrays) -> jax.Array:
+    """UniGist's one mask, [T, T] bool (the dense reference): query t sees live key s <= t
+    when s is a sink, a gist, or a raw token at or after t's ``window_start``."""
+    alive_T, raw_T = arrays["alive"], arrays["raw_index"]
+    idx_T = jnp.arange(alive_T.shape[0])
+    always_S = arrays["is_gist"] | arrays["is_sink"]
+    in_window_TxS = raw_T[None, :] >= arrays["window_start"][:, None]
+    return ((idx_T[None, :] <= idx_T[:, None]) & alive_T[None, :]
+            & (always_S[None, :] | in_window_TxS))
 
 
 def segment_spec(arrays: LayoutArrays, shape: LayoutShape, comp: CompressionConfig, i: int,
