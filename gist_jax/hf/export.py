@@ -31,7 +31,8 @@ import itertools
 import json
 import pathlib
 import shutil
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -51,6 +52,18 @@ LeafPath = tuple[str, ...]
 
 
 # ----------------------------------------------------------------------------- param sources
+class ParamSource(Protocol):
+    """Where exported arrays come from: an in-memory tree (``TreeSource``) or a training
+    checkpoint read leaf by leaf (``train.step_reader.ModelParamsReader``)."""
+
+    @property
+    def leaves(self) -> Mapping[LeafPath, Any]: ...
+
+    def shape_dtype(self, path: LeafPath) -> tuple[tuple[int, ...], np.dtype]: ...
+
+    def load(self, path: LeafPath) -> np.ndarray: ...
+
+
 class TreeSource:
     """An in-memory params tree (numpy or jax, possibly sharded over hosts)."""
 
@@ -70,7 +83,7 @@ class TreeSource:
         return np.asarray(jax.device_get(x))
 
 
-def _path_tuple(path) -> LeafPath:
+def _path_tuple(path: Any) -> LeafPath:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
@@ -83,7 +96,7 @@ class _Item:
     planned: PlannedTensor
 
 
-def _plan(cfg: ModelConfig, source, dtype: np.dtype | None) -> list[_Item]:
+def _plan(cfg: ModelConfig, source: ParamSource, dtype: np.dtype | None) -> list[_Item]:
     """Every transformers tensor with the leaf (and layer of a scanned leaf) it comes from."""
     scanned = any(p[0] == "layers" for p in source.leaves)
     items, used = [], set()
@@ -109,7 +122,7 @@ def _plan(cfg: ModelConfig, source, dtype: np.dtype | None) -> list[_Item]:
     return items
 
 
-def write_weights(out: pathlib.Path, cfg: ModelConfig, source, dtype: np.dtype | None = None,
+def write_weights(out: pathlib.Path, cfg: ModelConfig, source: ParamSource, dtype: np.dtype | None = None,
                   shard_size: str | int = "2GB", primary: bool = True) -> list[str]:
     """Write the safetensors files of ``source``; every process loads (gathers) the leaves in
     the same order, only ``primary`` writes."""
@@ -170,7 +183,7 @@ def _partial_dir(out: pathlib.Path) -> pathlib.Path:
     return out.parent / f".{out.name}.partial"
 
 
-def export_source(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: Any | None,
+def export_source(cfg: ModelConfig, comp: CompressionConfig, source: ParamSource, tokenizer: Any | None,
                   out_dir: str | pathlib.Path, dtype: str | None, shard_size: str | int,
                   overwrite: bool = False) -> pathlib.Path:
     """The whole directory from a params ``source``: anything with ``leaves`` (leaf path ->
@@ -206,8 +219,8 @@ def export_source(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: 
     return out
 
 
-def _write_rest(cfg: ModelConfig, comp: CompressionConfig, source, tokenizer: Any | None, out: pathlib.Path,
-                np_dtype: np.dtype | None) -> None:
+def _write_rest(cfg: ModelConfig, comp: CompressionConfig, source: ParamSource, tokenizer: Any | None,
+                out: pathlib.Path, np_dtype: np.dtype | None) -> None:
     """Tokenizer, modeling file, generation config and (last) ``config.json`` of an export."""
     gist_id, tokenizer_size = write_tokenizer(tokenizer, out, with_gist=comp.enabled)
     if comp.enabled:

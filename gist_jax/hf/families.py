@@ -180,7 +180,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def expand_rules(cfg: ModelConfig) -> list[TensorRule]:
     """Rules with ``{i}`` expanded for every layer."""
-    out = []
+    out: list[TensorRule] = []
     for rule in FAMILIES[cfg.family].rules(cfg):
         if "{i}" in rule.hf_name:
             out.extend(TensorRule(rule.hf_name.format(i=i),

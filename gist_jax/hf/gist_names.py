@@ -43,7 +43,7 @@ def gist_rules(cfg: ModelConfig) -> list[TensorRule]:
 
 def expand(cfg: ModelConfig, rules: list[TensorRule]) -> list[TensorRule]:
     """``{i}`` expanded for every layer (the same expansion ``families.expand_rules`` does)."""
-    out = []
+    out: list[TensorRule] = []
     for rule in rules:
         if "{i}" in rule.hf_name:
             out.extend(dataclasses.replace(rule, hf_name=rule.hf_name.format(i=i),
@@ -82,4 +82,5 @@ def compression_from_section(section: dict[str, Any]) -> CompressionConfig:
         raise ConfigError(f"config.json gist.format_version={section.get('format_version')!r} is not "
                           f"{FORMAT_VERSION}; re-export with this version of gist_jax")
     fields = {f.name for f in dataclasses.fields(CompressionConfig)}
-    return CompressionConfig(**{k: (tuple(v) if k == "ratios" else v) for k, v in section.items() if k in fields})
+    kwargs: dict[str, Any] = {k: (tuple(v) if k == "ratios" else v) for k, v in section.items() if k in fields}
+    return CompressionConfig(**kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from gist_jax.hf import families
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params, to_layout
 from gist_jax.utils.progress import progress
+
+if TYPE_CHECKING:  # imported where used: the plain importer needs no gist code
+    from gist_jax.gist.config import CompressionConfig
 
 
 class CheckpointMismatch(ValueError):
@@ -121,7 +124,8 @@ def load_hf_dir(directory: str | pathlib.Path, **overrides: Any) -> tuple[ModelC
     return cfg, params_from_hf_tensors(cfg, ckpt.get, keys, desc=f"reading {directory.name}")
 
 
-def load_gist_hf_dir(directory: str | pathlib.Path, **overrides: Any):
+def load_gist_hf_dir(directory: str | pathlib.Path,
+                     **overrides: Any) -> tuple[ModelConfig, CompressionConfig, Params]:
     """A gist_jax export (``gist_jax.hf.export``) -> (gist model config, CompressionConfig,
     params with the gist embedding and projections). A directory without a ``gist`` section
     gives ``memory='none'`` and the plain model."""

@@ -20,6 +20,11 @@ gist_jax's sequential path (``gist_jax/gist/sequential.py``) segment by segment:
     input embeddings.
   * Positions: ``compressed`` (memory at 0..m-1, the segment after it) or ``aligned`` (raw
     tokens keep their index, a gist takes the index of the raw token after it).
+  * UniGist (``gist.window`` W > 0; Fine-KV, aligned positions): no segments. A gist follows
+    every r raw tokens and every token sees, causally, the sinks, every earlier gist and the raw
+    tokens from (its gist unit's first raw index) - W. The cache holds the sinks and gists
+    (keys rotated at their one position) and the last W + r raw tokens; older raw KV is
+    dropped as the window slides (``gist_jax.inference.window``).
 An unfinished last segment runs with the gists of its complete groups (fine) or none (coarse);
 when it fills up it is compressed like any other. Gist logits are never returned or sampled,
 and ``generate`` never picks the ``<gist>`` id or an id beyond the tokenizer
@@ -28,6 +33,8 @@ The settings come from ``config.gist`` (written by the exporter).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -110,12 +117,27 @@ class GistState:
         self.state_positions: list[int] = []
         self.sink_ids: torch.Tensor | None = None  # [B, s]
         self.tail: torch.Tensor | None = None  # raw ids of the unfinished segment [B, t]
+        self.raw_count = 0  # UniGist: raw tokens fed
+        self.window_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [B, K, <=W+r, D]
+        self.window_raw: list[int] = []  # UniGist: raw index of each window entry
+
+
+class _Chunk:
+    """What ``_embed`` needs of a UniGist chunk: which tokens are gists and their embedding rows."""
+
+    def __init__(self, is_gist: list[bool], rows: list[int]):
+        self.is_gist, self.rows = is_gist, rows
 
 
 class GistCompressionMixin:
     """Compressed forward and greedy generation on top of a Llama/Qwen2 causal LM."""
 
-    def _gist_setup(self, config) -> None:
+    if TYPE_CHECKING:  # provided by the transformers class this is mixed into
+        config: Any
+        model: Any
+        lm_head: nn.Linear
+
+    def _gist_setup(self, config: Any) -> None:
         if getattr(config, "gist", None) is None:
             raise ValueError("config.json has no 'gist' section: this is not a gist_jax export with compression")
         self.gist = GistParameters(config)
@@ -131,10 +153,12 @@ class GistCompressionMixin:
                              f"{g['num_gist_embeddings']}; use a ratio >= {L // g['num_gist_embeddings']}")
         if g["memory"] not in ("kv", "recurrent"):
             raise ValueError(f"gist.memory={g['memory']!r}: use the plain forward for memory='none'")
+        if g.get("window", 0) % ratio:
+            raise ValueError(f"compression ratio {ratio} must divide gist.window={g['window']}")
         return g, ratio
 
     # ------------------------------------------------------------------ one pass
-    def _embed(self, ids_BxT: torch.Tensor, seg: _Segment | None, prefix: int) -> torch.Tensor:
+    def _embed(self, ids_BxT: torch.Tensor, seg: _Segment | _Chunk | None, prefix: int) -> torch.Tensor:
         x = self.model.embed_tokens(ids_BxT)
         if seg is not None:
             is_gist = torch.tensor([False] * prefix + seg.is_gist, device=x.device)
@@ -143,19 +167,22 @@ class GistCompressionMixin:
             x = torch.where(is_gist[None, :, None], gist[None], x)
         return x
 
-    def _qkv(self, layer_index: int, attn, h: torch.Tensor, is_gist: torch.Tensor):
+    def _qkv(self, layer_index: int, attn: Any, h: torch.Tensor,
+             is_gist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         if self.gist.layers is not None:
-            gp = self.gist.layers[layer_index]
+            gp: Any = self.gist.layers[layer_index]
             m = is_gist[None, :, None]
             q, k, v = (torch.where(m, gp_proj(h), base)
                        for gp_proj, base in ((gp.q_proj, q), (gp.k_proj, k), (gp.v_proj, v)))
         return q, k, v
 
     def _pass(self, x: torch.Tensor, positions: list[int], is_gist: list[bool],
-              memory: list[tuple[torch.Tensor, torch.Tensor]] | None):
-        """Decoder layers over ``x`` [B, T, E] (causal) after an optional per-layer KV memory.
-        Returns (logits, post-norm hidden, per-layer un-rotated (k, v))."""
+              memory: list[tuple[torch.Tensor, torch.Tensor]] | None, mask_TxS: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Decoder layers over ``x`` [B, T, E] (causal) after an optional per-layer KV memory;
+        ``mask_TxS`` [T, M + T] replaces the default (all memory, causal) where queries differ in
+        what they see (UniGist). Returns (logits, post-norm hidden, per-layer un-rotated (k, v))."""
         b, t, _ = x.shape
         cfg = self.config
         d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -178,6 +205,8 @@ class GistCompressionMixin:
                 mk, mv = memory[i]
                 keys, values = torch.cat([mk, keys], dim=2), torch.cat([mv, values], dim=2)
                 mask = torch.cat([torch.ones(t, mk.shape[2], dtype=torch.bool, device=x.device), causal], dim=1)
+            if mask_TxS is not None:
+                mask = mask_TxS
             q = _rope(q, cos, sin)
             groups = n // kv_heads
             keys = keys.repeat_interleave(groups, dim=1)
@@ -222,7 +251,7 @@ class GistCompressionMixin:
             all_ids = torch.cat(prefix_ids + [zeros, ids], dim=1)
             prefix = s + n_mem
             x = self._embed(all_ids, seg, prefix)
-            if n_mem:
+            if state.states is not None and n_mem:
                 x = torch.cat([x[:, :s], state.states.to(x.dtype), x[:, prefix:]], dim=1)
             positions = prefix_pos + state.state_positions + seg.position
             logits, hidden, _ = self._pass(x, positions, [False] * prefix + seg.is_gist, None)
@@ -231,13 +260,70 @@ class GistCompressionMixin:
                 if state.segments == 0:
                     state.sink_ids = raw_ids[:, :g["num_sinks"]]
                 gist_idx = torch.tensor([prefix + k for k in seg.gists], dtype=torch.long, device=ids.device)
-                new = hidden[:, gist_idx]
-                state.states = new if state.states is None else torch.cat([state.states, new], dim=1)
+                new_states = hidden[:, gist_idx]
+                state.states = new_states if state.states is None else torch.cat([state.states, new_states], dim=1)
                 state.state_positions = state.state_positions + [seg.memory_position[k] for k in seg.gists]
         if commit:
             state.segments += 1
             state.gists += len(seg.gists)
         return logits[:, seg.raw_at]
+
+    # ------------------------------------------------------------------ UniGist
+    def _window_chunk(self, g: dict, state: GistState, raw_ids: torch.Tensor, ratio: int) -> torch.Tensor:
+        """Feed raw tokens [B, n] (a gist inserted after every r-th raw token of the stream)
+        against the cache; returns their logits and leaves sinks, gists and the last W + r raw
+        tokens in ``state``."""
+        b, n = raw_ids.shape
+        r, s, W = ratio, g["num_sinks"], g["window"]
+        t, dev, n0 = g["segment_length"] // r, raw_ids.device, state.raw_count
+        take, raw_at, pos, start, gist, rows = [], [], [], [], [], []
+        for j in range(n):
+            raw = n0 + j
+            u = raw // r
+            items = [(raw, raw, False)] + ([(-1, (u + 1) * r, True)] if (raw + 1) % r == 0 else [])
+            for raw_index, position, is_gist in items:
+                take.append(j)
+                raw_at.append(raw_index)
+                pos.append(position)
+                start.append(max(0, u * r - W))
+                gist.append(is_gist)
+                rows.append(u % t if is_gist and g["gist_embedding"] == "per_slot" else 0)
+        T = len(take)
+        raw_T, start_T = torch.tensor(raw_at, device=dev), torch.tensor(start, device=dev)
+        always_T = torch.tensor(gist, device=dev) | ((raw_T >= 0) & (raw_T < s))
+        own = torch.ones(T, T, dtype=torch.bool, device=dev).tril() & (
+            always_T[None, :] | (raw_T[None, :] >= start_T[:, None]))
+        if state.kv is None:
+            cfg = self.config
+            d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            empty = torch.zeros(b, cfg.num_key_value_heads, 0, d, dtype=self.lm_head.weight.dtype, device=dev)
+            state.kv = [(empty, empty)] * cfg.num_hidden_layers
+            state.window_kv = [(empty, empty)] * cfg.num_hidden_layers
+        assert state.window_kv is not None
+        n_mem = state.kv[0][0].shape[2]
+        win = torch.tensor(state.window_raw, dtype=torch.long, device=dev)[None, :] >= start_T[:, None]
+        mask = torch.cat([torch.ones(T, n_mem, dtype=torch.bool, device=dev), win, own], dim=1)
+        memory = [(torch.cat([mk, wk], 2), torch.cat([mv, wv], 2))
+                  for (mk, mv), (wk, wv) in zip(state.kv, state.window_kv)]
+        x = self._embed(raw_ids[:, torch.tensor(take, device=dev)], _Chunk(gist, rows), 0)
+        logits, _, kv = self._pass(x, pos, gist, memory, mask)
+        cos, sin = self.model.rotary_emb(x, torch.tensor(pos, device=dev)[None].expand(b, T))
+        rotated = [(_rope(k, cos, sin), v) for k, v in kv]
+        to_mem = torch.tensor([i for i in range(T) if gist[i] or 0 <= raw_at[i] < s], dtype=torch.long, device=dev)
+        state.kv = [(torch.cat([mk, k[:, :, to_mem]], 2), torch.cat([mv, v[:, :, to_mem]], 2))
+                    for (mk, mv), (k, v) in zip(state.kv, rotated)]
+        state.raw_count = n0 + n
+        # The next token reaches back at most to raw index raw_count - r - W: keep W + r.
+        to_win = [i for i in range(T) if raw_at[i] >= s]
+        window_raw = state.window_raw + [raw_at[i] for i in to_win]
+        keep = torch.tensor([i for i, raw in enumerate(window_raw) if raw >= state.raw_count - (W + r)],
+                            dtype=torch.long, device=dev)
+        new_win = torch.tensor(to_win, dtype=torch.long, device=dev)
+        state.window_kv = [(torch.cat([wk, k[:, :, new_win]], 2)[:, :, keep],
+                            torch.cat([wv, v[:, :, new_win]], 2)[:, :, keep])
+                           for (wk, wv), (k, v) in zip(state.window_kv, rotated)]
+        state.window_raw = [window_raw[i] for i in keep.tolist()]
+        return logits[:, [i for i in range(T) if not gist[i]]]
 
     def consume(self, input_ids: torch.Tensor, state: GistState | None = None,
                 ratio: int | None = None) -> tuple[torch.Tensor, GistState]:
@@ -248,6 +334,8 @@ class GistCompressionMixin:
             raise ValueError(f"input_ids contain the <gist> marker (id {g['gist_token_id']}); the model inserts "
                              "gist tokens itself: remove it from the text (or tokenize with split_special_tokens=True)")
         state = GistState() if state is None else state
+        if g.get("window", 0):
+            return self._window_chunk(g, state, input_ids, ratio), state
         L = g["segment_length"]
         seq = input_ids if state.tail is None else torch.cat([state.tail, input_ids], dim=1)
         outputs = []
@@ -282,20 +370,24 @@ class GistCompressionMixin:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 20, *,
                  compressed: bool = True, ratio: int | None = None, eos_token_id: int | None = None,
-                 **kwargs):
+                 **kwargs: Any) -> Any:
         """Greedy compressed generation: returns ``[B, prompt + new]`` ids like transformers'
         ``generate``, never the ``<gist>`` id nor one beyond the tokenizer (``_sampleable``).
         ``compressed=False`` (or sampling / beam options) hands over to the stock ``generate``
         of the uncompressed model."""
         if not compressed:
-            return super().generate(input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
+            return super().generate(  # type: ignore[misc]  # the transformers class's generate
+                input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
         unsupported = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "pad_token_id", "do_sample")
                        or (k == "do_sample" and v)}
         if unsupported:
             raise ValueError(f"compressed generate is greedy only; unsupported options {sorted(unsupported)} "
                              "(pass compressed=False for the uncompressed model)")
+        if input_ids is None:
+            raise ValueError("compressed generate needs input_ids (the prompt)")
         logits, state = self.consume(input_ids, None, ratio)
-        out, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        out: list[torch.Tensor] = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             next_ids = self._sampleable(logits[:, -1]).argmax(-1, keepdim=True)
             out.append(next_ids)
@@ -307,15 +399,15 @@ class GistCompressionMixin:
         return torch.cat(out, dim=1)
 
 
-class GistLlamaForCausalLM(GistCompressionMixin, LlamaForCausalLM):
-    def __init__(self, config):
+class GistLlamaForCausalLM(GistCompressionMixin, LlamaForCausalLM):  # type: ignore[misc]  # greedy generate
+    def __init__(self, config: Any):
         super().__init__(config)
         self._gist_setup(config)
         self.post_init()
 
 
-class GistQwen2ForCausalLM(GistCompressionMixin, Qwen2ForCausalLM):
-    def __init__(self, config):
+class GistQwen2ForCausalLM(GistCompressionMixin, Qwen2ForCausalLM):  # type: ignore[misc]  # greedy generate
+    def __init__(self, config: Any):
         super().__init__(config)
         self._gist_setup(config)
         self.post_init()

@@ -7,34 +7,35 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 
-def load_transformers_model(source: str | pathlib.Path, gguf_file: str | None = None):
+def load_transformers_model(source: str | pathlib.Path, gguf_file: str | None = None) -> Any:
     """float32 eager-attention model from an HF directory, or a GGUF (directory + file name)."""
     import torch
     import transformers
 
-    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    kwargs: dict[str, Any] = dict(dtype=torch.float32, attn_implementation="eager")
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     return transformers.AutoModelForCausalLM.from_pretrained(str(source), **kwargs).eval()
 
 
-def load_transformers_gguf(path: str | pathlib.Path):
+def load_transformers_gguf(path: str | pathlib.Path) -> Any:
     path = pathlib.Path(path)
     return load_transformers_model(path.parent, gguf_file=path.name)
 
 
-def transformers_logits(model, tokens_BxT: np.ndarray) -> np.ndarray:
+def transformers_logits(model: Any, tokens_BxT: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.no_grad():
         return model(input_ids=torch.as_tensor(np.asarray(tokens_BxT), dtype=torch.long)).logits.float().numpy()
 
 
-def transformers_greedy(model, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
+def transformers_greedy(model: Any, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
     import torch
 
     with torch.no_grad():

@@ -9,7 +9,8 @@ recurrent memory and the prefix ``[sinks ; states]`` is re-encoded once (Coarse-
 KV of a finished segment is dropped. Gist logits are never sampled, and neither are the
 ``<gist>`` id and ids beyond the tokenizer (``sampleable_ids``).
 
-Prefill feeds whole segments (``C = L + t``); decoding is one jitted ``while_loop`` feeding one
+Prefill feeds whole segments (``C = L + t``; UniGist, ``window.py``: a rolling window cache
+and chunks of any multiple of r); decoding is one jitted ``while_loop`` feeding one
 token per row per step, teacher-forcing the rest of each prompt and then sampling (greedy,
 temperature, top-p). Positions and masks come from the same rules as ``gist_jax.gist.layout``,
 so the logits equal the parallel training forward over the final sequence (tested <= 1e-4).
@@ -27,16 +28,13 @@ import numpy as np
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.inference import window
 from gist_jax.inference.cache import Cache, Plan, cache_stats
+from gist_jax.inference.model_step import rotate_keys as _rotate
+from gist_jax.inference.model_step import run_decoder as _run
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.layers import apply_rope, rope_inverse_frequencies
-from gist_jax.model.transformer import Decoder, Params, collect_kv
-
-
-def _rotate(cfg: ModelConfig, k_LxBxTxKxH: jax.Array, pos_BxT: jax.Array) -> jax.Array:
-    inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    return jax.vmap(lambda k: apply_rope(k, pos_BxT, inv_freq))(k_LxBxTxKxH)
+from gist_jax.model.transformer import Params
 
 
 def _item_positions(plan: Plan, segment_B: jax.Array, index_BxC: jax.Array) -> tuple[jax.Array, ...]:
@@ -55,13 +53,6 @@ def _item_positions(plan: Plan, segment_B: jax.Array, index_BxC: jax.Array) -> t
         position = jnp.where(raw >= 0, seg * L + raw, after)
         memory_pos = position
     return raw, slot, position.astype(jnp.int32), memory_pos.astype(jnp.int32)
-
-
-def _run(cfg: ModelConfig, params: Params, tokens_BxC, spec, memory, embeds=None):
-    kwargs = {} if embeds is None else {"input_embeds_BxTxE": embeds[0], "input_embeds_mask_BxT": embeds[1]}
-    (logits, hidden), state = Decoder(cfg).apply({"params": params}, tokens_BxC, spec, memory=memory,
-                                                 return_hidden=True, mutable=["intermediates"], **kwargs)
-    return logits, hidden, collect_kv(state["intermediates"], cfg)
 
 
 def _reencode_prefix(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, rows_B: jax.Array) -> Cache:
@@ -124,8 +115,11 @@ def feed(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, tokens_BxC:
     """Feed each row its next C layout tokens (valid ones first; a gist's token id is ignored).
 
     Returns logits ``[B, C, V]`` and the cache after the tokens (and any completed segment's
-    compression). Callers keep every row inside one segment per call.
+    compression). Callers keep every row inside one segment per call (UniGist: any C,
+    ``window.feed``).
     """
+    if plan.window:
+        return window.feed(cfg, plan, params, cache, tokens_BxC, valid_BxC)
     b, c = tokens_BxC.shape
     index = cache.offset[:, None] + jnp.arange(c)[None, :]
     raw, slot, position, _ = _item_positions(plan, cache.segment, index)
@@ -160,7 +154,9 @@ def feed(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, tokens_BxC:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan"))
-def feed_jit(cfg, plan, params, cache, tokens_BxC, valid_BxC):
+def feed_jit(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, tokens_BxC: jax.Array,
+             valid_BxC: jax.Array) -> tuple[jax.Array, Cache]:
+    """``feed`` compiled once per (plan, chunk width)."""
     return feed(cfg, plan, params, cache, tokens_BxC, valid_BxC)
 
 
@@ -204,8 +200,10 @@ def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_p: flo
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "plan", "max_new", "temperature", "top_p", "record"))
-def _decode_loop(cfg, plan, params, cache, pending_BxV, prompts_BxP, lengths_B, new_B, allowed_V, rng,
-                 max_new: int, temperature: float, top_p: float, record: int):
+def _decode_loop(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, pending_BxV: jax.Array,
+                 prompts_BxP: jax.Array, lengths_B: jax.Array, new_B: jax.Array, allowed_V: jax.Array,
+                 rng: jax.Array, max_new: int, temperature: float, top_p: float,
+                 record: int) -> tuple[jax.Array, Cache, jax.Array]:
     """One layout token per row per step until every row has fed ``length + new`` raw tokens
     (``new <= max_new``, data, so nearby requests share a compilation); returns the generated
     tokens, the cache and (``record`` > 0) raw-token logits. Only ``allowed_V`` ids (data) are
@@ -251,38 +249,56 @@ class Generation:
 
 
 def prefill(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_BxP: np.ndarray,
-            lengths_B: np.ndarray, logits_out: np.ndarray | None = None) -> tuple[Cache, jax.Array, np.ndarray]:
-    """Feed every whole segment of each prompt, one segment per call; the rest of a prompt
-    (less than a segment) is teacher-forced by the decode loop. Without compression the whole
-    prompt is one call. Returns the cache, each row's pending logits (of its last raw token fed;
-    zeros if none) and the raw tokens fed per row."""
+            lengths_B: np.ndarray, logits_out: np.ndarray | None = None,
+            chunk: int | None = None) -> tuple[Cache, jax.Array, np.ndarray]:
+    """Feed every whole chunk of each prompt, one chunk per call; the rest of a prompt (less
+    than a chunk) is teacher-forced by the decode loop. A chunk is a segment (``chunk`` None
+    or L), the unit chunked compression works in; UniGist has no chunks and takes any multiple
+    of r raw tokens (default L). Without compression the whole prompt is one call. Returns the
+    cache, each row's pending logits (of its last raw token fed; zeros if none) and the raw
+    tokens fed per row."""
     b = prompts_BxP.shape[0]
     pending = jnp.zeros((b, cfg.vocab_size), jnp.float32)
     if plan.memory == "none":
         valid = np.arange(prompts_BxP.shape[1])[None, :] < lengths_B[:, None]
         logits, cache = feed_jit(cfg, plan, params, cache, jnp.asarray(prompts_BxP, jnp.int32), jnp.asarray(valid))
-        last = jnp.asarray(np.maximum(lengths_B - 1, 0))
-        pending = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        last = np.maximum(lengths_B - 1, 0)
+        pending = jnp.take_along_axis(logits, jnp.asarray(last)[:, None, None], axis=1)[:, 0]
         if logits_out is not None:
             got = np.asarray(logits)
             for row, n in enumerate(lengths_B):
                 logits_out[row, :n] = got[row, :n]
         return cache, pending, np.asarray(lengths_B)
-    L = plan.segment_length
-    raw_T, _ = plan.order()
-    last = plan.last_raw_index()
+    L = _check_chunk(plan, chunk)
+    raw_T = np.asarray(window.chunk_raw_offsets(plan, L) if plan.window else plan.order()[0])
+    last_raw = int(np.nonzero(raw_T >= 0)[0][-1])
     full = lengths_B // L
     for i in range(int(full.max(initial=0))):
         seg_tokens = prompts_BxP[:, i * L + np.maximum(raw_T, 0)] * (raw_T >= 0)[None]
         valid_B = full > i
         valid = np.broadcast_to(valid_B[:, None], seg_tokens.shape)
         logits, cache = feed_jit(cfg, plan, params, cache, jnp.asarray(seg_tokens, jnp.int32), jnp.asarray(valid))
-        pending = jnp.where(jnp.asarray(valid_B)[:, None], logits[:, last], pending)
+        pending = jnp.where(jnp.asarray(valid_B)[:, None], logits[:, last_raw], pending)
         if logits_out is not None:
             got = np.asarray(logits)
-            for row in np.nonzero(valid_B)[0]:
-                logits_out[row, i * L + raw_T[raw_T >= 0]] = got[row, raw_T >= 0]
+            for r in np.nonzero(valid_B)[0].tolist():
+                logits_out[r, i * L + raw_T[raw_T >= 0]] = got[r, raw_T >= 0]
     return cache, pending, full * L
+
+
+def _check_chunk(plan: Plan, chunk: int | None) -> int:
+    """Raw tokens per prefill call: L unless UniGist, which takes any multiple of r."""
+    L = plan.segment_length
+    if chunk is None or chunk == L:
+        return L
+    if not plan.window:
+        raise ConfigError(f"prefill_chunk={chunk}: chunked compression prefills whole segments of "
+                          f"compression.segment_length={L}; leave it unset (UniGist, window > 0, takes any "
+                          "multiple of the ratio)")
+    if chunk < 1 or chunk % plan.ratio:
+        raise ConfigError(f"prefill_chunk={chunk} must be a positive multiple of the ratio {plan.ratio} "
+                          "(whole gist units)")
+    return chunk
 
 
 def _round_up(n: int, k: int) -> int:
@@ -293,7 +309,8 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
              max_new_tokens: int, *, ratio: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, eos_id: int | None = None, record_logits: bool = False,
              capacity: int | None = None, pad_batch_to: int | None = None,
-             tokenizer_size: int | None = None, gist_token_id: int | None = None) -> Generation:
+             tokenizer_size: int | None = None, gist_token_id: int | None = None,
+             prefill_chunk: int | None = None) -> Generation:
     """Generate from gist-compressed memory (``comp.memory='none'``: a plain KV cache).
 
     ``cfg`` is the model config with the gist parameters (``model_config_for``); ``ratio``
@@ -303,7 +320,8 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
     one compilation (their outputs are dropped). Ids ``>= tokenizer_size`` (the tokenizer's
     ``vocab_size``; None: every LM-head row) and ``gist_token_id`` (an export's ``<gist>``
     marker; gist_jax's tokenizers have none, and an export puts it at ``tokenizer_size``) are
-    never sampled (``sampleable_ids``).
+    never sampled (``sampleable_ids``). ``prefill_chunk``: raw tokens per prefill call (see
+    ``prefill``; UniGist only, any multiple of the ratio).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one non-empty prompt")
@@ -329,14 +347,14 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
     cache = Cache.empty(cfg, plan, rows)
     record = total if record_logits else 0
     logits_out = np.zeros((rows, total, cfg.vocab_size), np.float32) if record_logits else None
-    cache, pending, prefilled = prefill(cfg, plan, params, cache, padded, lengths, logits_out)
+    cache, pending, prefilled = prefill(cfg, plan, params, cache, padded, lengths, logits_out, prefill_chunk)
     out, cache, rec = _decode_loop(cfg, plan, params, cache, pending, jnp.asarray(padded),
                                    jnp.asarray(lengths, jnp.int32), jnp.asarray(new), allowed_V, jax.random.key(seed),
                                    _round_up(max_new_tokens, 16), float(temperature), float(top_p), record)
-    if record_logits:
-        rec = np.asarray(rec)
+    if logits_out is not None:
+        rec_np = np.asarray(rec)
         for row in range(len(prompts)):
-            logits_out[row, prefilled[row]:] = rec[row, prefilled[row]:]
+            logits_out[row, prefilled[row]:] = rec_np[row, prefilled[row]:]
         logits_out = logits_out[:len(prompts)]
     tokens = []
     for row in np.asarray(out)[:len(prompts), :max_new_tokens].tolist():

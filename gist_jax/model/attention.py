@@ -46,6 +46,9 @@ class AttentionSpec:
                      Disjoint from ``mask``.
     prefix_valid:    [B, M] bool (optional): slots of an external per-layer KV memory (carried
                      between segments) that are filled; the memory itself is a model input.
+    prefix_mask:     [B, T, M] bool (optional): per query, which external memory slots it sees,
+                     used instead of ``prefix_valid`` where visibility differs between the
+                     queries of one call (UniGist's sliding window in a cached chunk).
     is_gist:         [B, T] bool (optional): gist tokens (own embedding, own projections).
     gist_slot:       [B, T] int (optional): row of the gist embedding table for each gist.
     structure:       (optional) a pytree with ``attend(q_rot, k, v, spec, inv_freq)`` that
@@ -61,6 +64,7 @@ class AttentionSpec:
     memory_positions: jax.Array | None = None
     memory_mask: jax.Array | None = None
     prefix_valid: jax.Array | None = None
+    prefix_mask: jax.Array | None = None
     is_gist: jax.Array | None = None
     gist_slot: jax.Array | None = None
     structure: AttentionStructure | None = None
@@ -161,8 +165,8 @@ class Attention(nn.Module):
             assert spec.prefix_valid is not None, "an external memory needs spec.prefix_valid"
             keys.append(memory.k_BxMxKxH)
             values.append(memory.v_BxMxKxH)
-            masks.append(jnp.broadcast_to(spec.prefix_valid[:, None, :],
-                                          (b, t, spec.prefix_valid.shape[1])))
+            masks.append(spec.prefix_mask if spec.prefix_mask is not None else
+                         jnp.broadcast_to(spec.prefix_valid[:, None, :], (b, t, spec.prefix_valid.shape[1])))
         keys.append(constrain(apply_rope(k_BxTxKxH, spec.positions, inv_freq), BATCH_LENGTH_KV_HEADS))
         values.append(v_BxTxKxH)
         masks.append(spec.dense_mask())
