@@ -48,12 +48,14 @@ from __future__ import annotations
 from gist_jax.experiments import _common, _paper, demo
 from gist_jax.train.experiment import default_config
 
-# -- the grid: run name -> variants (Deng et al. Table 2 rows, plus the AE / TIE additions on Fine-KV)
+# -- the grid: run name -> variants (Deng et al. Table 2 rows, UniGist beside them, plus the AE / TIE additions
+# on Fine-KV)
 GRID: dict[str, str] = {
     "full": "full",
     "fine_kv": "fine_kv,noae,notie",
     "coarse_kv": "coarse_kv,noae,notie",
     "coarse_rec": "coarse_rec,noae,notie",
+    "unigist": "unigist,noae,notie",  # UniGist (Deng et al., NeurIPS 2025): no chunks, a window of one segment
     "fine_kv_ae": "fine_kv,ae,notie",
     "fine_kv_tie": "fine_kv,noae,tie",
     "fine_kv_ae_tie": "fine_kv,ae,tie",

@@ -134,12 +134,18 @@ def test_demo_config_is_the_cpu_demo():
         "gist_only", True, "aligned")
     assert not run.step.objective.ae and not run.step.objective.tie
     long = run_config(load("demo.py").get_config("long"))
-    assert long.num_steps > run.num_steps and long.compression == run.compression.replace(num_sinks=16)
+    assert long.num_steps > run.num_steps and long.compression == run.compression
     assert any(spec.startswith("synthetic:passkey") for spec, _ in long.data.sources)
     before = run_config(load("demo.py").get_config("all_weights"))
     assert before.compression.trainable == "all" and before.step.objective.ae and before.step.objective.tie
+    assert before.compression.num_sinks == 4  # the recipe it reproduces
     assert (run.step.seq_len, run.compression.segment_length, run.compression.ratios) == (512, 128, (4, 8))
-    assert run.compression.ratio_sampling == "per_instance" and run.compression.num_sinks == 4
+    assert run.compression.ratio_sampling == "per_instance" and run.compression.num_sinks == 16
+    unigist = run_config(load("demo.py").get_config("unigist"))
+    assert unigist.compression.window == unigist.compression.segment_length == 128
+    assert unigist.compression.replace(window=0) == run.compression  # the demo's recipe, windowed
+    tiny_unigist = run_config(load("demo.py").get_config("unigist,tiny"))
+    assert tiny_unigist.compression.window == tiny_unigist.compression.segment_length == 16
     assert run.model.dtype == "float32" and run.step.batch_size == 1
     assert run.train.eval_at_start and run.train.eval_every == run.num_steps
     assert run.checkpoint.every == 10

@@ -406,3 +406,76 @@ def test_split_computes_the_exact_pairs_on_cudnn_and_the_squares_on_xla(sinks, r
     on_cpu = flops.attention_pairs(cfg, comp, num_raw, backend="cpu")
     assert on_cpu["impl"] == "split:xla"
     assert on_cpu["computed"] == s * ts * ts + (s - 1) * ts * (shape.num_sinks + (s - 1) * shape.slots)
+
+
+# -- UniGist (compression.window > 0) --------------------------------------------------------------
+
+WINDOW_CASES = [  # (segment length, ratio, window, sinks, num_raw): nb 1, nb 2, several memory groups, padding
+    (8, 2, 8, 0, 32),
+    (8, 4, 16, 2, 40),
+    (8, 2, 4, 4, 80),
+    (8, 4, 8, 2, 27),
+]
+
+
+def _windowed(L: int, r: int, window: int, sinks: int, num_raw: int, impl: str = "decomposed") -> CompressionConfig:
+    return CompressionConfig(memory="kv", granularity="fine", positions="aligned", segment_length=L, ratios=(r,),
+                             ratio_sampling="fixed", num_sinks=sinks, window=window, attention_impl=impl,
+                             pad_to_segments=num_raw % L != 0)
+
+
+@pytest.mark.parametrize("L,r,window,sinks,num_raw", WINDOW_CASES)
+def test_windowed_pairs_equal_a_brute_force_count_of_the_windowed_mask(L, r, window, sinks, num_raw):
+    """Exact pairs: ``specs.windowed_mask`` counted entry by entry over the live queries; the memory
+    share: the keys of segments < i - nb (window.py's memory buffer prefix), counted the same way."""
+    from gist_jax.gist.specs import windowed_mask
+    from gist_jax.gist.window import band_segments
+    from gist_jax.train import window_pairs
+
+    comp = _windowed(L, r, window, sinks, num_raw)
+    layout = build_layout(num_raw, comp)
+    mask = np.asarray(windowed_mask(layout_arrays(layout)))[layout.alive]
+    assert flops.visible_attention_pairs(num_raw, comp) == int(mask.sum())
+    nb = band_segments(window, L)
+    key_in_memory = layout.segment[None, :] < layout.segment[layout.alive][:, None] - nb
+    assert window_pairs.windowed_memory_pairs(layout, window) == int((mask & key_in_memory).sum())
+    # The FLOP count's tokens are the live ones, as for Fine-KV.
+    dense = flops.forward_flops_per_sequence(ONE_LAYER, comp, num_raw)["dense"]
+    assert dense == 2.0 * (flops.layer_matmul_params(ONE_LAYER) * int(layout.alive.sum())
+                           + ONE_LAYER.hidden_size * ONE_LAYER.vocab_size * num_raw)
+
+
+@pytest.mark.parametrize("L,r,window,sinks,num_raw", WINDOW_CASES[:3])
+def test_windowed_computed_pairs_are_the_score_blocks_window_py_computes(L, r, window, sinks, num_raw, monkeypatch):
+    from gist_jax.gist import window as window_module
+
+    comp = _windowed(L, r, window, sinks, num_raw)
+    counted: list[int] = []
+    original = window_module._partial
+
+    def recording(q, k, v, bias):  # once per scan step and part (band, memory): [B, K, G, Ts, H] x [B, K, C, H]
+        jax.debug.callback(lambda _: counted.append(q.shape[0] * q.shape[3] * k.shape[2]), q[0, 0, 0, 0, 0])
+        return original(q, k, v, bias)
+
+    monkeypatch.setattr(window_module, "_partial", recording)
+    _run_forward(comp, num_raw, None)
+    pairs = flops.attention_pairs(model_config_for(ONE_LAYER, comp), comp, num_raw)
+    assert pairs["impl"] == "windowed" and pairs["computed"] == sum(counted)
+    assert pairs["computed_over_exact"] >= 1.0
+    dense = flops.attention_pairs(model_config_for(ONE_LAYER, comp), comp.replace(attention_impl="dense"), num_raw)
+    t = build_layout(num_raw, comp).length
+    assert dense["impl"] == "dense" and dense["computed"] == 2 * t * t  # two [T, T] views
+
+
+def test_windowed_pairs_sit_between_fine_kv_and_full_attention_at_16k():
+    """A window of one segment sees about what Fine-KV sees (its own segment's raw tokens, on average
+    L / 2 + W back instead of L / 2), far below full attention; the train count goes through."""
+    n, L, r = 16384, 2048, 8
+    fine = CompressionConfig(memory="kv", granularity="fine", segment_length=L, ratios=(r,), ratio_sampling="fixed",
+                             num_sinks=16, positions="aligned")
+    uni = fine.replace(window=L, attention_impl="decomposed")
+    full = n * (n + 1) // 2
+    p_fine, p_uni = flops.visible_attention_pairs(n, fine), flops.visible_attention_pairs(n, uni)
+    assert p_fine < p_uni < 0.5 * full
+    train = flops.train_flops_per_sequence(_tiny(), uni, n)
+    assert train["attention"] == 3 * 4.0 * 8 * 4 * p_uni * 3  # 3 x forward; head_dim 8, 4 heads, 3 layers

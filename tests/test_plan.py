@@ -141,3 +141,18 @@ def test_plan_for_a_gpu_traces_cudnn_as_its_residuals():
               / plan.plan(base, none, short, 1, "gpu")["activations_saved"])
     assert plan.layer_attention_impl(base, none, "gpu") == "cudnn" and 1.9 < growth < 2.1
     assert jax.nn.dot_product_attention.__module__.startswith("jax")  # the stand-in is gone afterwards
+
+
+def test_a_windowed_config_plans_the_windowed_path():
+    """UniGist (compression.window > 0): the layers run window.py on every backend (dense stays the
+    reference), whose largest score tensor is one scan step's band and memory scores."""
+    from gist_jax.gist.config import CompressionConfig
+    from gist_jax.gist.window import window_groups
+
+    comp = CompressionConfig(memory="kv", granularity="fine", positions="aligned", segment_length=8, ratios=(4,),
+                             ratio_sampling="fixed", num_sinks=2, window=8, attention_impl="auto")
+    base = preset("tiny")
+    assert {plan.layer_attention_impl(base, comp, b) for b in ("cpu", "gpu", "tpu")} == {"windowed"}
+    assert plan.layer_attention_impl(base, comp.replace(attention_impl="dense"), "gpu") == "dense"
+    ts, bound = 10, max(b for _, _, b in window_groups(4, 1, 2, 2))  # 32 tokens: 4 segments of 8 + 2 gists
+    assert plan.attention_score_bytes(comp, 32, 3, "gpu") == 3 * (ts * 2 * ts + ts * bound) * 4

@@ -25,6 +25,8 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The grid this test runs (``--runs``): experiments/study.py's without ``unigist``, whose smoke run costs
+# about 65 s of CPU (measured 2026-12-05); the report renders its row like any other (study/report.py LABELS).
 GRID = ("full", "fine_kv", "coarse_kv", "coarse_rec", "fine_kv_ae", "fine_kv_tie", "fine_kv_ae_tie")
 SECTIONS = ("## Runs", "## Perplexity by variant and ratio (Table 2)", "## Loss by position in a segment (Fig. 3)",
             "## Continuation at a segment boundary vs mid-segment", "## Surprise", "## UUID recall by prefix length",
@@ -45,7 +47,7 @@ def _env(tmp: pathlib.Path) -> dict[str, str]:
 
 
 def _study(out: pathlib.Path) -> list[str]:
-    return [sys.executable, "-m", "gist_jax.study", "--scale", "smoke", "--out", str(out)]
+    return [sys.executable, "-m", "gist_jax.study", "--scale", "smoke", "--out", str(out), "--runs", ",".join(GRID)]
 
 
 def _steps(out: pathlib.Path) -> dict[str, list[str]]:

@@ -100,7 +100,9 @@ def _setups(run, args: argparse.Namespace) -> list[StepSetup]:
 
     if not args.compare:
         return [setup_from_run(run)]
-    return [setup_from_run(changed(run, {"compression.attention_impl": impl})) for impl in COMPARE]
+    # UniGist (compression.window > 0) has its dense reference and one structured path.
+    impls = ("dense", "decomposed") if run.compression.windowed else COMPARE
+    return [setup_from_run(changed(run, {"compression.attention_impl": impl})) for impl in impls]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

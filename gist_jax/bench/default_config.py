@@ -8,7 +8,7 @@ A random ``preset:tiny`` model, one device, Fine-KV at 4096 tokens in segments o
 is a ``--config.<key>=<value>`` away (``--config.model.init=preset:bench_1b``,
 ``--config.compression.attention_impl=split``, ``--config.objective.tie=True``, ...). Variants
 (comma-separated after ``:``): the architectures ``full``, ``fine_kv``, ``coarse_kv``,
-``coarse_rec`` (``ARCHITECTURES``, the same keys as ``experiments/_common.py`` sets). A plain
+``coarse_rec``, ``unigist`` (``ARCHITECTURES``, the same keys as ``experiments/_common.py`` sets). A plain
 config file with no imports from ``experiments/``, so it works wherever the package is installed.
 """
 
@@ -20,11 +20,17 @@ from typing import Any
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "full": {"compression.memory": "none", "compression.granularity": "fine", "compression.attention_impl": "dense",
              "objective.ae": False, "objective.tie": False, "compression.trainable": "all",
-             "compression.bptt_segments": 0},
-    "fine_kv": {"compression.memory": "kv", "compression.granularity": "fine", "compression.bptt_segments": 0},
-    "coarse_kv": {"compression.memory": "kv", "compression.granularity": "coarse", "compression.bptt_segments": 0},
+             "compression.bptt_segments": 0, "compression.window": 0},
+    "fine_kv": {"compression.memory": "kv", "compression.granularity": "fine", "compression.bptt_segments": 0,
+                "compression.window": 0},
+    "coarse_kv": {"compression.memory": "kv", "compression.granularity": "coarse", "compression.bptt_segments": 0,
+                  "compression.window": 0},
     "coarse_rec": {"compression.memory": "recurrent", "compression.granularity": "coarse",
-                   "compression.attention_impl": "dense"},
+                   "compression.attention_impl": "dense", "compression.window": 0},
+    # UniGist with a window of the built-in segment length (512 raw tokens); aligned positions, its one
+    # structured path (``auto``).
+    "unigist": {"compression.memory": "kv", "compression.granularity": "fine", "compression.bptt_segments": 0,
+                "compression.positions": "aligned", "compression.window": 512, "compression.attention_impl": "auto"},
 }
 
 

@@ -73,6 +73,8 @@ class StepSetup:
 
     @property
     def variant(self) -> str:
+        if self.comp.windowed:
+            return f"unigist(W={self.comp.window})"
         key = (self.comp.memory, "fine" if self.comp.memory == "none" else self.comp.granularity)
         return next((k for k, v in VARIANTS.items() if v == key), "/".join(key))
 
@@ -81,8 +83,9 @@ class StepSetup:
         """The KV implementation that runs on this backend (``auto``/``bank`` resolved)."""
         if self.comp.memory != "kv":
             return "n/a"
-        return resolve_attention_impl(self.comp.attention_impl, self.layout.shape.whole_segments,
-                                      self.base_cfg.dtype)
+        impl = resolve_attention_impl(self.comp.attention_impl, self.layout.shape.whole_segments,
+                                      self.base_cfg.dtype, windowed=self.comp.windowed)
+        return "windowed" if self.comp.windowed and impl != "dense" else impl
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,10 @@ from gist_jax.study.plan import Study
 from gist_jax.study.runner import read_json, write_json_atomic
 
 LABELS = {"full": "Full attention", "fine_kv": "Fine-KV", "coarse_kv": "Coarse-KV", "coarse_rec": "Coarse-Rec",
-          "fine_kv_ae": "Fine-KV + AE", "fine_kv_tie": "Fine-KV + TIE", "fine_kv_ae_tie": "Fine-KV + AE + TIE"}
-ARCHITECTURES = ("fine_kv", "coarse_kv", "coarse_rec")
+          "fine_kv_ae": "Fine-KV + AE", "fine_kv_tie": "Fine-KV + TIE", "fine_kv_ae_tie": "Fine-KV + AE + TIE",
+          "unigist": "UniGist"}
+ARCHITECTURES = ("fine_kv", "coarse_kv", "coarse_rec")  # the paper's chain (Table 2's order)
+CURVES = ARCHITECTURES + ("unigist",)  # every architecture a figure draws (UniGist is outside the chain)
 PERCENT = (-3.0, 103.0)  # accuracy axes  # Table 2's order: expected best to worst
 PAPER = {  # Deng et al. 2025 (Llama3.1-8B), for orientation only: different model, data and scale
     "reconstruction": "paper, one-block probe: 53.9% (r4), 19.2% (r8), 9.6% (r16), 5.1% (r32)",
@@ -84,7 +86,7 @@ class Report:
         self.md.append("## Perplexity by variant and ratio (Table 2)\n")
         self.md.append("Held-out windows, targets after the first segment only; *own full* is the same checkpoint "
                        "run with full attention (gist parameters unused), *no memory* the same weights on each "
-                       "segment alone. " + PAPER["perplexity"] + ".\n")
+                       "segment alone (UniGist: its sliding window without gists). " + PAPER["perplexity"] + ".\n")
         header = ["variant", "own full", "no memory"] + [f"ratio {r}" for r in self.study.ratios]
         rows = []
         for run in self.runs:
@@ -107,7 +109,7 @@ class Report:
             if len(chain) >= 2:
                 self.finding(stats.chain(chain, f"perplexity at ratio {r}"))
         for r in self.study.ratios:
-            for extra in ("fine_kv_ae", "fine_kv_tie", "fine_kv_ae_tie"):
+            for extra in ("fine_kv_ae", "fine_kv_tie", "fine_kv_ae_tie", "unigist"):
                 a, b = ppl.get(("fine_kv", f"r{r}")), ppl.get((extra, f"r{r}"))
                 if a and b:
                     self.finding(stats.compare("Fine-KV", a, label(extra), b, f"perplexity at ratio {r}"))
@@ -163,7 +165,7 @@ class Report:
         self.md.append(_table(header, rows))
         panels = {}
         for r in self.study.ratios:
-            lines = {label(a): curves[(a, f"r{r}")] for a in ARCHITECTURES if (a, f"r{r}") in curves}
+            lines = {label(a): curves[(a, f"r{r}")] for a in CURVES if (a, f"r{r}") in curves}
             if ("fine_kv", "full") in curves:
                 lines["full attention (Fine-KV weights)"] = curves[("fine_kv", "full")]
             panels[f"ratio {r}"] = lines
@@ -271,7 +273,7 @@ class Report:
         self.figure(figures.lines_with_errors(self.dir / "uuid_prefix.png", panels, "UUID prefix (characters)",
                                               "exact match (%)", scale=100.0, ylim=PERCENT), "UUID prefix decay")
         self.md.append("\nFindings:\n")
-        for run, s in [("full", "full")] + [(a, f"r{r}") for a in ARCHITECTURES for r in self.study.ratios]:
+        for run, s in [("full", "full")] + [(a, f"r{r}") for a in CURVES for r in self.study.ratios]:
             if (run, s) in uu:
                 self.finding(stats.sign(f"{label(run)} {s}: UUID decay (prefix 8 - prefix 32)", uu[(run, s)]["decay"],
                                         "accuracy falls along the UUID", "accuracy rises along the UUID"))

@@ -11,7 +11,15 @@ from ``python -m gist_jax.evaluate`` come from the same settings, layouts and ta
   (``ratio_sampling='fixed'``), whatever sampling the run trained with, so a ratio's number
   never depends on how training drew ratios. ``sinks`` (asked for separately: a control) is
   ``local`` with the window's first ``num_sinks`` tokens in front of every segment: the raw
-  tokens a compressed setting keeps besides its gists, without the gists.
+  tokens a compressed setting keeps besides its gists, without the gists. ``local`` is the
+  same for every architecture, UniGist (``compression.window`` W > 0) included, so efficacies
+  compare across architectures (and, with a frozen base, across runs). A windowed checkpoint
+  adds ``window``: the base model under UniGist's sliding window with the sinks and no gists
+  (raw token q sees the sinks and raw tokens q - W .. q, original positions), i.e. what a
+  windowed setting sees without its gists, less the up to r - 1 raw tokens of its own gist
+  unit (its window starts at the unit's start). Its efficacy over ``local`` is what the
+  window alone recovers; a ratio that does not beat it carries nothing the window does not.
+  It runs the windowed path itself (``no_memory_window``), never an N x N matrix.
 * Targets: perplexity counts the predictions of raw positions j >= L (token j + 1), the
   positions the LM loss trains (``train.step.loss_positions``): only from there on does
   compression change what a token sees, so every setting is scored on exactly the same targets.
@@ -60,6 +68,7 @@ class Setting:
     comp: CompressionConfig
     local: bool = False  # each segment of comp.segment_length run alone, the base weights
     sinks: int = 0  # with local: the window's first ``sinks`` tokens in front of every segment
+    window: int = 0  # with local: UniGist's sliding window (``no_memory_window``), not segments alone
 
 
 def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
@@ -73,8 +82,13 @@ def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
     none = comp.full_attention()
     base_cfg = model_config_for(model_cfg, none)
     out = [Setting("full", None, base_cfg, none)]
+
     if comp.enabled and local:
         out.append(Setting("local", None, base_cfg, none, local=True))
+        if comp.windowed:  # what a UniGist setting keeps besides its gists (``no_memory_window``)
+            window = comp.replace(ratios=(1,), ratio_sampling="fixed", pad_to_segments=True)
+            out.append(Setting("window", None, model_cfg, window, local=True, sinks=comp.num_sinks,
+                               window=comp.window))
     if comp.enabled and sinks_only and comp.num_sinks:
         out.append(Setting("sinks", None, base_cfg, none, local=True, sinks=comp.num_sinks))
     if comp.enabled:
@@ -88,8 +102,20 @@ def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
 
 
 def setting_params(params: Params, setting: Setting) -> Params:
-    """The params tree a setting reads: the base model's alone for full attention and local."""
-    return strip_gist_params(params) if setting.ratio is None else params
+    """The params tree a setting reads: the base model's alone for full attention and local
+    (UniGist's windowed local keeps the gist leaves its dead gist slots embed; no raw token
+    reads them)."""
+    return strip_gist_params(params) if setting.ratio is None and not setting.window else params
+
+
+def no_memory_window(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """A windowed layout's arrays with every gist dead, in the tokens and in the memory buffer:
+    no query sees a gist, so the windowed path computes the base model under UniGist's sliding
+    window (and the layout's sinks). With ratio 1 a raw token's unit is itself, so its window
+    is raw tokens q - W .. q. Gist projections apply at gist rows only, so raw rows are the
+    base model's."""
+    return {**arrays, "alive": arrays["alive"] & ~arrays["is_gist"],
+            "buffer_live": arrays["buffer_live"] & (arrays["buffer_segment"] < 0)}
 
 
 def first_scored_position(comp: CompressionConfig) -> int:
@@ -106,24 +132,27 @@ def scored_positions(comp: CompressionConfig, length: int) -> np.ndarray:
 def _raw_hidden(setting: Setting, length: int) -> tuple[Callable, dict]:
     """``(fn(params, tokens, arrays) -> [B, N, E] final-norm states of the raw tokens, arrays)``;
     the layout arrays are arguments, not constants baked into the program."""
-    if setting.local:
+    if setting.local and not setting.window:
         segment_length = setting.comp.segment_length
 
         def alone(params, tokens_BxN, arrays):
             return segments_alone_hidden(setting.cfg, setting.comp, params, tokens_BxN, segment_length,
                                          setting.sinks)
         return alone, {}
-    if setting.ratio is None:
+    if setting.ratio is None and not setting.window:
         def full(params, tokens_BxN, arrays):
             return compressed_hidden(setting.cfg, setting.comp, None, params, tokens_BxN, arrays)
         return full, {}
     layout = cached_layout(length, setting.comp)
     shape = layout.shape
+    arrays = layout_arrays(layout)
+    if setting.local:  # UniGist's no-memory control
+        arrays = no_memory_window(arrays)
 
     def compressed(params, tokens_BxN, arrays):
         hidden = compressed_hidden(setting.cfg, setting.comp, shape, params, tokens_BxN, arrays)
         return raw_rows(hidden, arrays, length)
-    return compressed, layout_arrays(layout)
+    return compressed, arrays
 
 
 def fold_segments(tokens_BxN: jax.Array, segment_length: int) -> jax.Array:

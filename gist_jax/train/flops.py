@@ -99,7 +99,8 @@ def _sequence_counts(num_raw: int, comp: CompressionConfig,
     """Tokens and visible pairs from the layout arrays the model's masks are built from.
 
     KV (``specs.parallel_spec``): a live query sees the live tokens of its own segment up to
-    itself, plus every memory key ((live gist) | sink) of earlier segments. Recurrent
+    itself, plus every memory key ((live gist) | sink) of earlier segments. UniGist
+    (``comp.windowed``): ``specs.windowed_mask`` (``window_pairs``). Recurrent
     (``parallel.recurrent_scan``): step i runs ``[sinks | memory buffer | segment]`` causally
     with only the P_i valid prefix entries (sinks if i > 0, live gists of segments < i), so it
     adds P_i re-encoded tokens with P_i (P_i + 1) / 2 prefix pairs to the KV count.
@@ -112,6 +113,10 @@ def _sequence_counts(num_raw: int, comp: CompressionConfig,
     # Live keys at or before each position of its segment; a live query sees exactly these.
     local_pairs = int((alive_SxT * np.cumsum(alive_SxT, axis=1)).sum())
     live_per_segment_S = alive_SxT.sum(axis=1)
+    if comp.windowed:  # UniGist: sinks, every earlier gist, raw tokens inside the window
+        from gist_jax.train.window_pairs import windowed_visible_pairs
+
+        return _SequenceCounts(int(live_per_segment_S.sum()), num_raw, windowed_visible_pairs(layout))
     if comp.memory == "kv":
         memory_key_T = (layout.is_gist & layout.alive) | layout.is_sink
         keys_S = np.bincount(layout.segment[memory_key_T], minlength=shape.num_segments)
@@ -283,6 +288,9 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     before segment i:
 
       KV dense      2 T^2: one [T, T] block per key set, keys at positions and at memory positions
+      windowed      UniGist's ``window.py`` (``window_pairs.windowed_computed_pairs``): S (nb + 1) Ts^2
+                    (each segment's rows against the band of segments i - nb .. i, nb =
+                    ceil(W / L)) + sum over memory groups of segments x Ts x the group's bound
       decomposed    ``structured.segment_plan``: S x sum over query blocks of rows x end row (each
                     block of a segment against its keys up to its last row) + sum over memory
                     groups of segments x Ts x the group's buffer bound (segments 1..S-1 against
@@ -323,10 +331,14 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
                        computed=s * _causal_kernel_pairs(rec, shape.num_sinks + s * shape.slots + ts))
         else:
             impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments,
-                                          model_cfg.dtype, backend)
+                                          model_cfg.dtype, backend, windowed=comp.windowed)
             t = shape.length
             if impl == "dense":
                 computed = 2 * t * t
+            elif comp.windowed:
+                from gist_jax.train.window_pairs import windowed_computed_pairs
+
+                impl, computed = "windowed", windowed_computed_pairs(layout, comp.window)["total"]
             elif impl == "decomposed":
                 from gist_jax.gist.structured import segment_plan
 

@@ -85,6 +85,8 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
       decomposed  one query block x Ts (local) + Ts x M (one memory step of the scan)
       flash       cuDNN (gpu): S x E softmax statistics, E = M + Ts; XLA: S x E^2
       bank        Splash (tpu): T softmax statistics (x2)
+      windowed    UniGist (``window.py``): Ts x (nb + 1) Ts (one segment's band) + Ts x the
+                  largest memory group's bound (one scan step)
 
     Without gists (``memory='none'``) the plain causal kernel ``causal_impl``
     (``model.attention_impl``, ``causal.resolve_impl``) runs instead.
@@ -97,7 +99,14 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
         return rows * per_row * 4
     shape = build_layout(seq_len, comp).shape
     t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
-    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend)
+    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend,
+                                  windowed=comp.windowed)
+    if comp.windowed and impl != "dense":  # window.py: one scan step's band and memory scores
+        from gist_jax.gist.window import band_segments, window_groups
+
+        nb = band_segments(comp.window, shape.segment_length)
+        bound = max(b for _, _, b in window_groups(s, nb, shape.num_sinks, shape.slots))
+        return rows * (ts * (nb + 1) * ts + ts * bound) * 4
     if impl == "bank" and backend != "tpu":  # Pallas interpret mode: plain XLA arrays per block
         impl = "dense"
     on_gpu = backend == "gpu"
@@ -132,7 +141,10 @@ def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str
         return resolve_impl(cfg.attention_impl, backend, cfg.dtype, cfg.head_dim)
     if comp.memory != "kv":
         return "dense"
-    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend)
+    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend,
+                                  windowed=comp.windowed)
+    if comp.windowed:
+        return "dense" if impl == "dense" else "windowed"  # window.py: autodiff layers, like decomposed
     return "dense" if impl == "bank" and backend != "tpu" else impl  # Pallas interpret mode off TPU
 
 

@@ -75,7 +75,8 @@ def _settings(entry: dict) -> list[str]:
     return sorted(names, key=lambda n: (n != "full", n != "local", int(n[1:]) if n[1:].isdigit() else 0))
 
 
-LABELS = {"full": "full attention", "local": "no memory (each segment alone)"}
+LABELS = {"full": "full attention", "local": "no memory (each segment alone)",
+          "window": "sliding window + sinks, no gists (UniGist)"}
 
 
 def setting_label(name: str) -> str:
@@ -124,7 +125,8 @@ def plot_perplexity(workdir: str | pathlib.Path, out: str | pathlib.Path | None 
     ax.bar([i - width / 2 for i in x], [before.get(f"eval/ppl_{n}", 0) for n in names], width,
            label=f"step {before['step']}")
     ax.bar([i + width / 2 for i in x], [after[f"eval/ppl_{n}"] for n in names], width, label=f"step {after['step']}")
-    ax.set_xticks(list(x), [{"full": "full", "local": "no memory"}.get(n, f"r = {n[1:]}") for n in names])
+    short = {"full": "full", "local": "no memory", "window": "window"}
+    ax.set_xticks(list(x), [short.get(n, f"r = {n[1:]}") for n in names])
     ax.set_ylabel("validation perplexity (segments 2+)")
     ax.set_yscale("log")
     ax.legend()

@@ -1,0 +1,81 @@
+"""Attention pairs of UniGist (``compression.window`` W > 0): what its mask allows and what its
+structured path computes, counted from the layout in O(tokens) numpy, no T x T matrix.
+
+Exact (``specs.windowed_mask``): a live query t sees the live keys s <= t that are a sink, a gist,
+or a raw token at or after t's ``window_start``. Per query that is
+
+    (live sinks and gists up to t) + (live non-sink raw tokens up to t)
+                                   - (live non-sink raw tokens before window_start[t])
+
+(every raw token before ``window_start[t]`` precedes t in the layout: a window starts at or
+before the query's own gist unit, and a fine gist follows its span).
+
+Computed (``gist/window.py``, ``WindowedKV.attend``): per segment i, every one of its Ts layout
+rows scores the band of segments ``i - nb .. i`` (``(nb + 1) * Ts`` keys, padded in front for the
+first nb segments, so every segment pays the whole band) and, from segment nb + 1 on, the memory
+buffer prefix of its group's bound (``window.window_groups``). Rows are scored whole: dead slots,
+padding, future keys and raw keys outside the window are computed and masked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gist_jax.gist.layout import GistLayout
+
+
+def windowed_visible_pairs(layout: GistLayout) -> int:
+    """Pairs ``specs.windowed_mask`` allows over the live queries of ``layout`` (module doc)."""
+    alive = layout.alive
+    always = (layout.is_gist | layout.is_sink) & alive
+    raw_key = alive & ~always & (layout.raw_index >= 0)
+    seen_always_T = np.cumsum(always, dtype=np.int64)
+    seen_raw_T = np.cumsum(raw_key, dtype=np.int64)
+    raw_keys_sorted = np.sort(layout.raw_index[raw_key])
+    before_T = np.searchsorted(raw_keys_sorted, layout.window_start, side="left")
+    per_query_T = seen_always_T + seen_raw_T - before_T
+    return int(per_query_T[alive].sum())
+
+
+def windowed_memory_pairs(layout: GistLayout, window: int) -> int:
+    """The exact pairs whose key lies in the memory part (sinks and live gists of segments
+    ``< i - nb``, seen from every live query of segment i): the rest are band pairs."""
+    from gist_jax.gist.window import band_segments
+
+    shape = layout.shape
+    nb = band_segments(window, shape.segment_length)
+    memory_key = (layout.is_gist | layout.is_sink) & layout.alive
+    keys_S = np.bincount(layout.segment[memory_key], minlength=shape.num_segments)
+    # Keys of segments < i - nb: the cumulative count up to segment i - nb - 1.
+    upto_S = np.concatenate([np.zeros(nb + 1, np.int64), np.cumsum(keys_S)])[:shape.num_segments]
+    queries_S = np.bincount(layout.segment[layout.alive], minlength=shape.num_segments)
+    return int((queries_S * upto_S).sum())
+
+
+def windowed_computed_pairs(layout: GistLayout, window: int) -> dict[str, int]:
+    """``{'band', 'memory', 'total'}``: score entries ``gist/window.py`` computes per sequence,
+    layer and head (``(nb + 1) Ts^2`` per segment, plus segments x Ts x bound per memory group)."""
+    from gist_jax.gist.window import band_segments, window_groups
+
+    shape = layout.shape
+    s, ts = shape.num_segments, shape.segment_tokens
+    nb = band_segments(window, shape.segment_length)
+    band = s * ts * (nb + 1) * ts
+    memory = sum((end - first) * ts * bound
+                 for first, end, bound in window_groups(s, nb, shape.num_sinks, shape.slots))
+    return {"band": int(band), "memory": int(memory), "total": int(band + memory)}
+
+
+def windowed_pair_report(layout: GistLayout, window: int) -> dict[str, float]:
+    """Computed against exact, split into the band and memory parts (``computed_over_exact``,
+    ``band_over_exact``: band computed / band exact, ``memory_over_exact`` likewise)."""
+    exact = windowed_visible_pairs(layout)
+    memory_exact = windowed_memory_pairs(layout, window)
+    computed = windowed_computed_pairs(layout, window)
+    band_exact = exact - memory_exact
+    return {"exact": exact, "exact_band": band_exact, "exact_memory": memory_exact,
+            "computed": computed["total"], "computed_band": computed["band"],
+            "computed_memory": computed["memory"],
+            "computed_over_exact": computed["total"] / exact,
+            "band_over_exact": computed["band"] / band_exact if band_exact else float("nan"),
+            "memory_over_exact": computed["memory"] / memory_exact if memory_exact else float("nan")}
