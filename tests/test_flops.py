@@ -427,17 +427,19 @@ def _windowed(L: int, r: int, window: int, sinks: int, num_raw: int, impl: str =
 @pytest.mark.parametrize("L,r,window,sinks,num_raw", WINDOW_CASES)
 def test_windowed_pairs_equal_a_brute_force_count_of_the_windowed_mask(L, r, window, sinks, num_raw):
     """Exact pairs: ``specs.windowed_mask`` counted entry by entry over the live queries; the memory
-    share: the keys of segments < i - nb (window.py's memory buffer prefix), counted the same way."""
+    share: the keys laid out before the band start of the query's block (window.py's memory part),
+    counted the same way."""
     from gist_jax.gist.specs import windowed_mask
-    from gist_jax.gist.window import band_segments
+    from gist_jax.gist.window import window_plan
     from gist_jax.train import window_pairs
 
     comp = _windowed(L, r, window, sinks, num_raw)
     layout = build_layout(num_raw, comp)
     mask = np.asarray(windowed_mask(layout_arrays(layout)))[layout.alive]
     assert flops.visible_attention_pairs(num_raw, comp) == int(mask.sum())
-    nb = band_segments(window, L)
-    key_in_memory = layout.segment[None, :] < layout.segment[layout.alive][:, None] - nb
+    plan = window_plan(layout.shape, window)
+    band_start_T = np.asarray(plan.band_start)[np.arange(layout.length) // plan.query_block]
+    key_in_memory = np.arange(layout.length)[None, :] < band_start_T[layout.alive][:, None]
     assert window_pairs.windowed_memory_pairs(layout, window) == int((mask & key_in_memory).sum())
     # The FLOP count's tokens are the live ones, as for Fine-KV.
     dense = flops.forward_flops_per_sequence(ONE_LAYER, comp, num_raw)["dense"]
@@ -445,15 +447,21 @@ def test_windowed_pairs_equal_a_brute_force_count_of_the_windowed_mask(L, r, win
                            + ONE_LAYER.hidden_size * ONE_LAYER.vocab_size * num_raw)
 
 
-@pytest.mark.parametrize("L,r,window,sinks,num_raw", WINDOW_CASES[:3])
-def test_windowed_computed_pairs_are_the_score_blocks_window_py_computes(L, r, window, sinks, num_raw, monkeypatch):
+@pytest.mark.parametrize("L,r,window,sinks,num_raw,query_block,groups",
+                         [c + (None, None) for c in WINDOW_CASES[:3]] + [WINDOW_CASES[2] + (7, 3)])
+def test_windowed_computed_pairs_are_the_score_blocks_window_py_computes(L, r, window, sinks, num_raw, query_block,
+                                                                         groups, monkeypatch):
+    """The default blocks (64 rows: one or two here) and blocks of 7 rows in 3 memory groups."""
     from gist_jax.gist import window as window_module
 
+    if query_block:
+        monkeypatch.setattr(window_module, "QUERY_BLOCK", query_block)
+        monkeypatch.setattr(window_module, "MAX_MEMORY_GROUPS", groups)
     comp = _windowed(L, r, window, sinks, num_raw)
     counted: list[int] = []
     original = window_module._partial
 
-    def recording(q, k, v, bias):  # once per scan step and part (band, memory): [B, K, G, Ts, H] x [B, K, C, H]
+    def recording(q, k, v, bias):  # once per scan step and part (band, memory): [B, K, G, bq, H] x [B, K, C, H]
         jax.debug.callback(lambda _: counted.append(q.shape[0] * q.shape[3] * k.shape[2]), q[0, 0, 0, 0, 0])
         return original(q, k, v, bias)
 

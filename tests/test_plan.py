@@ -147,12 +147,15 @@ def test_a_windowed_config_plans_the_windowed_path():
     """UniGist (compression.window > 0): the layers run window.py on every backend (dense stays the
     reference), whose largest score tensor is one scan step's band and memory scores."""
     from gist_jax.gist.config import CompressionConfig
-    from gist_jax.gist.window import window_groups
+    from gist_jax.gist.layout import build_layout
+    from gist_jax.gist.window import window_plan
 
     comp = CompressionConfig(memory="kv", granularity="fine", positions="aligned", segment_length=8, ratios=(4,),
                              ratio_sampling="fixed", num_sinks=2, window=8, attention_impl="auto")
     base = preset("tiny")
     assert {plan.layer_attention_impl(base, comp, b) for b in ("cpu", "gpu", "tpu")} == {"windowed"}
     assert plan.layer_attention_impl(base, comp.replace(attention_impl="dense"), "gpu") == "dense"
-    ts, bound = 10, max(b for _, _, b in window_groups(4, 1, 2, 2))  # 32 tokens: 4 segments of 8 + 2 gists
-    assert plan.attention_score_bytes(comp, 32, 3, "gpu") == 3 * (ts * 2 * ts + ts * bound) * 4
+    wp = window_plan(build_layout(32, comp).shape, 8)  # 32 tokens: 4 segments of 8 + 2 gists
+    bound = max(b for _, _, b in wp.groups)
+    assert (wp.query_block, wp.band, bound) == (40, 40, 0)  # one block: the whole layout, no memory
+    assert plan.attention_score_bytes(comp, 32, 3, "gpu") == 3 * wp.query_block * (wp.band + bound) * 4

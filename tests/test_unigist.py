@@ -11,11 +11,13 @@ import pytest
 from gist_helpers import comp_config, model, tokens
 
 from gist_jax.errors import ConfigError
+from gist_jax.gist import window as window_module
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays, windowed_mask
-from gist_jax.gist.window import band_segments, window_groups
+from gist_jax.gist.structured import DecomposedKV
+from gist_jax.gist.window import layout_geometry, window_plan
 
 
 def unigist(sinks: int, ratio: int, segment_length: int, window: int, **kw) -> CompressionConfig:
@@ -84,16 +86,38 @@ def test_windowed_mask_is_the_papers(case):
     np.testing.assert_array_equal(layout.position[raw], layout.raw_index[raw])
 
 
-def test_window_groups_cover_every_segment_once():
-    for segments in range(1, 12):
-        for nb in range(1, 4):
-            groups = window_groups(segments, nb, num_sinks=2, slots=3, max_groups=3)
-            covered = [i for first, end, _ in groups for i in range(first, end)]
-            assert covered == list(range(segments))
-            for _first, end, bound in groups:
-                # The bound holds the last segment's memory; the first group has none.
-                assert bound == (0 if end - 1 <= nb else 2 + (end - 1 - nb) * 3)
-    assert band_segments(8, 8) == 1 and band_segments(12, 8) == 2 and band_segments(4, 8) == 1
+@pytest.mark.parametrize("case", CASES + [(7, 2, 8, 8, 64)], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("query_block, groups", [(5, 3), (8, 12), (64, 12)])
+def test_window_plan_splits_the_mask_into_band_and_memory(case, query_block, groups):
+    """The host geometry is ``build_layout``'s; every block's band (C keys ending at its padded
+    end) holds every key its rows see at or after the band start, the sinks and gists before it
+    lie in its group's buffer bound, and no seen raw key lies before it: the two parts are
+    disjoint and cover the mask."""
+    sinks, ratio, seg_len, window, num_raw = case
+    comp = unigist(sinks, ratio, seg_len, window, pad_to_segments=True)
+    layout = build_layout(num_raw, comp)
+    arrays = layout_arrays(layout)
+    geo = layout_geometry(layout.shape, window)
+    np.testing.assert_array_equal(geo["raw_index"], layout.raw_index)
+    np.testing.assert_array_equal(geo["window_start"], layout.window_start)
+    token_M = np.asarray(DecomposedKV.from_arrays(arrays, layout.shape).memory_token_M)
+    live_M = np.asarray(arrays["buffer_live"])
+    np.testing.assert_array_equal(geo["memory_token"][live_M], token_M[live_M])
+
+    plan = window_plan(layout.shape, window, query_block, groups)
+    t, bq = layout.length, plan.query_block
+    assert plan.num_blocks == -(-t // bq) and len(plan.groups) <= groups + 1
+    assert [j for first, end, _ in plan.groups for j in range(first, end)] == list(range(plan.num_blocks))
+    mask = np.asarray(windowed_mask(arrays))
+    always = layout.is_gist | layout.is_sink
+    for first, end, bound in plan.groups:
+        for j in range(first, end):
+            a, rows = plan.band_start[j], slice(j * bq, min((j + 1) * bq, t))
+            seen = mask[rows].any(axis=0)
+            assert not (seen[:a] & ~always[:a]).any(), "a seen raw key before the band start"
+            assert (j + 1) * bq - plan.band <= a <= j * bq
+            memory = np.nonzero(live_M & (token_M < a))[0]
+            assert memory.size == 0 or memory.max() < bound
 
 
 def _logits_and_grads(comp, num_raw, batch=2, stop=False, raw_embeds=None, weights_seed=3):
@@ -116,7 +140,11 @@ def _logits_and_grads(comp, num_raw, batch=2, stop=False, raw_embeds=None, weigh
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_windowed_structured_equals_dense(case):
+def test_windowed_structured_equals_dense(case, monkeypatch):
+    """Blocks of 7 rows (the layout padded to whole blocks, bands across segment edges) and 3
+    memory groups; the default block (64, one or two blocks here) in the next test."""
+    monkeypatch.setattr(window_module, "QUERY_BLOCK", 7)
+    monkeypatch.setattr(window_module, "MAX_MEMORY_GROUPS", 3)
     sinks, ratio, seg_len, window, num_raw = case
     comp = unigist(sinks, ratio, seg_len, window, pad_to_segments=True)
     layout, out = _logits_and_grads(comp, num_raw)
@@ -128,13 +156,15 @@ def test_windowed_structured_equals_dense(case):
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)
 
 
-def test_windowed_structured_with_gist_projections_and_many_groups(monkeypatch):
-    """Gist q/k/v projections, per-slot embeddings, and more segments than memory groups."""
-    from gist_jax.gist import window as window_module
-
-    monkeypatch.setattr(window_module, "MAX_MEMORY_GROUPS", 2)
+@pytest.mark.parametrize("query_block, groups", [(8, 2), (None, None)])
+def test_windowed_structured_with_gist_projections_and_many_groups(query_block, groups, monkeypatch):
+    """Gist q/k/v projections, per-slot embeddings, more blocks than memory groups (blocks of 8,
+    2 groups), and the defaults (blocks of 64 over 168 layout tokens: the last one padded)."""
+    if query_block:
+        monkeypatch.setattr(window_module, "QUERY_BLOCK", query_block)
+        monkeypatch.setattr(window_module, "MAX_MEMORY_GROUPS", groups)
     comp = unigist(2, 2, 8, 8, gist_projections=True, gist_embedding="per_slot")
-    _, out = _logits_and_grads(comp, 56, batch=1)
+    _, out = _logits_and_grads(comp, 112, batch=1)
     (_, dense), g_dense = out["dense"]
     (_, fast), g_fast = out["decomposed"]
     np.testing.assert_allclose(fast, dense, atol=1e-5, rtol=0)
@@ -143,12 +173,14 @@ def test_windowed_structured_with_gist_projections_and_many_groups(monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["dense", "decomposed"])
-def test_no_leak_beyond_the_window_but_through_gists(impl):
+def test_no_leak_beyond_the_window_but_through_gists(impl, monkeypatch):
     """With every gist's keys and values held fixed, a query's output depends on exactly the
     raw tokens its windows reach without gists: the sinks, its window, and what those tokens'
     own windows reached at the layers below (a sliding window's receptive field grows by one
     window per layer). The gradient is zero for every raw token outside that reach and
     non-zero inside it; without the hold, the gists carry the tokens outside it."""
+    monkeypatch.setattr(window_module, "QUERY_BLOCK", 16)  # 5 blocks over the 72 layout tokens
+    monkeypatch.setattr(window_module, "MAX_MEMORY_GROUPS", 2)
     sinks, ratio, seg_len, window, num_raw = 2, 2, 8, 6, 48
     comp = unigist(sinks, ratio, seg_len, window, attention_impl=impl)
     cfg, params = model(comp)

@@ -1,61 +1,136 @@
-"""UniGist's attention without a T x T matrix: a sliding band plus the gist memory.
+"""UniGist's attention without a T x T matrix: a sliding band per query block plus the gist memory.
 
 UniGist (``compression.window`` W > 0, ``specs.windowed_mask``) lets every token see the sinks,
 every earlier gist, and the raw tokens from its ``window_start`` (its gist unit's first raw
-token minus W). Over the fine layout cut into segments of ``Ts = L + slots`` tokens, a query
-of segment i can only reach raw tokens of segments ``i - nb .. i`` with ``nb = ceil(W / L)``.
-So the mask splits into two disjoint parts, each computed at its own size and merged by
-log-sum-exp (``structured.merge``'s identity):
+token minus W). Window starts never decrease along the layout, so the whole layout (segments
+play no role) is cut into blocks of ``bq`` query rows, and block j's keys split at its *band
+start* ``a_j``, the layout index of the raw token at its first row's window start: every raw
+key any of its rows sees lies at or after ``a_j``. The mask then splits into two disjoint
+parts, each computed at its own size and merged by log-sum-exp (``structured.merge``'s
+identity):
 
-  (a) band: segment i against segments ``i - nb .. i`` (``(nb + 1) * Ts`` keys), with the
-      windowed mask evaluated on per-token arrays: causal, live, and (sink or gist or inside
-      the window);
-  (b) memory: the sinks and gists of segments ``< i - nb``, which is exactly the memory
-      buffer's prefix ``[0, s + (i - nb) * slots)`` (sinks, then segment-major gist slots).
-      Segments share a static bound in at most ``MAX_MEMORY_GROUPS`` groups, as in
-      ``structured.py``.
+  (a) band: the layout keys ``[a_j, end_j)`` (up to the block's last row), read as a slice of
+      one static length ``C = max_j(end_j - a_j)`` (about ``bq + W (1 + 1 / r)``) ending at the
+      block's end from keys padded in front by C; the windowed mask is evaluated on per-token
+      arrays: at or after ``a_j``, causal, live, and (sink or gist or inside the window);
+  (b) memory: the sinks and gists before ``a_j``, read from the memory buffer (sinks, then
+      segment-major gist slots; ``DecomposedKV.memory_token_M`` holds each entry's layout
+      index): the entries whose layout index is below ``a_j``. Blocks share a static buffer
+      bound in at most ``MAX_MEMORY_GROUPS`` groups (bound: the last entry the group's last
+      block needs), as in ``structured.py``.
 
-Every key has one position (aligned positions), so keys are rotated once. One ``lax.scan``
-per group walks the segments; its step is rematerialised (``jax.checkpoint``), so the backward
-holds one segment's scores at a time and the step's memory stays linear in the sequence length.
-The gradient is autodiff's; the dense mask (``specs.parallel_spec``) is the reference
-(``tests/test_unigist.py``).
+The geometry (``a_j``, C, the group bounds) is static, computed on the host from the layout's
+shape (``window_plan``: every slot of a UniGist layout is live, so ``r = L / slots``). Every key
+has one position (aligned positions), so keys are rotated once. One ``lax.scan`` per group walks
+its blocks; its step is rematerialised (``jax.checkpoint``), so the backward holds one block's
+scores at a time and the step's memory stays linear in the sequence length. The gradient is
+autodiff's; the dense mask (``specs.parallel_spec``) is the reference (``tests/test_unigist.py``).
+Computed against exact score entries: ``train/window_pairs.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.structured import MAX_MEMORY_GROUPS, NEG, DecomposedKV, _bias, _partial
+from gist_jax.gist.structured import NEG, DecomposedKV, _bias, _partial
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 
+# Query rows per block. The band of a block is about bq + W (1 + 1/r) keys for rows that see on
+# average bq / 2 + W (1 + 1/r) of them: a smaller block wastes less of the band's causal edge,
+# a larger one makes fewer, larger scan steps. Memory groups: the memory part computes about
+# 1 + 1 / groups of its exact staircase, one traced scan per group. bq = 64 with 12 groups keeps
+# the computed pairs within 1.13x of exact at 16K-32K for W = 128 .. 2048 (bq = 128 or 8 groups
+# reach 1.15-1.21x where W << L; docs/performance.md, UniGist). Read at trace time (tests shrink
+# them).
+QUERY_BLOCK = 64
+MAX_MEMORY_GROUPS = 12
 
-def band_segments(window: int, segment_length: int) -> int:
-    """``nb``: how many earlier segments a window of ``window`` raw tokens can reach."""
-    return -(-window // segment_length)
+
+def layout_geometry(shape: LayoutShape, window: int) -> dict[str, np.ndarray]:
+    """Host arrays of a UniGist layout from its shape alone (``build_layout``'s, every slot
+    live): ``raw_index`` and ``window_start`` [T] (padding raw tokens included), ``raw_layout``
+    [padded raw] (layout index of raw token x) and ``memory_token`` [M] (layout index of each
+    buffer entry: sinks, then segment-major gist slots)."""
+    L, slots, ts = shape.segment_length, shape.slots, shape.segment_tokens
+    r = L // slots if slots else 0
+    if not slots or r * slots != L:
+        raise ValueError(f"UniGist layouts have L / r live slots per segment, got L={L}, slots={slots}")
+    seg_T, k_T = np.divmod(np.arange(shape.length, dtype=np.int64), ts)
+    unit_T, p_T = np.divmod(k_T, r + 1)
+    unit_start_T = seg_T * L + unit_T * r
+    raw_T = np.where(p_T < r, unit_start_T + p_T, -1)
+    window_start_T = np.maximum(0, unit_start_T - window)
+    x = np.arange(shape.padded_raw, dtype=np.int64)
+    seg_x, off_x = np.divmod(x, L)
+    raw_layout = seg_x * ts + (off_x // r) * (r + 1) + off_x % r
+    seg_g, slot_g = np.divmod(np.arange(shape.num_segments * slots, dtype=np.int64), slots)
+    memory_token = np.concatenate([raw_layout[:shape.num_sinks], seg_g * ts + slot_g * (r + 1) + r])
+    return {"raw_index": raw_T, "window_start": window_start_T, "raw_layout": raw_layout,
+            "memory_token": memory_token}
 
 
-def window_groups(num_segments: int, nb: int, num_sinks: int, slots: int,
-                  max_groups: int | None = None) -> tuple[tuple[int, int, int], ...]:
-    """(first segment, end segment, memory bound) per scan. Segments ``0 .. nb`` see no memory
-    (bound 0: the sinks are inside their band); the rest in at most ``max_groups`` groups, each
-    bounded by its last segment's prefix ``s + (i - nb) * slots``."""
-    first_with_memory = min(nb + 1, num_segments)
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Static geometry of ``WindowedKV.attend``. Block j holds layout rows ``[j bq, (j+1) bq)``
+    (the layout padded to whole blocks); its band is the layout keys ``[(j+1) bq - band, (j+1)
+    bq)`` of which those at or after ``band_start[j]`` may be seen; its memory the buffer entries
+    ``[0, bound)`` (``groups``: first block, end block, bound) with layout index below
+    ``band_start[j]``."""
+
+    query_block: int
+    band: int
+    band_start: tuple[int, ...]
+    groups: tuple[tuple[int, int, int], ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.band_start)
+
+
+def window_plan(shape: LayoutShape, window: int, query_block: int | None = None,
+                max_groups: int | None = None) -> WindowPlan:
+    """The blocks, band length and memory groups of ``shape`` (defaults read at trace time:
+    ``QUERY_BLOCK``, ``MAX_MEMORY_GROUPS``, so tests can shrink them)."""
+    return _window_plan(shape, window, min(query_block or QUERY_BLOCK, shape.length),
+                        max_groups or MAX_MEMORY_GROUPS)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_plan(shape: LayoutShape, window: int, bq: int, max_groups: int) -> WindowPlan:
+    geo = layout_geometry(shape, window)
+    t = shape.length
+    num_blocks = -(-t // bq)
+    rows = np.arange(num_blocks) * bq
+    # Layout index of the first raw token at or after each row's window start; the band
+    # starts at the least over the block's rows (its first row: window starts never decrease).
+    first_T = geo["raw_layout"][geo["window_start"]]
+    band_start = np.minimum.reduceat(first_T, rows)
+    band = int(np.max(rows + bq - band_start))  # to the block's end in the padded layout
+    # Memory bound of a block: one past the last buffer entry laid out before its band start
+    # (sinks and gists interleave in the layout when sinks > r, so not a plain count).
+    token_M = geo["memory_token"]
+    order = np.argsort(token_M, kind="stable")
+    last_before = np.maximum.accumulate(order)  # the largest entry among the first k by layout
+    count = np.searchsorted(token_M[order], band_start, side="left")
+    bounds = np.where(count > 0, last_before[np.maximum(count - 1, 0)] + 1, 0)
+    first_with_memory = int(np.searchsorted(bounds, 1))  # bounds never decrease
     groups = [(0, first_with_memory, 0)] if first_with_memory else []
-    rest = num_segments - first_with_memory
+    rest = num_blocks - first_with_memory
     if rest > 0:
-        size = -(-rest // (max_groups or MAX_MEMORY_GROUPS))
-        for first in range(first_with_memory, num_segments, size):
-            end = min(first + size, num_segments)
-            groups.append((first, end, num_sinks + (end - 1 - nb) * slots))
-    return tuple(groups)
+        size = -(-rest // max_groups)
+        for first in range(first_with_memory, num_blocks, size):
+            end = min(first + size, num_blocks)
+            groups.append((first, end, int(bounds[end - 1])))
+    return WindowPlan(bq, band, tuple(int(a) for a in band_start), tuple(groups))
 
 
 @flax.struct.dataclass
@@ -75,15 +150,21 @@ class WindowedKV:
         return cls(DecomposedKV.from_arrays(arrays, shape), arrays["raw_index"],
                    arrays["window_start"], always_T, window)
 
+    def plan(self) -> WindowPlan:
+        mem = self.memory
+        shape = LayoutShape(mem.num_segments, mem.segment_tokens - mem.slots, mem.slots, mem.num_sinks, True)
+        return window_plan(shape, self.window)
+
     def attend(self, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                spec: AttentionSpec, inv_freq: jax.Array) -> jax.Array:
         """Queries rotated at ``spec.positions``, keys un-rotated; [B, T, N, H] in the value dtype."""
         mem = self.memory
         b, t, n, h = q_BxTxNxH.shape
-        s, ts = mem.num_segments, mem.segment_tokens
         kv_heads = k_BxTxKxH.shape[2]
         g = n // kv_heads
-        nb = band_segments(self.window, ts - mem.slots)
+        plan = self.plan()
+        bq, c, nblk = plan.query_block, plan.band, plan.num_blocks
+        tp = nblk * bq  # the layout padded to whole blocks
         assert spec.valid is not None, "structured_spec sets valid (the live tokens)"
         k_rot_BxTxKxH, v_band_BxTxKxH = apply_rope(k_BxTxKxH, spec.positions, inv_freq), v_BxTxKxH
         if spec.stop_gist_memory_gradient:  # every view of a gist is held (no-leak tests)
@@ -93,61 +174,63 @@ class WindowedKV:
             v_band_BxTxKxH = jnp.where(hold, jax.lax.stop_gradient(v_BxTxKxH), v_BxTxKxH)
         # Aligned positions: a sink's or gist's memory position is its own position.
         k_mem_BxMxKxH, v_mem_BxMxKxH = mem.memory_kv(k_BxTxKxH, v_BxTxKxH, spec, inv_freq)
-        km_BxKxMxH, vm_BxKxMxH = k_mem_BxMxKxH.swapaxes(1, 2), v_mem_BxMxKxH.swapaxes(1, 2)
 
-        def band(x_BxTx: jax.Array, fill: int | bool) -> jax.Array:
-            """[B, T, ...] -> [S, B, (nb + 1) * Ts, ...]: segments i - nb .. i per segment i."""
-            x_BxSxTsx = x_BxTx.reshape((b, s, ts) + x_BxTx.shape[2:])
-            pad = [(0, 0), (nb, 0)] + [(0, 0)] * (x_BxSxTsx.ndim - 2)
-            padded = jnp.pad(x_BxSxTsx, pad, constant_values=fill)
-            stacked = jnp.concatenate([padded[:, d:d + s] for d in range(nb + 1)], axis=2)
-            return stacked.swapaxes(0, 1)
+        # Keys padded by the band length in front (every band slice stays in range; the padding
+        # lies before every band start, so it is masked) and to whole blocks behind.
+        def keys(x_BxTxKxH: jax.Array) -> jax.Array:  # -> [B, K, C + Tp, H]
+            return jnp.pad(x_BxTxKxH, ((0, 0), (c, tp - t), (0, 0), (0, 0))).swapaxes(1, 2)
 
-        def per_token(x_T: jax.Array) -> jax.Array:
-            return jnp.broadcast_to(x_T, (b,) + x_T.shape)
-
-        idx_T = jnp.arange(t, dtype=jnp.int32)
+        consts = {
+            "k": keys(k_rot_BxTxKxH), "v": keys(v_band_BxTxKxH),
+            "live": jnp.pad(spec.valid, ((0, 0), (c, tp - t)), constant_values=False),
+            "always": jnp.pad(self.always_T, (c, tp - t), constant_values=False),
+            "raw": jnp.pad(self.raw_index_T, (c, tp - t), constant_values=-1),
+            "km": k_mem_BxMxKxH.swapaxes(1, 2), "vm": v_mem_BxMxKxH.swapaxes(1, 2),
+            "token_M": mem.memory_token_M, "live_M": mem.memory_live_M,
+        }
+        q_pad = jnp.pad(q_BxTxNxH, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
         xs = {
-            "q": q_BxTxNxH.reshape(b, s, ts, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5),
-            "k": band(k_rot_BxTxKxH, 0).transpose(0, 1, 3, 2, 4),  # [S, B, K, C, H]
-            "v": band(v_band_BxTxKxH, 0).transpose(0, 1, 3, 2, 4),
-            "key_idx": band(per_token(idx_T), t),  # padding: after every query, never causal
-            "key_live": band(spec.valid, False),
-            "key_always": band(per_token(self.always_T), False),
-            "key_raw": band(per_token(self.raw_index_T), -1),
-            "q_idx": per_token(idx_T).reshape(b, s, ts).swapaxes(0, 1),
-            "q_start": per_token(self.window_start_T).reshape(b, s, ts).swapaxes(0, 1),
-            "i": jnp.arange(s, dtype=jnp.int32),
+            "q": q_pad.reshape(b, nblk, bq, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5),
+            "q_start": jnp.pad(self.window_start_T, (0, tp - t)).reshape(nblk, bq),
+            "j": jnp.arange(nblk, dtype=jnp.int32),
+            "a": jnp.asarray(plan.band_start, jnp.int32),
         }
 
-        def segment_out(x: dict[str, jax.Array], bound: int) -> jax.Array:
-            visible_BxTsxC = ((x["key_idx"][:, None, :] <= x["q_idx"][:, :, None])
-                              & x["key_live"][:, None, :]
-                              & (x["key_always"][:, None, :]
-                                 | (x["key_raw"][:, None, :] >= x["q_start"][:, :, None])))
-            o, lse = _partial(x["q"], x["k"], x["v"], _bias(visible_BxTsxC)[:, None, None])
+        def block_out(cs: dict[str, jax.Array], x: dict[str, jax.Array], bound: int) -> jax.Array:
+            end = (x["j"] + 1) * bq  # the band: layout [end - C, end), padded [end, end + C)
+
+            def band(a: jax.Array, axis: int) -> jax.Array:
+                return jax.lax.dynamic_slice_in_dim(a, end, c, axis=axis)
+
+            key_idx_C = end - c + jnp.arange(c, dtype=jnp.int32)
+            q_idx_Q = x["j"] * bq + jnp.arange(bq, dtype=jnp.int32)
+            visible_QxC = ((key_idx_C[None, :] >= x["a"]) & (key_idx_C[None, :] <= q_idx_Q[:, None])
+                           & (band(cs["always"], 0)[None, :]
+                              | (band(cs["raw"], 0)[None, :] >= x["q_start"][:, None])))
+            visible_BxQxC = visible_QxC[None] & band(cs["live"], 1)[:, None, :]
+            o, lse = _partial(x["q"], band(cs["k"], 2), band(cs["v"], 2),
+                              _bias(visible_BxQxC)[:, None, None])
             if bound:
-                live_M = mem.memory_live_M[:bound] & (
-                    jnp.arange(bound) < mem.num_sinks + (x["i"] - nb) * mem.slots)
-                o_m, lse_m = _partial(x["q"], km_BxKxMxH[:, :, :bound], vm_BxKxMxH[:, :, :bound],
-                                      _bias(live_M))
+                seen_M = cs["live_M"][:bound] & (cs["token_M"][:bound] < x["a"])
+                o_m, lse_m = _partial(x["q"], cs["km"][:, :, :bound], cs["vm"][:, :, :bound],
+                                      _bias(seen_M))
                 top = jax.lax.stop_gradient(jnp.maximum(lse, lse_m))
                 w, w_m = jnp.exp(lse - top), jnp.exp(lse_m - top)
                 o = (w[..., None] * o + w_m[..., None] * o_m) / jnp.maximum(w + w_m, 1e-30)[..., None]
             return o
 
         outs = []
-        for first, end, bound in window_groups(s, nb, mem.num_sinks, mem.slots):
-            step = jax.checkpoint(functools.partial(segment_out, bound=bound))
+        for first, end, bound in plan.groups:
+            step = jax.checkpoint(functools.partial(block_out, bound=bound))
 
             def body(carry: None, x: dict[str, jax.Array], step: Any = step) -> tuple[None, jax.Array]:
-                return carry, step(x)
+                return carry, step(consts, x)
 
             group = {key: a[first:end] for key, a in xs.items()}
             outs.append(jax.lax.scan(body, None, group)[1])
-        out_SxBxKxGxTsxH = jnp.concatenate(outs, axis=0)
-        out_BxTxNxH = out_SxBxKxGxTsxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h)
+        out_JxBxKxGxQxH = jnp.concatenate(outs, axis=0)
+        out_BxTxNxH = out_JxBxKxGxQxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, h)[:, :t]
         return out_BxTxNxH.astype(v_BxTxKxH.dtype)
 
 
-__all__ = ["NEG", "WindowedKV", "band_segments", "window_groups"]
+__all__ = ["NEG", "QUERY_BLOCK", "WindowPlan", "WindowedKV", "layout_geometry", "window_plan"]

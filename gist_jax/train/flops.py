@@ -288,9 +288,9 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     before segment i:
 
       KV dense      2 T^2: one [T, T] block per key set, keys at positions and at memory positions
-      windowed      UniGist's ``window.py`` (``window_pairs.windowed_computed_pairs``): S (nb + 1) Ts^2
-                    (each segment's rows against the band of segments i - nb .. i, nb =
-                    ceil(W / L)) + sum over memory groups of segments x Ts x the group's bound
+      windowed      UniGist's ``window.py`` (``window_pairs.windowed_computed_pairs``, ``window_plan``):
+                    blocks x bq x C (each query block of bq rows against its band of C layout
+                    keys) + sum over memory groups of blocks x bq x the group's buffer bound
       decomposed    ``structured.segment_plan``: S x sum over query blocks of rows x end row (each
                     block of a segment against its keys up to its last row) + sum over memory
                     groups of segments x Ts x the group's buffer bound (segments 1..S-1 against

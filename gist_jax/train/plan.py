@@ -101,12 +101,12 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
     t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend,
                                   windowed=comp.windowed)
-    if comp.windowed and impl != "dense":  # window.py: one scan step's band and memory scores
-        from gist_jax.gist.window import band_segments, window_groups
+    if comp.windowed and impl != "dense":  # window.py: one query block's band and memory scores
+        from gist_jax.gist.window import window_plan
 
-        nb = band_segments(comp.window, shape.segment_length)
-        bound = max(b for _, _, b in window_groups(s, nb, shape.num_sinks, shape.slots))
-        return rows * (ts * (nb + 1) * ts + ts * bound) * 4
+        wp = window_plan(shape, comp.window)
+        bound = max((b for _, _, b in wp.groups), default=0)
+        return rows * wp.query_block * (wp.band + bound) * 4
     if impl == "bank" and backend != "tpu":  # Pallas interpret mode: plain XLA arrays per block
         impl = "dense"
     on_gpu = backend == "gpu"

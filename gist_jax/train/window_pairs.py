@@ -10,11 +10,12 @@ or a raw token at or after t's ``window_start``. Per query that is
 (every raw token before ``window_start[t]`` precedes t in the layout: a window starts at or
 before the query's own gist unit, and a fine gist follows its span).
 
-Computed (``gist/window.py``, ``WindowedKV.attend``): per segment i, every one of its Ts layout
-rows scores the band of segments ``i - nb .. i`` (``(nb + 1) * Ts`` keys, padded in front for the
-first nb segments, so every segment pays the whole band) and, from segment nb + 1 on, the memory
-buffer prefix of its group's bound (``window.window_groups``). Rows are scored whole: dead slots,
-padding, future keys and raw keys outside the window are computed and masked.
+Computed (``gist/window.py``, ``WindowedKV.attend``, geometry ``window.window_plan``): the layout
+is cut into blocks of bq query rows (padded to whole blocks); every row of block j scores the band,
+C layout keys ending at the block's end (C static: the longest block-to-band-start span), and, for
+blocks whose band start has sinks or gists before it, the memory buffer prefix of its group's
+bound. Rows are scored whole: padding rows, dead keys, future keys, keys before the band start
+and raw keys outside the window are computed and masked.
 """
 
 from __future__ import annotations
@@ -38,31 +39,27 @@ def windowed_visible_pairs(layout: GistLayout) -> int:
 
 
 def windowed_memory_pairs(layout: GistLayout, window: int) -> int:
-    """The exact pairs whose key lies in the memory part (sinks and live gists of segments
-    ``< i - nb``, seen from every live query of segment i): the rest are band pairs."""
-    from gist_jax.gist.window import band_segments
+    """The exact pairs whose key lies in the memory part (sinks and live gists laid out before the
+    band start of the query's block, ``window.window_plan``): the rest are band pairs."""
+    from gist_jax.gist.window import window_plan
 
-    shape = layout.shape
-    nb = band_segments(window, shape.segment_length)
+    plan = window_plan(layout.shape, window)
     memory_key = (layout.is_gist | layout.is_sink) & layout.alive
-    keys_S = np.bincount(layout.segment[memory_key], minlength=shape.num_segments)
-    # Keys of segments < i - nb: the cumulative count up to segment i - nb - 1.
-    upto_S = np.concatenate([np.zeros(nb + 1, np.int64), np.cumsum(keys_S)])[:shape.num_segments]
-    queries_S = np.bincount(layout.segment[layout.alive], minlength=shape.num_segments)
-    return int((queries_S * upto_S).sum())
+    before_T = np.concatenate([[0], np.cumsum(memory_key, dtype=np.int64)])  # keys before index a
+    block_T = np.arange(layout.length) // plan.query_block
+    band_start_T = np.asarray(plan.band_start, np.int64)[block_T]
+    return int(before_T[band_start_T][layout.alive].sum())
 
 
 def windowed_computed_pairs(layout: GistLayout, window: int) -> dict[str, int]:
     """``{'band', 'memory', 'total'}``: score entries ``gist/window.py`` computes per sequence,
-    layer and head (``(nb + 1) Ts^2`` per segment, plus segments x Ts x bound per memory group)."""
-    from gist_jax.gist.window import band_segments, window_groups
+    layer and head (bq x C per block, plus blocks x bq x bound per memory group)."""
+    from gist_jax.gist.window import window_plan
 
-    shape = layout.shape
-    s, ts = shape.num_segments, shape.segment_tokens
-    nb = band_segments(window, shape.segment_length)
-    band = s * ts * (nb + 1) * ts
-    memory = sum((end - first) * ts * bound
-                 for first, end, bound in window_groups(s, nb, shape.num_sinks, shape.slots))
+    plan = window_plan(layout.shape, window)
+    bq = plan.query_block
+    band = plan.num_blocks * bq * plan.band
+    memory = sum((end - first) * bq * bound for first, end, bound in plan.groups)
     return {"band": int(band), "memory": int(memory), "total": int(band + memory)}
 
 
