@@ -28,6 +28,17 @@ def test_every_row_is_a_valid_run_that_spells_out_the_whole_recipe(name):
     assert set(ablation.ROWS[name][1]) <= set(ablation.RECIPE), "a row changes a key the recipe does not fix"
 
 
+def test_the_table_puts_no_gist_controls_in_their_own_column():
+    base = {"step": 20, "steps": 20, "what": "w", "ppl_full": 5.0, "ppl_local": 10.0, "machine": "CPU",
+            "command": "c", "ppl_r4": 6.0, "efficacy_r4": [0.7, 0.6, 0.8]}
+    table = ablation.markdown([{**base, "row": "fine"},
+                               {**base, "row": "uni", "ppl_window": 6.5, "efficacy_window": [0.6, 0.5, 0.7]}])
+    header, _, fine, uni = table.splitlines()[:4]
+    assert "efficacy r4" in header and "no-gist control: efficacy" in header and "efficacy window" not in header
+    assert "window +0.600 [+0.500, +0.700]" in uni and "+0.700 [+0.600, +0.800]" in uni
+    assert fine.count("|") == uni.count("|")
+
+
 def test_a_curve_keeps_every_evaluated_step():
     flags = dict(f.removeprefix("--config.").split("=", 1) for f in ablation.row_overrides("lead", 200, (20, 50, 200)))
     assert flags["checkpoint.every"] == "20" and flags["checkpoint.milestone_every"] == "20"

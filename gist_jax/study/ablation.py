@@ -128,20 +128,30 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def _interval(value: list | None) -> str:
+    return f"{value[0]:+.3f} [{value[1]:+.3f}, {value[2]:+.3f}]" if value and value[0] is not None else "n/a"
+
+
 def markdown(records: list[dict]) -> str:
-    ratios = sorted({k for r in records for k in r if k.startswith("efficacy_")},
+    """One line per record: efficacy and perplexity per ratio; a no-gist control a run was scored
+    with (UniGist's ``window``, the ``sinks``) goes in its own column, not among the ratios."""
+    keys = {k for r in records for k in r if k.startswith("efficacy_")}
+    ratios = sorted((k for k in keys if k[len("efficacy_r"):].isdigit() and k.startswith("efficacy_r")),
                     key=lambda k: int(k[len("efficacy_r"):]))
+    controls = sorted(keys - set(ratios))
     header = ["row", "step of", "what"] + [f"efficacy {k[len('efficacy_'):]}" for k in ratios] + [
-        "ppl full", "ppl no memory"] + [f"ppl {k[len('efficacy_'):]}" for k in ratios] + ["train s", "load", "date"]
+        "ppl full", "ppl no memory"] + [f"ppl {k[len('efficacy_'):]}" for k in ratios] + (
+        ["no-gist control: efficacy"] if controls else []) + ["train s", "load", "date"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
-        eff = [f"{r[k][0]:+.3f} [{r[k][1]:+.3f}, {r[k][2]:+.3f}]" if r.get(k) and r[k][0] is not None else "n/a"
-               for k in ratios]
+        eff = [_interval(r.get(k)) for k in ratios]
         ppl = [f"{r.get('ppl_' + k[len('efficacy_'):], float('nan')):.3f}" for k in ratios]
+        control = ["; ".join(f"{k[len('efficacy_'):]} {_interval(r[k])}" for k in controls if k in r)
+                   ] if controls else []
         load = f"{r.get('load_before', float('nan')):.1f}-{r.get('load_after', float('nan')):.1f}"
         lines.append("| " + " | ".join([r["row"], f"{r['step']}/{r['steps']}", r["what"], *eff, f"{r['ppl_full']:.3f}",
-                                         f"{r['ppl_local']:.3f}", *ppl, f"{r.get('train_seconds', 0):.0f}", load,
-                                         r.get("date", "")]) + " |")
+                                         f"{r['ppl_local']:.3f}", *ppl, *control,
+                                         f"{r.get('train_seconds', 0):.0f}", load, r.get("date", "")]) + " |")
     commands = sorted({f"- {r['row']}: `python {r['command']}`" for r in records})
     return "\n".join(lines) + f"\n\nMachine: {records[0]['machine']}\n\nCommands:\n" + "\n".join(commands) + "\n"
 

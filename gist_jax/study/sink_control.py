@@ -14,6 +14,9 @@ for every setting):
 * ``efficacy`` of ``sinks`` and of each ratio over no memory (the suite's number);
 * ``over_sinks`` of each ratio: ``(NLL_sinks - NLL_r) / (NLL_sinks - NLL_full)``: 1 as good as
   full attention, 0 no better than the sinks alone: what the gists add.
+* UniGist (``compression.window`` > 0) also keeps a sliding window of raw tokens, so its control
+  is ``window`` (the window and the sinks, no gists): ``over_window`` of each ratio is what its
+  gists add to everything else it keeps.
 """
 
 from __future__ import annotations
@@ -47,13 +50,16 @@ def measure(checkpoint: str | pathlib.Path, step: int | None = None, num_windows
     if "sinks" not in sums:
         raise ConfigError(f"{ck.step_dir}: compression.num_sinks is 0 or the run does not compress; there are no "
                           "sinks to control for (the suite's efficacy is already over no memory)")
-    ratios = [name for name in sums if name not in ("full", "local", "sinks")]
+    controls = [name for name in ("sinks", "window") if name in sums]
+    ratios = [name for name in sums if name not in ("full", "local", *controls)]
     efficacy = {name: stats.efficacy(sums["local"], sums[name], sums["full"]).to_dict()
-                for name in ("sinks", *ratios)}
-    over_sinks = {name: stats.efficacy(sums["sinks"], sums[name], sums["full"]).to_dict() for name in ratios}
+                for name in (*controls, *ratios)}
+    # Each ratio over each control, paired per window: what the gists add to what the control keeps.
+    over = {control: {name: stats.efficacy(sums[control], sums[name], sums["full"]).to_dict() for name in ratios}
+            for control in controls}
     return {"checkpoint": str(ck.step_dir), "num_sinks": ck.comp.num_sinks, "windows": int(tokens.shape[0]),
             "window": ck.seq_len, "dataset": dataset, "split": split, "ppl": ppl, "efficacy": efficacy,
-            "over_sinks": over_sinks}
+            "over_sinks": over["sinks"], **({"over_window": over["window"]} if "window" in over else {})}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -63,10 +69,14 @@ def table(result: dict[str, Any]) -> str:
     def cell(d: dict | None) -> str:
         return Estimate(**d).fmt() if d else ""
 
-    lines = ["| setting | ppl | efficacy over no memory [95%] | over sinks alone [95%] |", "|---|---|---|---|"]
+    window = "over_window" in result
+    lines = ["| setting | ppl | efficacy over no memory [95%] | over sinks alone [95%] |"
+             + (" over window + sinks, no gists [95%] |" if window else ""),
+             "|---|---|---|---|" + ("---|" if window else "")]
     for name, p in result["ppl"].items():
         lines.append(f"| {name} | {p:.3f} | {cell(result['efficacy'].get(name))} | "
-                     f"{cell(result['over_sinks'].get(name))} |")
+                     f"{cell(result['over_sinks'].get(name))} |"
+                     + (f" {cell(result['over_window'].get(name))} |" if window else ""))
     return "\n".join(lines)
 
 
