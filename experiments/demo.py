@@ -6,10 +6,10 @@ own source (``stdlib``), tokenised with the same GGUF's tokenizer. The recipe is
 ablation in docs/recipe.md measured best at this budget: the base model stays frozen and only
 the gist parameters train (the gist embedding and per-layer gist q/k/v projections copied from
 the base, Activation Beacon's design), gists take the position of the raw token after them
-(``aligned``, UniGist), learning rate 1e-3, 16 sink tokens, no AE or TIE. It evaluates before the first step
-and after the last (perplexity and memory efficacy), checkpoints every 10 steps, and finishes
-training in about 4 minutes on an idle 2-core CPU (estimated from the ablation rows, not timed
-idle; float32 compute: bf16 matmuls are slow on CPU).
+(``aligned``, UniGist), learning rate 1e-3, 16 sink tokens, no AE or TIE. It evaluates before the
+first step and after the last (perplexity and memory efficacy), checkpoints every 10 steps, and
+finishes training with both evaluations in 283 s on an idle 2-core CPU (2026-12-05; float32
+compute: bf16 matmuls are slow on CPU).
 
     python -m gist_jax.main --config experiments/demo.py --workdir /tmp/gist_demo
 

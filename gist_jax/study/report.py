@@ -86,7 +86,7 @@ class Report:
         self.md.append("## Perplexity by variant and ratio (Table 2)\n")
         self.md.append("Held-out windows, targets after the first segment only; *own full* is the same checkpoint "
                        "run with full attention (gist parameters unused), *no memory* the same weights on each "
-                       "segment alone (UniGist: its sliding window without gists). " + PAPER["perplexity"] + ".\n")
+                       "segment alone (every architecture alike, UniGist too). " + PAPER["perplexity"] + ".\n")
         header = ["variant", "own full", "no memory"] + [f"ratio {r}" for r in self.study.ratios]
         rows = []
         for run in self.runs:
