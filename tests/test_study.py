@@ -115,6 +115,9 @@ def test_report_has_every_table_and_figure(study):
         assert f"]({name})" in md, name
         width, height = _png_size(report / name)
         assert width > 100 and height > 100
+    for block in md.split("\n\n"):  # every row of a table has its header's number of cells
+        rows = [line for line in block.splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in rows}) <= 1, block
     summary = json.loads((report / "study.json").read_text())
     assert set(summary["figures"]) == set(FIGURES)
     tables = {e["table"] for e in summary["estimates"]}
@@ -244,3 +247,26 @@ def test_timings_add_across_resumes_and_restart_for_work_done_again(tmp_path):
     assert timings == {"train_seconds": {"fine_kv_ae": 150.0}, "eval_seconds": {"fine_kv_ae/perplexity": 20.0}}
     add_timing(tmp_path, "train_seconds", "fine_kv_ae", 70.0, replace=True)  # retrained from scratch
     assert json.loads((tmp_path / "timings.json").read_text())["train_seconds"] == {"fine_kv_ae": 70.0}
+
+
+def test_a_windowed_run_reports_its_window_and_what_its_gists_add_over_it():
+    """UniGist's ``window`` control: its efficacy over no memory and each ratio's over it, paired
+    per window, from the same per-window NLL sums (``study.numbers.efficacy``)."""
+    import numpy as np
+
+    from gist_jax.evaluate import stats
+    from gist_jax.study import numbers
+
+    rng = np.random.default_rng(0)
+    full = rng.uniform(100, 110, 16)
+    sums = {"full": full, "local": full + 40 + rng.uniform(0, 5, 16), "window": full + 10 + rng.uniform(0, 2, 16),
+            "r4": full + 8 + rng.uniform(0, 2, 16)}
+    per_window = [{"setting": s, "nll_sum": vs.tolist(), "tokens": [64] * 16, "dataset": "stdlib"}
+                  for s, vs in sums.items()]
+    results = {"unigist": {"perplexity": {"per_window": per_window}},
+               "fine_kv": {"perplexity": {"per_window": [w for w in per_window if w["setting"] != "window"]}}}
+    eff = numbers.efficacy(results, 200)
+    assert set(eff) == {("unigist", "window"), ("unigist", "r4"), ("unigist", "r4_over_window"), ("fine_kv", "r4")}
+    want = stats.efficacy(np.array(sums["window"]), np.array(sums["r4"]), np.array(sums["full"]), 200)
+    assert eff[("unigist", "r4_over_window")].value == pytest.approx(want.value)
+    assert 0 < eff[("unigist", "r4_over_window")].value < eff[("unigist", "r4")].value < 1

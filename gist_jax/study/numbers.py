@@ -41,7 +41,9 @@ def perplexity(results: Results, resamples: int, dataset: str | None = None) -> 
 def efficacy(results: Results, resamples: int, dataset: str | None = None) -> dict[Key, Estimate]:
     """Memory efficacy per compressed setting, ``(run, 'r<k>')``: from the per-window NLL sums of
     full, local (no memory) and that ratio, the three resampled together
-    (``stats.efficacy``). Runs evaluated without a ``local`` setting have none."""
+    (``stats.efficacy``). Runs evaluated without a ``local`` setting have none. A windowed (UniGist)
+    run also has ``(run, 'window')`` (its window and sinks without gists, over no memory) and
+    ``(run, 'r<k>_over_window')`` (the ratio over that control, paired per window)."""
     out = {}
     for run, payload in _suite(results, "perplexity"):
         sums = {w["setting"]: w["nll_sum"] for w in payload["per_window"]
@@ -51,6 +53,9 @@ def efficacy(results: Results, resamples: int, dataset: str | None = None) -> di
         for setting, nll in sums.items():
             if setting not in ("full", "local"):
                 out[(run, setting)] = stats.efficacy(sums["local"], nll, sums["full"], resamples)
+            if "window" in sums and setting.startswith("r") and setting[1:].isdigit():
+                # UniGist: what its gists add to its window and sinks (the ``window`` control).
+                out[(run, f"{setting}_over_window")] = stats.efficacy(sums["window"], nll, sums["full"], resamples)
     return out
 
 

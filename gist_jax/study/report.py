@@ -138,11 +138,36 @@ class Report:
             for r in self.study.ratios:
                 self.record("efficacy", run, f"r{r}", "efficacy", eff.get((run, f"r{r}")))
         self.md.append(_table(header, rows))
+        windowed = [run for run in self.compressed if (run, "window") in eff]
+        if windowed:  # UniGist keeps a raw window besides its gists: what each part carries
+            self.md.append("\nUniGist keeps a sliding window of raw tokens besides its gists. *window alone* is "
+                           "the same weights with that window and the sinks and no gists, over no memory; "
+                           "*gists over the window*: (NLL window - NLL compressed) / (NLL window - NLL full), "
+                           "paired per window: what the gists add.\n")
+            header = ["variant", "window alone"] + [f"gists over the window, ratio {r}" for r in self.study.ratios]
+            rows = []
+            for run in windowed:
+                over = [eff.get((run, f"r{r}_over_window")) for r in self.study.ratios]
+                rows.append([label(run), _cell(eff[(run, "window")])] + [_cell(e) for e in over])
+                self.record("efficacy", run, "window", "efficacy", eff[(run, "window")])
+                for r, e in zip(self.study.ratios, over):
+                    self.record("efficacy", run, f"r{r}", "over_window", e)
+            self.md.append(_table(header, rows))
         self.md.append("\nFindings:\n")
         for run in self.compressed:
             for r in self.study.ratios:
                 e = eff.get((run, f"r{r}"))
-                if e is not None:
+                if e is None:
+                    continue
+                if run in windowed:
+                    self.finding(stats.sign(f"{label(run)} efficacy at ratio {r}", e,
+                                            "its window and gists carry context (better than no memory)",
+                                            "its window and gists hurt (worse than no memory)"))
+                    over = eff.get((run, f"r{r}_over_window"))
+                    if over is not None:
+                        self.finding(stats.sign(f"{label(run)} gists over its window at ratio {r}", over,
+                                                "the gists add to the window", "the gists hurt the window"))
+                else:
                     self.finding(stats.sign(f"{label(run)} efficacy at ratio {r}", e,
                                             "the gists carry context (better than no memory)",
                                             "the gists hurt (worse than no memory)"))
@@ -159,8 +184,9 @@ class Report:
         header = ["variant"] + [f"gap, {s}" for s in ["own full"] + [f"ratio {r}" for r in self.study.ratios]]
         rows = []
         for run in self.compressed:
-            rows.append([label(run)] + [_cell(gaps.get((run, s))) for s in _settings(self.study, run)])
-            for s in _settings(self.study, run):
+            scored = [s for s in _settings(self.study, run) if s != "local"]  # no memory has no boundary
+            rows.append([label(run)] + [_cell(gaps.get((run, s))) for s in scored])
+            for s in scored:
                 self.record("boundary_gap", run, s, "first_minus_last", gaps.get((run, s)))
         self.md.append(_table(header, rows))
         panels = {}
