@@ -27,7 +27,7 @@ to carry a needle across a segment boundary. ``all_weights`` is the demo's recip
 ``tiny`` swaps in a random 2-layer byte-level model (``preset:tiny``) and 64-token sequences:
 six steps in seconds, which is what the tests and ``experiments/sweeps/tiny_variants.py`` run;
 it trains every weight with AE and TIE on, so the tests exercise every part of the step. The
-other variants are the shared ones (fine_kv, coarse_kv, coarse_rec, full, ae, noae, tie,
+other variants are the shared ones (fine_kv, coarse_kv, coarse_rec, unigist, full, ae, noae, tie,
 notie), plus ``ae_as_written`` (the AE with its gradient into the shared embedding, final norm
 and head, as method.md 4.1 writes it; docs/ae.md has the ablation). Any key can still be
 changed afterwards; a longer run keeps its final eval when the cadence moves with it:
