@@ -47,7 +47,8 @@ def test_unigist_exports_and_the_export_generates_as_jax_decodes(trained, token_
                           cwd=REPO, env=main_env(token_cache, devices=1), capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads((out / "config.json").read_text())["gist"]["window"] == 16
+    gist = json.loads((out / "config.json").read_text())["gist"]
+    assert (gist["variant"], gist["window"]) == ("unigist", 16)
 
     import torch
 

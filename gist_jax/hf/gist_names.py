@@ -60,8 +60,12 @@ def all_rules(cfg: ModelConfig) -> list[TensorRule]:
 
 
 def variant_name(comp: CompressionConfig) -> str:
+    """The architecture's name (the ``experiments`` variant that builds it), for people: what an
+    export does is read from the whole compression config it also carries."""
     if not comp.enabled:
         return "full"
+    if comp.windowed:
+        return "unigist"
     return f"{comp.granularity}_{comp.memory}".replace("coarse_recurrent", "coarse_rec")
 
 
