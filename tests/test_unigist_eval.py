@@ -91,8 +91,8 @@ def test_every_suite_runs_on_a_unigist_checkpoint(checkpoint, tmp_path):
     from gist_jax.evaluate import common
 
     local = [s for s in common.settings(common.load_checkpoint(checkpoint), local=True) if s.local]
-    assert [(s.name, s.window, s.comp.window, s.comp.ratios) for s in local] == [
-        ("local", 0, 0, (4, 8)), ("window", 16, 16, (1,))]
+    assert [(s.name, s.windowed, s.comp.window, s.comp.ratios) for s in local] == [
+        ("local", False, 0, (4, 8)), ("window", True, 16, (1,))]
     for row in payloads["reconstruction"]["rows"]:
         assert 0.0 <= row["token_accuracy"] <= 1.0 and row["test_tokens"] > 0
     assert {r["setting"] for r in payloads["boundary"]["rows"]} == {"full", "r4", "r8"}

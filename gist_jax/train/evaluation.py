@@ -68,7 +68,12 @@ class Setting:
     comp: CompressionConfig
     local: bool = False  # each segment of comp.segment_length run alone, the base weights
     sinks: int = 0  # with local: the window's first ``sinks`` tokens in front of every segment
-    window: int = 0  # with local: UniGist's sliding window (``no_memory_window``), not segments alone
+
+    @property
+    def windowed(self) -> bool:
+        """UniGist's ``window`` control: a local setting run through the windowed layout with
+        every gist dead (``no_memory_window``), not segments alone."""
+        return self.local and self.comp.windowed
 
 
 def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
@@ -82,13 +87,11 @@ def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
     none = comp.full_attention()
     base_cfg = model_config_for(model_cfg, none)
     out = [Setting("full", None, base_cfg, none)]
-
     if comp.enabled and local:
         out.append(Setting("local", None, base_cfg, none, local=True))
         if comp.windowed:  # what a UniGist setting keeps besides its gists (``no_memory_window``)
             window = comp.replace(ratios=(1,), ratio_sampling="fixed", pad_to_segments=True)
-            out.append(Setting("window", None, model_cfg, window, local=True, sinks=comp.num_sinks,
-                               window=comp.window))
+            out.append(Setting("window", None, model_cfg, window, local=True))
     if comp.enabled and sinks_only and comp.num_sinks:
         out.append(Setting("sinks", None, base_cfg, none, local=True, sinks=comp.num_sinks))
     if comp.enabled:
@@ -103,9 +106,9 @@ def eval_settings(model_cfg: ModelConfig, comp: CompressionConfig,
 
 def setting_params(params: Params, setting: Setting) -> Params:
     """The params tree a setting reads: the base model's alone for full attention and local
-    (UniGist's windowed local keeps the gist leaves its dead gist slots embed; no raw token
+    (UniGist's ``window`` control keeps the gist leaves its dead gist slots embed; no raw token
     reads them)."""
-    return strip_gist_params(params) if setting.ratio is None and not setting.window else params
+    return strip_gist_params(params) if setting.ratio is None and not setting.windowed else params
 
 
 def no_memory_window(arrays: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -132,21 +135,21 @@ def scored_positions(comp: CompressionConfig, length: int) -> np.ndarray:
 def _raw_hidden(setting: Setting, length: int) -> tuple[Callable, dict]:
     """``(fn(params, tokens, arrays) -> [B, N, E] final-norm states of the raw tokens, arrays)``;
     the layout arrays are arguments, not constants baked into the program."""
-    if setting.local and not setting.window:
+    if setting.local and not setting.windowed:
         segment_length = setting.comp.segment_length
 
         def alone(params, tokens_BxN, arrays):
             return segments_alone_hidden(setting.cfg, setting.comp, params, tokens_BxN, segment_length,
                                          setting.sinks)
         return alone, {}
-    if setting.ratio is None and not setting.window:
+    if setting.ratio is None and not setting.windowed:
         def full(params, tokens_BxN, arrays):
             return compressed_hidden(setting.cfg, setting.comp, None, params, tokens_BxN, arrays)
         return full, {}
     layout = cached_layout(length, setting.comp)
     shape = layout.shape
     arrays = layout_arrays(layout)
-    if setting.local:  # UniGist's no-memory control
+    if setting.windowed:  # UniGist's window control: the same path with every gist dead
         arrays = no_memory_window(arrays)
 
     def compressed(params, tokens_BxN, arrays):
