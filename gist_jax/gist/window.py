@@ -6,7 +6,7 @@ token minus W). Window starts never decrease along the layout, so the whole layo
 play no role) is cut into blocks of ``bq`` query rows, and block j's keys split at its *band
 start* ``a_j``, the layout index of the raw token at its first row's window start: every raw
 key any of its rows sees lies at or after ``a_j``. The mask then splits into two disjoint
-parts, each computed at its own size and merged by log-sum-exp (``structured.merge``'s
+parts, each computed at its own size and merged by log-sum-exp (``structured.merge_partials``'s
 identity):
 
   (a) band: the layout keys ``[a_j, end_j)`` (up to the block's last row), read as a slice of
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.structured import NEG, DecomposedKV, _bias, _partial
+from gist_jax.gist.structured import NEG, DecomposedKV, _bias, _partial, merge_partials
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 
@@ -214,9 +214,7 @@ class WindowedKV:
                 seen_M = cs["live_M"][:bound] & (cs["token_M"][:bound] < x["a"])
                 o_m, lse_m = _partial(x["q"], cs["km"][:, :, :bound], cs["vm"][:, :, :bound],
                                       _bias(seen_M))
-                top = jax.lax.stop_gradient(jnp.maximum(lse, lse_m))
-                w, w_m = jnp.exp(lse - top), jnp.exp(lse_m - top)
-                o = (w[..., None] * o + w_m[..., None] * o_m) / jnp.maximum(w + w_m, 1e-30)[..., None]
+                o = merge_partials(o, lse, o_m, lse_m)
             return o
 
         outs = []
