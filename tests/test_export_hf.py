@@ -161,7 +161,7 @@ def test_compressed_forward_matches_gist_jax(exported, family, variant):
             worst = max(worst, diff)
             # Compression matters: later segments differ from the uncompressed model.
             with torch.no_grad():
-                full = model(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+                full = model(input_ids=torch.from_numpy(tokens.astype(np.int64)), compressed=False).logits.numpy()
             assert np.abs(full[:, 2 * L:] - theirs[:, 2 * L:]).max() > 1e-2
     assert worst < 1e-4
 
@@ -200,7 +200,7 @@ def test_greedy_generation_matches(exported, family, variant, positions):
     case = _case(comp, variant, positions, 4, ratio)
     _set_gist(model, case, ratio)
     prompt = _tokens(L + 5, seed=4)[:1]
-    theirs = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=32).numpy()
+    theirs = model.generate(torch.from_numpy(prompt.astype(np.int64)), max_new_tokens=32, eos_token_id=None).numpy()
     ours = jax_greedy(cfg, case, params, prompt, 32)
     assert theirs.shape == (1, L + 5 + 32)
     np.testing.assert_array_equal(theirs, ours)

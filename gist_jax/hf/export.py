@@ -234,6 +234,9 @@ def _write_rest(cfg: ModelConfig, comp: CompressionConfig, source: ParamSource, 
         # modeling_gist.generate never samples ids >= tokenizer_vocab_size (nor the gist id).
         hf["gist"] = {**gist_names.gist_section(cfg, comp, gist_id), "tokenizer_vocab_size": tokenizer_size}
         hf["auto_map"] = {"AutoModelForCausalLM": f"modeling_gist.{CLASS_NAMES[cfg.family]}"}
+        # Top-level so from_pretrained(..., gist_forward="full", gist_ratio=8) and lm-eval's
+        # --model_args set them: the forward is compressed unless asked, at the export's ratio.
+        hf["gist_forward"], hf["gist_ratio"] = "compressed", None
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 

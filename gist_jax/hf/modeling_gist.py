@@ -3,13 +3,16 @@
 Self-contained: imports only torch and transformers. Load with
 
     model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)
-    out = model.compressed_forward(input_ids)          # logits of every raw token
-    ids = model.generate(input_ids, max_new_tokens=32)  # greedy, with compression
+    out = model(input_ids, attention_mask=mask).logits  # compressed logits of every raw token
+    ids = model.generate(input_ids, max_new_tokens=32)   # transformers' generate, compressed
 
 The classes subclass transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` and add the gist
 parameters (``gist.embedding`` and, with Beacon-style projections, ``gist.layers.{i}.{q,k,v}_proj``).
-``forward`` is the stock uncompressed model; ``compressed_forward`` and ``generate`` follow
-gist_jax's sequential path (``gist_jax/gist/sequential.py``) segment by segment:
+``forward`` is compressed unless ``config.gist_forward == "full"`` (or ``compressed=False``), at
+``config.gist_ratio`` (None: ``gist.inference_ratio``), so what transformers' ``generate``,
+pipelines and lm-evaluation-harness call is the compressed model; padded rows run alone over
+their real tokens (``GistCache``). The compressed path follows gist_jax's sequential path
+(``gist_jax/gist/sequential.py``) segment by segment:
 
   * KV variants (Fine-KV, Coarse-KV): each segment (raw tokens with gist tokens inserted: fine,
     one after every r raw tokens; coarse, all after the segment) attends causally to itself and
@@ -28,7 +31,7 @@ gist_jax's sequential path (``gist_jax/gist/sequential.py``) segment by segment:
 An unfinished last segment runs with the gists of its complete groups (fine) or none (coarse);
 when it fills up it is compressed like any other. Gist logits are never returned or sampled,
 and ``generate`` never picks the ``<gist>`` id or an id beyond the tokenizer
-(``config.gist.tokenizer_vocab_size``), as ``gist_jax.inference`` does.
+(``config.gist.tokenizer_vocab_size``), as ``gist_jax.inference`` does; it refuses beam search.
 The settings come from ``config.gist`` (written by the exporter).
 """
 
@@ -144,7 +147,7 @@ class GistCompressionMixin:
 
     def gist_settings(self, ratio: int | None = None) -> tuple[dict, int]:
         g = dict(self.config.gist)
-        ratio = int(ratio or g["inference_ratio"])
+        ratio = int(ratio or getattr(self.config, "gist_ratio", None) or g["inference_ratio"])
         L = g["segment_length"]
         if L % ratio:
             raise ValueError(f"compression ratio {ratio} must divide gist.segment_length={L}")
@@ -367,46 +370,192 @@ class GistCompressionMixin:
             banned_V |= ids_V == g["gist_token_id"]
         return logits_BxV.masked_fill(banned_V, float("-inf"))
 
+    # ------------------------------------------------------------------ transformers' entry points
+    def _compressing(self, compressed: bool | None) -> bool:
+        if compressed is not None:
+            return bool(compressed)
+        mode = getattr(self.config, "gist_forward", None) or "compressed"
+        if mode not in ("compressed", "full"):
+            raise ValueError(f"config.gist_forward={mode!r}: use 'compressed' (gist memory) or 'full' (the stock "
+                             "uncompressed model)")
+        return mode == "compressed"
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values: Any = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, *,
+                compressed: bool | None = None, ratio: int | None = None, **kwargs: Any) -> Any:
+        """Compressed by default (``config.gist_forward``; ``compressed=False`` or
+        ``gist_forward="full"`` is the stock model). Takes what transformers' ``generate``, its
+        pipelines and lm-evaluation-harness pass: a 2-D ``attention_mask`` (left or right
+        padding; a row's masked tokens are not part of its sequence, so padding never reaches a
+        gist), ``past_key_values`` (a ``GistCache``: the compressed memory, returned unless
+        ``use_cache=False``), ``labels`` (the shifted mean cross-entropy over labels != -100)
+        and ``logits_to_keep``. ``position_ids`` are implied by the mask; given, they must match."""
+        if not self._compressing(compressed):
+            if isinstance(past_key_values, GistCache):
+                raise ValueError("past_key_values is a compressed GistCache; the uncompressed forward needs its own")
+            return super().forward(  # type: ignore[misc]  # the transformers class's forward
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                logits_to_keep=logits_to_keep, **kwargs)
+        if input_ids is None or inputs_embeds is not None:
+            raise ValueError("the compressed forward takes input_ids (it inserts the gist tokens itself), not "
+                             "inputs_embeds; pass compressed=False for the uncompressed model")
+        if past_key_values is not None and not isinstance(past_key_values, GistCache):
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError(f"past_key_values is a {type(past_key_values).__name__} holding tokens; the "
+                                 "compressed forward continues only its own GistCache")
+            past_key_values = None
+        cache = GistCache() if past_key_values is None else past_key_values
+        _, ratio = self.gist_settings(ratio if ratio is not None else cache.ratio)
+        if cache.ratio is not None and cache.ratio != ratio:
+            raise ValueError(f"this GistCache was filled at ratio {cache.ratio}, not {ratio}")
+        cache.ratio = ratio
+        b, n = input_ids.shape
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("the compressed forward takes a 2-D attention_mask [batch, tokens] (1 = token, 0 = pad)")
+        keep_BxN = None if attention_mask is None else attention_mask[:, -n:].bool()
+        if position_ids is not None:
+            self._check_positions(cache, position_ids[:, -n:], keep_BxN)
+        logits = cache.feed(self, input_ids, keep_BxN)
+        loss = None
+        if labels is not None:
+            shifted = labels[:, 1:].to(logits.device)
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                               ignore_index=-100)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep]
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=None if use_cache is False else cache)
+
+    @staticmethod
+    def _check_positions(cache: GistCache, position_ids_BxN: torch.Tensor, keep_BxN: torch.Tensor | None) -> None:
+        """The compressed model places every token itself (its index among the row's real
+        tokens, gists between them): explicit positions must agree, or they would be ignored."""
+        b, n = position_ids_BxN.shape
+        keep = torch.ones(b, n, dtype=torch.bool) if keep_BxN is None else keep_BxN.cpu()
+        seen = torch.tensor(cache.real_counts(b))
+        implied_BxN = seen[:, None] + keep.long().cumsum(1) - 1
+        if bool((position_ids_BxN.cpu() != implied_BxN)[keep].any()):
+            raise ValueError("position_ids differ from each row's token index (the compressed model positions "
+                             "tokens and gists itself); leave position_ids out")
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor | None = None, max_new_tokens: int = 20, *,
-                 compressed: bool = True, ratio: int | None = None, eos_token_id: int | None = None,
-                 **kwargs: Any) -> Any:
-        """Greedy compressed generation: returns ``[B, prompt + new]`` ids like transformers'
-        ``generate``, never the ``<gist>`` id nor one beyond the tokenizer (``_sampleable``).
-        ``compressed=False`` (or sampling / beam options) hands over to the stock ``generate``
-        of the uncompressed model."""
-        if not compressed:
-            return super().generate(  # type: ignore[misc]  # the transformers class's generate
-                input_ids=input_ids, max_new_tokens=max_new_tokens, **kwargs)
-        unsupported = {k: v for k, v in kwargs.items() if k not in ("attention_mask", "pad_token_id", "do_sample")
-                       or (k == "do_sample" and v)}
-        if unsupported:
-            raise ValueError(f"compressed generate is greedy only; unsupported options {sorted(unsupported)} "
-                             "(pass compressed=False for the uncompressed model)")
-        if input_ids is None:
-            raise ValueError("compressed generate needs input_ids (the prompt)")
-        logits, state = self.consume(input_ids, None, ratio)
-        out: list[torch.Tensor] = [input_ids]
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            next_ids = self._sampleable(logits[:, -1]).argmax(-1, keepdim=True)
-            out.append(next_ids)
-            if eos_token_id is not None:
-                done |= next_ids[:, 0] == eos_token_id
-                if bool(done.all()):
-                    break
-            logits, state = self.consume(next_ids, state, ratio)
-        return torch.cat(out, dim=1)
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, compressed: bool | None = None,
+                 ratio: int | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate`` (greedy or sampled, stopping criteria, ``max_length``,
+        batches with padding, streamers, ``pipeline("text-generation")``) on the compressed
+        forward, with a ``GistCache`` holding the memory between steps; it never picks the
+        ``<gist>`` id nor one beyond the tokenizer (``_sampleable``). Beam search is refused: it
+        reorders caches, which a compressed memory does not support. ``compressed=False`` (or
+        ``gist_forward="full"``) is the stock uncompressed ``generate``."""
+        if not self._compressing(compressed):
+            return super().generate(inputs, *args, compressed=False, **kwargs)  # type: ignore[misc]
+        self.gist_settings(ratio)  # a bad ratio fails before anything runs
+        if int(kwargs.get("num_beams") or getattr(self.generation_config, "num_beams", 1) or 1) > 1:
+            raise ValueError("compressed generate supports greedy and sampling, not beam search (num_beams > 1); "
+                             "pass compressed=False for beams on the uncompressed model")
+        if kwargs.get("use_cache", True) is not False and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = GistCache()
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.append(_Unsampleable(self))
+        return super().generate(  # type: ignore[misc]  # the transformers class's generate
+            inputs, *args, compressed=True, ratio=ratio, logits_processor=processors, **kwargs)
 
 
-class GistLlamaForCausalLM(GistCompressionMixin, LlamaForCausalLM):  # type: ignore[misc]  # greedy generate
+class _Unsampleable:
+    """A logits processor (transformers calls it as ``(input_ids, scores)``) that bans the ids
+    compressed generation must never pick (``GistCompressionMixin._sampleable``)."""
+
+    def __init__(self, model: GistCompressionMixin):
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, scores_BxV: torch.Tensor) -> torch.Tensor:
+        return self.model._sampleable(scores_BxV)
+
+
+class GistCache:
+    """What the compressed model carries between forward calls (``past_key_values``): the
+    compressed memory of the whole batch while no row has padding, one ``GistState`` per row
+    once one has (each row then runs alone over its real tokens: rows of different lengths
+    compress different segments, and a padding token must never enter a gist). ``seen`` counts
+    the positions of ``input_ids`` fed so far, padding included, as transformers' ``generate``
+    slices its inputs by it."""
+
+    is_compileable = False  # what generate asks of a cache; this one is host-side Python
+    is_croppable = False
+
+    def __init__(self) -> None:
+        self.state: GistState | None = None  # the batch's, while no row is padded
+        self.rows: list[GistState | None] | None = None  # per row, after padding
+        self.row_real: list[int] = []  # real tokens per row (for position checks)
+        self.batch_real = 0
+        self.seen = 0
+        self.ratio: int | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def real_counts(self, batch: int) -> list[int]:
+        return list(self.row_real) if self.rows is not None else [self.batch_real] * batch
+
+    def feed(self, model: GistCompressionMixin, input_ids_BxN: torch.Tensor,
+             keep_BxN: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, n, V] of the new tokens (zeros where masked out); updates the memory."""
+        b, n = input_ids_BxN.shape
+        self.seen += n
+        if self.rows is None and (keep_BxN is None or bool(keep_BxN.all())):
+            logits, self.state = model.consume(input_ids_BxN, self.state, self.ratio)
+            self.batch_real += n
+            return logits
+        if self.rows is None:  # the first padded call: split the batch's memory into rows
+            self.rows = [None if self.state is None else _row_state(self.state, i) for i in range(b)]
+            self.row_real = [self.batch_real] * b
+            self.state = None
+        assert keep_BxN is not None
+        out: torch.Tensor | None = None
+        for i in range(b):
+            keep_N = keep_BxN[i].to(input_ids_BxN.device)
+            if not bool(keep_N.any()):
+                continue
+            logits, self.rows[i] = model.consume(input_ids_BxN[i:i + 1, keep_N], self.rows[i], self.ratio)
+            if out is None:
+                out = logits.new_zeros(b, n, logits.shape[-1])
+            out[i, keep_N] = logits[0]
+            self.row_real[i] += int(keep_N.sum())
+        if out is None:
+            raise ValueError("every token of this call is masked out (attention_mask is all 0)")
+        return out
+
+
+def _row_state(state: GistState, i: int) -> GistState:
+    """Row ``i`` of a batch's ``GistState`` (tensors sliced to batch 1, bookkeeping copied)."""
+    row = GistState()
+    for name, value in vars(state).items():
+        if isinstance(value, torch.Tensor):
+            value = value[i:i + 1]
+        elif isinstance(value, list) and value and isinstance(value[0], tuple):
+            value = [tuple(t[i:i + 1] for t in pair) for pair in value]
+        elif isinstance(value, list):
+            value = list(value)
+        setattr(row, name, value)
+    return row
+
+
+class GistLlamaForCausalLM(GistCompressionMixin, LlamaForCausalLM):  # type: ignore[misc]  # forward, generate
     def __init__(self, config: Any):
         super().__init__(config)
         self._gist_setup(config)
         self.post_init()
 
 
-class GistQwen2ForCausalLM(GistCompressionMixin, Qwen2ForCausalLM):  # type: ignore[misc]  # greedy generate
+class GistQwen2ForCausalLM(GistCompressionMixin, Qwen2ForCausalLM):  # type: ignore[misc]  # forward, generate
     def __init__(self, config: Any):
         super().__init__(config)
         self._gist_setup(config)
