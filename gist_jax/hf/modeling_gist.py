@@ -120,6 +120,8 @@ class GistState:
         self.state_positions: list[int] = []
         self.sink_ids: torch.Tensor | None = None  # [B, s]
         self.tail: torch.Tensor | None = None  # raw ids of the unfinished segment [B, t]
+        self.tail_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # KV memories: its items' un-rotated k, v
+        self.tail_items = 0  # items (raw and gist) of the unfinished segment in tail_kv
         self.raw_count = 0  # UniGist: raw tokens fed
         self.window_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer [B, K, <=W+r, D]
         self.window_raw: list[int] = []  # UniGist: raw index of each window entry
@@ -229,21 +231,11 @@ class GistCompressionMixin:
         With ``commit`` (a finished segment) its sinks and gists enter the memory."""
         b, num_raw = raw_ids.shape
         seg = _Segment(g, state.segments, num_raw, ratio, state.gists)
-        order = torch.tensor([max(item, 0) for item in seg.order], device=raw_ids.device)
-        ids = raw_ids[:, order]
         if g["memory"] == "kv":
-            x = self._embed(ids, seg, 0)
-            logits, _, kv = self._pass(x, seg.position, seg.is_gist, state.kv)
-            if commit:
-                keep = seg.sinks + seg.gists  # sinks sit at their raw index in both schemes
-                mem_pos = [seg.order[k] for k in seg.sinks] + [seg.memory_position[k] for k in seg.gists]
-                pos = torch.tensor(mem_pos, device=ids.device)[None].expand(b, len(keep))
-                cos, sin = self.model.rotary_emb(x, pos)
-                idx = torch.tensor(keep, dtype=torch.long, device=ids.device)
-                new = [(_rope(k[:, :, idx], cos, sin), v[:, :, idx]) for k, v in kv]
-                state.kv = new if state.kv is None else [
-                    (torch.cat([mk, nk], 2), torch.cat([mv, nv], 2)) for (mk, mv), (nk, nv) in zip(state.kv, new)]
+            logits = self._kv_segment(state, seg, raw_ids, commit)
         else:
+            order = torch.tensor([max(item, 0) for item in seg.order], device=raw_ids.device)
+            ids = raw_ids[:, order]
             prefix_ids, prefix_pos = [], []
             if state.segments > 0 and state.sink_ids is not None and state.sink_ids.shape[1]:
                 prefix_ids.append(state.sink_ids)  # sinks again, at their raw index, before the memory
@@ -266,10 +258,43 @@ class GistCompressionMixin:
                 new_states = hidden[:, gist_idx]
                 state.states = new_states if state.states is None else torch.cat([state.states, new_states], dim=1)
                 state.state_positions = state.state_positions + [seg.memory_position[k] for k in seg.gists]
+            logits = logits[:, seg.raw_at]
         if commit:
             state.segments += 1
             state.gists += len(seg.gists)
-        return logits[:, seg.raw_at]
+        return logits
+
+    def _kv_segment(self, state: GistState, seg: _Segment, raw_ids: torch.Tensor, commit: bool) -> torch.Tensor:
+        """The KV memories' segment, incrementally: only the items (raw tokens, gists) not run
+        by an earlier call for this segment run now, against the memory and the cached keys
+        and values of the segment's earlier items (a longer tail's order extends a shorter
+        one's, positions included), so decoding one token costs one token's pass, not the
+        segment's. Returns the logits of the new raw tokens; with ``commit`` the segment's
+        sinks and gists enter the memory (keys rotated at their memory positions)."""
+        b, done, dev = raw_ids.shape[0], state.tail_items, raw_ids.device
+        order = torch.tensor([max(item, 0) for item in seg.order[done:]], dtype=torch.long, device=dev)
+        x = self._embed(raw_ids[:, order], _Chunk(seg.is_gist[done:], seg.rows[done:]), 0)
+        memory = state.kv
+        if done:
+            cos, sin = self.model.rotary_emb(x, torch.tensor(seg.position[:done], device=dev)[None].expand(b, done))
+            cached = [(_rope(k, cos, sin), v) for k, v in state.tail_kv or []]
+            memory = cached if memory is None else [(torch.cat([mk, k], 2), torch.cat([mv, v], 2))
+                                                    for (mk, mv), (k, v) in zip(memory, cached)]
+        logits, _, kv = self._pass(x, seg.position[done:], seg.is_gist[done:], memory)
+        if done:
+            kv = [(torch.cat([ck, k], 2), torch.cat([cv, v], 2)) for (ck, cv), (k, v) in zip(state.tail_kv or [], kv)]
+        if commit:
+            keep = seg.sinks + seg.gists  # sinks sit at their raw index in both schemes
+            mem_pos = [seg.order[k] for k in seg.sinks] + [seg.memory_position[k] for k in seg.gists]
+            cos, sin = self.model.rotary_emb(x, torch.tensor(mem_pos, device=dev)[None].expand(b, len(keep)))
+            idx = torch.tensor(keep, dtype=torch.long, device=dev)
+            new = [(_rope(k[:, :, idx], cos, sin), v[:, :, idx]) for k, v in kv]
+            state.kv = new if state.kv is None else [
+                (torch.cat([mk, nk], 2), torch.cat([mv, nv], 2)) for (mk, mv), (nk, nv) in zip(state.kv, new)]
+            state.tail_kv, state.tail_items = None, 0
+        else:
+            state.tail_kv, state.tail_items = kv, len(seg.order)
+        return logits[:, [k - done for k in seg.raw_at if k >= done]]
 
     # ------------------------------------------------------------------ UniGist
     def _window_chunk(self, g: dict, state: GistState, raw_ids: torch.Tensor, ratio: int) -> torch.Tensor:
@@ -412,7 +437,7 @@ class GistCompressionMixin:
         if cache.ratio is not None and cache.ratio != ratio:
             raise ValueError(f"this GistCache was filled at ratio {cache.ratio}, not {ratio}")
         cache.ratio = ratio
-        b, n = input_ids.shape
+        n = input_ids.shape[1]
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("the compressed forward takes a 2-D attention_mask [batch, tokens] (1 = token, 0 = pad)")
         keep_BxN = None if attention_mask is None else attention_mask[:, -n:].bool()
