@@ -18,7 +18,11 @@ from gist_jax.utils.progress import progress, write
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
+# The paper's probes (``all``), then the suites that compare with what users measure elsewhere and
+# need the ``eval`` extra: RULER generated offline, and kvpress's training-free presses at each
+# ratio's cache budget. Those two are named explicitly (they take longer on a CPU).
+PAPER_SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
+SUITES = PAPER_SUITES + ("ruler", "kvpress")
 # Bumped when a suite's numbers change meaning for the same checkpoint and options, so cached
 # results (``gist_jax.study``) are recomputed rather than mixed with new ones. perplexity 2: the
 # targets are the predictions of positions j >= L only (2026-12-02; before, also L - 1's);
@@ -43,6 +47,10 @@ def _suite_fn(name: str) -> Callable:
         from gist_jax.evaluate.probes import run_recall as run
     elif name == "reconstruction":
         from gist_jax.evaluate.reconstruction import run
+    elif name == "ruler":
+        from gist_jax.evaluate.ruler import run
+    elif name == "kvpress":
+        from gist_jax.evaluate.kvpress_peer import run
     else:
         raise ConfigError(f"--suite={name!r} is unknown; use one of {', '.join(SUITES)} or all")
     return run
@@ -51,7 +59,7 @@ def _suite_fn(name: str) -> Callable:
 def resolve_suites(suites: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in (suites.split(",") if isinstance(suites, str) else suites) if s.strip()]
     if "all" in names:
-        return list(SUITES)
+        return list(PAPER_SUITES) + [n for n in names if n != "all" and n not in PAPER_SUITES]
     for name in names:
         _suite_fn(name)
     if not names:
@@ -66,6 +74,9 @@ SUMMARY_COLUMNS = {
     "uuid": ("checkpoint", "setting", "prefix8", "prefix16", "prefix32"),
     "recall": ("checkpoint", "setting", "kind", "context_tokens", "depth", "accuracy"),
     "reconstruction": None,
+    "ruler": ("checkpoint", "setting", "task", "context_tokens", "score", "score_lo", "score_hi", "examples"),
+    "kvpress": ("checkpoint", "dataset", "setting", "ratio", "ppl", "efficacy", "efficacy_lo", "efficacy_hi",
+                "tokens"),
 }
 
 
