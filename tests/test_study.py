@@ -270,3 +270,81 @@ def test_a_windowed_run_reports_its_window_and_what_its_gists_add_over_it():
     want = stats.efficacy(np.array(sums["window"]), np.array(sums["r4"]), np.array(sums["full"]), 200)
     assert eff[("unigist", "r4_over_window")].value == pytest.approx(want.value)
     assert 0 < eff[("unigist", "r4_over_window")].value < eff[("unigist", "r4")].value < 1
+
+
+def test_a_suite_own_option_keys_only_that_suite():
+    """RULER's lengths and the kvpress presses key their own suite's cache only: adding them to
+    a study must not throw away every other suite's cached result; changing them recomputes
+    their suite."""
+    import dataclasses
+
+    from gist_jax.study import runner
+    from gist_jax.study.plan import load_study
+
+    plan = load_study("smoke")
+    spec = plan.run("full")
+    more = dataclasses.replace(plan, eval_options={**plan.eval_options, "ruler_lengths": (1024, 4096),
+                                                   "presses": ("knorm",)})
+    for suite in ("perplexity", "boundary", "recall"):
+        assert runner.cache_key(more, spec, suite, 6) == runner.cache_key(plan, spec, suite, 6)
+    assert runner.cache_key(more, spec, "ruler", 6) != runner.cache_key(plan, spec, "ruler", 6)
+    assert runner.cache_key(more, spec, "kvpress", 6)["options"]["presses"] == ["knorm"]
+    assert "presses" not in runner.cache_key(more, spec, "ruler", 6)["options"]
+
+
+def test_ruler_and_kvpress_join_a_finished_study_and_its_report(study, tmp_path):
+    """``--add_suites ruler,kvpress`` on a finished study computes only those two (every other
+    suite stays cached: their options key their own caches) and the report lays them out: RULER
+    per length and task, and one table of the references, the run's trained gists and each press
+    at each ratio's budget."""
+    import shutil
+
+    from gist_jax.study import runner
+    from gist_jax.study.plan import load_study
+
+    out = tmp_path / "out"
+    for part in ("runs/full", "runs/fine_kv", "cache/full", "cache/fine_kv"):
+        shutil.copytree(study["out"] / part, out / part)
+    plan = load_study("smoke", only=("full", "fine_kv"), add_suites=("ruler", "kvpress"))
+    assert runner.missing_suites(out, plan, plan.run("fine_kv")) == ["ruler", "kvpress"]
+    done = subprocess.run(_study(out)[:-1] + ["full,fine_kv", "--add_suites", "ruler,kvpress"], check=False,
+                          cwd=REPO, env=study["env"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "training" not in done.stderr and not re.search(r"evaluating \w+ step \d+: .*perplexity", done.stderr)
+    text = (out / "report" / "study.md").read_text()
+    ruler_part = text.split("## RULER")[1].split("\n## ")[0]
+    assert "### 2048 tokens" in ruler_part and "niah_single_1" in ruler_part and "vt" in ruler_part
+    assert all(f"| {name} | {s} |" in ruler_part for name, s in
+               (("Full attention", "full"), ("Fine-KV", "full"), ("Fine-KV", "r4"), ("Fine-KV", "r8")))
+    press_part = text.split("## Trained gists vs training-free KV presses")[1].split("\n## ")[0]
+    for method in ("full", "local", "Fine-KV (trained gists)", "knorm", "streaming_llm"):
+        assert f"| {method} |" in press_part, method
+    # The smoke model is random: its full attention does not beat no memory, so efficacy is
+    # undefined and the report must say so instead of ordering anything.
+    assert "| stdlib | full | " in press_part and "no press is ordered against the gists" in text
+
+
+def test_kvpress_section_orders_only_separated_efficacies(tmp_path):
+    """The press table's findings: a press whose efficacy interval lies above the gists' is
+    stated as such, overlapping ones are not ordered (rows as the two suites write them)."""
+    from gist_jax.study import report_peers
+    from gist_jax.study.plan import load_study
+    from gist_jax.study.report import Report
+
+    def row(setting, ppl, eff=None, press=None, ratio=1):
+        lo_hi = {} if eff is None else {"efficacy": eff[0], "efficacy_lo": eff[1], "efficacy_hi": eff[2]}
+        return {"checkpoint": "ck", "dataset": "stdlib", "setting": setting, "ratio": ratio, "ppl": ppl,
+                "tokens": 100, **({"press": press} if press else {}), **lo_hi}
+
+    ours = {"rows": [row("full", 5.0), row("local", 10.0), row("r4", 8.0, (0.3, 0.25, 0.35), ratio=4)]}
+    theirs = {"rows": [row("full", 5.0, press="none"), row("local", 10.0, press="none"),
+                       row("streaming_llm_r4", 6.5, (0.6, 0.55, 0.7), "streaming_llm", 4),
+                       row("knorm_r4", 7.9, (0.32, 0.2, 0.4), "knorm", 4)]}
+    report = Report(tmp_path, load_study("smoke", only=("fine_kv",)),
+                    {"fine_kv": {"perplexity": ours, "kvpress": theirs}})
+    report_peers.kvpress(report)
+    text = "\n".join(report.md)
+    assert "| stdlib | Fine-KV (trained gists) | 8 | 0.300 [0.250, 0.350] |" in text
+    separated = "Fine-KV (trained gists) (0.300 [0.250, 0.350]) < streaming_llm (0.600 [0.550, 0.700]), intervals"
+    assert any(separated in f for f in report.findings)
+    assert any("knorm" in f and "do not separate" in f for f in report.findings)

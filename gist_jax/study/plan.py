@@ -17,8 +17,9 @@ from gist_jax import experiments as _recipes
 from gist_jax.errors import ConfigError
 
 DEFAULT_CONFIG = _recipes.DIR / "study.py"  # experiments/study.py in a checkout, packaged when installed
-# The two suites that need gists: on the full-attention run they have nothing to measure.
-COMPRESSED_ONLY = ("boundary", "reconstruction")
+# The suites that need gists or ratios: on the full-attention run they have nothing to measure
+# (kvpress compares presses with a run's gists at each of its ratios' budgets).
+COMPRESSED_ONLY = ("boundary", "reconstruction", "kvpress")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +70,12 @@ def load_module(path: str | pathlib.Path) -> types.ModuleType:
 
 
 def load_study(scale: str, config_path: str | pathlib.Path = DEFAULT_CONFIG,
-               only: tuple[str, ...] = (), max_steps: int = 0) -> Study:
+               only: tuple[str, ...] = (), max_steps: int = 0, add_suites: tuple[str, ...] = ()) -> Study:
     """The study of ``scale``: every run's config resolved and validated before anything trains.
     ``max_steps``: stop every run there (``train.max_steps``; the schedule is unchanged), to time
-    a scale before running it whole."""
+    a scale before running it whole. ``add_suites``: suites beyond the scale's list (``ruler``,
+    ``kvpress``: their options are in the scale's ``EVAL`` too), computed for a finished study
+    without recomputing the others (``runner.SUITE_OWN_OPTIONS``)."""
     from gist_jax.evaluate import resolve_suites
     from gist_jax.train.experiment import run_config
 
@@ -93,6 +96,7 @@ def load_study(scale: str, config_path: str | pathlib.Path = DEFAULT_CONFIG,
         runs.append(RunSpec(name, arg, run_config(cd)))
     options = dict(module.EVAL[scale])
     suites = tuple(resolve_suites(options.pop("suites", "all")))
+    suites += tuple(s for s in resolve_suites(add_suites) if s not in suites) if add_suites else ()
     ratios = tuple(int(r) for r in module.RATIOS)
     for spec in runs:
         if spec.compressed and not set(ratios) <= set(spec.run.compression.ratios):

@@ -12,18 +12,17 @@ import datetime
 import os
 import pathlib
 import platform
-from collections.abc import Sequence
 from typing import Any
 
 from gist_jax.evaluate import stats
 from gist_jax.evaluate.stats import Estimate
-from gist_jax.study import figures, numbers
+from gist_jax.study import figures, numbers, report_peers
+from gist_jax.study.markdown import cell as _cell
+from gist_jax.study.markdown import label
+from gist_jax.study.markdown import table as _table
 from gist_jax.study.plan import Study
 from gist_jax.study.runner import read_json, write_json_atomic
 
-LABELS = {"full": "Full attention", "fine_kv": "Fine-KV", "coarse_kv": "Coarse-KV", "coarse_rec": "Coarse-Rec",
-          "fine_kv_ae": "Fine-KV + AE", "fine_kv_tie": "Fine-KV + TIE", "fine_kv_ae_tie": "Fine-KV + AE + TIE",
-          "unigist": "UniGist"}
 ARCHITECTURES = ("fine_kv", "coarse_kv", "coarse_rec")  # the paper's chain (Table 2's order)
 CURVES = ARCHITECTURES + ("unigist",)  # every architecture a figure draws (UniGist is outside the chain)
 PERCENT = (-3.0, 103.0)  # accuracy axes  # Table 2's order: expected best to worst
@@ -35,19 +34,6 @@ PAPER = {  # Deng et al. 2025 (Llama3.1-8B), for orientation only: different mod
     "perplexity": "paper: full < Fine-KV < Coarse-KV < Coarse-Rec at every ratio; Fine-KV r4 within ~0.1 PPL of full",
     "boundary": "paper: loss high at the segment start, falling toward its end; boundary starts score far lower",
 }
-
-
-def label(run: str) -> str:
-    return LABELS.get(run, run)
-
-
-def _cell(e: Estimate | None, percent: bool = False, digits: int = 3) -> str:
-    return "n/a" if e is None else e.fmt(digits, percent=percent)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _settings(study: Study, run: str) -> list[str]:
@@ -404,6 +390,8 @@ class Report:
         for section in (self.perplexity, self.efficacy, self.position, self.continuation, self.surprise, self.uuid,
                         self.recall, self.reconstruction):
             section()
+        report_peers.ruler(self)  # what users measure elsewhere: RULER, and the presses they would pick
+        report_peers.kvpress(self)
         body = self.header(command) + self.md + ["\n## All findings\n"] + [f"{i + 1}. {f}" for i, f in
                                                                           enumerate(self.findings)]
         path = self.dir / "study.md"

@@ -103,8 +103,14 @@ def is_trained(out: pathlib.Path, spec: RunSpec) -> bool:
     return latest_step(workdir(out, spec)) == spec.run.num_steps
 
 
+# Options only one suite reads: they key that suite's cache and no other, so adding RULER or the
+# kvpress peer to a study computes those two and keeps every other suite's cached result.
+SUITE_OWN_OPTIONS = {"ruler_lengths": "ruler", "ruler_tasks": "ruler", "presses": "kvpress"}
+
+
 def cache_key(study: Study, spec: RunSpec, suite: str, step: int) -> dict[str, Any]:
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(study.eval_options.items())}
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(study.eval_options.items())
+               if SUITE_OWN_OPTIONS.get(k, suite) == suite}
     return {"run": spec.name, "suite": suite, "version": suite_version(suite), "step": step,
             "ratios": list(study.ratios), "options": options}
 
