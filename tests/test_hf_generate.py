@@ -193,3 +193,24 @@ def test_every_variant_pads_and_batches_like_alone(export_dir, variant):
     for i, p in enumerate(prompts):
         alone = model.generate(torch.tensor([p]), max_new_tokens=10, eos_token_id=None)[0, len(p):]
         assert batch[i].tolist() == alone.tolist(), (variant, i)
+
+
+def test_compare_hf_batch_check_through_its_command(export_dir):
+    """``compare_hf --batch-lengths`` (how docs/results.md checks a real export): one JSON line
+    with every row of the padded batch equal to its prompt alone and to gist_jax."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    _, _, _, directory = export_dir
+    text = "def f(a, b):\n    return a + b  # a line of code to compress\n" * 8
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "gist_jax.compare_hf", "--hf", str(directory), "--mode", "compressed",
+                           "--text", text, "--max-tokens", "64", "--batch-lengths", "5,17,40,70", "--new-tokens", "8"],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    batch = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert batch == {"mode": "batch", "lengths": [5, 17, 40, 70], "new_tokens": 8, "batch_equals_alone": 4,
+                     "batch_equals_gist_jax": 4, "prompts": 4}
