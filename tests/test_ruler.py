@@ -11,9 +11,9 @@ import itertools
 import json
 import pathlib
 import re
-import sys
 
 import pytest
+from eval_helpers import tiny_step0_checkpoint
 
 from gist_jax.data.tokenizer import ByteTokenizer
 from gist_jax.errors import ConfigError
@@ -213,29 +213,8 @@ def test_what_is_scored_is_the_generation_up_to_eos():
 # ----------------------------------------------------------------------------- the suite
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> pathlib.Path:
-    """A step-0 checkpoint of ``experiments/demo.py:tiny`` (random, Fine-KV, L = 16, ratios 4/8,
-    byte tokenizer), as ``tests/test_evaluate.py`` writes it."""
-    import jax
-
-    sys.path.insert(0, str(REPO))
-    from experiments.demo import get_config
-    from gist_jax.gist.params import model_config_for
-    from gist_jax.model.config import preset
-    from gist_jax.train.checkpoint import Checkpointer, layout_metadata
-    from gist_jax.train.experiment import run_config
-    from gist_jax.train.mesh import make_mesh
-    from gist_jax.train.state import create_train_state
-
-    run = run_config(get_config("tiny"))
-    base = preset("tiny").replace(dtype="float32")
-    mesh = make_mesh(run.step.mesh, jax.devices()[:1])
-    state, _, _ = create_train_state(base, run.compression, run.step, mesh)
-    workdir = tmp_path_factory.mktemp("tiny_run")
-    ckpt = Checkpointer(workdir / "checkpoints", keep=1, async_save=False)
-    ckpt.save(0, state, {}, run.to_dict(), layout_metadata(model_config_for(base, run.compression), run.compression,
-                                                           state))
-    ckpt.close()
-    return workdir
+    """A step-0 checkpoint of ``experiments/demo.py:tiny`` (``eval_helpers``)."""
+    return tiny_step0_checkpoint(tmp_path_factory.mktemp("tiny_run"))
 
 
 @NEEDS_DATA
