@@ -89,6 +89,24 @@ def evaluate(workdir: pathlib.Path) -> None:
     print(f"\nplots: {workdir / 'eval'}/*.png")
 
 
+def current_export(workdir: pathlib.Path) -> pathlib.Path:
+    """``workdir/hf``, exported if missing or re-exported if an older gist_jax wrote it (its
+    ``modeling_gist.py`` differs from this package's, which a rerun of the demo would refuse to load)."""
+    from gist_jax.errors import ConfigError
+    from gist_jax.hf.own_code import check_modeling_file
+    from gist_jax.train.hf_export import export_checkpoint
+
+    out = workdir / "hf"
+    try:
+        check_modeling_file(out)
+        stale = False
+    except ConfigError:
+        stale = True
+    if stale or not (out / "config.json").exists():
+        export_checkpoint(workdir, out, overwrite=stale)
+    return out
+
+
 def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tokens: int = 24) -> None:
     """Ships the trained compressor the way a user would: a Hugging Face export, reloaded by
     transformers with the exported ``modeling_gist.py``, generating from a held-out file with
@@ -101,11 +119,8 @@ def export_and_generate(workdir: pathlib.Path, prompt_chars: int = 1200, new_tok
 
     from gist_jax.data.sources import stdlib_files
     from gist_jax.hf.own_code import load_gist_model
-    from gist_jax.train.hf_export import export_checkpoint
 
-    out = workdir / "hf"
-    if not (out / "config.json").exists():
-        export_checkpoint(workdir, out)
+    out = current_export(workdir)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = load_gist_model(out, dtype=torch.float32).eval()  # what trust_remote_code=True gives, but our own code
     prompt = stdlib_files("validation")[0].read_text(encoding="utf-8", errors="replace")[:prompt_chars]

@@ -35,3 +35,21 @@ def test_tiny_demo_trains_reports_exports_and_generates(tmp_path):
                         ("uuid", "uuid_prefix_accuracy")):
         assert f"## {suite} (" in out
         assert (workdir / "eval" / f"{suite}.json").exists() and (workdir / "eval" / f"{plot}.png").exists()
+
+
+def test_a_rerun_re_exports_what_an_older_gist_jax_exported(tmp_path):
+    """The demo's export is reused when current and re-exported when its modeling_gist.py is
+    another version's (loading it would be refused), so rerunning ``make demo`` after an upgrade
+    still ends by generating."""
+    from eval_helpers import tiny_step0_checkpoint
+
+    from gist_jax.demo import current_export
+    from gist_jax.hf.own_code import check_modeling_file
+
+    workdir = tiny_step0_checkpoint(tmp_path / "run")
+    out = current_export(workdir)
+    weights = (out / "model.safetensors").stat().st_mtime_ns
+    assert current_export(workdir) == out and (out / "model.safetensors").stat().st_mtime_ns == weights
+    (out / "modeling_gist.py").write_text((out / "modeling_gist.py").read_text() + "\n# an older version\n")
+    current_export(workdir)
+    check_modeling_file(out)  # the package's own copy again
