@@ -135,12 +135,16 @@ def test_never_samples_gist_or_ids_beyond_tokenizer():
     assert len(masked) == 12 and max(masked) < 259
 
 
-def test_full_attention_cache_matches_plain_forward():
+@pytest.mark.parametrize("chunk", [None, 4, 3])
+def test_full_attention_cache_matches_plain_forward(chunk):
+    """Prompts prefilled in chunks (ending inside, at the end of, and before a chunk) give the
+    one-pass forward's logits at every position, prompt and generated."""
     comp = CompressionConfig(memory="none")
     cfg = model_config_for(BASE, comp)
     params = init_params(BASE, jax.random.key(0))
-    out = generate(cfg, comp, params, [[1, 2, 3, 4, 5], [9, 8]], 7, record_logits=True)
-    for row, prompt in enumerate([[1, 2, 3, 4, 5], [9, 8]]):
+    prompts = [[1, 2, 3, 4, 5], [9, 8], [7, 6, 5, 4, 3, 2, 1, 9], [11]]
+    out = generate(cfg, comp, params, prompts, 7, record_logits=True, prefill_chunk=chunk)
+    for row, prompt in enumerate(prompts):
         seq = prompt + out.tokens[row]
         from gist_jax.model.transformer import forward
         want = np.asarray(forward(cfg, params, jnp.asarray([seq])))[0]

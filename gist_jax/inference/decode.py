@@ -10,10 +10,11 @@ KV of a finished segment is dropped. Gist logits are never sampled, and neither 
 ``<gist>`` id and ids beyond the tokenizer (``sampleable_ids``).
 
 Prefill feeds whole segments (``C = L + t``; UniGist, ``window.py``: a rolling window cache
-and chunks of any multiple of r); decoding is one jitted ``while_loop`` feeding one
-token per row per step, teacher-forcing the rest of each prompt and then sampling (greedy,
-temperature, top-p). Positions and masks come from the same rules as ``gist_jax.gist.layout``,
-so the logits equal the parallel training forward over the final sequence (tested <= 1e-4).
+and chunks of any multiple of r; a plain KV cache: chunks of ``FULL_PREFILL_CHUNK`` tokens);
+decoding is one jitted ``while_loop`` feeding one token per row per step, teacher-forcing the
+rest of each prompt and then sampling (greedy, temperature, top-p). Positions and masks come
+from the same rules as ``gist_jax.gist.layout``, so the logits equal the parallel training
+forward over the final sequence (tested <= 1e-4).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from gist_jax.inference.model_step import run_decoder as _run
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params
+
+FULL_PREFILL_CHUNK = 512  # prompt tokens per prefill call without compression (memory bounded by it)
 
 
 def _item_positions(plan: Plan, segment_B: jax.Array, index_BxC: jax.Array) -> tuple[jax.Array, ...]:
@@ -254,21 +257,15 @@ def prefill(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_
     """Feed every whole chunk of each prompt, one chunk per call; the rest of a prompt (less
     than a chunk) is teacher-forced by the decode loop. A chunk is a segment (``chunk`` None
     or L), the unit chunked compression works in; UniGist has no chunks and takes any multiple
-    of r raw tokens (default L). Without compression the whole prompt is one call. Returns the
+    of r raw tokens (default L). Without compression every prompt token is fed, ``chunk``
+tokens per call (default ``FULL_PREFILL_CHUNK``). Returns the
     cache, each row's pending logits (of its last raw token fed; zeros if none) and the raw
     tokens fed per row."""
     b = prompts_BxP.shape[0]
     pending = jnp.zeros((b, cfg.vocab_size), jnp.float32)
     if plan.memory == "none":
-        valid = np.arange(prompts_BxP.shape[1])[None, :] < lengths_B[:, None]
-        logits, cache = feed_jit(cfg, plan, params, cache, jnp.asarray(prompts_BxP, jnp.int32), jnp.asarray(valid))
-        last = np.maximum(lengths_B - 1, 0)
-        pending = jnp.take_along_axis(logits, jnp.asarray(last)[:, None, None], axis=1)[:, 0]
-        if logits_out is not None:
-            got = np.asarray(logits)
-            for row, n in enumerate(lengths_B):
-                logits_out[row, :n] = got[row, :n]
-        return cache, pending, np.asarray(lengths_B)
+        return _prefill_full(cfg, plan, params, cache, prompts_BxP, lengths_B, logits_out,
+                             FULL_PREFILL_CHUNK if chunk is None else chunk)
     L = _check_chunk(plan, chunk)
     raw_T = np.asarray(window.chunk_raw_offsets(plan, L) if plan.window else plan.order()[0])
     last_raw = int(np.nonzero(raw_T >= 0)[0][-1])
@@ -284,6 +281,37 @@ def prefill(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_
             for r in np.nonzero(valid_B)[0].tolist():
                 logits_out[r, i * L + raw_T[raw_T >= 0]] = got[r, raw_T >= 0]
     return cache, pending, full * L
+
+
+def _prefill_full(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_BxP: np.ndarray,
+                  lengths_B: np.ndarray, logits_out: np.ndarray | None,
+                  chunk: int) -> tuple[Cache, jax.Array, np.ndarray]:
+    """A plain KV cache's prefill, ``chunk`` tokens per call. One call over the whole prompt held
+    its logits ``[B, P, V]`` and scores ``[B, heads, P, capacity + P]`` at once: 18 GB for 4
+    prompts of 4K tokens with SmolLM2's 49K vocabulary. In chunks both are bounded by the chunk,
+    and every row's whole prompt is fed (there is no segment to wait for)."""
+    if chunk < 1:
+        raise ConfigError(f"prefill_chunk={chunk} must be >= 1")
+    b = prompts_BxP.shape[0]
+    pending = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+    last_B = np.maximum(lengths_B - 1, 0)
+    chunk = min(chunk, prompts_BxP.shape[1])
+    for start in range(0, int(lengths_B.max(initial=0)), chunk):
+        part_BxC = np.zeros((b, chunk), np.int32)
+        taken = prompts_BxP[:, start:start + chunk]
+        part_BxC[:, :taken.shape[1]] = taken
+        valid_BxC = (start + np.arange(chunk))[None, :] < lengths_B[:, None]
+        logits, cache = feed_jit(cfg, plan, params, cache, jnp.asarray(part_BxC), jnp.asarray(valid_BxC))
+        ends_here_B = (lengths_B > start) & (last_B < start + chunk)
+        at_B = np.clip(last_B - start, 0, chunk - 1)
+        last_logits = jnp.take_along_axis(logits, jnp.asarray(at_B)[:, None, None], axis=1)[:, 0]
+        pending = jnp.where(jnp.asarray(ends_here_B)[:, None], last_logits, pending)
+        if logits_out is not None:
+            got = np.asarray(logits)
+            for row, n in enumerate(lengths_B):
+                n_here = int(np.clip(n - start, 0, chunk))
+                logits_out[row, start:start + n_here] = got[row, :n_here]
+    return cache, pending, np.asarray(lengths_B)
 
 
 def _check_chunk(plan: Plan, chunk: int | None) -> int:
@@ -321,7 +349,8 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
     ``vocab_size``; None: every LM-head row) and ``gist_token_id`` (an export's ``<gist>``
     marker; gist_jax's tokenizers have none, and an export puts it at ``tokenizer_size``) are
     never sampled (``sampleable_ids``). ``prefill_chunk``: raw tokens per prefill call (see
-    ``prefill``; UniGist only, any multiple of the ratio).
+    ``prefill``; UniGist: any multiple of the ratio; no compression: any width, default 512;
+    chunked compression: the segment only).
     """
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate needs at least one non-empty prompt")
