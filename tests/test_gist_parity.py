@@ -131,9 +131,8 @@ def test_sequential_memory_works_with_any_layer_layout(layers):
         np.testing.assert_allclose(logits[:, layout.alive], reference[:, layout.alive], atol=1e-5)
 
 
-def test_recurrent_scan_remat_at_segment_boundaries():
-    """With a remat policy the recurrent scan's step is checkpointed (the backward's scan keeps
-    one gist memory per segment, not every activation) and gives the same values and gradients."""
+def test_recurrent_scan_with_layer_remat_matches():
+    """The model's own remat policy inside a segment step changes neither values nor gradients."""
     from gist_jax.model.transformer import to_layout
 
     comp = comp_config("recurrent", "coarse", sinks=2)
@@ -153,42 +152,65 @@ def test_recurrent_scan_remat_at_segment_boundaries():
     for a, b in zip(jax.tree.leaves(g_out), jax.tree.leaves(to_layout(g_ref, cfg2))):
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)
 
-    def eqns(jaxpr, name):  # every equation named ``name``, sub-jaxprs included
-        for e in jaxpr.eqns:
-            if e.primitive.name == name:
-                yield e
-            for sub in e.params.values():
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from eqns(inner, name)
 
-    def segment_scan_is_checkpointed(c, p):
-        """Some scan whose body is a checkpoint around the layer stack (a scan of its own):
-        the layer scan's own per-layer remat does not count."""
-        jaxpr = jax.make_jaxpr(lambda q: loss(q, c))(p).jaxpr
-        return any(any(True for _ in eqns(ck.params["jaxpr"], "scan"))
-                   for sc in eqns(jaxpr, "scan") for ck in sc.params["jaxpr"].jaxpr.eqns
-                   if ck.primitive.name in ("checkpoint", "remat2"))
+@pytest.mark.parametrize("options", [dict(bptt_segments=0), dict(bptt_segments=1), dict(stop_memory=True)],
+                         ids=["all", "bptt1", "stop"])
+def test_recurrent_backward_equals_plain_autodiff(options, monkeypatch):
+    """The custom backward (rebuild step i's memory from the final buffer, recompute the step)
+    against plain autodiff of the same scan, for every input it differentiates: parameters,
+    raw-token embeddings of the sinks and segments (probes), layer KV outputs (AE) and hidden
+    states (``head=False``), with truncation and with the memory's gradient stopped."""
+    from gist_jax.gist import recurrent
 
-    assert segment_scan_is_checkpointed(cfg2, params2)
-    assert not segment_scan_is_checkpointed(cfg, params)
-
-
-@pytest.mark.parametrize("memory", ["kv", "recurrent"])
-def test_layer_kv_output_matches_the_sequential_memory(memory):
-    """``kv_layer`` returns a layer's keys/values without changing the logits; for KV variants
-    the gists' values equal what the sequential reference keeps in memory."""
-    from gist_jax.gist.sequential import sequential_kv
-
-    comp = comp_config(memory, "coarse", sinks=2)
+    comp = comp_config("recurrent", "coarse", sinks=2, bptt_segments=options.get("bptt_segments", 0))
     cfg, params = model(comp)
     layout = build_layout(24, comp)
-    toks, arrays = tokens(1, 24), layout_arrays(layout)
-    plain = compressed_logits(cfg, comp, layout.shape, params, toks, arrays)
-    logits, (k, v) = compressed_logits(cfg, comp, layout.shape, params, toks, arrays, kv_layer=-1)
-    np.testing.assert_array_equal(plain, logits)
-    assert k.shape == v.shape == (1, layout.length, cfg.num_kv_heads, cfg.head_dim)
-    if memory == "kv":
-        memory_state = sequential_kv(cfg, comp, layout, params, toks)[1]
-        gist = layout.is_gist
-        np.testing.assert_allclose(memory_state.v[-1][:, layout.memory_slot[gist]], v[:, gist], atol=1e-5)
+    arrays, toks = layout_arrays(layout), tokens(2, 24)
+    embeds = jax.random.normal(jax.random.key(2), (2, 24, cfg.hidden_size))
+    w_h = jax.random.normal(jax.random.key(3), (2, layout.length, cfg.hidden_size)) * layout.alive[None, :, None]
+    w_k = jax.random.normal(jax.random.key(4), (2, layout.length, cfg.num_kv_heads, cfg.head_dim))
+
+    def loss(p, e):
+        hidden, (k, v) = recurrent.recurrent_scan(cfg, comp, layout.shape, p, toks, arrays, raw_embeds_BxNxE=e,
+                                                  head=False, kv_layer=1,
+                                                  stop_gist_memory_gradient=options.get("stop_memory", False))
+        return jnp.sum(hidden * w_h) + jnp.sum((k + v) * w_k)
+
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, embeds)
+    monkeypatch.setattr(recurrent, "_segments", lambda *args: recurrent._forward(*args)[1])
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, embeds)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    assert float(jnp.abs(ref_grads[1][:, :2]).max()) > 0  # the sinks' embeddings do reach the loss
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)
+
+
+def test_recurrent_backward_memory_is_linear_in_segments(monkeypatch):
+    """Differentiating the scan keeps every step's memory buffer and activations, O(S^2) in the
+    segment count; the custom backward holds the buffer once. Compiled temporary memory of the
+    gradient at 32 and 64 segments of 8 tokens with 4 gist slots each (a buffer much longer
+    than a segment, where the quadratic term shows), with and without the custom backward. The
+    causal kernel's tiles are shrunk to 32 rows, as the default 512 are at long context: one
+    step's own attention over ``[sinks | buffer | segment]`` is bounded by its tiles then."""
+    from gist_jax.gist import recurrent
+    from gist_jax.model import causal
+
+    monkeypatch.setattr(causal, "DEFAULT_BLOCK", 32)
+    comp = comp_config("recurrent", "coarse", sinks=2, ratio=2)
+    cfg, params = model(comp)
+
+    def temp_bytes(segments):
+        n = segments * comp.segment_length
+        layout = build_layout(n, comp)
+        arrays, toks = layout_arrays(layout), tokens(1, n)
+
+        def loss(p):
+            return jnp.sum(compressed_logits(cfg, comp, layout.shape, p, toks, arrays)[:, :, 0])
+
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    growth = temp_bytes(64) / temp_bytes(32)
+    monkeypatch.setattr(recurrent, "_segments", lambda *args: recurrent._forward(*args)[1])
+    plain_growth = temp_bytes(64) / temp_bytes(32)
+    assert plain_growth > 2.5, plain_growth  # the test bites: plain autodiff is quadratic here
+    assert growth <= 2.1, (growth, plain_growth)

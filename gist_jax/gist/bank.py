@@ -14,7 +14,7 @@ row indices alone (``mask_function``: a handful of integer operations on the sta
 geometry), so Splash builds its block tables without a ``T x T`` host array and evaluates
 partial blocks inside the kernel.
 
-Requirements, checked by the config (``gist.config.validate``) or by ``parallel.kv_parallel``
+Requirements, checked by the config (``gist.config.validate``) or by ``forward.kv_parallel``
 which falls back to the decomposed path: every slot live (one ratio per step, not
 ``per_segment``) and whole segments (no padding). On a GPU backend ``attention_impl="bank"``
 runs the ``flash`` path (cuDNN) instead: JAX has no block-sparse GPU kernel to give it.

@@ -21,7 +21,7 @@ Because this is private API, nothing trusts it blindly: ``available()`` runs onc
 (on the first GPU trace that asks): the names must exist and a tiny split attention (local +
 memory parts, merged, bf16, GQA, padding) must agree with the XLA backend in values and
 gradients. Otherwise it reports why, ``attention_impl="split"`` falls back to ``flash`` with
-one warning (``parallel.resolve_attention_impl``), and ``auto`` keeps ``flash``. Off GPU it
+one warning (``forward.resolve_attention_impl``), and ``auto`` keeps ``flash``. Off GPU it
 reports "unavailable" without importing anything CUDA-specific.
 """
 

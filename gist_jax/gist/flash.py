@@ -22,7 +22,7 @@ tail). Dead gist slots (per-segment ratios) only ever sit at the tail of a segme
 every live token, so causality already hides them from live queries. Padding up to whole
 segments does not: it sits before the last segment's live gists, which causality would let
 see it, so a layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``
-instead (``parallel.resolve_attention_impl``). The memory is compacted (live entries first,
+instead (``forward.resolve_attention_impl``). The memory is compacted (live entries first,
 in buffer order, which is segment order), so memory_i is a prefix of length ``c_i``. Exact for
 both position schemes: local keys are rotated at their in-segment positions, memory keys at
 their memory positions, as in the dense masks.

@@ -1,4 +1,5 @@
-"""The training paths: every KV-variant segment in one pass, and Coarse-Rec as a scan.
+"""The training paths: every KV-variant segment in one pass, and Coarse-Rec as a scan
+(``recurrent.py``).
 
 Both return logits in layout order, ``[B, T, V]`` with ``T = layout.shape.length``; the
 sequential reference (``sequential.py``) returns the same array, which is what the tests
@@ -20,7 +21,8 @@ from gist_jax.gist.bank import GistBankKV
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.specs import LayoutArrays, embedding_rows, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
+from gist_jax.gist.recurrent import LayerKV, recurrent_scan
+from gist_jax.gist.specs import LayoutArrays, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
 from gist_jax.gist.split import SplitKV
 from gist_jax.gist.structured import DecomposedKV, structured_spec
 from gist_jax.gist.window import WindowedKV
@@ -29,7 +31,6 @@ from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Decoder, Params, collect_kv
 
 _WARNED: set[str] = set()  # fallbacks already reported in this process (one warning each)
-LayerKV = tuple[jax.Array, jax.Array]  # one layer's un-rotated (k, v), [B, T, K, H] each
 
 
 def resolve_attention_impl(impl: str, whole_segments: bool = True,
@@ -112,112 +113,6 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
                                        mutable=["intermediates"], **kwargs)
     k_LxBxTxKxH, v_LxBxTxKxH = collect_kv(state["intermediates"], cfg)
     return logits, (k_LxBxTxKxH[kv_layer], v_LxBxTxKxH[kv_layer])
-
-
-def recurrent_scan(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
-                   tokens_BxN: jax.Array, arrays: LayoutArrays, *,
-                   raw_embeds_BxNxE: jax.Array | None = None,
-                   stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
-                   head: bool = True) -> jax.Array | tuple[jax.Array, LayerKV]:
-    """Coarse-Rec: ``lax.scan`` over segments with a fixed-size memory of gist states.
-
-    Step i runs ``[sinks | memory buffer | segment i raw + gists]`` causally; memory slots of
-    segments >= i are masked out, so one compiled step serves every segment. Gradients reach
-    at most ``comp.bptt_segments`` segments back through the memory (0: all). With any
-    ``cfg.remat_policy`` but ``none`` the step is also rematerialised at segment boundaries.
-    """
-    b = tokens_BxN.shape[0]
-    s, slots, seg_len, nseg = shape.num_sinks, shape.slots, shape.segment_length, shape.num_segments
-    mem = nseg * slots
-    tokens_BxN = pad_raw(tokens_BxN, shape)
-    tokens_BxT = gather_raw(tokens_BxN, arrays["raw_index"])
-
-    def per_segment(x_BxT):  # [B, T, ...] -> [S, B, Ts, ...]
-        return x_BxT.reshape((x_BxT.shape[0], nseg, shape.segment_tokens) + x_BxT.shape[2:]).swapaxes(0, 1)
-
-    def per_segment_1d(x_T):  # [T] -> [S, Ts]
-        return x_T.reshape(nseg, shape.segment_tokens)
-
-    embeds = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
-    use_raw_embeds = bool(embeds)
-    xs = {
-        "i": jnp.arange(nseg),
-        "tokens": per_segment(tokens_BxT),
-        "position": per_segment_1d(arrays["position"]),
-        "alive": per_segment_1d(arrays["alive"]),
-        "is_gist": per_segment_1d(arrays["is_gist"]),
-        "row": per_segment_1d(embedding_rows(arrays["gist_slot"], comp)),
-    }
-    if use_raw_embeds:
-        xs["embeds"] = per_segment(embeds["input_embeds_BxTxE"])
-    sink_tokens_Bxs = tokens_BxN[:, :s]
-    sink_embeds = None if raw_embeds_BxNxE is None else pad_raw(raw_embeds_BxNxE, shape)[:, :s]
-    sink_pos, sink_live = arrays["buffer_position"][:s], arrays["buffer_live"][:s]
-    mem_pos, mem_live, mem_seg = (arrays[f"buffer_{k}"][s:] for k in ("position", "live", "segment"))
-    prefix = s + mem
-
-    def step(memory_BxMxE, x):
-        i = x["i"]
-        if comp.bptt_segments:
-            hold = (mem_seg < i - comp.bptt_segments)[None, :, None]
-            memory_BxMxE = jnp.where(hold, jax.lax.stop_gradient(memory_BxMxE), memory_BxMxE)
-        if stop_gist_memory_gradient:
-            memory_BxMxE = jax.lax.stop_gradient(memory_BxMxE)
-        zeros_mem = jnp.zeros((b, mem), tokens_BxN.dtype)
-        tokens = jnp.concatenate([sink_tokens_Bxs, zeros_mem, x["tokens"]], axis=1)
-        valid = jnp.concatenate([sink_live & (i > 0), mem_live & (mem_seg < i), x["alive"]])
-        false_prefix = jnp.zeros(prefix, bool)
-        spec = AttentionSpec(
-            positions=jnp.broadcast_to(jnp.concatenate([sink_pos, mem_pos, x["position"]]), tokens.shape),
-            valid=jnp.broadcast_to(valid, tokens.shape),
-            is_gist=jnp.broadcast_to(jnp.concatenate([false_prefix, x["is_gist"]]), tokens.shape),
-            gist_slot=jnp.broadcast_to(jnp.concatenate([jnp.zeros(prefix, jnp.int32), x["row"]]),
-                                       tokens.shape),
-        )
-        seg_embeds = x["embeds"] if use_raw_embeds else jnp.zeros(
-            (b, shape.segment_tokens, cfg.hidden_size), memory_BxMxE.dtype)
-        first = jnp.zeros((b, s, cfg.hidden_size), memory_BxMxE.dtype) if sink_embeds is None else sink_embeds
-        input_embeds = jnp.concatenate([first.astype(memory_BxMxE.dtype), memory_BxMxE,
-                                        seg_embeds.astype(memory_BxMxE.dtype)], axis=1)
-        raw_mask = jnp.full((s,), use_raw_embeds)
-        seg_mask = (~x["is_gist"]) & use_raw_embeds
-        embeds_mask = jnp.concatenate([raw_mask, jnp.ones(mem, bool), seg_mask])
-        outputs = Decoder(cfg).apply(
-            {"params": params}, tokens, spec, input_embeds_BxTxE=input_embeds,
-            input_embeds_mask_BxT=jnp.broadcast_to(embeds_mask, tokens.shape), return_hidden=True,
-            head=head, mutable=["intermediates"] if kv_layer is not None else False)
-        layer_kv: tuple[jax.Array, ...]
-        if kv_layer is None:
-            out, layer_kv = outputs, ()
-        else:
-            out, state = outputs
-            k_all, v_all = collect_kv(state["intermediates"], cfg)
-            layer_kv = (k_all[kv_layer][:, prefix:], v_all[kv_layer][:, prefix:])
-        # Per-token output: logits, or (head=False) the hidden states themselves.
-        if head:
-            logits_BxTxV, hidden_BxTxE = cast(tuple[jax.Array, jax.Array], out)
-        else:
-            logits_BxTxV = hidden_BxTxE = cast(jax.Array, out)
-        gist_states = hidden_BxTxE[:, prefix + seg_len:prefix + seg_len + slots]
-        memory_BxMxE = jax.lax.dynamic_update_slice(
-            memory_BxMxE, gist_states.astype(memory_BxMxE.dtype), (0, i * slots, 0))
-        return memory_BxMxE, (logits_BxTxV[:, prefix:], layer_kv)
-
-    def layout_order(x_SxBxTs):  # [S, B, Ts, ...] -> [B, T, ...]
-        return x_SxBxTs.swapaxes(0, 1).reshape((b, shape.length) + x_SxBxTs.shape[3:])
-
-    if cfg.remat_policy != "none":
-        # Remat at segment boundaries: the backward keeps each segment's incoming gist memory
-        # and recomputes the segment (whose layers remat by the model's own policy), instead of
-        # holding every segment's activations at once.
-        step = jax.checkpoint(step)
-    memory0 = jnp.zeros((b, mem, cfg.hidden_size), cfg.compute_dtype)
-    _, (logits_SxBxTsxV, layer_kv) = jax.lax.scan(step, memory0, xs)
-    logits = layout_order(logits_SxBxTsxV)
-    if kv_layer is None:
-        return logits
-    k_SxBxTsxKxH, v_SxBxTsxKxH = layer_kv
-    return logits, (layout_order(k_SxBxTsxKxH), layout_order(v_SxBxTsxKxH))
 
 
 @overload

@@ -27,7 +27,7 @@ spent most of the step on score-sized reductions and transposes on XLA CPU (prof
 ``docs/performance.md``). Both position schemes are exact: the local part rotates every key at
 its in-segment position, the memory part at its memory position, as the dense mask pairs do.
 
-Selected by ``CompressionConfig.attention_impl = "decomposed"`` (``parallel.kv_parallel``);
+Selected by ``CompressionConfig.attention_impl = "decomposed"`` (``forward.kv_parallel``);
 the dense path stays the reference (``tests/test_structured_attention.py``). Queries whose
 every key is masked (never a live token) get 0 here and a uniform average in the dense path;
 nothing live reads them. cuDNN's fused attention cannot serve part (a) here: its backward

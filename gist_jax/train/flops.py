@@ -101,7 +101,7 @@ def _sequence_counts(num_raw: int, comp: CompressionConfig,
     KV (``specs.parallel_spec``): a live query sees the live tokens of its own segment up to
     itself, plus every memory key ((live gist) | sink) of earlier segments. UniGist
     (``comp.windowed``): ``specs.windowed_mask`` (``window_pairs``). Recurrent
-    (``parallel.recurrent_scan``): step i runs ``[sinks | memory buffer | segment]`` causally
+    (``recurrent.recurrent_scan``): step i runs ``[sinks | memory buffer | segment]`` causally
     with only the P_i valid prefix entries (sinks if i > 0, live gists of segments < i), so it
     adds P_i re-encoded tokens with P_i (P_i + 1) / 2 prefix pairs to the KV count.
     """
@@ -305,7 +305,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
                     over N raw tokens; TIE's segment-local pass over ceil(N / L) rows of L
       Coarse-Rec    S passes of the causal kernel (padding: blockwise) over s + S * slots + Ts
 
-    ``impl``/``causal_impl`` name what ran (``parallel.resolve_attention_impl``,
+    ``impl``/``causal_impl`` name what ran (``forward.resolve_attention_impl``,
     ``causal.resolve_impl``; ``backend`` None: this process's).
     """
     import jax

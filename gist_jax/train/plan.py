@@ -33,6 +33,7 @@ this machine and prints XLA's own memory analysis next to the estimate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from typing import Any
@@ -79,7 +80,7 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
                           compute_dtype: str = "bfloat16", causal_impl: str = "auto") -> int:
     """float32 bytes of the largest per-layer score tensor the attention implementation holds
     (``rows`` = sequences x heads per device), for ``comp.attention_impl`` as it resolves on
-    ``backend`` with ``compute_dtype`` (``parallel.resolve_attention_impl``):
+    ``backend`` with ``compute_dtype`` (``forward.resolve_attention_impl``):
 
       dense       T x K per row (K = 2T with compression: every token also as memory)
       decomposed  one query block x Ts (local) + Ts x M (one memory step of the scan)
@@ -125,11 +126,11 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
 # blockwise causal kernel's backward is a kernel of its own (custom VJP) and holds its score
 # tiles instead (``BLOCKWISE_LIVE_TILES``); cuDNN, Splash and the gist bank cannot be measured
 # here and are sized like autodiff layers, an upper bound until a device measures them.
-# Coarse-Rec under remat checkpoints whole segments: its backward recomputes one segment at a
-# time, so its unit is one segment's share of a layer (``recurrent_remat``, per segment).
 # The dense reference under remat recomputes its [T, 2T] scores and holds their gradient and
-# mask beside them (``dense_remat``).
-WORKING_SET_LAYERS = {"none": 1.0, "remat": 1.2, "dense_remat": 2.0, "blockwise": 0.3, "recurrent_remat": 8.0}
+# mask beside them (``dense_remat``). Coarse-Rec's backward recomputes one segment step at a time
+# (``gist/recurrent.py``), a causal pass over ``s + S * slots + Ts`` rows: its unit is that pass's
+# own plan, saved activations plus working set (``recurrent_step``, ``_recurrent_step_bytes``).
+WORKING_SET_LAYERS = {"none": 1.0, "remat": 1.2, "dense_remat": 2.0, "blockwise": 0.3, "recurrent_step": 1.2}
 # Live float32 tiles of the blockwise causal kernel (scores, probabilities, their gradients,
 # the mask) per query x key block and head.
 BLOCKWISE_LIVE_TILES = 5
@@ -177,15 +178,16 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     micro_per_device = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
     out["activations_saved"] = saved_residual_bytes(base, comp, step, micro_per_device, backend)
     impl = layer_attention_impl(cfg, comp, backend)
-    layer = layer_residual_bytes(base, comp, step, micro_per_device, backend)
-    if impl == "blockwise":
-        layer_set = WORKING_SET_LAYERS["blockwise"] * layer
-    elif cfg.remat_policy == "none":
-        layer_set = WORKING_SET_LAYERS["none"] * layer
-    elif comp.memory == "recurrent":
-        layer_set = WORKING_SET_LAYERS["recurrent_remat"] * layer / build_layout(step.seq_len, comp).shape.num_segments
+    if comp.memory == "recurrent":
+        layer_set = WORKING_SET_LAYERS["recurrent_step"] * _recurrent_step_bytes(base, comp, step, num_devices, backend)
     else:
-        layer_set = WORKING_SET_LAYERS["dense_remat" if impl == "dense" else "remat"] * layer
+        layer = layer_residual_bytes(base, comp, step, micro_per_device, backend)
+        if impl == "blockwise":
+            layer_set = WORKING_SET_LAYERS["blockwise"] * layer
+        elif cfg.remat_policy == "none":
+            layer_set = WORKING_SET_LAYERS["none"] * layer
+        else:
+            layer_set = WORKING_SET_LAYERS["dense_remat" if impl == "dense" else "remat"] * layer
     if sizes["fsdp"] > 1:  # one layer's weights gathered in the compute dtype, and their gradients
         full_bytes = _tree_bytes(abstract, logical, dict.fromkeys(sizes, 1))
         layer_set += 2 * full_bytes // cfg.num_layers * np.dtype(cfg.dtype).itemsize // 4
@@ -198,6 +200,18 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     out["working_set"] = int(max(layer_set, loss_set))
     out["total"] = sum(out.values())
     return out
+
+
+def _recurrent_step_bytes(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
+                          backend: str) -> int:
+    """What the backward of one Coarse-Rec segment step holds: the plan (saved activations and
+    working set) of the plain causal pass it recomputes, over ``[sinks | memory | segment]``."""
+    shape = build_layout(step.seq_len, comp).shape
+    rows = shape.num_sinks + shape.num_segments * shape.slots + shape.segment_tokens
+    one_pass = dataclasses.replace(step, seq_len=rows, objective=dataclasses.replace(step.objective, tie=False,
+                                                                                         ae=False))
+    sized = plan(base, dataclasses.replace(comp, memory="none"), one_pass, num_devices, backend)
+    return sized["activations_saved"] + sized["working_set"]
 
 
 def _data_parallel(mesh: MeshConfig, devices: int) -> int:
