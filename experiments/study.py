@@ -142,22 +142,23 @@ EVAL: dict[str, dict] = {
     "smoke": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction", num_windows=8, batch=4,
                   num_examples=4, context_tokens=128, recall_lengths=(128,), depths=(0.25, 0.75), kinds=("passkey",),
                   probe_steps=10, max_documents=20, ruler_lengths=(2048,), ruler_tasks=("niah_single_1", "vt"),
-                  presses=("knorm", "streaming_llm")),  # --add_suites ruler,kvpress (bytes: RULER needs 2K)
+                  presses=("knorm", "streaming_llm"), ruler_presses=("streaming_llm",)),
+    # smoke: --add_suites ruler,kvpress,ruler_press (bytes: RULER needs 2K)
     # cpu: ~150 forward passes of 512 tokens per compressed checkpoint (see the docstring): 8 windows,
     # continuation contexts of 1 segment, 4 examples per probe at 256-token contexts, an 8-step probe.
-    # cpu: RULER (1K and 4K, nine task kinds) and the kvpress presses only with `--add_suites ruler,kvpress`:
-    # on 2 cores they take longer than the rest of the study (docs/results.md: about 30 s per 1K
-    # generation, minutes at 4K). Their options key their own caches only (study.runner), so adding
-    # them to a finished study computes just these two.
+    # cpu: RULER (1K and 4K, nine task kinds), the kvpress presses and RULER through the presses only with
+    # `--add_suites ruler,kvpress,ruler_press`: on 2 cores they take longer than the rest of the study
+    # (docs/results.md). Their options key their own caches only (study.runner), so adding them to a
+    # finished study computes just them.
     "cpu": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction", num_windows=8,
                 batch=4, context_segments=1, num_examples=4, context_tokens=256, recall_lengths=(256,),
                 depths=(0.25, 0.75), kinds=("passkey",), probe_steps=8, ruler_lengths=(1024, 4096),
                 ruler_tasks=RULER_CPU_TASKS),
-    "gpu": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction,ruler,kvpress", num_windows=64,
-                batch=8, num_examples=32, recall_lengths=(1024, 2048), depths=(0.1, 0.5, 0.9),
+    "gpu": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction,ruler,kvpress,ruler_press",
+                num_windows=64, batch=8, num_examples=32, recall_lengths=(1024, 2048), depths=(0.1, 0.5, 0.9),
                 kinds=("passkey", "multikey_needle"), probe_steps=300, ruler_lengths=(1024, 4096)),
-    "paper": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction,ruler,kvpress", num_windows=256,
-                  batch=8, num_examples=100, recall_lengths=(8192, 16384), depths=(0.1, 0.5, 0.9),
+    "paper": dict(suites="perplexity,boundary,surprise,uuid,recall,reconstruction,ruler,kvpress,ruler_press",
+                  num_windows=256, batch=8, num_examples=100, recall_lengths=(8192, 16384), depths=(0.1, 0.5, 0.9),
                   kinds=("passkey", "multikey_needle"), probe_steps=1000, ruler_lengths=(4096, 16384)),
 }
 

@@ -284,12 +284,17 @@ def test_a_suite_own_option_keys_only_that_suite():
     plan = load_study("smoke")
     spec = plan.run("full")
     more = dataclasses.replace(plan, eval_options={**plan.eval_options, "ruler_lengths": (1024, 4096),
-                                                   "presses": ("knorm",)})
+                                                   "presses": ("knorm",), "ruler_presses": ("knorm",)})
     for suite in ("perplexity", "boundary", "recall"):
         assert runner.cache_key(more, spec, suite, 6) == runner.cache_key(plan, spec, suite, 6)
-    assert runner.cache_key(more, spec, "ruler", 6) != runner.cache_key(plan, spec, "ruler", 6)
+    for suite in ("ruler", "ruler_press"):
+        assert runner.cache_key(more, spec, suite, 6) != runner.cache_key(plan, spec, suite, 6)
+        assert runner.cache_key(more, spec, suite, 6)["options"]["ruler_lengths"] == [1024, 4096]
     assert runner.cache_key(more, spec, "kvpress", 6)["options"]["presses"] == ["knorm"]
     assert "presses" not in runner.cache_key(more, spec, "ruler", 6)["options"]
+    assert "ruler_presses" not in runner.cache_key(more, spec, "ruler", 6)["options"]
+    assert "ruler_presses" not in runner.cache_key(more, spec, "kvpress", 6)["options"]
+    assert runner.cache_key(more, spec, "ruler_press", 6)["options"]["ruler_presses"] == ["knorm"]
 
 
 def test_ruler_and_kvpress_join_a_finished_study_and_its_report(study, tmp_path):
@@ -305,9 +310,10 @@ def test_ruler_and_kvpress_join_a_finished_study_and_its_report(study, tmp_path)
     out = tmp_path / "out"
     for part in ("runs/full", "runs/fine_kv", "cache/full", "cache/fine_kv"):
         shutil.copytree(study["out"] / part, out / part)
-    plan = load_study("smoke", only=("full", "fine_kv"), add_suites=("ruler", "kvpress"))
-    assert runner.missing_suites(out, plan, plan.run("fine_kv")) == ["ruler", "kvpress"]
-    done = subprocess.run(_study(out)[:-1] + ["full,fine_kv", "--add_suites", "ruler,kvpress"], check=False,
+    plan = load_study("smoke", only=("full", "fine_kv"), add_suites=("ruler", "kvpress", "ruler_press"))
+    assert runner.missing_suites(out, plan, plan.run("fine_kv")) == ["ruler", "kvpress", "ruler_press"]
+    assert runner.missing_suites(out, plan, plan.run("full")) == ["ruler"]
+    done = subprocess.run(_study(out)[:-1] + ["full,fine_kv", "--add_suites", "ruler,kvpress,ruler_press"], check=False,
                           cwd=REPO, env=study["env"], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "training" not in done.stderr and not re.search(r"evaluating \w+ step \d+: .*perplexity", done.stderr)
@@ -315,13 +321,42 @@ def test_ruler_and_kvpress_join_a_finished_study_and_its_report(study, tmp_path)
     ruler_part = text.split("## RULER")[1].split("\n## ")[0]
     assert "### 2048 tokens" in ruler_part and "niah_single_1" in ruler_part and "vt" in ruler_part
     assert all(f"| {name} | {s} |" in ruler_part for name, s in
-               (("Full attention", "full"), ("Fine-KV", "full"), ("Fine-KV", "r4"), ("Fine-KV", "r8")))
+               (("Full attention", "full"), ("Fine-KV", "full"), ("Fine-KV", "r4"), ("Fine-KV", "r8"),
+                ("kvpress (training-free)", "streaming_llm_r4"), ("kvpress (training-free)", "streaming_llm_r8")))
     press_part = text.split("## Trained gists vs training-free KV presses")[1].split("\n## ")[0]
     for method in ("full", "local", "Fine-KV (trained gists)", "knorm", "streaming_llm"):
         assert f"| {method} |" in press_part, method
     # The smoke model is random: its full attention does not beat no memory, so efficacy is
     # undefined and the report must say so instead of ordering anything.
     assert "| stdlib | full | " in press_part and "no press is ordered against the gists" in text
+
+
+def test_ruler_section_sets_presses_beside_the_gists(tmp_path):
+    """RULER through a press is one more row of the run's RULER table, and its pooled score is
+    ordered against the gists at the same ratio only where the intervals separate."""
+    from gist_jax.study import report_peers
+    from gist_jax.study.plan import load_study
+    from gist_jax.study.report import Report
+
+    def row(setting, ratio, task, score):
+        return {"checkpoint": "ck", "setting": setting, "ratio": ratio, "task": task, "context_tokens": 1024,
+                "score": score[0], "score_lo": score[1], "score_hi": score[2], "examples": 8}
+
+    gists = {"rows": [row("full", 1, "vt", (0.9, 0.8, 1.0)), row("full", 1, "mean", (0.9, 0.8, 1.0)),
+                      row("r4", 4, "vt", (0.1, 0.0, 0.2)), row("r4", 4, "mean", (0.1, 0.0, 0.2)),
+                      row("r8", 8, "vt", (0.1, 0.0, 0.3)), row("r8", 8, "mean", (0.1, 0.0, 0.3))]}
+    presses = {"rows": [row("expected_attention_r4", 4, "vt", (0.6, 0.4, 0.8)),
+                        row("expected_attention_r4", 4, "mean", (0.6, 0.4, 0.8)),
+                        row("expected_attention_r8", 8, "vt", (0.2, 0.0, 0.4)),
+                        row("expected_attention_r8", 8, "mean", (0.2, 0.0, 0.4))]}
+    report = Report(tmp_path, load_study("smoke", only=("fine_kv",)),
+                    {"fine_kv": {"ruler": gists, "ruler_press": presses}})
+    report_peers.ruler(report)
+    text = "\n".join(report.md)
+    assert "| kvpress (training-free) | expected_attention_r4 |" in text and "| Fine-KV | r4 |" in text
+    above = "Fine-KV gists r4 (0.100 [0, 0.200]) < kvpress expected_attention_r4 (0.600 [0.400, 0.800])"
+    assert any(above in f for f in report.findings), report.findings
+    assert any("expected_attention_r8" in f and "do not separate" in f for f in report.findings)
 
 
 def test_kvpress_section_orders_only_separated_efficacies(tmp_path):

@@ -19,10 +19,11 @@ from gist_jax.utils.progress import progress, write
 logger = logging.getLogger(__name__)
 
 # The paper's probes (``all``), then the suites that compare with what users measure elsewhere and
-# need the ``eval`` extra: RULER generated offline, and kvpress's training-free presses at each
-# ratio's cache budget. Those two are named explicitly (they take longer on a CPU).
+# need the ``eval`` extra: RULER generated offline, kvpress's training-free presses at each
+# ratio's cache budget, and RULER answered through those presses. They are named explicitly (they
+# take longer on a CPU).
 PAPER_SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconstruction")
-SUITES = PAPER_SUITES + ("ruler", "kvpress")
+SUITES = PAPER_SUITES + ("ruler", "kvpress", "ruler_press")
 # Bumped when a suite's numbers change meaning for the same checkpoint and options, so cached
 # results (``gist_jax.study``) are recomputed rather than mixed with new ones. perplexity 2: the
 # targets are the predictions of positions j >= L only (2026-12-02; before, also L - 1's);
@@ -51,6 +52,8 @@ def _suite_fn(name: str) -> Callable:
         from gist_jax.evaluate.ruler import run
     elif name == "kvpress":
         from gist_jax.evaluate.kvpress_peer import run
+    elif name == "ruler_press":
+        from gist_jax.evaluate.ruler_press import run
     else:
         raise ConfigError(f"--suite={name!r} is unknown; use one of {', '.join(SUITES)} or all")
     return run
@@ -77,6 +80,7 @@ SUMMARY_COLUMNS = {
     "ruler": ("checkpoint", "setting", "task", "context_tokens", "score", "score_lo", "score_hi", "examples"),
     "kvpress": ("checkpoint", "dataset", "setting", "ratio", "ppl", "efficacy", "efficacy_lo", "efficacy_hi",
                 "tokens"),
+    "ruler_press": ("checkpoint", "setting", "task", "context_tokens", "score", "score_lo", "score_hi", "examples"),
 }
 
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--checkpoint", help="run workdir, its checkpoints/ dir, or a <step> dir")
     src.add_argument("--compare", nargs="+", help="several checkpoints, evaluated side by side")
     p.add_argument("--suite", default="all", help="comma-separated: perplexity, boundary, surprise, uuid, recall, "
-                                                  "reconstruction, ruler, kvpress; all: the first six")
+                                                  "reconstruction, ruler, kvpress, ruler_press; all: the first six")
     p.add_argument("--out", required=True, help="output directory for JSON, CSV and PNG files")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--datasets", type=_strs, default=("stdlib",), help="source specs: stdlib, files:<glob>, ...")
@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ruler_lengths", type=_ints, default=(1024, 4096), help="ruler: context lengths in tokens")
     p.add_argument("--ruler_tasks", type=_strs, default=None, help="ruler: task names (default: all)")
     p.add_argument("--presses", type=_strs, default=None, help="kvpress: press names (default: the four it compares)")
+    p.add_argument("--ruler_presses", type=_strs, default=None,
+                   help="ruler_press: press names (default: streaming_llm, expected_attention)")
     p.add_argument("--seed", type=int, default=0)
     cli_config.add_checkpoint_overrides(p, OVERRIDABLE)
     args, overrides = cli_config.parse_tool_args(p, argv)
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: getattr(args, k) for k in ("datasets", "split", "max_documents", "window", "num_windows", "ratios",
                                              "batch", "num_examples", "context_tokens", "recall_lengths", "depths",
                                              "kinds", "gen_tokens", "context_segments", "edge", "probe_steps",
-                                             "probe_lr", "ruler_lengths", "ruler_tasks", "presses", "seed")}
+                                             "probe_lr", "ruler_lengths", "ruler_tasks", "presses", "ruler_presses",
+                                             "seed")}
     try:
         if args.compare:
             evaluate.compare(args.compare, args.suite, args.out, **options)

@@ -26,7 +26,7 @@ from gist_jax.errors import ConfigError
 from gist_jax.evaluate import common, stats
 from gist_jax.utils.progress import progress
 
-__all__ = ["TASKS", "RulerExample", "make_examples", "postprocess", "run", "score"]
+__all__ = ["TASKS", "RulerExample", "cell_rows", "examples_by_cell", "make_examples", "postprocess", "run", "score"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,17 @@ def make_examples(task: str, context_tokens: int, num_examples: int, tokenizer: 
         raise
     except ValueError as e:
         raise ConfigError(f"ruler: {e} (options: --ruler_tasks, --ruler_lengths)") from e
+
+
+def examples_by_cell(tasks: Sequence[str], lengths: Sequence[int], num_examples: int, tokenizer: Any,
+                     seed: int) -> dict[tuple[str, int], list[RulerExample]]:
+    """``make_examples`` for every (task, length), warning where fewer examples fit."""
+    examples = {(t, n): make_examples(t, n, num_examples, tokenizer, seed) for n in lengths for t in tasks}
+    for (t, n), exs in examples.items():
+        if len(exs) < num_examples:
+            logger.warning("ruler %s at %d tokens: %d of %d examples (questions whose documents fit)",
+                           t, n, len(exs), num_examples)
+    return examples
 
 
 def postprocess(prediction: str) -> str:
@@ -109,12 +120,7 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, ruler_lengths: Sequence
     tasks = list(ruler_tasks or TASKS)
     lengths = [int(n) for n in ruler_lengths]
     tok = ck.tokenizer
-    examples = {(t, n): make_examples(t, n, num_examples, tok, seed) for n in lengths for t in tasks}
-    for (t, n), exs in examples.items():
-        if len(exs) < num_examples:
-            logger.warning("ruler %s at %d tokens: %d of %d examples (questions whose documents fit)",
-                           t, n, len(exs), num_examples)
-    eos_text = tok.decode([tok.eos_id]) if tok.eos_id is not None else None
+    examples = examples_by_cell(tasks, lengths, num_examples, tok, seed)
     chosen = common.settings(ck, ratios)
     if ruler_settings:
         chosen = [s for s in chosen if s.name in set(ruler_settings)]
@@ -127,30 +133,45 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, ruler_lengths: Sequence
             flat = sorted((e for t in tasks for e in examples[(t, n)]), key=lambda e: len(e.prompt_ids))
             caps = [min(e.max_new_tokens, ruler_max_new_tokens or e.max_new_tokens) for e in flat]
             ids = _generate_ids(ck, setting, [e.prompt_ids for e in flat], max(caps), batch)
-            scores: dict[str, list[float]] = {t: [] for t in tasks}
-            for e, cap, gen in zip(flat, caps, ids):
-                raw = tok.decode(gen[:cap])
-                pred = cut_prediction(raw, eos_text)
-                s = score(e.task, pred, e.answers)
-                scores[e.task].append(s)
-                per_example.append({"setting": setting.name, "task": e.task, "context_tokens": n, "index": e.index,
-                                    "prompt_tokens": len(e.prompt_ids), "answers": e.answers, "prediction": pred,
-                                    "generated": raw, "score": s})
-            if len(tasks) > 1:  # pooled: every example of every task, so small per-task counts still bound it
-                scores[MEAN_TASK] = [x for t in tasks for x in scores[t]]
-            for t in scores:
-                members = tasks if t == MEAN_TASK else [t]
-                est = stats.mean(scores[t], seed=seed)
-                rows.append({"checkpoint": ck.name, "setting": setting.name, "ratio": setting.ratio or 1, "task": t,
-                             "context_tokens": n, "score": est.value, "score_lo": est.lo, "score_hi": est.hi,
-                             "examples": est.n,
-                             "prompt_tokens": float(np.mean([len(e.prompt_ids) for m in members
-                                                             for e in examples[(m, n)]])),
-                             "max_new_tokens": max(min(task_max_new_tokens(m), ruler_max_new_tokens or 10 ** 9)
-                                                   for m in members)})
+            got_rows, got_examples = cell_rows(ck.name, setting.name, setting.ratio or 1, n, tasks, examples,
+                                               flat, caps, ids, tok, seed, ruler_max_new_tokens)
+            rows += got_rows
+            per_example += got_examples
     _plot(rows, out_dir / "ruler_scores.png")
     extra = {"examples": per_example, "lengths": lengths, "tasks": tasks, "num_examples": num_examples, "seed": seed}
     return common.write_results(out_dir, "ruler", rows, extra)
+
+
+def cell_rows(checkpoint: str, setting: str, ratio: int, n: int, tasks: Sequence[str],
+              examples: dict[tuple[str, int], list[RulerExample]], flat: Sequence[RulerExample],
+              caps: Sequence[int], generated: Sequence[Sequence[int]], tok: Any, seed: int,
+              max_new_tokens: int | None) -> tuple[list[dict], list[dict]]:
+    """Score one (setting, length) cell: ``generated[i]`` answers ``flat[i]``, cut to ``caps[i]``
+    tokens and at EOS. Rows per task and, with several tasks, the pooled ``MEAN_TASK`` row (every
+    example of every task, so small per-task counts still bound it), each with its bootstrap
+    interval; and one record per example. Shared by this suite and ``ruler_press``."""
+    eos_text = tok.decode([tok.eos_id]) if tok.eos_id is not None else None
+    scores: dict[str, list[float]] = {t: [] for t in tasks}
+    per_example = []
+    for e, cap, gen in zip(flat, caps, generated):
+        raw = tok.decode(list(gen)[:cap])
+        pred = cut_prediction(raw, eos_text)
+        s = score(e.task, pred, e.answers)
+        scores[e.task].append(s)
+        per_example.append({"setting": setting, "task": e.task, "context_tokens": n, "index": e.index,
+                            "prompt_tokens": len(e.prompt_ids), "answers": e.answers, "prediction": pred,
+                            "generated": raw, "score": s})
+    if len(tasks) > 1:
+        scores[MEAN_TASK] = [x for t in tasks for x in scores[t]]
+    rows = []
+    for t in scores:
+        members = tasks if t == MEAN_TASK else [t]
+        est = stats.mean(scores[t], seed=seed)
+        rows.append({"checkpoint": checkpoint, "setting": setting, "ratio": ratio, "task": t, "context_tokens": n,
+                     "score": est.value, "score_lo": est.lo, "score_hi": est.hi, "examples": est.n,
+                     "prompt_tokens": float(np.mean([len(e.prompt_ids) for m in members for e in examples[(m, n)]])),
+                     "max_new_tokens": max(min(task_max_new_tokens(m), max_new_tokens or 10 ** 9) for m in members)})
+    return rows, per_example
 
 
 def task_max_new_tokens(task: str) -> int:

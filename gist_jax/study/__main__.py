@@ -8,8 +8,8 @@ Rerun the same command after a kill to resume; on a finished study it only rewri
     --report_only   write the report from what is cached; train and evaluate nothing
     --runs a,b      only these runs of the grid (default: all)
     --max_steps N   stop every run at step N (to time a scale before running it whole)
-    --add_suites ruler,kvpress   suites beyond the scale's list (the cpu scale leaves these two out:
-                    at its sizes they take longer than the rest of the study; gpu and paper run them)
+    --add_suites ruler,kvpress,ruler_press   suites beyond the scale's list (the cpu scale leaves these
+                    out: at its sizes they take longer than the rest of the study; gpu and paper run them)
 Exit codes: 0 done, 2 configuration error (one line).
 """
 
@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="", help="comma-separated subset of the grid")
     p.add_argument("--report_only", action="store_true", help="only write the report from cached results")
     p.add_argument("--max_steps", type=int, default=0, help="stop every run at this step (timing a scale); 0: all")
-    p.add_argument("--add_suites", default="", help="suites beyond the scale's, e.g. ruler,kvpress (only they are "
-                                                    "computed for a finished study)")
+    p.add_argument("--add_suites", default="", help="suites beyond the scale's, e.g. ruler,kvpress,ruler_press "
+                                                    "(only they are computed for a finished study)")
     args = p.parse_args(argv)
     from gist_jax.utils.logs import setup_logging
 

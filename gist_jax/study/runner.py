@@ -103,14 +103,16 @@ def is_trained(out: pathlib.Path, spec: RunSpec) -> bool:
     return latest_step(workdir(out, spec)) == spec.run.num_steps
 
 
-# Options only one suite reads: they key that suite's cache and no other, so adding RULER or the
-# kvpress peer to a study computes those two and keeps every other suite's cached result.
-SUITE_OWN_OPTIONS = {"ruler_lengths": "ruler", "ruler_tasks": "ruler", "presses": "kvpress"}
+# Options only some suites read: they key those suites' caches and no other, so adding RULER or the
+# kvpress peers to a study computes just them and keeps every other suite's cached result.
+SUITE_OWN_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ruler_lengths": ("ruler", "ruler_press"), "ruler_tasks": ("ruler", "ruler_press"),
+    "presses": ("kvpress",), "ruler_presses": ("ruler_press",)}
 
 
 def cache_key(study: Study, spec: RunSpec, suite: str, step: int) -> dict[str, Any]:
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(study.eval_options.items())
-               if SUITE_OWN_OPTIONS.get(k, suite) == suite}
+               if suite in SUITE_OWN_OPTIONS.get(k, (suite,))}
     return {"run": spec.name, "suite": suite, "version": suite_version(suite), "step": step,
             "ratios": list(study.ratios), "options": options}
 
