@@ -34,20 +34,22 @@ def model(ck):
     return torch_base_model(ck)
 
 
-def test_unpressed_cache_decodes_as_transformers_generate(ck, model):
-    """The prompt's whole segments prefilled into a plain cache, the rest fed at its positions,
-    then greedy: token for token what ``model.generate`` gives on the whole prompt."""
+@pytest.mark.parametrize("length", [53, 48])
+def test_unpressed_cache_decodes_as_transformers_generate(ck, model, length):
+    """The prompt's whole segments prefilled into a plain cache, the rest fed at its positions
+    (none when the prompt ends on a segment boundary: the first token then comes from the
+    prefill's last state), then greedy: token for token what ``model.generate`` gives."""
     import torch
-    import transformers
 
+    from gist_jax.evaluate import torch_base
     from gist_jax.evaluate.ruler_press import greedy_on_cache
 
-    ids = torch.tensor([list(range(40, 40 + 53))]) % ck.tokenizer.vocab_size
+    ids = torch.tensor([list(range(40, 40 + length))]) % ck.tokenizer.vocab_size
     context = (ids.shape[1] // 16) * 16
-    cache = transformers.DynamicCache()
-    with torch.no_grad():
-        model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
-    got = greedy_on_cache(model, ids, context, cache, 12, None, ck.tokenizer.vocab_size)
+    pre = torch_base.prefill(model, ids[:, :context])
+    cache = torch_base.compressed_cache(model, pre, context, None)
+    last = pre.last_hidden[:, -1] if context == length else None
+    got = greedy_on_cache(model, ids, context, cache, 12, None, ck.tokenizer.vocab_size, last)
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:].tolist()
     assert got == want

@@ -59,18 +59,24 @@ def _pressed_cache(model: Any, ids_1xP: Any, pre: Any, context: int, name: str, 
 
 
 def greedy_on_cache(model: Any, ids_1xP: Any, start: int, cache: Any, max_new_tokens: int, eos_id: int | None,
-                    vocab: int) -> list[int]:
+                    vocab: int, last_hidden: Any = None) -> list[int]:
     """Feed prompt tokens ``start ..`` at their original positions on ``cache`` (which may hold
-    fewer entries than ``start``), then decode greedily; ids >= ``vocab`` are never chosen."""
+    fewer entries than ``start``), then decode greedily; ids >= ``vocab`` are never chosen. A
+    prompt that ends on a segment boundary has nothing left to feed: its first answer token comes
+    from ``last_hidden`` (the prefill's final-norm state of its last token, computed before the
+    press, as a gist model's comes from its last raw token before the segment is compressed)."""
     import torch
 
     feed, pos, out = ids_1xP[:, start:], start, []
+    if feed.shape[1] == 0 and last_hidden is None:
+        raise ValueError("the whole prompt is in the cache: pass the prefill's last_hidden for the first token")
     with torch.no_grad():
         for _ in range(max_new_tokens):
-            positions = torch.arange(pos, pos + feed.shape[1]).unsqueeze(0)
-            hidden = model.model(input_ids=feed, past_key_values=cache, position_ids=positions,
-                                 use_cache=True).last_hidden_state
-            logits = model.lm_head(hidden[:, -1]).float()
+            if feed.shape[1]:
+                positions = torch.arange(pos, pos + feed.shape[1]).unsqueeze(0)
+                last_hidden = model.model(input_ids=feed, past_key_values=cache, position_ids=positions,
+                                          use_cache=True).last_hidden_state[:, -1]
+            logits = model.lm_head(last_hidden).float()
             logits[:, vocab:] = -float("inf")
             token = int(logits.argmax(-1))
             out.append(token)
@@ -113,8 +119,9 @@ def run(ck: common.Checkpoint, out_dir: pathlib.Path, *, ruler_lengths: Sequence
             for name in names:
                 for r in ratios:
                     cache = _pressed_cache(model, ids, pre, context, name, r, budget, ck.comp.num_sinks)
+                    last = pre.last_hidden[:, -1] if context == len(e.prompt_ids) else None
                     generated.setdefault((f"{name}_r{r}", n), []).append(
-                        greedy_on_cache(model, ids, context, cache, cap, tok.eos_id, vocab))
+                        greedy_on_cache(model, ids, context, cache, cap, tok.eos_id, vocab, last))
     rows, per_example = [], []
     for (setting, n), ids_list in generated.items():
         flat = flat_by_n[n]
