@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # pip on these machines warns about every missing local index; keep the output readable.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test lint install install-twin test-twin clean-cache
+.PHONY: demo test lint install install-twin test-twin clean-cache test-quick
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ export GIST_JAX_TEST_XLA_FLAGS = $(TEST_XLA_FLAGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The same without the tests marked `slow` (the real SmolLM2, multi-process and 50-step runs):
+# the inner loop while changing code; `make test` (and CI) runs everything.
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 # ruff (rules in pyproject.toml; lint only, no reformatting) and mypy on the core packages.
 LINT_MYPY := gist_jax/model gist_jax/gist gist_jax/train

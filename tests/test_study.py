@@ -184,17 +184,15 @@ def test_a_finished_study_re_reports_without_retraining(study):
     out = study["out"]
     caches = {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")}
     steps, report_mtime = _steps(out), (out / "report" / "study.md").stat().st_mtime_ns
-    start = time.perf_counter()
     done = subprocess.run(_study(out), check=False, cwd=REPO, env=study["env"], capture_output=True, text=True,
                           timeout=300)
-    seconds = time.perf_counter() - start
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "re-reporting from the cache" in done.stdout + done.stderr  # a log line (stderr)
+    logged = done.stdout + done.stderr
+    assert "re-reporting from the cache" in logged  # a log line (stderr)
+    assert "[study] evaluating" not in logged and "[study] training" not in logged  # nothing ran, nothing loaded
     assert _steps(out) == steps
     assert {p: p.stat().st_mtime_ns for p in (out / "cache").rglob("*.json")} == caches
     assert (out / "report" / "study.md").stat().st_mtime_ns > report_mtime
-    assert seconds < 90, f"re-reporting took {seconds:.0f}s"  # loads no model (loose: the machine is shared)
-    print(f"\nre-report: {seconds:.1f}s")
 
 
 def test_a_run_trained_under_another_recipe_is_refused_not_re_reported(study, tmp_path):
