@@ -21,14 +21,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SLOW_RANK = 60  # seconds a rank that launch.local should stop would otherwise run
 
 
-def launch(script: str, *args: str, flags: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
-    """Runs two ranks of `script` (``python -c``, `args` after it); returns the result and the wall time."""
+def launch(script: str, *args: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Runs two ranks of `script` (``python -c``, `args` after it). The timeout is below
+    ``SLOW_RANK``: a rank that launch.local failed to stop would raise TimeoutExpired here, so a
+    returned result means every rank was stopped (no wall-clock bound of its own)."""
     command = [sys.executable, "-m", "launch.local", "--num_processes", "2", *flags, "--",
                sys.executable, "-c", "import os, sys, time\nrank = int(os.environ['GIST_JAX_PROCESS_ID'])\n"
                + textwrap.dedent(script), *args]
-    start = time.monotonic()
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SLOW_RANK - 10, check=False)
-    return result, time.monotonic() - start
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=SLOW_RANK - 10, check=False)
 
 
 def summary_line(result: subprocess.CompletedProcess, rank: int) -> str:
@@ -50,7 +50,7 @@ def test_a_rank_exiting_with_code_3_is_the_cause_and_the_waiting_rank_is_stopped
     # Rank 0 waits behind a child process (like the python under a `bash -c` wrapper waiting in
     # jax.distributed.initialize); rank 1 fails once that child runs.
     started = tmp_path / "child_pid"
-    result, took = launch(f"""
+    result = launch(f"""
         import pathlib, subprocess
         started = pathlib.Path(sys.argv[1])
         if rank == 0:
@@ -72,7 +72,6 @@ def test_a_rank_exiting_with_code_3_is_the_cause_and_the_waiting_rank_is_stopped
     stopped = summary_line(result, 0)
     assert "stopped by launch.local after rank 1 failed" in stopped and "rank 0 waiting for every worker" in stopped
     assert "exit status 3" in result.stderr.splitlines()[-1]
-    assert took < SLOW_RANK / 3
     child = int(started.read_text())
     if os.path.isdir("/proc"):
         deadline = time.monotonic() + 5
@@ -82,7 +81,7 @@ def test_a_rank_exiting_with_code_3_is_the_cause_and_the_waiting_rank_is_stopped
 
 
 def test_a_rank_killed_by_sigkill_is_named_with_its_signal_and_its_last_line():
-    result, took = launch(f"""
+    result = launch(f"""
         if rank == 1:
             print("rank 1 allocating too much")  # not flushed: launch.local makes python unbuffered
             os.kill(os.getpid(), 9)
@@ -93,12 +92,11 @@ def test_a_rank_killed_by_sigkill_is_named_with_its_signal_and_its_last_line():
     cause = summary_line(result, 1)
     assert "killed by SIGKILL (signal 9), the first rank to fail" in cause and "rank 1 allocating too much" in cause
     assert "stopped by launch.local after rank 1 failed" in summary_line(result, 0)
-    assert took < SLOW_RANK / 3
 
 
 @pytest.mark.parametrize("rank_0_finishes", [True, False])
 def test_the_timeout_stops_the_ranks_still_running_and_exits_124(rank_0_finishes):
-    result, took = launch(f"""
+    result = launch(f"""
         print(f"rank {{rank}} started")
         if rank == 1 or not {rank_0_finishes}:
             print(f"rank {{rank}} stuck in a collective")
@@ -112,11 +110,10 @@ def test_the_timeout_stops_the_ranks_still_running_and_exits_124(rank_0_finishes
         assert "launch.local: rank 0:" not in result.stderr  # it finished cleanly
     else:
         assert "still running at the 3s timeout; stopped" in summary_line(result, 0)
-    assert took < SLOW_RANK / 3
 
 
 def test_a_clean_run_says_nothing_and_exits_0():
-    result, _ = launch("print(f'rank {rank} done')")
+    result = launch("print(f'rank {rank} done')")
     assert result.returncode == 0 and "launch.local" not in result.stderr, result.stderr
     assert "[0] rank 0 done" in result.stdout and "[1] rank 1 done" in result.stdout
 
