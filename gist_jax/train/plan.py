@@ -211,7 +211,7 @@ def _recurrent_step_bytes(base: ModelConfig, comp: CompressionConfig, step: Step
     one_pass = dataclasses.replace(step, seq_len=rows, objective=dataclasses.replace(step.objective, tie=False,
                                                                                          ae=False))
     sized = plan(base, dataclasses.replace(comp, memory="none"), one_pass, num_devices, backend)
-    return sized["activations_saved"] + sized["working_set"]
+    return int(sized["activations_saved"] + sized["working_set"])
 
 
 def _data_parallel(mesh: MeshConfig, devices: int) -> int:
