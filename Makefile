@@ -71,7 +71,8 @@ TWIN_STAMP := $(TWIN_VENV)/.installed
 # through its entry point (benchmark, flash/split, peer stage); split attention's self-test and
 # mutation checks and one case against dense; the sharded train step on two meshes; the causal fast
 # path of the full-attention baseline; compressed decoding against the parallel forward; UniGist's
-# windowed path against dense (values and gradients) and its rolling-window decode.
+# windowed path against dense (values and gradients) and its rolling-window decode; Coarse-Rec's
+# custom backward against plain autodiff.
 TWIN_TESTS := tests/test_imports.py \
 	tests/test_gpu_check.py::test_dry_run_measures_every_stage_and_writes_json_and_markdown \
 	tests/test_split_attention.py::test_self_test_passes_xla_fails_the_mutation_and_runs_inside_a_trace \
@@ -82,7 +83,8 @@ TWIN_TESTS := tests/test_imports.py \
 	tests/test_causal_attention.py::test_full_attention_baseline_uses_fast_path \
 	"tests/test_compressed_generate.py::test_decode_equals_parallel_forward[kv-fine-compressed-0]" \
 	"tests/test_unigist.py::test_windowed_structured_equals_dense[4-2-8-12-40]" \
-	"tests/test_unigist_decode.py::test_decode_equals_parallel_forward[0-2-8-12-6]"
+	"tests/test_unigist_decode.py::test_decode_equals_parallel_forward[0-2-8-12-6]" \
+	"tests/test_gist_parity.py::test_recurrent_backward_equals_plain_autodiff[bptt1]"
 
 install-twin: $(TWIN_STAMP)
 
