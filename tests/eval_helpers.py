@@ -1,9 +1,14 @@
-"""The tiny checkpoint the evaluation tests share (test_evaluate, test_ruler, test_kvpress_peer)."""
+"""The tiny checkpoint the evaluation tests share (test_evaluate, test_ruler, test_kvpress_peer,
+test_ruler_press), and module-scoped fixtures over it (``checkpoint``, ``ck``, and ``model``, its
+torch base model), registered for every test file by ``conftest.pytest_plugins``; a file may
+override ``checkpoint`` with one of its own."""
 
 from __future__ import annotations
 
 import pathlib
 import sys
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -32,3 +37,24 @@ def tiny_step0_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
                                                            state))
     ckpt.close()
     return workdir
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> pathlib.Path:
+    """``tiny_step0_checkpoint`` in a directory of the test module's own."""
+    return tiny_step0_checkpoint(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="module")
+def ck(checkpoint):
+    from gist_jax.evaluate.common import load_checkpoint
+
+    return load_checkpoint(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def model(ck):
+    """The checkpoint's base model in PyTorch (``torch_base``)."""
+    from gist_jax.evaluate.torch_base import torch_base_model
+
+    return torch_base_model(ck)

@@ -10,7 +10,6 @@ import pathlib
 
 import numpy as np
 import pytest
-from eval_helpers import tiny_step0_checkpoint
 
 from gist_jax.evaluate import metrics
 
@@ -48,12 +47,6 @@ def test_position_in_segment_bucketing():
 
 
 # ----------------------------------------------------------------------------- suites
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-    """A step-0 checkpoint of ``experiments/demo.py:tiny`` (``eval_helpers``)."""
-    return tiny_step0_checkpoint(tmp_path_factory.mktemp("tiny_run"))
-
-
 SMALL = dict(num_windows=2, num_examples=2, context_tokens=128, recall_lengths=(96, 128), depths=(0.2, 0.8),
              kinds=("passkey",), probe_steps=3, batch=2)
 FILES = {

@@ -11,33 +11,12 @@ import pathlib
 
 import numpy as np
 import pytest
-from eval_helpers import tiny_step0_checkpoint
 
 pytestmark = pytest.mark.requires("torch", "kvpress")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = dict(num_windows=3, batch=2)
 L = 16  # experiments/demo.py:tiny: segments of 16, windows of 64, ratios 4 and 8
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-    """A step-0 checkpoint of ``experiments/demo.py:tiny`` (``eval_helpers``)."""
-    return tiny_step0_checkpoint(tmp_path_factory.mktemp("tiny_kvpress_run"))
-
-
-@pytest.fixture(scope="module")
-def ck(checkpoint):
-    from gist_jax.evaluate.common import load_checkpoint
-
-    return load_checkpoint(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def model(ck):
-    from gist_jax.evaluate.torch_base import torch_base_model
-
-    return torch_base_model(ck)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pathlib
 import re
 
 import pytest
-from eval_helpers import tiny_step0_checkpoint
 
 from gist_jax.data.tokenizer import ByteTokenizer
 from gist_jax.errors import ConfigError
@@ -211,12 +210,6 @@ def test_what_is_scored_is_the_generation_up_to_eos():
 
 
 # ----------------------------------------------------------------------------- the suite
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-    """A step-0 checkpoint of ``experiments/demo.py:tiny`` (``eval_helpers``)."""
-    return tiny_step0_checkpoint(tmp_path_factory.mktemp("tiny_run"))
-
-
 @NEEDS_DATA
 def test_the_suite_end_to_end_on_a_tiny_checkpoint(checkpoint, tmp_path):
     from gist_jax.evaluate import SUMMARY_COLUMNS, run_suites

@@ -7,31 +7,10 @@ recorded prediction."""
 from __future__ import annotations
 
 import json
-import pathlib
 
 import pytest
-from eval_helpers import tiny_step0_checkpoint
 
 pytestmark = pytest.mark.requires("torch", "kvpress", "long_context_eval", "wonderwords")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> pathlib.Path:
-    return tiny_step0_checkpoint(tmp_path_factory.mktemp("tiny_ruler_press_run"))
-
-
-@pytest.fixture(scope="module")
-def ck(checkpoint):
-    from gist_jax.evaluate.common import load_checkpoint
-
-    return load_checkpoint(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def model(ck):
-    from gist_jax.evaluate.torch_base import torch_base_model
-
-    return torch_base_model(ck)
 
 
 @pytest.mark.parametrize("length", [53, 48])
