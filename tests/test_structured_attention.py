@@ -294,7 +294,7 @@ def test_gist_bank_under_a_sharded_mesh():
     cfg, params = model(comp)
     layout = build_layout(32, comp)
     arrays, toks = layout_arrays(layout), tokens(4, 32)
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), MESH_AXES)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 1, 2), MESH_AXES)
     weights = jax.random.normal(jax.random.key(3), (4, layout.length, cfg.vocab_size))
     weights = weights * jnp.asarray(layout.alive)[None, :, None]
 

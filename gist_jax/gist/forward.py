@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from gist_jax.gist.bank import GistBankKV
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.context_parallel import ContextParallelKV, check_shape
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.recurrent import LayerKV, recurrent_scan
@@ -28,6 +29,7 @@ from gist_jax.gist.structured import DecomposedKV, structured_spec
 from gist_jax.gist.window import WindowedKV
 from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.sharding import context_size
 from gist_jax.model.transformer import Decoder, Params, collect_kv
 
 _WARNED: set[str] = set()  # fallbacks already reported in this process (one warning each)
@@ -95,7 +97,13 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
         structure: AttentionStructure
-        if comp.windowed:
+        if context_size() > 1:
+            # The sequence is split over the mesh's context axis: the decomposed kernel per
+            # block, with only the gist memory gathered (context_parallel.py).
+            assert not comp.windowed, "check_context_parallel refuses UniGist with mesh.context > 1"
+            check_shape(shape, context_size())
+            structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape))
+        elif comp.windowed:
             structure = WindowedKV.from_arrays(arrays, shape, comp.window)
         elif impl == "decomposed":
             structure = DecomposedKV.from_arrays(arrays, shape)

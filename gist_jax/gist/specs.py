@@ -16,6 +16,7 @@ import numpy as np
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.sharding import constrain, context_size
 
 LayoutArrays = dict[str, jax.Array]
 _Rows = TypeVar("_Rows", np.ndarray, jax.Array)
@@ -53,11 +54,26 @@ def gather_raw(raw_BxN: jax.Array, raw_index_T: jax.Array) -> jax.Array:
     return jnp.take(raw_BxN, jnp.maximum(raw_index_T, 0), axis=1)
 
 
-def raw_rows(x_BxTx: jax.Array, arrays: LayoutArrays, num_raw: int) -> jax.Array:
+def raw_rows(x_BxTx: jax.Array, arrays: LayoutArrays, num_raw: int,
+             shape: LayoutShape | None = None) -> jax.Array:
     """Rows of layout-order activations (hidden states, logits) that belong to raw tokens
     0..num_raw-1, in raw order: the only rows with an LM label, gathered before the head so
-    gists never reach it."""
-    return jnp.take(x_BxTx, arrays["raw_position"][:num_raw], axis=1)
+    gists never reach it.
+
+    With the sequence split over the mesh's ``context`` axis (and ``shape`` given), the rows
+    are gathered segment by segment, ``[B, S, Ts] -> [B, S, L]``: a gather batched over
+    segments stays on the device that holds them, where one gather over the whole layout
+    axis would make XLA move every hidden row."""
+    if shape is None or context_size() == 1:
+        return jnp.take(x_BxTx, arrays["raw_position"][:num_raw], axis=1)
+    s, ts, seg_len = shape.num_segments, shape.segment_tokens, shape.segment_length
+    b, rest = x_BxTx.shape[0], x_BxTx.shape[2:]
+    in_segment_SxL = (arrays["raw_position"].reshape(s, seg_len)
+                      - (jnp.arange(s, dtype=jnp.int32) * ts)[:, None])
+    index = in_segment_SxL.reshape((1, s, seg_len) + (1,) * len(rest))
+    per_segment = ("activation_batch", "activation_length", None) + (None,) * len(rest)
+    rows = jnp.take_along_axis(constrain(x_BxTx.reshape((b, s, ts) + rest), per_segment), index, axis=2)
+    return constrain(rows, per_segment).reshape((b, s * seg_len) + rest)[:, :num_raw]
 
 
 def pad_raw(tokens_BxN: jax.Array, shape: LayoutShape) -> jax.Array:

@@ -119,18 +119,26 @@ class SegmentPlan:
 
 
 def segment_plan(num_segments: int, segment_tokens: int, num_sinks: int, slots: int,
-                 query_block: int | None = None, max_groups: int | None = None) -> SegmentPlan:
+                 query_block: int | None = None, max_groups: int | None = None,
+                 max_first_segment: int = 0) -> SegmentPlan:
     """Segments 1..S-1 in at most ``max_groups`` contiguous groups of equal size, each bounded
     by its last segment's memory prefix. Defaults read at trace time (``QUERY_BLOCK``,
-    ``MAX_MEMORY_GROUPS``), so tests can shrink them."""
+    ``MAX_MEMORY_GROUPS``), so tests can shrink them.
+
+    ``max_first_segment`` > 0: the ``num_segments`` are one block of a longer sequence whose
+    global index starts at a traced ``first_segment`` of at most this (context parallelism,
+    ``context_parallel.py``). Every local segment may then have a memory, and each group's
+    bound is that of the block starting latest: shapes are static, so every block computes
+    what the last one needs (the memory bias masks the rest)."""
     bq = min(query_block or QUERY_BLOCK, segment_tokens)
     blocks = tuple((r, min(r + bq, segment_tokens)) for r in range(0, segment_tokens, bq))
     groups = []
-    if num_segments > 1:
-        size = -(-(num_segments - 1) // (max_groups or MAX_MEMORY_GROUPS))
-        for first in range(1, num_segments, size):
+    start = 0 if max_first_segment else 1
+    if num_segments > start:
+        size = -(-(num_segments - start) // (max_groups or MAX_MEMORY_GROUPS))
+        for first in range(start, num_segments, size):
             end = min(first + size, num_segments)
-            groups.append((first, end, num_sinks + (end - 1) * slots))
+            groups.append((first, end, num_sinks + (max_first_segment + end - 1) * slots))
     return SegmentPlan(num_sinks, slots, blocks, tuple(groups))
 
 
@@ -147,8 +155,10 @@ def _local_bias(r0: int, r1: int, valid_BxTs: jax.Array) -> jax.Array:
 
 
 def _memory_bias(i: jax.Array, bound: int, live_M: jax.Array, plan: SegmentPlan) -> jax.Array:
-    """[bound]: the buffer entries segment i sees (live, owned by a segment < i)."""
-    return _bias(live_M[:bound] & (jnp.arange(bound) < plan.num_sinks + i * plan.slots))
+    """[bound]: the buffer entries segment i (global index) sees: live, owned by a segment
+    < i; segment 0 sees none (its sinks are its own raw tokens, in the local part)."""
+    seen = jnp.where(i > 0, plan.num_sinks + i * plan.slots, 0)
+    return _bias(live_M[:bound] & (jnp.arange(bound) < seen))
 
 
 def _partial(q_BxKxGxQxH: jax.Array, k_BxKxCxH: jax.Array, v_BxKxCxH: jax.Array,
@@ -200,8 +210,9 @@ def _local_forward(q, k, v, valid, plan):
     return jax.lax.scan(body, None, (q, k, v, valid))[1]
 
 
-def _memory_forward(q, km, vm, live, plan):
-    """Segments 1..S-1 against their memory prefix: one scan per group, at the group's bound."""
+def _memory_forward(q, km, vm, live, first_segment, plan):
+    """Segments of the groups against their memory prefix: one scan per group, at the group's
+    bound; local segment j is global segment ``first_segment + j``."""
     outs, lses = [], []
     for first, end, bound in plan.groups:
         def body(carry, x, bound=bound):
@@ -209,13 +220,14 @@ def _memory_forward(q, km, vm, live, plan):
             bias = _memory_bias(i, bound, live, plan)
             return carry, _partial(q_i, km[:, :, :bound], vm[:, :, :bound], bias)
 
-        _, (o, l) = jax.lax.scan(body, None, (q[first:end], jnp.arange(first, end, dtype=jnp.int32)))
+        index = first_segment + jnp.arange(first, end, dtype=jnp.int32)
+        _, (o, l) = jax.lax.scan(body, None, (q[first:end], index))
         outs.append(o)
         lses.append(l)
     return jnp.concatenate(outs, axis=0), jnp.concatenate(lses, axis=0)
 
 
-def _forward(q, k, v, km, vm, valid, live, plan):
+def _forward(q, k, v, km, vm, valid, live, first_segment, plan):
     """(out float32 [S, B, K, G, Ts, H], lse [S, B, K, G, Ts]) of the one merged softmax."""
     # The masks depend only on layout arrays. Under the layer scan's partial evaluation such
     # values count as known and are hoisted out as residuals, materialised at score size;
@@ -224,37 +236,40 @@ def _forward(q, k, v, km, vm, valid, live, plan):
     out, lse = _local_forward(q, k, v, valid, plan)
     if not plan.groups:
         return out, lse
-    o_mem, l_mem = _memory_forward(q, km, vm, live, plan)
-    o_loc, l_loc = out[1:], lse[1:]
+    g0 = plan.groups[0][0]  # segments before it have no memory part
+    o_mem, l_mem = _memory_forward(q, km, vm, live, first_segment, plan)
+    o_loc, l_loc = out[g0:], lse[g0:]
     top = jnp.maximum(l_loc, l_mem)
     w_loc, w_mem = jnp.exp(l_loc - top), jnp.exp(l_mem - top)
     total = w_loc + w_mem
     o = (w_loc[..., None] * o_loc + w_mem[..., None] * o_mem) / total[..., None]
-    return (jnp.concatenate([out[:1], o], axis=0),
-            jnp.concatenate([lse[:1], top + jnp.log(total)], axis=0))
+    return (jnp.concatenate([out[:g0], o], axis=0),
+            jnp.concatenate([lse[:g0], top + jnp.log(total)], axis=0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def segment_attention(q_SxBxKxGxTsxH: jax.Array, k_SxBxKxTsxH: jax.Array, v_SxBxKxTsxH: jax.Array,
                       km_BxKxMxH: jax.Array, vm_BxKxMxH: jax.Array, valid_SxBxTs: jax.Array,
-                      live_M: jax.Array, plan: SegmentPlan) -> jax.Array:
+                      live_M: jax.Array, first_segment: jax.Array, plan: SegmentPlan) -> jax.Array:
     """Each query of segment i over one softmax of [its segment's live keys up to itself (keys
     ``k``, rotated at in-segment positions) | live memory entries of segments < i (``km``,
     rotated at memory positions)]. Returns float32 [S, B, K, G, Ts, H]; rows that see nothing
     give 0. Forward: the two parts at their own sizes, merged by log-sum-exp. Backward: each
     part's flash backward with the merged output and lse (no lse cotangent: the ring-attention
-    identity), scores recomputed per block; residuals are inputs, output and lse (O(T))."""
+    identity), scores recomputed per block; residuals are inputs, output and lse (O(T)).
+    ``first_segment`` (int32 scalar): global index of local segment 0 (0 on one device; a
+    context block's offset under context parallelism)."""
     return _forward(q_SxBxKxGxTsxH, k_SxBxKxTsxH, v_SxBxKxTsxH, km_BxKxMxH, vm_BxKxMxH,
-                    valid_SxBxTs, live_M, plan)[0]
+                    valid_SxBxTs, live_M, first_segment, plan)[0]
 
 
-def _segment_attention_fwd(q, k, v, km, vm, valid, live, plan):
-    out, lse = _forward(q, k, v, km, vm, valid, live, plan)
-    return out, (q, k, v, km, vm, valid, live, out, lse)
+def _segment_attention_fwd(q, k, v, km, vm, valid, live, first_segment, plan):
+    out, lse = _forward(q, k, v, km, vm, valid, live, first_segment, plan)
+    return out, (q, k, v, km, vm, valid, live, first_segment, out, lse)
 
 
 def _segment_attention_bwd(plan, residuals, dout):
-    q, k, v, km, vm, valid, live, out, lse = residuals
+    q, k, v, km, vm, valid, live, first_segment, out, lse = residuals
     dout = dout.astype(jnp.float32)
     delta = jnp.sum(dout * out, axis=-1)  # rowsum(dO * O) of the merged softmax
     ts = q.shape[4]
@@ -287,18 +302,33 @@ def _segment_attention_bwd(plan, residuals, dout):
 
         zeros = jnp.zeros(km.shape[:2] + (bound, km.shape[-1]), jnp.float32)
         xs = tuple(x[first:end] for x in (q, lse, dout, delta)) + (
-            jnp.arange(first, end, dtype=jnp.int32),)
+            first_segment + jnp.arange(first, end, dtype=jnp.int32),)
         (dk_g, dv_g), dq_g = jax.lax.scan(memory_body, (zeros, zeros), xs)
         pad = ((0, 0), (0, 0), (0, km.shape[2] - bound), (0, 0))
         dkm, dvm = dkm + jnp.pad(dk_g, pad), dvm + jnp.pad(dv_g, pad)
         dq_mem.append(dq_g)
     if dq_mem:
-        dq = dq + jnp.concatenate([jnp.zeros_like(dq[:1])] + dq_mem, axis=0)
+        g0 = plan.groups[0][0]
+        dq = dq + jnp.concatenate([jnp.zeros_like(dq[:g0])] + dq_mem, axis=0)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dkm.astype(km.dtype),
-            dvm.astype(vm.dtype), None, None)
+            dvm.astype(vm.dtype), None, None, None)
 
 
 segment_attention.defvjp(_segment_attention_fwd, _segment_attention_bwd)
+
+
+def rotate_memory(k_mem_BxMxKxH: jax.Array, v_mem_BxMxKxH: jax.Array, memory_position_M: jax.Array,
+                  num_sinks: int, hold_gists: bool, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The memory buffer's un-rotated keys rotated at their memory positions; with
+    ``hold_gists`` (``stop_gist_memory_gradient``) every entry after the sinks, a gist, is held
+    fixed (no gradient through the memory view)."""
+    b, m = k_mem_BxMxKxH.shape[:2]
+    k_mem_BxMxKxH = apply_rope(k_mem_BxMxKxH, jnp.broadcast_to(memory_position_M, (b, m)), inv_freq)
+    if hold_gists:
+        hold_M = (jnp.arange(m) >= num_sinks)[None, :, None, None]
+        k_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(k_mem_BxMxKxH), k_mem_BxMxKxH)
+        v_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(v_mem_BxMxKxH), v_mem_BxMxKxH)
+    return k_mem_BxMxKxH, v_mem_BxMxKxH
 
 
 @flax.struct.dataclass
@@ -337,16 +367,10 @@ class DecomposedKV:
                   inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
         """The memory buffer's keys and values [B, M, K, H], keys rotated at their memory
         positions, gist entries held fixed under ``stop_gist_memory_gradient``."""
-        b = k_BxTxKxH.shape[0]
         k_mem_BxMxKxH = jnp.take(k_BxTxKxH, self.memory_token_M, axis=1)
         v_mem_BxMxKxH = jnp.take(v_BxTxKxH, self.memory_token_M, axis=1)
-        pos_BxM = jnp.broadcast_to(self.memory_position_M, (b, self.memory_token_M.shape[0]))
-        k_mem_BxMxKxH = apply_rope(k_mem_BxMxKxH, pos_BxM, inv_freq)
-        if spec.stop_gist_memory_gradient:  # every entry after the sinks is a gist
-            hold_M = (jnp.arange(k_mem_BxMxKxH.shape[1]) >= self.num_sinks)[None, :, None, None]
-            k_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(k_mem_BxMxKxH), k_mem_BxMxKxH)
-            v_mem_BxMxKxH = jnp.where(hold_M, jax.lax.stop_gradient(v_mem_BxMxKxH), v_mem_BxMxKxH)
-        return k_mem_BxMxKxH, v_mem_BxMxKxH
+        return rotate_memory(k_mem_BxMxKxH, v_mem_BxMxKxH, self.memory_position_M, self.num_sinks,
+                             spec.stop_gist_memory_gradient, inv_freq)
 
     def attend(self, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                spec: AttentionSpec, inv_freq: jax.Array) -> jax.Array:
@@ -371,7 +395,7 @@ class DecomposedKV:
         out_SxBxKxGxTsxH = segment_attention(
             q_SxBxKxGxTsxH, per_segment(k_rot_BxTxKxH), per_segment(v_BxTxKxH),
             k_mem_BxMxKxH.swapaxes(1, 2), v_mem_BxMxKxH.swapaxes(1, 2), valid_SxBxTs,
-            self.memory_live_M, plan)
+            self.memory_live_M, jnp.zeros((), jnp.int32), plan)
         out_BxTxNxH = out_SxBxKxGxTsxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h)
         return out_BxTxNxH.astype(v_BxTxKxH.dtype)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.matmul import project
-from gist_jax.model.sharding import BATCH_LENGTH_VOCAB, constrain
+from gist_jax.model.sharding import BATCH_LENGTH_VOCAB, constrain, context_size
 
 # Tokens per chunk: B x 1024 x V float32 logits live at once (0.5 GiB for Llama-3's 128K vocab
 # at B = 1), against N x V for the whole sequence.
@@ -61,7 +61,9 @@ def _chunk_scores(hidden_BxCxE: jax.Array, head_ExV: jax.Array, labels_BxC: jax.
                   mask_BxC: jax.Array, compute_dtype: Any) -> tuple[jax.Array, jax.Array]:
     """Head + cross-entropy of one chunk (also the dense reference, with C = T)."""
     logits_BxCxV = project(hidden_BxCxE.astype(compute_dtype), head_ExV.astype(compute_dtype)).astype(jnp.float32)
-    logits_BxCxV = constrain(logits_BxCxV, BATCH_LENGTH_VOCAB)
+    vocab_axes = BATCH_LENGTH_VOCAB if logits_BxCxV.ndim == 3 else (
+        "activation_batch", "activation_length", None, "activation_vocab")  # [B, blocks, C, V]
+    logits_BxCxV = constrain(logits_BxCxV, vocab_axes)
     labels_BxC = jnp.maximum(labels_BxC, 0)  # -1 (no label) is masked; keep the gather in range
     picked_BxC = jnp.take_along_axis(logits_BxCxV, labels_BxC[..., None], axis=-1)[..., 0]
     nll_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1) - picked_BxC
@@ -83,29 +85,57 @@ def token_scores(hidden_BxTxE: jax.Array, head_ExV: jax.Array, labels_BxT: jax.A
     ``hidden`` is what the head consumes (after the final norm); ``chunk`` tokens of every row
     are scored at a time. T need not divide by ``chunk``: the tail is padded with masked rows.
     Differentiable in ``hidden`` and ``head``; masked positions get exactly zero gradient.
+
+    With the token axis split over the mesh's ``context`` axis, each block is scored as rows
+    of its own (``[B, T] -> [B * blocks, T / blocks]``), so no chunk spans two blocks: a chunk
+    loop across blocks would make XLA gather the hidden rows onto one device.
     """
-    b, t, _ = hidden_BxTxE.shape
     mask_BxT = _full_mask(labels_BxT, mask_BxT)
+    blocks = context_size()
+    b, t = labels_BxT.shape
+    if blocks == 1 or t % blocks:
+        return _chunked_scores(hidden_BxTxE, head_ExV, labels_BxT, mask_BxT, chunk, compute_dtype)
+
+    def split(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [B, blocks, T / blocks, ...]
+        return x.reshape((b, blocks, t // blocks) + x.shape[2:])
+
+    scores = _chunked_scores(split(hidden_BxTxE), head_ExV, split(labels_BxT), split(mask_BxT), chunk,
+                             compute_dtype)
+    return TokenScores(scores.nll.reshape(b, t), scores.correct.reshape(b, t))
+
+
+def _chunked_scores(hidden_BxTxE: jax.Array, head_ExV: jax.Array, labels_BxT: jax.Array,
+                    mask_BxT: jax.Array, chunk: int, compute_dtype: Any) -> TokenScores:
+    """``token_scores`` of every row, ``chunk`` tokens at a time in a ``lax.scan``. The token
+    axis is the last of the labels' (``[B, T]``, or ``[B, blocks, T / blocks]`` with context
+    blocks, the block axis kept sharded over ``context`` in every chunk)."""
+    lead, t = labels_BxT.shape[:-1], labels_BxT.shape[-1]
+    axis = len(lead)
     c = max(1, min(int(chunk), t))
     pad = -t % c
     num_chunks = (t + pad) // c
+    # [B, c, ...] or [B, blocks, c, ...]: the logical names of one chunk's leading axes
+    names = ("activation_batch",) if axis == 1 else ("activation_batch", "activation_length", None)
 
-    def per_chunk(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [num_chunks, B, c, ...]
-        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-        return x.reshape((b, num_chunks, c) + x.shape[2:]).swapaxes(0, 1)
+    def per_chunk(x: jax.Array) -> jax.Array:  # [*lead, T, ...] -> [num_chunks, *lead, c, ...]
+        x = jnp.pad(x, ((0, 0),) * axis + ((0, pad),) + ((0, 0),) * (x.ndim - axis - 1))
+        return jnp.moveaxis(x.reshape(lead + (num_chunks, c) + x.shape[axis + 1:]), axis, 0)
 
-    scored = jax.checkpoint(lambda h, y, m: _chunk_scores(h, head_ExV, y, m, compute_dtype))
+    def scored(h: jax.Array, y: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if axis > 1:
+            h = constrain(h, names + (None,) * (h.ndim - len(names)))
+        return _chunk_scores(h, head_ExV, y, m, compute_dtype)
 
     def body(carry: None, xs: tuple[jax.Array, ...]) -> tuple[None, tuple[jax.Array, jax.Array]]:
-        return carry, scored(*xs)
+        return carry, jax.checkpoint(scored)(*xs)
 
     xs = (per_chunk(hidden_BxTxE), per_chunk(labels_BxT.astype(jnp.int32)), per_chunk(mask_BxT))
-    _, (nll_KxBxC, correct_KxBxC) = jax.lax.scan(body, None, xs)
+    _, (nll, correct) = jax.lax.scan(body, None, xs)
 
-    def unchunk(x_KxBxC: jax.Array) -> jax.Array:
-        return x_KxBxC.swapaxes(0, 1).reshape(b, num_chunks * c)[:, :t]
+    def unchunk(x: jax.Array) -> jax.Array:  # [num_chunks, *lead, c] -> [*lead, T]
+        return jnp.moveaxis(x, 0, axis).reshape(lead + (num_chunks * c,))[..., :t]
 
-    return TokenScores(unchunk(nll_KxBxC), unchunk(correct_KxBxC))
+    return TokenScores(unchunk(nll), unchunk(correct))
 
 
 def dense_token_scores(hidden_BxTxE: jax.Array, head_ExV: jax.Array, labels_BxT: jax.Array,

@@ -22,7 +22,10 @@ trailing axes with the kernel's leading axes, accumulated in float32 and rounded
 dtype, with a hand-written backward of the same three GEMMs in the fast forms. Values equal
 ``lax.dot_general`` up to float32 summation order (tested, with gradients). It applies on the
 CPU backend only: GPU and TPU compilers take every form natively, so there it is
-``lax.dot_general`` itself; any other dimension numbers fall back to it too.
+``lax.dot_general`` itself; any other dimension numbers fall back to it too. So does a step with
+context parallelism (``mesh.context`` > 1): flattening ``[B, T, E]`` to ``[B * T, E]`` merges the
+batch axis with the sharded sequence axis, a layout XLA can only reach by all-gathering the
+activations, which is the traffic context parallelism exists to avoid.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from gist_jax.model.sharding import context_size
 
 # Largest token-chunk count tried for the weight gradient's (chunks, rows) split.
 _MAX_CHUNKS = 16
@@ -98,7 +103,7 @@ def _is_projection(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bo
 def projection_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                            precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """``lax.dot_general`` with the signature ``nn.DenseGeneral(dot_general=...)`` expects."""
-    if (not ENABLED or jax.default_backend() != "cpu" or precision is not None
+    if (not ENABLED or jax.default_backend() != "cpu" or context_size() > 1 or precision is not None
             or preferred_element_type is not None or lhs.dtype != rhs.dtype
             or not jnp.issubdtype(lhs.dtype, jnp.floating)
             or not _is_projection(lhs, rhs, dimension_numbers)):

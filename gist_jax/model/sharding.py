@@ -3,8 +3,9 @@
 Modules annotate parameters with ``nn.with_logical_partitioning`` and activations with
 ``constrain`` (active inside ``activation_mesh``) using the logical names below; only this
 table knows which mesh axis each name lands on. Mesh axes: ``data`` (pure data parallel),
-``fsdp`` (data parallel with parameters and optimizer state sharded), ``tensor`` (Megatron-style
-model parallel over heads and MLP).
+``fsdp`` (data parallel with parameters and optimizer state sharded), ``context`` (the sequence
+in contiguous blocks of whole segments: context parallelism, ``gist/context_parallel.py``),
+``tensor`` (Megatron-style model parallel over heads and MLP).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+CONTEXT_AXIS = "context"
 
 # logical name -> mesh axis (or axes, or None = replicated). The first rule that fits wins.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # activations
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "context"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv_heads", "tensor"),
@@ -66,15 +68,28 @@ def activation_mesh(mesh: Mesh) -> Iterator[None]:
         _ACTIVATION_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing ``activation_mesh``, or None outside one."""
+    return _ACTIVATION_MESH.get()
+
+
+def context_size() -> int:
+    """Devices along the ``context`` axis of the enclosing ``activation_mesh`` (1 outside one):
+    above 1, the sequence axis of the activations is split over them."""
+    mesh = _ACTIVATION_MESH.get()
+    return 1 if mesh is None else int(dict(mesh.shape).get(CONTEXT_AXIS, 1))
+
+
 def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> PartitionSpec:
     """Drop mesh axes that do not divide their dimension (replicate there instead), so e.g.
-    9 heads on tensor=2 still run."""
+    9 heads on tensor=2 still run, and axes the mesh does not have (a mesh built without
+    ``context``)."""
     out = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         kept, size = [], 1
         for name in names:
-            if dim % (size * mesh_shape[name]) == 0:
+            if name in mesh_shape and dim % (size * mesh_shape[name]) == 0:
                 kept.append(name)
                 size *= mesh_shape[name]
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))

@@ -11,13 +11,19 @@ from gist_jax.model.config import check_float, check_int
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; one of them may be -1 for "all remaining devices"."""
+    """Device mesh axis sizes; one of data, fsdp, tensor may be -1 for "all remaining devices".
+    ``context`` splits each sequence into contiguous blocks of whole segments, one per device
+    along it (context parallelism, ``gist/context_parallel.py``): only gist K/V crosses it."""
 
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    context: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1:
+            raise ConfigError(f"mesh.context={self.context!r} must be a positive number of devices "
+                              "(1: no context parallelism)")
         sizes = self.sizes()
         if sum(v == -1 for v in sizes.values()) > 1:
             raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
@@ -26,7 +32,7 @@ class MeshConfig:
             raise ConfigError(f"mesh axis sizes {bad} must be positive or -1")
 
     def sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"data": self.data, "fsdp": self.fsdp, "context": self.context, "tensor": self.tensor}
 
 
 @dataclasses.dataclass(frozen=True)

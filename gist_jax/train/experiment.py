@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # imported where used: the GPU machine has no ml_collections
 from gist_jax.data.config import DataConfig
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.context_parallel import check_context_parallel
 from gist_jax.model.config import (
     PRESETS,
     ModelConfig,
@@ -195,6 +196,7 @@ def check_cross_fields(run: RunConfig) -> None:
         raise ConfigError(f"step.seq_len={step.seq_len} is not a whole number of segments of "
                           f"compression.segment_length={comp.segment_length}; use a multiple of it "
                           "or set compression.pad_to_segments=True")
+    check_context_parallel(comp, step.seq_len, step.mesh.context)
     if run.train.max_steps > step.optimizer.total_steps:
         raise ConfigError(f"train.max_steps={run.train.max_steps} exceeds optimizer.total_steps="
                           f"{step.optimizer.total_steps}; the schedule would end before the run")

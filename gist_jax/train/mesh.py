@@ -32,7 +32,7 @@ def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         sizes = {k: (num_devices // known if v == -1 else v) for k, v in sizes.items()}
     if math.prod(sizes.values()) != num_devices:
         raise ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices but "
-                          f"{num_devices} are available; make mesh.data * mesh.fsdp * mesh.tensor "
+                          f"{num_devices} are available; make mesh.data * mesh.fsdp * mesh.context * mesh.tensor "
                           f"equal {num_devices} or set one axis to -1")
     return sizes
 

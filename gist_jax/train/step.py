@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.context_parallel import check_context_parallel
 from gist_jax.gist.forward import compressed_hidden
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.params import model_config_for
@@ -87,7 +88,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
         else:
             hidden = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays)
         # Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
-        scores = lm_token_scores(cfg, params["model"], raw_rows(hidden, arrays, tokens.shape[1]),
+        scores = lm_token_scores(cfg, params["model"], raw_rows(hidden, arrays, tokens.shape[1], shape),
                                  next_token_labels(tokens), mask, chunk=obj.loss_chunk)
         ce = scores.nll
         metrics = {"correct": jnp.sum(scores.correct), "tokens": jnp.sum(mask)}
@@ -127,6 +128,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
     is donated.
     """
     check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
+    check_context_parallel(comp, step_cfg.seq_len, mesh.shape["context"])
     obj = step_cfg.objective
     use_tie = obj.tie and comp.enabled
     use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all

@@ -1,0 +1,110 @@
+"""What context parallelism sends and saves, from the compiled step (no step runs).
+
+    python -m gist_jax.bench.context_traffic --context=8 --seq_len=65536
+
+compiles the tiny model's Fine-KV train step on fake CPU devices (``mesh.context`` = N, the rest
+of the devices unused) and prints, per step:
+
+- the bytes of every collective, split into the gist-memory all-gather (forward), its
+  reduce-scatter (backward), parameter-gradient all-reduces and anything else;
+- the formula (layers x (gists + blocks x sinks) x kv_heads x head_dim x 2 x 4 bytes x batch)
+  and what an all-gather of every layout token's K/V, or of every raw token's, would move;
+- compiled per-device temporary memory at ``context`` = N against ``context`` = 1;
+- the memory-part load balance: live query-memory pairs per block against the pairs each block
+  computes (static shapes: every block computes the last block's).
+
+The layer scan is unrolled (``scan_layers=False``) so each layer's collectives are their own
+ops in the text. CPU only: the sizes are the partitioner's, not a measured bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--context", type=int, default=4)
+    parser.add_argument("--seq_len", type=int, default=2048)
+    parser.add_argument("--segment_length", type=int, default=256)
+    parser.add_argument("--ratio", type=int, default=8)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tie", action="store_true", help="online TIE (its reference pass is XLA-partitioned)")
+    parser.add_argument("--ae", action="store_true")
+    args = parser.parse_args(argv)
+    if "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(args.context, 1)}".strip()
+
+    import jax
+    import jax.numpy as jnp
+
+    from gist_jax.bench.collectives import collectives
+    from gist_jax.gist.config import CompressionConfig
+    from gist_jax.gist.context_parallel import memory_pairs
+    from gist_jax.gist.layout import build_layout
+    from gist_jax.gist.specs import layout_arrays
+    from gist_jax.model.config import preset
+    from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
+    from gist_jax.train.mesh import make_mesh
+    from gist_jax.train.state import create_train_state
+    from gist_jax.train.step import build_train_step
+
+    base = preset("tiny", eos_token_id=3).replace(scan_layers=False)
+    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=args.segment_length,
+                             ratios=(args.ratio,), ratio_sampling="fixed", num_sinks=args.sinks,
+                             attention_impl="auto")
+    objective = ObjectiveConfig(tie=args.tie, ae=args.ae, ae_lambda=0.5 if args.ae else 0.0)
+    layout = build_layout(args.seq_len, comp)
+    shape = layout.shape
+
+    def compiled(context: int):
+        mesh_cfg = MeshConfig(1, 1, 1, context)
+        mesh = make_mesh(mesh_cfg, jax.devices()[:context])
+        cfg = StepConfig(batch_size=args.batch, seq_len=args.seq_len, mesh=mesh_cfg, objective=objective)
+        state, tx, shardings = create_train_state(base, comp, cfg, mesh)
+        step = build_train_step(base, comp, cfg, shape, tx, mesh, shardings)
+        batch = {"tokens": jnp.zeros((args.batch, args.seq_len), jnp.int32),
+                 "loss_mask": jnp.ones((args.batch, args.seq_len), bool)}
+        return step.lower(state, batch, layout_arrays(layout)).compile()
+
+    split = compiled(args.context)
+    ops = collectives(split.as_text())
+    groups = {"gist memory all-gather": [o for o in ops if "shard_map/all_gather" in o.name],
+              "its reduce-scatter (backward)": [o for o in ops if "shard_map/reduce_scatter" in o.name],
+              "parameter-gradient all-reduce": [o for o in ops if o.op == "all-reduce"]}
+    seen = {id(o) for g in groups.values() for o in g}
+    groups["other"] = [o for o in ops if id(o) not in seen]
+    entry = 2 * args.batch * base.num_kv_heads * base.head_dim * 4
+    gists = shape.num_segments * shape.slots
+    layers = base.num_layers
+    print(f"CPU, tiny model ({layers} layers, {base.num_kv_heads} kv heads x {base.head_dim}), Fine-KV r={args.ratio}, "
+          f"{args.seq_len} tokens in {shape.num_segments} segments, sinks {args.sinks}, batch {args.batch}, "
+          f"context {args.context}, TIE {'on' if args.tie else 'off'}, AE {'on' if args.ae else 'off'}")
+    for name, group in groups.items():
+        print(f"  {name:32s} {sum(o.nbytes for o in group):>12,d} bytes in {len(group)} ops")
+    formula = layers * (gists + args.context * shape.num_sinks) * entry
+    print(f"  formula: layers x (gists + blocks x sinks) x entry = {layers} x ({gists} + {args.context} x "
+          f"{shape.num_sinks}) x {entry} = {formula:,d} bytes")
+    full_layout, full_raw = layers * shape.length * entry, layers * args.seq_len * entry
+    moved = sum(o.nbytes for o in groups["gist memory all-gather"])
+    print(f"  full-K/V all-gather of the layout: {full_layout:,d} bytes (gist memory moves {moved / full_layout:.3f}"
+          f" of it); of the raw tokens: {full_raw:,d} ({moved / full_raw:.3f}); gists alone: "
+          f"{layers * gists * entry / full_raw:.3f} of the raw")
+    if args.context > 1:
+        one = compiled(1)
+        a, b = split.memory_analysis(), one.memory_analysis()
+        print(f"  compiled temp memory per device: {a.temp_size_in_bytes / 2**20:.1f} MiB at context "
+              f"{args.context}, {b.temp_size_in_bytes / 2**20:.1f} MiB at context 1 "
+              f"({a.temp_size_in_bytes / b.temp_size_in_bytes:.3f}x)")
+    live, computed = memory_pairs(shape, args.context)
+    print(f"  memory-part pairs per block (live): {live}; computed per block: {computed:,d}; "
+          f"mean live / computed = {sum(live) / len(live) / max(computed, 1):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

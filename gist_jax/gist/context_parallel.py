@@ -1,0 +1,174 @@
+"""Context parallelism for the KV variants: the sequence in contiguous blocks of whole segments,
+one block per device of the mesh's ``context`` axis, and only gist K/V crossing devices.
+
+A segment needs the raw tokens of its own segment and, from earlier segments, only their gists
+(plus the sinks). So with the layout split in blocks of whole segments, every per-token layer
+(embeddings, projections, MLP, norms) is local, and the one thing a device needs from the
+others is the memory buffer: per layer, each device takes the buffer entries its own segments
+own (their gist slots; block 0 also the sinks) from its local keys and values and one
+``all_gather`` over ``context`` assembles the whole buffer ``[sinks | S * slots]`` on every
+device. Its transpose in the backward is a reduce-scatter of the gists' gradients. Per layer
+that moves ``2 x (sinks + S * slots) x kv_heads x head_dim`` values: 1 / r of what an
+all-gather of the full K/V moves (``tests/test_context_parallel.py`` counts the bytes in the
+compiled HLO).
+
+Each device then runs the decomposed segment kernel (``structured.segment_attention``) over its
+local segments with their global index (``first_segment``): the local part is unchanged, the
+memory part reads the gathered buffer. Shapes are static and the same on every device, so each
+memory group is sized for the block that starts latest (``segment_plan(max_first_segment=)``):
+every device computes the last block's memory staircase and masks what it may not see. That
+keeps the devices in step (no device waits for another) at the price of computing, in block c,
+``(C - 1 - c) x S_local x slots`` memory keys per query that it masks; ``memory_pairs`` counts
+both.
+
+The rest of the step keeps its sequence axis sharded without moving activations: the raw rows
+the loss reads and the gists the AE objective reads are gathered segment by segment
+(``specs.raw_rows``, ``train/ae.py``), and the chunked LM loss folds each block into its own
+rows (``model/loss.py``). What XLA partitions on its own: TIE's full-attention reference pass
+(a causal pass over the raw sequence needs every earlier key: XLA all-gathers its K/V).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from gist_jax.errors import ConfigError
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.structured import DecomposedKV, rotate_memory, segment_attention, segment_plan
+from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.layers import apply_rope
+from gist_jax.model.sharding import (
+    BATCH_LENGTH_HEADS,
+    BATCH_LENGTH_KV_HEADS,
+    CONTEXT_AXIS,
+    active_mesh,
+    active_mesh_spec,
+    context_size,
+)
+
+
+def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) -> None:
+    """``mesh.context`` > 1 splits each sequence into blocks of whole segments and moves only gist
+    K/V between them (``gist/context_parallel.py``): that needs gists, a parallel (KV) forward,
+    and a segment count the blocks divide."""
+    if context == 1:
+        return
+    if comp.memory == "recurrent":
+        raise ConfigError(f"mesh.context={context}: Coarse-Rec (compression.memory='recurrent') runs its segments "
+                          "one after another, so its sequence cannot be split; use mesh.context=1 (its step "
+                          "memory is linear in the context) or compression.memory='kv'")
+    if comp.memory != "kv":
+        raise ConfigError(f"mesh.context={context}: context parallelism moves only gist K/V and "
+                          f"compression.memory={comp.memory!r} has no gists; use mesh.context=1")
+    if comp.windowed:
+        raise ConfigError(f"mesh.context={context}: UniGist (compression.window={comp.window}) is not context-"
+                          "parallel yet (its window reaches into the previous block); use mesh.context=1")
+    segments, rest = divmod(seq_len, comp.segment_length)
+    if rest or segments % context:
+        raise ConfigError(f"mesh.context={context}: step.seq_len={seq_len} must be whole segments "
+                          f"(compression.segment_length={comp.segment_length}) whose count divides over the "
+                          f"{context} blocks; use a multiple of {context * comp.segment_length}")
+
+
+def check_shape(shape: LayoutShape, context: int) -> None:
+    """Blocks of whole segments: the layout's segment count must divide over the devices."""
+    if shape.num_segments % context or not shape.whole_segments:
+        raise ConfigError(
+            f"mesh.context={context} needs whole segments whose count ({shape.num_segments}) divides over "
+            f"the blocks; use a step.seq_len that is a multiple of {context} x compression.segment_length")
+
+
+def memory_pairs(shape: LayoutShape, context: int) -> tuple[list[int], int]:
+    """(live query-memory pairs per device, pairs each device computes) for one head and one
+    sequence of whole segments: the load-balance measure. Segment i's ``Ts`` queries see
+    ``sinks + i * slots`` memory entries (0 for segment 0); every device computes the last
+    block's count (static shapes)."""
+    s_local = shape.num_segments // context
+    ts, sinks, slots = shape.segment_tokens, shape.num_sinks, shape.slots
+
+    def seen(i: int) -> int:
+        return 0 if i == 0 else sinks + i * slots
+
+    live = [sum(ts * seen(c * s_local + j) for j in range(s_local)) for c in range(context)]
+    return live, live[-1]
+
+
+@flax.struct.dataclass
+class ContextParallelKV:
+    """``DecomposedKV`` with the layout's sequence axis split over the mesh's ``context`` axis
+    (an ``AttentionSpec.structure``). ``attend`` runs under ``shard_map`` over the whole mesh:
+    batch over data/fsdp, blocks of whole segments over context, heads over tensor."""
+
+    inner: DecomposedKV
+
+    def attend(self, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
+               spec: AttentionSpec, inv_freq: jax.Array) -> jax.Array:
+        mesh = active_mesh()
+        context = context_size()
+        assert mesh is not None and context > 1, "ContextParallelKV runs inside an activation_mesh with context > 1"
+        d = self.inner
+        if d.num_segments % context:
+            raise ValueError(f"{d.num_segments} segments do not split over context={context}")
+        _, q_spec = active_mesh_spec(BATCH_LENGTH_HEADS, q_BxTxNxH.shape)  # type: ignore[misc]
+        _, kv_spec = active_mesh_spec(BATCH_LENGTH_KV_HEADS, k_BxTxKxH.shape)  # type: ignore[misc]
+        if kv_spec[2] is None or q_spec[2] is None:  # GQA groups must stay whole on a device
+            q_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
+            kv_spec = PartitionSpec(kv_spec[0], kv_spec[1], None, None)
+        assert q_spec[1] == CONTEXT_AXIS and kv_spec[1] == CONTEXT_AXIS, (q_spec, kv_spec)
+        token_spec = PartitionSpec(q_spec[0], CONTEXT_AXIS)
+        assert spec.valid is not None, "structured_spec sets valid (the live tokens)"
+        local = _local_attention(d, context, spec.stop_gist_memory_gradient)
+        return jax.shard_map(
+            local, mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec, PartitionSpec(), PartitionSpec(),
+                      PartitionSpec(), PartitionSpec()),
+            out_specs=q_spec, check_vma=False,
+        )(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec.positions, spec.valid, d.memory_token_M,
+          d.memory_position_M, d.memory_live_M, inv_freq)
+
+
+def _local_attention(d: DecomposedKV, context: int, hold_gists: bool) -> Callable[..., jax.Array]:
+    """The per-device body: this block's segments over [own segment | gathered memory]."""
+    s, ts, sinks, slots = d.num_segments, d.segment_tokens, d.num_sinks, d.slots
+    s_local = s // context
+    plan = segment_plan(s_local, ts, sinks, slots, max_first_segment=(context - 1) * s_local)
+
+    def local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, valid_BxT, memory_token_M,
+              memory_position_M, memory_live_M, inv_freq):
+        block = jax.lax.axis_index(CONTEXT_AXIS)
+        b, t_local, n, h = q_BxTxNxH.shape
+        kv_heads = k_BxTxKxH.shape[2]
+        # This block's share of the buffer: its segments' gist slots, behind the sinks (which
+        # live in segment 0: only block 0's copy is read). Indices made local to the block;
+        # entries of other blocks (and dead slots, index 0) are clipped in range and unused.
+        own_M = jax.lax.dynamic_slice_in_dim(memory_token_M, sinks + block * s_local * slots, s_local * slots)
+        index_M = jnp.clip(jnp.concatenate([memory_token_M[:sinks], own_M]) - block * t_local, 0, t_local - 1)
+        share_2xBxMxKxH = jnp.take(jnp.stack([k_BxTxKxH, v_BxTxKxH]), index_M, axis=2)
+        every_Cx2xBxMxKxH = jax.lax.all_gather(share_2xBxMxKxH, CONTEXT_AXIS)
+        gists_2xBxGxKxH = every_Cx2xBxMxKxH[:, :, :, sinks:].transpose(1, 2, 0, 3, 4, 5).reshape(
+            2, b, context * s_local * slots, kv_heads, h)
+        buffer_2xBxMxKxH = jnp.concatenate([every_Cx2xBxMxKxH[0, :, :, :sinks], gists_2xBxGxKxH], axis=2)
+        k_mem_BxMxKxH, v_mem_BxMxKxH = rotate_memory(buffer_2xBxMxKxH[0], buffer_2xBxMxKxH[1],
+                                                     memory_position_M, sinks, hold_gists, inv_freq)
+
+        def per_segment(x_BxTxKxH):  # -> [S_local, B, K, Ts, H]
+            return x_BxTxKxH.reshape(b, s_local, ts, kv_heads, h).transpose(1, 0, 3, 2, 4)
+
+        g = n // kv_heads
+        q_SxBxKxGxTsxH = q_BxTxNxH.reshape(b, s_local, ts, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5)
+        k_rot_BxTxKxH = apply_rope(k_BxTxKxH, positions_BxT, inv_freq)
+        out_SxBxKxGxTsxH = segment_attention(
+            q_SxBxKxGxTsxH, per_segment(k_rot_BxTxKxH), per_segment(v_BxTxKxH),
+            k_mem_BxMxKxH.swapaxes(1, 2), v_mem_BxMxKxH.swapaxes(1, 2),
+            valid_BxT.reshape(b, s_local, ts).swapaxes(0, 1), memory_live_M,
+            (block * s_local).astype(jnp.int32), plan)
+        out_BxTxNxH = out_SxBxKxGxTsxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, t_local, n, h)
+        return out_BxTxNxH.astype(v_BxTxKxH.dtype)
+
+    return local

@@ -1,0 +1,163 @@
+"""Context parallelism (``mesh.context``) on 8 fake CPU devices: the sequence split in blocks of
+whole segments gives the one-device step's loss, gradients and updates (Fine-KV and Coarse-KV,
+TIE and AE on, alone and beside FSDP); only gist K/V crosses the context axis in the compiled
+step; unsupported settings are refused in one line."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gist_helpers import BASE, comp_config
+
+from gist_jax.bench.collectives import collectives
+from gist_jax.errors import ConfigError
+from gist_jax.gist.context_parallel import check_context_parallel, memory_pairs
+from gist_jax.gist.layout import build_layout
+from gist_jax.gist.specs import layout_arrays
+from gist_jax.model.sharding import activation_mesh
+from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
+from gist_jax.train.mesh import make_mesh
+from gist_jax.train.state import create_train_state
+from gist_jax.train.step import build_train_step, make_microbatch_loss
+
+SEQ = 64  # 8 segments of 8: blocks of 1, 2 or 4 segments
+# A small rate: after two AdamW steps, float32 reordering noise stays far below 1e-5.
+OPT = OptimizerConfig(learning_rate=1e-4, total_steps=20, warmup_fraction=0.1)
+OBJECTIVE = ObjectiveConfig(tie=True, ae=True, ae_lambda=0.5)
+
+
+def _comp(granularity: str):
+    return comp_config("kv", granularity, sinks=2, attention_impl="auto")
+
+
+def _batch() -> dict[str, jax.Array]:
+    tokens = jax.random.randint(jax.random.key(0), (4, SEQ), 0, BASE.vocab_size)
+    mask = jnp.ones(tokens.shape, bool).at[1, 40:].set(False)  # a document ends inside a block
+    return {"tokens": tokens, "loss_mask": mask}
+
+
+def _mesh(sizes: tuple[int, int, int, int]):
+    cfg = MeshConfig(*sizes)
+    return cfg, make_mesh(cfg, jax.devices()[:int(np.prod(sizes))])
+
+
+def _two_steps(granularity: str, sizes: tuple[int, int, int, int]):
+    comp = _comp(granularity)
+    mesh_cfg, mesh = _mesh(sizes)
+    cfg = StepConfig(batch_size=4, seq_len=SEQ, mesh=mesh_cfg, optimizer=OPT, objective=OBJECTIVE)
+    state, tx, shardings = create_train_state(BASE, comp, cfg, mesh)
+    layout = build_layout(SEQ, comp)
+    step = build_train_step(BASE, comp, cfg, layout.shape, tx, mesh, shardings)
+    history = []
+    for _ in range(2):  # the first update runs at learning rate 0 (warm-up)
+        state, metrics = step(state, _batch(), layout_arrays(layout))
+        history.append(jax.tree.map(float, metrics))
+    return jax.device_get(state.params), history
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return {g: _two_steps(g, (1, 1, 1, 1)) for g in ("fine", "coarse")}
+
+
+@pytest.mark.parametrize("granularity,sizes", [
+    ("fine", (1, 1, 1, 2)), ("fine", (1, 1, 1, 4)), ("fine", (1, 1, 1, 8)), ("fine", (1, 2, 1, 4)),
+    ("coarse", (1, 1, 1, 8)), ("coarse", (1, 2, 1, 4))])
+def test_context_blocks_train_like_one_device(one_device, granularity, sizes):
+    ref_params, ref_history = one_device[granularity]
+    params, history = _two_steps(granularity, sizes)
+    for got, want in zip(history, ref_history):
+        assert set(got) == set(want) and {"tie_entropy", "ae_loss"} <= set(got)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("granularity", ["fine", "coarse"])
+def test_context_gradients_equal_one_device(granularity):
+    """The microbatch loss's gradient itself (not only what AdamW makes of it), at context 8."""
+    comp = _comp(granularity)
+    cfg = StepConfig(batch_size=4, seq_len=SEQ, optimizer=OPT, objective=OBJECTIVE)
+    layout = build_layout(SEQ, comp)
+    state, _, _ = create_train_state(BASE, comp, cfg, _mesh((1, 1, 1, 1))[1])
+    params, ref_params = jax.device_get((state.params, state.ref_params))  # host: any mesh takes them
+    loss = make_microbatch_loss(BASE, comp, cfg, layout.shape)
+    batch, arrays = _batch(), layout_arrays(layout)
+    denom = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
+
+    def grads(sizes):
+        mesh = _mesh(sizes)[1]
+
+        def f(params):
+            with activation_mesh(mesh):
+                return loss(params, ref_params, batch, arrays, denom)[0]
+
+        return jax.device_get(jax.jit(jax.value_and_grad(f))(params))
+
+    (want_loss, want), (got_loss, got) = grads((1, 1, 1, 1)), grads((1, 1, 1, 8))
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
+
+
+def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 256):
+    comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32, attention_impl="auto")
+    base = BASE.replace(scan_layers=False)  # one op per layer: the text lists every layer's traffic
+    mesh_cfg, mesh = _mesh((1, 1, 1, context))
+    cfg = StepConfig(batch_size=2, seq_len=seq, mesh=mesh_cfg, objective=objective)
+    state, tx, shardings = create_train_state(base, comp, cfg, mesh)
+    layout = build_layout(seq, comp)
+    step = build_train_step(base, comp, cfg, layout.shape, tx, mesh, shardings)
+    batch = {"tokens": jnp.zeros((2, seq), jnp.int32), "loss_mask": jnp.ones((2, seq), bool)}
+    text = step.lower(state, batch, layout_arrays(layout)).compile().as_text()
+    return collectives(text), layout.shape
+
+
+def test_only_gist_kv_crosses_the_context_axis():
+    """Counted in the compiled HLO: per layer one all-gather of the gist K/V (+ each block's copy
+    of the sinks) and its reduce-scatter in the backward; nothing activation-sized otherwise
+    (parameter-gradient all-reduces are data parallelism's, over the replicated weights)."""
+    context, batch = 4, 2
+    ops, shape = _compiled_collectives(context, ObjectiveConfig(tie=False, ae=False))
+    layers, kv, h, f32 = BASE.num_layers, BASE.num_kv_heads, BASE.head_dim, 4
+    gists = shape.num_segments * shape.slots
+    entry = 2 * batch * kv * h * f32  # one memory entry's k and v
+    gather = [op for op in ops if "shard_map/all_gather" in op.name]
+    assert len(gather) == layers
+    assert all(op.nbytes == (gists + context * shape.num_sinks) * entry for op in gather)
+    scatter = [op for op in ops if "shard_map/reduce_scatter" in op.name]
+    assert len(scatter) == layers and all(op.nbytes * context == gather[0].nbytes for op in scatter)
+    # What an all-gather of every layout token's K/V would move, per layer: 1/8 of it at r = 8.
+    full = shape.length * entry
+    assert gists * entry * 8 <= full
+    # Everything else is parameter gradients (all-reduce) or token ids / the label shift (ints).
+    rest = [op for op in ops if op not in gather and op not in scatter]
+    activation = shape.segment_tokens * batch * BASE.hidden_size * f32  # one segment's hidden rows
+    assert all(op.op == "all-reduce" or op.nbytes < activation // 4 for op in rest), [
+        (op.op, op.nbytes, op.name[-80:]) for op in rest if op.op != "all-reduce"]
+
+
+def test_memory_pairs_measure_the_imbalance():
+    shape = build_layout(SEQ, _comp("fine")).shape  # 8 segments of 8 + 2 slots, 2 sinks
+    live, computed = memory_pairs(shape, 4)
+    seen = [0] + [2 + 2 * i for i in range(1, 8)]
+    ts = shape.segment_tokens
+    assert live == [ts * (seen[2 * c] + seen[2 * c + 1]) for c in range(4)]
+    assert computed == live[-1] and sum(memory_pairs(shape, 1)[0]) == sum(live)
+
+
+@pytest.mark.parametrize("memory,granularity,kw,seq,match", [
+    ("recurrent", "coarse", {}, 64, "Coarse-Rec"),
+    ("none", "fine", {}, 64, "no gists"),
+    ("kv", "fine", {"window": 8, "positions": "aligned"}, 64, "UniGist"),
+    ("kv", "fine", {}, 48, "multiple of 32"),
+])
+def test_unsupported_context_settings_are_refused(memory, granularity, kw, seq, match):
+    comp = comp_config(memory, granularity, **kw)
+    with pytest.raises(ConfigError, match=match):
+        check_context_parallel(comp, seq, 4)
+    check_context_parallel(comp, seq, 1)  # no context parallelism: nothing to refuse
