@@ -48,12 +48,18 @@ def main(argv: list[str]) -> int:
     setup_logging()  # our INFO lines with timestamps on stderr, not Orbax's per-file INFO
     from gist_jax.errors import ConfigError
     from gist_jax.train.checkpoint import DiskFull
-    from gist_jax.train.distributed import DistributedInitError, enable_compilation_cache, initialize_from_env
+    from gist_jax.train.distributed import (
+        DistributedInitError,
+        enable_compilation_cache,
+        initialize_from_env,
+        order_cpu_collectives,
+    )
     from gist_jax.train.experiment import run_config
     from gist_jax.train.hooks import TrainingDiverged
 
     try:
         run = run_config(_CONFIG.value)
+        order_cpu_collectives(run.step.mesh.context)  # before anything starts the backend
         from gist_jax.train.preflight import check_paths
 
         check_paths(run, _WORKDIR.value, sys.argv[1:])  # every file the run names, before anything loads or is written

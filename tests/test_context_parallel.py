@@ -1,7 +1,8 @@
 """Context parallelism (``mesh.context``) on 8 fake CPU devices: the sequence split in blocks of
 whole segments gives the one-device step's loss, gradients and updates (Fine-KV and Coarse-KV,
-TIE and AE on, alone and beside FSDP); only gist K/V crosses the context axis in the compiled
-step; unsupported settings are refused in one line."""
+precomputed TIE weights and AE on, alone and beside FSDP and tensor parallelism); only gist K/V
+crosses the context axis in the compiled step; unsupported settings (online TIE among them) are
+refused in one line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from gist_helpers import BASE, comp_config
 
 from gist_jax.bench.collectives import collectives
 from gist_jax.errors import ConfigError
+from gist_jax.gist import structured
 from gist_jax.gist.context_parallel import check_context_parallel, memory_pairs
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays
@@ -25,7 +27,20 @@ from gist_jax.train.step import build_train_step, make_microbatch_loss
 SEQ = 64  # 8 segments of 8: blocks of 1, 2 or 4 segments
 # A small rate: after two AdamW steps, float32 reordering noise stays far below 1e-5.
 OPT = OptimizerConfig(learning_rate=1e-4, total_steps=20, warmup_fraction=0.1)
-OBJECTIVE = ObjectiveConfig(tie=True, ae=True, ae_lambda=0.5)
+# TIE with precomputed weights (online TIE is refused with context > 1) and AE.
+OBJECTIVE = ObjectiveConfig(tie=True, tie_source="precomputed", ae=True, ae_lambda=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiles():
+    """Compile, never load, the steps these tests run. A context-parallel step loaded from the
+    persistent compilation cache deadlocked the fake devices' collectives under XLA:CPU's
+    concurrency-optimised scheduler (``distributed.SEQUENTIAL_CPU_COLLECTIVES``, which
+    ``gist_jax.main`` sets for such runs); this process keeps the default scheduler, whose
+    compiled memory the planner tests calibrate against."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
 
 
 def _comp(granularity: str):
@@ -35,7 +50,8 @@ def _comp(granularity: str):
 def _batch() -> dict[str, jax.Array]:
     tokens = jax.random.randint(jax.random.key(0), (4, SEQ), 0, BASE.vocab_size)
     mask = jnp.ones(tokens.shape, bool).at[1, 40:].set(False)  # a document ends inside a block
-    return {"tokens": tokens, "loss_mask": mask}
+    weights = jax.random.uniform(jax.random.key(1), tokens.shape, minval=0.5, maxval=2.0)
+    return {"tokens": tokens, "loss_mask": mask, "tie_weights": weights}
 
 
 def _mesh(sizes: tuple[int, int, int, int]):
@@ -43,13 +59,14 @@ def _mesh(sizes: tuple[int, int, int, int]):
     return cfg, make_mesh(cfg, jax.devices()[:int(np.prod(sizes))])
 
 
-def _two_steps(granularity: str, sizes: tuple[int, int, int, int]):
+def _two_steps(granularity: str, sizes: tuple[int, int, int, int], base=BASE, microbatches: int = 1):
     comp = _comp(granularity)
     mesh_cfg, mesh = _mesh(sizes)
-    cfg = StepConfig(batch_size=4, seq_len=SEQ, mesh=mesh_cfg, optimizer=OPT, objective=OBJECTIVE)
-    state, tx, shardings = create_train_state(BASE, comp, cfg, mesh)
+    cfg = StepConfig(batch_size=4, seq_len=SEQ, microbatches=microbatches, mesh=mesh_cfg, optimizer=OPT,
+                     objective=OBJECTIVE)
+    state, tx, shardings = create_train_state(base, comp, cfg, mesh)
     layout = build_layout(SEQ, comp)
-    step = build_train_step(BASE, comp, cfg, layout.shape, tx, mesh, shardings)
+    step = build_train_step(base, comp, cfg, layout.shape, tx, mesh, shardings)
     history = []
     for _ in range(2):  # the first update runs at learning rate 0 (warm-up)
         state, metrics = step(state, _batch(), layout_arrays(layout))
@@ -76,9 +93,24 @@ def test_context_blocks_train_like_one_device(one_device, granularity, sizes):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("granularity", ["fine", "coarse"])
-def test_context_gradients_equal_one_device(granularity):
-    """The microbatch loss's gradient itself (not only what AdamW makes of it), at context 8."""
+def test_context_with_tensor_parallelism_remat_and_accumulation():
+    """context 4 x tensor 2 (heads split too), remat of every layer, two microbatches."""
+    base = BASE.replace(remat_policy="full")
+    ref_params, ref_history = _two_steps("fine", (1, 1, 1, 1), base, microbatches=2)
+    params, history = _two_steps("fine", (1, 1, 2, 4), base, microbatches=2)
+    for got, want in zip(history, ref_history):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("granularity,key_block", [("fine", None), ("coarse", None), ("fine", 5)])
+def test_context_gradients_equal_one_device(granularity, key_block, monkeypatch):
+    """The microbatch loss's gradient itself (not only what AdamW makes of it), at context 8;
+    also with the memory part in key blocks of 5 (several per block's memory prefix)."""
+    if key_block:
+        monkeypatch.setattr(structured, "MEMORY_KEY_BLOCK", key_block)
     comp = _comp(granularity)
     cfg = StepConfig(batch_size=4, seq_len=SEQ, optimizer=OPT, objective=OBJECTIVE)
     layout = build_layout(SEQ, comp)
@@ -147,7 +179,16 @@ def test_memory_pairs_measure_the_imbalance():
     seen = [0] + [2 + 2 * i for i in range(1, 8)]
     ts = shape.segment_tokens
     assert live == [ts * (seen[2 * c] + seen[2 * c + 1]) for c in range(4)]
-    assert computed == live[-1] and sum(memory_pairs(shape, 1)[0]) == sum(live)
+    assert computed == 2 * ts * seen[7] and sum(memory_pairs(shape, 1)[0]) == sum(live)
+
+
+def test_online_tie_is_refused_with_context_blocks():
+    with pytest.raises(ConfigError, match="tie_source='precomputed'"):
+        check_context_parallel(_comp("fine"), SEQ, 4, tie_online=True)
+    comp, (mesh_cfg, mesh) = _comp("fine"), _mesh((1, 1, 1, 4))
+    cfg = StepConfig(batch_size=4, seq_len=SEQ, mesh=mesh_cfg, objective=ObjectiveConfig(tie=True))
+    with pytest.raises(ConfigError, match="online TIE"):
+        build_train_step(BASE, comp, cfg, build_layout(SEQ, comp).shape, None, mesh, None)
 
 
 @pytest.mark.parametrize("memory,granularity,kw,seq,match", [

@@ -113,6 +113,26 @@ def test_planned_total_is_within_30_percent_of_xla_compiled_memory(case):
     assert 0.7 < estimate / compiled < 1.3, (estimate, compiled)
 
 
+@pytest.mark.parametrize("ae,seq,context", [(False, 2048, 4), (True, 4096, 8)])
+def test_context_parallel_plan_is_within_30_percent_of_xla(ae, seq, context):
+    """With the sequence split over ``mesh.context``: one block's activations, the gathered gist
+    buffer and the traffic report, against the compiled step on 8 fake devices."""
+    base = preset("tiny", attention_impl="auto", max_position_embeddings=8192)
+    comp = comp_config("kv", "fine", segment_length=128, ratio=8, sinks=4, attention_impl="auto")
+    step = StepConfig(batch_size=8 // context, seq_len=seq, mesh=MeshConfig(-1, 1, 1, context),
+                      objective=ObjectiveConfig(ae=ae))
+    estimate = plan.plan(base, comp, step, 8, "cpu")
+    assert estimate["context_memory"] > 0
+    compiled = plan.compiled_memory(base, comp, step)
+    assert 0.7 < estimate["total"] / compiled < 1.3, (estimate, compiled)
+    traffic = plan.context_traffic(base, comp, step, 8)
+    assert traffic["gist_gather"] * 8 <= traffic["full_kv_gather"] * 1.1  # 1/r, plus the sinks
+    assert traffic["gist_scatter"] * context == traffic["gist_gather"]
+    lines = plan.summary_lines("cp", base, comp, step, 8, "gpu")
+    assert "attention decomposed" in lines[1]  # what every block runs, cuDNN or not
+    assert any("context axis per step: gist K/V all-gather" in line for line in lines), lines
+
+
 def test_planned_activations_follow_every_pass_and_the_attention_kernel():
     """Saved activations are traced from the real loss: AE's decoder and the dense causal
     kernel's T x T scores appear in them, the blockwise kernel's O(T) residuals do not grow

@@ -18,10 +18,12 @@ from gist_jax.gist import structured
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Query blocks of 5 rows (segments of 12 or 20 tokens: 3-4 blocks, the last one short) and
-    at most 2 memory groups (5 memory segments: groups of 3 and 2)."""
+    """Query blocks of 5 rows (segments of 12 or 20 tokens: 3-4 blocks, the last one short), at
+    most 2 memory groups (5 memory segments: groups of 3 and 2) and memory key blocks of 3
+    entries (several per prefix, the last one padded with dead entries)."""
     monkeypatch.setattr(structured, "QUERY_BLOCK", 5)
     monkeypatch.setattr(structured, "MAX_MEMORY_GROUPS", 2)
+    monkeypatch.setattr(structured, "MEMORY_KEY_BLOCK", 3)
 
 
 @pytest.mark.parametrize("granularity,positions,sinks,ratio", [

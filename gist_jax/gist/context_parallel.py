@@ -8,24 +8,24 @@ others is the memory buffer: per layer, each device takes the buffer entries its
 own (their gist slots; block 0 also the sinks) from its local keys and values and one
 ``all_gather`` over ``context`` assembles the whole buffer ``[sinks | S * slots]`` on every
 device. Its transpose in the backward is a reduce-scatter of the gists' gradients. Per layer
-that moves ``2 x (sinks + S * slots) x kv_heads x head_dim`` values: 1 / r of what an
-all-gather of the full K/V moves (``tests/test_context_parallel.py`` counts the bytes in the
-compiled HLO).
+that moves ``2 x (S * slots + blocks x sinks) x kv_heads x head_dim`` values (every block sends
+its copy of the sinks): about 1 / r of what an all-gather of the full K/V moves
+(``tests/test_context_parallel.py`` counts the bytes in the compiled HLO).
 
 Each device then runs the decomposed segment kernel (``structured.segment_attention``) over its
 local segments with their global index (``first_segment``): the local part is unchanged, the
-memory part reads the gathered buffer. Shapes are static and the same on every device, so each
-memory group is sized for the block that starts latest (``segment_plan(max_first_segment=)``):
-every device computes the last block's memory staircase and masks what it may not see. That
-keeps the devices in step (no device waits for another) at the price of computing, in block c,
-``(C - 1 - c) x S_local x slots`` memory keys per query that it masks; ``memory_pairs`` counts
-both.
+memory part reads the gathered buffer. Shapes are static and the same on every device, so the
+memory part is sized for the segment that comes last (``segment_plan(max_first_segment=)``,
+one memory group): every device computes each of its segments against the bound of the last
+one and masks what it may not see. That keeps the devices in step (no device waits for
+another) at the price of computing about twice the live memory pairs on average;
+``memory_pairs`` counts both.
 
 The rest of the step keeps its sequence axis sharded without moving activations: the raw rows
-the loss reads and the gists the AE objective reads are gathered segment by segment
-(``specs.raw_rows``, ``train/ae.py``), and the chunked LM loss folds each block into its own
-rows (``model/loss.py``). What XLA partitions on its own: TIE's full-attention reference pass
-(a causal pass over the raw sequence needs every earlier key: XLA all-gathers its K/V).
+the loss reads are gathered segment by segment (``specs.raw_rows``) and the chunked LM loss
+scores each block as rows of its own (``model/loss.py``). What XLA partitions on its own: TIE's
+full-attention reference pass (a causal pass over the raw sequence needs every earlier key: XLA
+all-gathers its K/V) and the AE objective's read of the gists' K/V.
 """
 
 from __future__ import annotations
@@ -53,12 +53,19 @@ from gist_jax.model.sharding import (
 )
 
 
-def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) -> None:
+def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int, tie_online: bool = False) -> None:
     """``mesh.context`` > 1 splits each sequence into blocks of whole segments and moves only gist
     K/V between them (``gist/context_parallel.py``): that needs gists, a parallel (KV) forward,
-    and a segment count the blocks divide."""
+    and a segment count the blocks divide. Online TIE is refused: its full-attention reference
+    pass needs every earlier key, and left to XLA's partitioner its blockwise loops issue
+    collectives that deadlocked the CPU runtime's device threads (a rendezvous timeout, measured
+    on 8 fake devices); precomputed weights need no pass at all."""
     if context == 1:
         return
+    if tie_online:
+        raise ConfigError(f"mesh.context={context}: online TIE runs a full-attention reference pass over the whole "
+                          "sequence, which context parallelism does not split; precompute the weights "
+                          "(python -m gist_jax.train.tie_precompute, then objective.tie_source='precomputed')")
     if comp.memory == "recurrent":
         raise ConfigError(f"mesh.context={context}: Coarse-Rec (compression.memory='recurrent') runs its segments "
                           "one after another, so its sequence cannot be split; use mesh.context=1 (its step "
@@ -76,19 +83,17 @@ def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) 
                           f"{context} blocks; use a multiple of {context * comp.segment_length}")
 
 
-def check_shape(shape: LayoutShape, context: int) -> None:
-    """Blocks of whole segments: the layout's segment count must divide over the devices."""
-    if shape.num_segments % context or not shape.whole_segments:
-        raise ConfigError(
-            f"mesh.context={context} needs whole segments whose count ({shape.num_segments}) divides over "
-            f"the blocks; use a step.seq_len that is a multiple of {context} x compression.segment_length")
+def splits(shape: LayoutShape, context: int) -> bool:
+    """Whether the layout cuts into ``context`` blocks of whole segments (the train step checks
+    this up front; an evaluation layout that does not cut runs unsplit, XLA-partitioned)."""
+    return shape.whole_segments and shape.num_segments % context == 0
 
 
 def memory_pairs(shape: LayoutShape, context: int) -> tuple[list[int], int]:
     """(live query-memory pairs per device, pairs each device computes) for one head and one
     sequence of whole segments: the load-balance measure. Segment i's ``Ts`` queries see
-    ``sinks + i * slots`` memory entries (0 for segment 0); every device computes the last
-    block's count (static shapes)."""
+    ``sinks + i * slots`` memory entries (0 for segment 0); every device computes, for each of
+    its segments, the bound of the last segment (static shapes, one memory group)."""
     s_local = shape.num_segments // context
     ts, sinks, slots = shape.segment_tokens, shape.num_sinks, shape.slots
 
@@ -96,7 +101,7 @@ def memory_pairs(shape: LayoutShape, context: int) -> tuple[list[int], int]:
         return 0 if i == 0 else sinks + i * slots
 
     live = [sum(ts * seen(c * s_local + j) for j in range(s_local)) for c in range(context)]
-    return live, live[-1]
+    return live, s_local * ts * seen(shape.num_segments - 1)
 
 
 @flax.struct.dataclass
@@ -137,7 +142,10 @@ def _local_attention(d: DecomposedKV, context: int, hold_gists: bool) -> Callabl
     """The per-device body: this block's segments over [own segment | gathered memory]."""
     s, ts, sinks, slots = d.num_segments, d.segment_tokens, d.num_sinks, d.slots
     s_local = s // context
-    plan = segment_plan(s_local, ts, sinks, slots, max_first_segment=(context - 1) * s_local)
+    # One memory group: a block's staircase is a small part of what it computes (every block
+    # computes the latest block's bound), while each extra group scan kept its own buffer-sized
+    # gradients live (8 groups: 3.8x the compiled step memory at 8K tokens on 8 blocks).
+    plan = segment_plan(s_local, ts, sinks, slots, max_groups=1, max_first_segment=(context - 1) * s_local)
 
     def local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, valid_BxT, memory_token_M,
               memory_position_M, memory_live_M, inv_freq):

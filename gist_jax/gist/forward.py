@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from gist_jax.gist.bank import GistBankKV
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.context_parallel import ContextParallelKV, check_shape
+from gist_jax.gist.context_parallel import ContextParallelKV, splits
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.recurrent import LayerKV, recurrent_scan
@@ -97,11 +97,11 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
         structure: AttentionStructure
-        if context_size() > 1:
+        if context_size() > 1 and not comp.windowed and splits(shape, context_size()):
             # The sequence is split over the mesh's context axis: the decomposed kernel per
-            # block, with only the gist memory gathered (context_parallel.py).
-            assert not comp.windowed, "check_context_parallel refuses UniGist with mesh.context > 1"
-            check_shape(shape, context_size())
+            # block, with only the gist memory gathered (context_parallel.py). A layout that
+            # does not cut into whole-segment blocks (an evaluation length) runs as below and
+            # XLA partitions it.
             structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape))
         elif comp.windowed:
             structure = WindowedKV.from_arrays(arrays, shape, comp.window)

@@ -15,6 +15,9 @@ non-empty parts, and this module computes each one at its own size:
       memory is its prefix ``[0, s + i * slots)``. Segments share a static bound in at most
       ``MAX_MEMORY_GROUPS`` groups (one ``lax.scan`` each), so the memory part computes about
       (groups + 1) / groups of the exact staircase, not the whole buffer for every segment.
+      A prefix longer than ``MEMORY_KEY_BLOCK`` runs a key block at a time (online softmax
+      forward, blockwise backward), so a scan step holds ``Ts x MEMORY_KEY_BLOCK`` scores
+      however long the context.
 
 Both parts run in ``segment_attention``, a ``custom_vjp``: the forward computes each part's
 normalised output and log-sum-exp and merges them exactly, ``o = (e^l1 o1 + e^l2 o2) /
@@ -103,6 +106,9 @@ QUERY_BLOCK = 288
 # groups, so the memory part computes at most (groups + 1) / groups of the exact staircase
 # (the whole buffer for every segment computed 2x) with a bounded number of traced scans.
 MAX_MEMORY_GROUPS = 8
+# Memory keys per block: a scan step holds Ts x this many memory scores, not Ts x the whole
+# prefix (which grows with the context); a prefix within one block runs as one plain softmax.
+MEMORY_KEY_BLOCK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +122,7 @@ class SegmentPlan:
     slots: int
     query_blocks: tuple[tuple[int, int], ...]
     groups: tuple[tuple[int, int, int], ...]
+    key_block: int = 1 << 30  # memory keys per block (``MEMORY_KEY_BLOCK``)
 
 
 def segment_plan(num_segments: int, segment_tokens: int, num_sinks: int, slots: int,
@@ -139,7 +146,7 @@ def segment_plan(num_segments: int, segment_tokens: int, num_sinks: int, slots: 
         for first in range(start, num_segments, size):
             end = min(first + size, num_segments)
             groups.append((first, end, num_sinks + (max_first_segment + end - 1) * slots))
-    return SegmentPlan(num_sinks, slots, blocks, tuple(groups))
+    return SegmentPlan(num_sinks, slots, blocks, tuple(groups), MEMORY_KEY_BLOCK)
 
 
 def _bias(mask: jax.Array) -> jax.Array:
@@ -154,11 +161,80 @@ def _local_bias(r0: int, r1: int, valid_BxTs: jax.Array) -> jax.Array:
     return _bias(causal_QxR[None] & valid_BxTs[:, None, :r1])[:, None, None]
 
 
-def _memory_bias(i: jax.Array, bound: int, live_M: jax.Array, plan: SegmentPlan) -> jax.Array:
-    """[bound]: the buffer entries segment i (global index) sees: live, owned by a segment
-    < i; segment 0 sees none (its sinks are its own raw tokens, in the local part)."""
+def _memory_bias(i: jax.Array, bound: int, live_M: jax.Array, plan: SegmentPlan,
+                 start: jax.Array | int = 0) -> jax.Array:
+    """[bound]: of the buffer entries ``start .. start + bound``, those segment i (global
+    index) sees: live, owned by a segment < i; segment 0 sees none (its sinks are its own raw
+    tokens, in the local part). ``live_M`` must cover ``start + bound`` entries."""
     seen = jnp.where(i > 0, plan.num_sinks + i * plan.slots, 0)
-    return _bias(live_M[:bound] & (jnp.arange(bound) < seen))
+    live = jax.lax.dynamic_slice_in_dim(live_M, start, bound)
+    return _bias(live & (start + jnp.arange(bound) < seen))
+
+
+def _key_blocks(bound: int, plan: SegmentPlan) -> int:
+    return -(-bound // plan.key_block)
+
+
+def _padded_memory(km: jax.Array, vm: jax.Array, live: jax.Array, bound: int,
+                   plan: SegmentPlan) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The buffer prefix ``[0, bound)`` padded with dead entries to whole key blocks."""
+    size = _key_blocks(bound, plan) * plan.key_block
+    pad = ((0, 0), (0, 0), (0, size - bound), (0, 0))
+    return (jnp.pad(km[:, :, :bound], pad), jnp.pad(vm[:, :, :bound], pad),
+            jnp.pad(live[:bound], (0, size - bound)))
+
+
+def _memory_partial(q, km, vm, live, i, bound, plan):
+    """Segment i's queries over its memory prefix ``[0, bound)``: ``_partial``'s (out, lse),
+    in key blocks of ``plan.key_block`` with an online softmax when the prefix is longer."""
+    if bound <= plan.key_block:
+        return _partial(q, km[:, :, :bound], vm[:, :, :bound], _memory_bias(i, bound, live, plan))
+    kb = plan.key_block
+
+    def body(carry, j):
+        m, l, o = carry
+        start = j * kb
+        k_j = jax.lax.dynamic_slice_in_dim(km, start, kb, axis=2)
+        v_j = jax.lax.dynamic_slice_in_dim(vm, start, kb, axis=2)
+        s = jnp.einsum("BKGQH,BKCH->BKGQC", q, k_j, preferred_element_type=jnp.float32)
+        s = s * q.shape[-1] ** -0.5 + _memory_bias(i, kb, live, plan, start)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)  # 0 once a block holds a seen key: masked blocks before it drop
+        e = jnp.exp(s - m_new[..., None])
+        o = alpha[..., None] * o + jnp.einsum("BKGQC,BKCH->BKGQH", e.astype(v_j.dtype), v_j,
+                                              preferred_element_type=jnp.float32)
+        return (m_new, alpha * l + jnp.sum(e, axis=-1), o), None
+
+    rows = q.shape[:-1]
+    init = (jnp.full(rows, NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    (m, l, o), _ = jax.lax.scan(body, init, jnp.arange(_key_blocks(bound, plan), dtype=jnp.int32))
+    seen = (m > 0.5 * NEG).astype(jnp.float32)
+    return o * (seen / l)[..., None], m + jnp.log(l) * seen
+
+
+def _memory_partial_backward(q, km, vm, live, i, bound, plan, lse, do, delta):
+    """``_partial_backward`` over the memory prefix, a key block at a time: (dq, dk, dv) with
+    dk / dv ``[B, K, bound, H]``."""
+    if bound <= plan.key_block:
+        return _partial_backward(q, km[:, :, :bound], vm[:, :, :bound], _memory_bias(i, bound, live, plan),
+                                 lse, do, delta)
+    kb = plan.key_block
+
+    def body(dq, j):
+        start = j * kb
+        k_j = jax.lax.dynamic_slice_in_dim(km, start, kb, axis=2)
+        v_j = jax.lax.dynamic_slice_in_dim(vm, start, kb, axis=2)
+        dq_j, dk_j, dv_j = _partial_backward(q, k_j, v_j, _memory_bias(i, kb, live, plan, start), lse, do, delta)
+        return dq + dq_j, (dk_j, dv_j)
+
+    blocks = _key_blocks(bound, plan)
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(blocks, dtype=jnp.int32))
+
+    def unblock(x):  # [blocks, B, K, kb, H] -> [B, K, bound, H]
+        b, k, h = x.shape[1], x.shape[2], x.shape[4]
+        return x.transpose(1, 2, 0, 3, 4).reshape(b, k, blocks * kb, h)[:, :, :bound]
+
+    return dq, unblock(dk), unblock(dv)
 
 
 def _partial(q_BxKxGxQxH: jax.Array, k_BxKxCxH: jax.Array, v_BxKxCxH: jax.Array,
@@ -215,10 +291,12 @@ def _memory_forward(q, km, vm, live, first_segment, plan):
     bound; local segment j is global segment ``first_segment + j``."""
     outs, lses = [], []
     for first, end, bound in plan.groups:
-        def body(carry, x, bound=bound):
+        km_g, vm_g, live_g = (_padded_memory(km, vm, live, bound, plan) if bound > plan.key_block
+                              else (km, vm, live))
+
+        def body(carry, x, bound=bound, km_g=km_g, vm_g=vm_g, live_g=live_g):
             q_i, i = x
-            bias = _memory_bias(i, bound, live, plan)
-            return carry, _partial(q_i, km[:, :, :bound], vm[:, :, :bound], bias)
+            return carry, _memory_partial(q_i, km_g, vm_g, live_g, i, bound, plan)
 
         index = first_segment + jnp.arange(first, end, dtype=jnp.int32)
         _, (o, l) = jax.lax.scan(body, None, (q[first:end], index))
@@ -292,12 +370,14 @@ def _segment_attention_bwd(plan, residuals, dout):
     dkm = dvm = jnp.zeros(km.shape, jnp.float32)
     dq_mem = []
     for first, end, bound in plan.groups:
-        def memory_body(carry, x, bound=bound):
+        km_g, vm_g, live_g = (_padded_memory(km, vm, live, bound, plan) if bound > plan.key_block
+                              else (km, vm, live))
+
+        def memory_body(carry, x, bound=bound, km_g=km_g, vm_g=vm_g, live_g=live_g):
             dk_acc, dv_acc = carry
             q_i, lse_i, do_i, delta_i, i = x
-            dq_i, dk_m, dv_m = _partial_backward(q_i, km[:, :, :bound], vm[:, :, :bound],
-                                                 _memory_bias(i, bound, live, plan), lse_i, do_i,
-                                                 delta_i)
+            dq_i, dk_m, dv_m = _memory_partial_backward(q_i, km_g, vm_g, live_g, i, bound, plan, lse_i,
+                                                        do_i, delta_i)
             return (dk_acc + dk_m, dv_acc + dv_m), dq_i
 
         zeros = jnp.zeros(km.shape[:2] + (bound, km.shape[-1]), jnp.float32)

@@ -28,6 +28,22 @@ class DistributedInitError(RuntimeError):
     pass
 
 
+# XLA:CPU's concurrency-optimised scheduler let independent collectives of one program run in a
+# different order on different fake devices; with context parallelism's gist all-gathers beside
+# XLA's own collectives the device threads then waited on each other until the 40 s rendezvous
+# timeout aborted the process (reproduced 3 of 3 times with the step loaded from the compilation
+# cache; 5 of 5 runs passed with the scheduler off).
+SEQUENTIAL_CPU_COLLECTIVES = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def order_cpu_collectives(context: int) -> None:
+    """Before the backend starts: with ``mesh.context`` > 1, turn XLA:CPU's concurrency-optimised
+    scheduler off (``SEQUENTIAL_CPU_COLLECTIVES``); a CPU-only flag, ignored by other backends."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if context > 1 and SEQUENTIAL_CPU_COLLECTIVES.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {SEQUENTIAL_CPU_COLLECTIVES}".strip()
+
+
 def initialize_from_env() -> bool:
     """Initialises ``jax.distributed`` when the environment asks for it; returns whether it did."""
     global _initialized  # noqa: PLW0603 - once per process

@@ -48,7 +48,7 @@ from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.forward import resolve_attention_impl
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.params import add_gist_params, model_config_for
-from gist_jax.gist.structured import QUERY_BLOCK
+from gist_jax.gist.structured import MEMORY_KEY_BLOCK, QUERY_BLOCK
 from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mesh
@@ -83,7 +83,8 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
     ``backend`` with ``compute_dtype`` (``forward.resolve_attention_impl``):
 
       dense       T x K per row (K = 2T with compression: every token also as memory)
-      decomposed  one query block x Ts (local) + Ts x M (one memory step of the scan)
+      decomposed  one query block x Ts (local) + Ts x min(M, MEMORY_KEY_BLOCK) (one memory
+                  step of the scan, a key block at a time)
       flash       cuDNN (gpu): S x E softmax statistics, E = M + Ts; XLA: S x E^2
       bank        Splash (tpu): T softmax statistics (x2)
       windowed    UniGist (``window.py``): Ts x (nb + 1) Ts (one segment's band) + Ts x the
@@ -112,7 +113,7 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
         impl = "dense"
     on_gpu = backend == "gpu"
     block = min(QUERY_BLOCK, ts)  # decomposed: one query block's scores at a time
-    per_row = {"dense": t * 2 * t, "decomposed": block * ts + ts * m, "bank": 2 * t,
+    per_row = {"dense": t * 2 * t, "decomposed": block * ts + ts * min(m, MEMORY_KEY_BLOCK), "bank": 2 * t,
                "flash": s * (m + ts) * (1 if on_gpu else m + ts),
                # cuDNN: local, memory and merged statistics; XLA: both parts' scores
                "split": 3 * s * ts if on_gpu else s * ts * ts + (s - 1) * ts * m}[impl]
@@ -136,14 +137,17 @@ WORKING_SET_LAYERS = {"none": 1.0, "remat": 1.2, "dense_remat": 2.0, "blockwise"
 BLOCKWISE_LIVE_TILES = 5
 
 
-def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str) -> str:
-    """The attention implementation the decoder layers run on ``backend``."""
+def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
+    """The attention implementation the decoder layers run on ``backend`` (with the sequence split
+    over ``context`` devices: the decomposed kernel per block, ``gist/context_parallel.py``)."""
     if not comp.enabled:
         return resolve_impl(cfg.attention_impl, backend, cfg.dtype, cfg.head_dim)
     if comp.memory != "kv":
         return "dense"
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend,
                                   windowed=comp.windowed)
+    if context > 1 and impl != "dense":
+        return "decomposed"
     if comp.windowed:
         return "dense" if impl == "dense" else "windowed"  # window.py: autodiff layers, like decomposed
     return "dense" if impl == "bank" and backend != "tpu" else impl  # Pallas interpret mode off TPU
@@ -176,12 +180,20 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
         out["tie_reference"] = _tree_bytes(base_abstract, param_logical_specs(base), sizes)
 
     micro_per_device = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
-    out["activations_saved"] = saved_residual_bytes(base, comp, step, micro_per_device, backend)
-    impl = layer_attention_impl(cfg, comp, backend)
+    # Context parallelism: a device holds one block of whole segments; its activations are those
+    # of a sequence that long, plus the gathered memory buffer each layer keeps for its backward.
+    local = _local_step(step, sizes["context"])
+    if sizes["context"] > 1 and comp.memory == "kv" and comp.attention_impl != "dense":
+        comp = comp.replace(attention_impl="decomposed")  # what every block runs
+    out["activations_saved"] = saved_residual_bytes(base, comp, local, micro_per_device, backend)
+    if sizes["context"] > 1:
+        resolved = dataclasses.replace(step, mesh=dataclasses.replace(step.mesh, tensor=sizes["tensor"]))
+        out["context_memory"] = context_buffer_bytes(base, comp, resolved, sizes["context"], micro_per_device)
+    impl = layer_attention_impl(cfg, comp, backend, sizes["context"])
     if comp.memory == "recurrent":
         layer_set = WORKING_SET_LAYERS["recurrent_step"] * _recurrent_step_bytes(base, comp, step, num_devices, backend)
     else:
-        layer = layer_residual_bytes(base, comp, step, micro_per_device, backend)
+        layer = layer_residual_bytes(base, comp, local, micro_per_device, backend)
         if impl == "blockwise":
             layer_set = WORKING_SET_LAYERS["blockwise"] * layer
         elif cfg.remat_policy == "none":
@@ -195,11 +207,65 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
         block_q = block_k = min(DEFAULT_BLOCK, step.seq_len)
         layer_set += BLOCKWISE_LIVE_TILES * micro_per_device * cfg.num_heads * block_q * block_k * 4
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
-    chunk_tokens = micro_per_device * min(step.objective.loss_chunk, step.seq_len)
+    chunk_tokens = micro_per_device * min(step.objective.loss_chunk, local.seq_len)
     loss_set = chunk_tokens * vocab * 4 * 3  # logits, softmax, their gradient (float32)
     out["working_set"] = int(max(layer_set, loss_set))
     out["total"] = sum(out.values())
     return out
+
+
+def _local_step(step: StepConfig, context: int) -> StepConfig:
+    """The step one device of a ``context``-way split computes: its block of the sequence."""
+    return step if context == 1 else dataclasses.replace(step, seq_len=step.seq_len // context)
+
+
+def context_buffer_bytes(base: ModelConfig, comp: CompressionConfig, step: StepConfig, context: int,
+                         sequences: int) -> int:
+    """The gathered memory buffer (sinks and every segment's gist K/V) per device that the
+    context-parallel kernel keeps per layer for the backward, beyond the block's own share
+    (which the local trace already counts): ``layers x (M - M_local) x kv_heads x head_dim x
+    2 x dtype bytes x sequences``."""
+    shape = build_layout(step.seq_len, comp).shape
+    local = build_layout(step.seq_len // context, comp).shape
+    layers = base.num_layers if base.remat_policy == "none" else 1  # remat: recomputed per layer
+    return layers * (shape.memory_size - local.memory_size) * _kv_entry_bytes(base, step, sequences)
+
+
+def _kv_entry_bytes(base: ModelConfig, step: StepConfig, sequences: int) -> int:
+    """One token's K and V on one device (KV heads split over ``tensor`` where they divide)."""
+    tensor = step.mesh.tensor if step.mesh.tensor > 0 else 1
+    kv_heads = base.num_kv_heads // tensor if base.num_kv_heads % tensor == 0 else base.num_kv_heads
+    return 2 * kv_heads * base.head_dim * np.dtype(base.dtype).itemsize * sequences
+
+
+def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int) -> dict[str, int]:
+    """Bytes per device per step that context parallelism adds on the ``context`` axis, as the
+    compiled HLO counts them (``gist_jax.bench.collectives``: an op's output size):
+
+      gist_gather     per layer and microbatch, the memory buffer's all-gather,
+                      ``(gists + blocks x sinks) x kv_heads x head_dim x 2 x dtype bytes x
+                      sequences`` (the device's KV heads); twice when remat recomputes the
+                      forward
+      gist_scatter    its transpose in the backward, a reduce-scatter: 1 / blocks of it
+      full_kv_gather  for comparison, what an all-gather of every raw token's K/V would move in
+                      the same passes (ring or all-gather attention over the full sequence)
+
+    Parameter gradients are all-reduced over ``context`` as over ``data`` (not counted here);
+    TIE's full-attention reference pass, left to XLA, all-gathers its own K/V."""
+    sizes = resolve_mesh_shape(step.mesh, num_devices)
+    context = sizes["context"]
+    if context == 1 or not comp.enabled:
+        return {}
+    shape = build_layout(step.seq_len, comp).shape
+    sequences = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
+    entry = _kv_entry_bytes(base, dataclasses.replace(step, mesh=dataclasses.replace(
+        step.mesh, tensor=sizes["tensor"])), sequences)
+    passes = step.microbatches * base.num_layers * (1 if base.remat_policy == "none" else 2)
+    gathered = (shape.num_segments * shape.slots + context * shape.num_sinks) * entry
+    full = passes * step.seq_len * entry
+    return {"gist_gather": passes * gathered,
+            "gist_scatter": step.microbatches * base.num_layers * gathered // context,
+            "full_kv_gather": full}
 
 
 def _recurrent_step_bytes(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
@@ -254,7 +320,7 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
     lines = [(f"plan: {name}: {step.seq_len} tokens x {step.batch_size} sequences in {step.microbatches} "
               f"microbatch(es), mesh {sizes} = {num_devices} {backend} devices"),
              (f"  {variant}, L={comp.segment_length}, remat={base.remat_policy}, dtype={base.dtype}, attention "
-              f"{layer_attention_impl(base, comp, backend)}, causal kernel "
+              f"{layer_attention_impl(base, comp, backend, sizes['context'])}, causal kernel "
               f"{resolve_impl(base.attention_impl, backend, base.dtype, base.head_dim)}")]
     if worst is not None:
         others = ", ".join(f"r={r}: {t / scale:.2f}" for r, t in totals.items() if r != worst)
@@ -263,7 +329,15 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
         lines.append(f"  ratios {tuple(comp.ratios)} ({comp.ratio_sampling}): planned the worst case r={worst} ({how})")
     lines += [f"  {key:>18}: {value / scale:9.2f} {unit} per device" for key, value in result.items()]
     planned = comp.replace(ratios=(worst,), ratio_sampling="fixed") if worst is not None else comp
+    if traffic := context_traffic(base, planned, step, num_devices):
+        mib = 2 ** 20
+        lines.append(f"  context axis per step: gist K/V all-gather {traffic['gist_gather'] / mib:.1f} MiB + "
+                     f"reduce-scatter {traffic['gist_scatter'] / mib:.1f} MiB per device (an all-gather of "
+                     f"the full K/V: {traffic['full_kv_gather'] / mib:.1f} MiB; "
+                     f"{traffic['gist_gather'] / traffic['full_kv_gather']:.3f}x)")
     heads = base.num_heads * max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
+    if sizes["context"] > 1 and planned.memory == "kv" and planned.attention_impl != "dense":
+        planned = planned.replace(attention_impl="decomposed")  # every block's kernel
     largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention_impl)
     lines.append(f"  (largest attention tensor: {largest / scale:.2f} {unit} per device per layer)")
     if device_gib is not None:
