@@ -86,9 +86,9 @@ def token_scores(hidden_BxTxE: jax.Array, head_ExV: jax.Array, labels_BxT: jax.A
     are scored at a time. T need not divide by ``chunk``: the tail is padded with masked rows.
     Differentiable in ``hidden`` and ``head``; masked positions get exactly zero gradient.
 
-    With the token axis split over the mesh's ``context`` axis, each block is scored as rows
-    of its own (``[B, T] -> [B * blocks, T / blocks]``), so no chunk spans two blocks: a chunk
-    loop across blocks would make XLA gather the hidden rows onto one device.
+    With the token axis split over the mesh's ``context`` axis, each block is scored on its own
+    (``[B, T] -> [B, blocks, T / blocks]``, chunks taken within a block), so no chunk spans two
+    blocks: a chunk loop across blocks would make XLA gather the hidden rows onto one device.
     """
     mask_BxT = _full_mask(labels_BxT, mask_BxT)
     blocks = context_size()

@@ -250,8 +250,8 @@ def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig
       full_kv_gather  for comparison, what an all-gather of every raw token's K/V would move in
                       the same passes (ring or all-gather attention over the full sequence)
 
-    Parameter gradients are all-reduced over ``context`` as over ``data`` (not counted here);
-    TIE's full-attention reference pass, left to XLA, all-gathers its own K/V."""
+    Parameter gradients are all-reduced over ``context`` as over ``data`` (not counted here).
+    (Online TIE, whose reference pass would need the full K/V, is refused with context > 1.)"""
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     context = sizes["context"]
     if context == 1 or not comp.enabled:
