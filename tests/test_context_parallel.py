@@ -202,3 +202,15 @@ def test_unsupported_context_settings_are_refused(memory, granularity, kw, seq, 
     with pytest.raises(ConfigError, match=match):
         check_context_parallel(comp, seq, 4)
     check_context_parallel(comp, seq, 1)  # no context parallelism: nothing to refuse
+
+
+def test_traffic_report_agrees_with_the_compiled_step_and_the_planner(capsys):
+    from gist_jax.bench import context_traffic
+
+    assert context_traffic.main(["--context=2", "--seq_len=1024"]) == 0
+    out = capsys.readouterr().out
+    gathered = next(line for line in out.splitlines() if "gist memory all-gather" in line)
+    formula = next(line for line in out.splitlines() if line.strip().startswith("formula:"))
+    measured = int(gathered.split()[3].replace(",", ""))
+    assert f"= {measured:,d} bytes (the planner's: {measured:,d})" in formula, out
+    assert "compiled temp memory per device" in out and "memory-part pairs per block" in out

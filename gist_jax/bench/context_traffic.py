@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from gist_jax.model.config import preset
     from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
     from gist_jax.train.mesh import make_mesh
+    from gist_jax.train.plan import context_traffic
     from gist_jax.train.state import create_train_state
     from gist_jax.train.step import build_train_step
 
@@ -87,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, group in groups.items():
         print(f"  {name:32s} {sum(o.nbytes for o in group):>12,d} bytes in {len(group)} ops")
     formula = layers * (gists + args.context * shape.num_sinks) * entry
+    planned = context_traffic(base, comp, StepConfig(batch_size=args.batch, seq_len=args.seq_len,
+                                                     mesh=MeshConfig(1, 1, 1, args.context)), args.context)
     print(f"  formula: layers x (gists + blocks x sinks) x entry = {layers} x ({gists} + {args.context} x "
-          f"{shape.num_sinks}) x {entry} = {formula:,d} bytes")
+          f"{shape.num_sinks}) x {entry} = {formula:,d} bytes (the planner's: "
+          f"{planned.get('gist_gather', 0):,d})")
     full_layout, full_raw = layers * shape.length * entry, layers * args.seq_len * entry
     moved = sum(o.nbytes for o in groups["gist memory all-gather"])
     print(f"  full-K/V all-gather of the layout: {full_layout:,d} bytes (gist memory moves {moved / full_layout:.3f}"

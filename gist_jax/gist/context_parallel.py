@@ -25,7 +25,9 @@ The rest of the step keeps its sequence axis sharded without moving activations:
 the loss reads are gathered segment by segment (``specs.raw_rows``) and the chunked LM loss
 scores each block as rows of its own (``model/loss.py``). What XLA partitions on its own: TIE's
 full-attention reference pass (a causal pass over the raw sequence needs every earlier key: XLA
-all-gathers its K/V) and the AE objective's read of the gists' K/V.
+all-gathers its K/V; online TIE is refused for that reason) and the AE objective, whose
+decoder batch it partitions by all-gathering every raw token's input embedding (exact, but
+activation-sized traffic: ``docs/performance.md``).
 """
 
 from __future__ import annotations
