@@ -10,15 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import BASE, comp_config
+from gist_helpers import BASE, comp_config, model, tokens
 
 from gist_jax.bench.collectives import collectives
 from gist_jax.errors import ConfigError
 from gist_jax.gist import structured
+from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.context_parallel import check_context_parallel, memory_pairs
+from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.sharding import activation_mesh
+from gist_jax.train.ae import ae_loss, init_ae_params
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
 from gist_jax.train.state import create_train_state
@@ -136,6 +139,34 @@ def test_context_gradients_equal_one_device(granularity, key_block, monkeypatch)
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
 
 
+def test_ae_loss_per_segment_ratios_equals_one_device():
+    """The AE decoder run per block (segments on ``context``): per-segment ratios, so blocks hold
+    dead gist slots and spans of 2 to 8 tokens; loss and gradients (decoder, [ae] rows, gist K/V)
+    equal the unsplit loss."""
+    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=8, ratios=(2, 4, 8),
+                             ratio_sampling="per_segment", num_sinks=2)
+    cfg, params = model(comp)
+    layout = build_layout(SEQ, comp, (2, 8, 4, 2, 8, 8, 4, 2), 4)
+    arrays, toks = layout_arrays(layout), tokens(2, SEQ, seed=3)
+    _, (k, v) = jax.jit(compressed_logits, static_argnums=(0, 1, 2), static_argnames="kv_layer")(
+        cfg, comp, layout.shape, params, toks, arrays, kv_layer=-1)
+    ae_params = init_ae_params(cfg, comp, params)
+
+    def loss_and_grads(sizes):
+        mesh = _mesh(sizes)[1]
+
+        def f(ae_params, k, v):
+            with activation_mesh(mesh):
+                return ae_loss(cfg, comp, layout.shape, params, ae_params, toks, arrays, k, v)[0]
+
+        return jax.device_get(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(ae_params, k, v))
+
+    (want_loss, want), (got_loss, got) = loss_and_grads((1, 1, 1, 1)), loss_and_grads((1, 2, 1, 4))
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 256):
     comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32, attention_impl="auto")
     base = BASE.replace(scan_layers=False)  # one op per layer: the text lists every layer's traffic
@@ -149,12 +180,14 @@ def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 2
     return collectives(text), layout.shape
 
 
-def test_only_gist_kv_crosses_the_context_axis():
+@pytest.mark.parametrize("ae", [False, True])
+def test_only_gist_kv_crosses_the_context_axis(ae):
     """Counted in the compiled HLO: per layer one all-gather of the gist K/V (+ each block's copy
     of the sinks) and its reduce-scatter in the backward; nothing activation-sized otherwise
-    (parameter-gradient all-reduces are data parallelism's, over the replicated weights)."""
+    (parameter-gradient all-reduces are data parallelism's, over the replicated weights). With
+    AE on, each block decodes its own gists' spans: the decoder adds no activation traffic."""
     context, batch = 4, 2
-    ops, shape = _compiled_collectives(context, ObjectiveConfig(tie=False, ae=False))
+    ops, shape = _compiled_collectives(context, ObjectiveConfig(tie=False, ae=ae, ae_lambda=0.5))
     layers, kv, h, f32 = BASE.num_layers, BASE.num_kv_heads, BASE.head_dim, 4
     gists = shape.num_segments * shape.slots
     entry = 2 * batch * kv * h * f32  # one memory entry's k and v

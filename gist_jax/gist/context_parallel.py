@@ -22,12 +22,10 @@ another) at the price of computing about twice the live memory pairs on average;
 ``memory_pairs`` counts both.
 
 The rest of the step keeps its sequence axis sharded without moving activations: the raw rows
-the loss reads are gathered segment by segment (``specs.raw_rows``) and the chunked LM loss
-scores each block as rows of its own (``model/loss.py``). What XLA partitions on its own: TIE's
-full-attention reference pass (a causal pass over the raw sequence needs every earlier key: XLA
-all-gathers its K/V; online TIE is refused for that reason) and the AE objective, whose
-decoder batch it partitions by all-gathering every raw token's input embedding (exact, but
-activation-sized traffic: ``docs/performance.md``).
+the loss reads are gathered segment by segment (``specs.raw_rows``), the chunked LM loss
+scores each block as rows of its own (``model/loss.py``), and the AE decoder runs per segment
+on the block that owns the gists (``train/ae.py``). TIE runs from precomputed weights: its
+online full-attention reference pass needs every earlier key and is refused here.
 """
 
 from __future__ import annotations

@@ -67,13 +67,23 @@ def raw_rows(x_BxTx: jax.Array, arrays: LayoutArrays, num_raw: int,
     if shape is None or context_size() == 1:
         return jnp.take(x_BxTx, arrays["raw_position"][:num_raw], axis=1)
     s, ts, seg_len = shape.num_segments, shape.segment_tokens, shape.segment_length
-    b, rest = x_BxTx.shape[0], x_BxTx.shape[2:]
     in_segment_SxL = (arrays["raw_position"].reshape(s, seg_len)
                       - (jnp.arange(s, dtype=jnp.int32) * ts)[:, None])
-    index = in_segment_SxL.reshape((1, s, seg_len) + (1,) * len(rest))
+    rows = segment_take(x_BxTx, in_segment_SxL, shape)
+    return rows.reshape((x_BxTx.shape[0], s * seg_len) + x_BxTx.shape[2:])[:, :num_raw]
+
+
+def segment_take(x_BxTx: jax.Array, in_segment_SxJ: jax.Array, shape: LayoutShape) -> jax.Array:
+    """``[B, S, J, ...]``: from each segment of layout-order ``x`` (``[B, T, ...]``, whole
+    segments), the rows at its in-segment indices. A gather batched over segments, with the
+    segment axis on the ``context`` mesh axis before and after, stays on the device that holds
+    the segment (context parallelism)."""
+    s, ts = shape.num_segments, shape.segment_tokens
+    b, rest = x_BxTx.shape[0], x_BxTx.shape[2:]
+    index = in_segment_SxJ.reshape((1,) + in_segment_SxJ.shape + (1,) * len(rest))
     per_segment = ("activation_batch", "activation_length", None) + (None,) * len(rest)
     rows = jnp.take_along_axis(constrain(x_BxTx.reshape((b, s, ts) + rest), per_segment), index, axis=2)
-    return constrain(rows, per_segment).reshape((b, s * seg_len) + rest)[:, :num_raw]
+    return constrain(rows, per_segment)
 
 
 def pad_raw(tokens_BxN: jax.Array, shape: LayoutShape) -> jax.Array:

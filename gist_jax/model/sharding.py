@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -54,6 +55,8 @@ BATCH_LENGTH_VOCAB = ("activation_batch", "activation_length", "activation_vocab
 
 
 _ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("activation_mesh", default=None)
+_RULE_OVERRIDES: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "rule_overrides", default=types.MappingProxyType({}))
 
 
 @contextlib.contextmanager
@@ -66,6 +69,26 @@ def activation_mesh(mesh: Mesh) -> Iterator[None]:
         yield
     finally:
         _ACTIVATION_MESH.reset(token)
+
+
+@contextlib.contextmanager
+def override_rules(**mesh_axes: Any) -> Iterator[None]:
+    """While tracing under this context, the named logical axes land on other mesh axes (None:
+    replicated). For a computation whose axes mean something else than the model's: the AE
+    decoder's short sequences are batched over segments by a ``vmap`` that carries the
+    ``context`` axis itself, so their own length axis must not be split over it again."""
+    unknown = set(mesh_axes) - {name for name, _ in LOGICAL_AXIS_RULES}
+    assert not unknown, f"no logical axes {sorted(unknown)} in LOGICAL_AXIS_RULES"
+    token = _RULE_OVERRIDES.set(types.MappingProxyType({**_RULE_OVERRIDES.get(), **mesh_axes}))
+    try:
+        yield
+    finally:
+        _RULE_OVERRIDES.reset(token)
+
+
+def _rules() -> tuple[tuple[str, Any], ...]:
+    overrides = _RULE_OVERRIDES.get()
+    return tuple((name, overrides.get(name, axes)) for name, axes in LOGICAL_AXIS_RULES)
 
 
 def active_mesh() -> Mesh | None:
@@ -104,7 +127,7 @@ def active_mesh_spec(logical_axes: Sequence[str | None],
     mesh = _ACTIVATION_MESH.get()
     if mesh is None:
         return None
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), _rules())
     assert spec is not None  # a tuple of names always maps to a spec
     return mesh, fit_spec(spec, shape, mesh.shape)
 
@@ -114,7 +137,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = _ACTIVATION_MESH.get()
     if mesh is None:
         return x
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), _rules())
     assert spec is not None  # a tuple of names always maps to a spec
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fit_spec(spec, x.shape, mesh.shape)))
 

@@ -35,6 +35,7 @@ step is exactly the step without AE (tested in tests/test_train_step.py).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import cast
 
 import jax
@@ -43,13 +44,15 @@ import numpy as np
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.context_parallel import splits
 from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.gist.params import GIST_PARAM_NAMES
-from gist_jax.gist.specs import LayoutArrays, pad_raw
+from gist_jax.gist.specs import LayoutArrays, pad_raw, segment_take
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 from gist_jax.model.loss import DEFAULT_CHUNK, dense_token_scores, lm_head, lm_token_scores
+from gist_jax.model.sharding import CONTEXT_AXIS, constrain, context_size, override_rules
 from gist_jax.model.transformer import Block, Params
 from gist_jax.train.config import AE_DECODER_OUTPUTS, AE_INITS, AE_NORMALIZATIONS
 
@@ -123,6 +126,20 @@ def _memory(cfg: ModelConfig, k_XxKxH: jax.Array, v_XxKxH: jax.Array) -> LayerMe
     return LayerMemory(k_Xx1xKxH, v_XxKxH[:, None])
 
 
+def _context_split(shape: LayoutShape) -> Callable[[jax.Array], jax.Array] | None:
+    """With the layout split over the ``context`` mesh axis: ``[B, G, ...] -> [B, S, slots, ...]``
+    with the segment axis on it (gists are in segment order, ``slots`` per segment); else None."""
+    context = context_size()
+    if context == 1 or not splits(shape, context):
+        return None
+
+    def split(x_BxGx: jax.Array) -> jax.Array:
+        x = x_BxGx.reshape((x_BxGx.shape[0], shape.num_segments, shape.slots) + x_BxGx.shape[2:])
+        return constrain(x, ("activation_batch", "activation_length") + (None,) * (x.ndim - 2))
+
+    return split
+
+
 def gist_table(comp: CompressionConfig, shape: LayoutShape, arrays: LayoutArrays) -> dict:
     """Per gist slot (G = S * slots, layout order), derived on device from layout arrays:
     ``token`` layout index, ``live``, ``ratio``, ``ratio_row`` (row of comp.ratios; 0 if the
@@ -187,30 +204,53 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
 
     toks_BxP = pad_raw(tokens_BxN, shape)
     target_BxGxR = toks_BxP[:, raw_GxR]
-    # Inputs: [ae]_r at row 0, then x_1 .. x_(R-1) (the targets shifted right by one).
-    dtype = cfg.compute_dtype
-    x_BxGxRxE = params["embed"]["embedding"][target_BxGxR[..., :-1]].astype(dtype)
-    ae_GxE = ae_params["ae_embedding"][gists["ratio_row"]].astype(dtype)
-    x_BxGxRxE = jnp.concatenate(
-        [jnp.broadcast_to(ae_GxE[None, :, None], (b, g, 1, ae_GxE.shape[-1])), x_BxGxRxE], axis=2)
+    in_span_BxGxR = jnp.broadcast_to(in_span_GxR, (b, g, r_max))
+    live_BxG = jnp.broadcast_to(gists["live"], (b, g))
+    dec, dtype = decoder_config(cfg), cfg.compute_dtype
 
-    bg = b * g
-    x_XxRxE = x_BxGxRxE.reshape(bg, r_max, -1)
-    k_XxKxH = gist_k_BxTxKxH[:, gists["token"]].reshape((bg,) + gist_k_BxTxKxH.shape[2:])
-    v_XxKxH = gist_v_BxTxKxH[:, gists["token"]].reshape((bg,) + gist_v_BxTxKxH.shape[2:])
-    spec = AttentionSpec(
-        positions=jnp.broadcast_to(j_R + 1, (bg, r_max)).astype(jnp.int32),
-        valid=jnp.broadcast_to(in_span_GxR, (b, g, r_max)).reshape(bg, r_max),
-        prefix_valid=jnp.broadcast_to(gists["live"], (b, g)).reshape(bg, 1),
-        is_gist=jnp.zeros((bg, r_max), bool))
-    dec = decoder_config(cfg)
-    hidden_XxRxE, _ = Block(dec).apply({"params": ae_params["block"]}, x_XxRxE, spec,
-                                       _memory(dec, k_XxKxH, v_XxKxH))
+    def decode(target_BxJxR: jax.Array, ratio_row_J: jax.Array, k_BxJxKxH: jax.Array, v_BxJxKxH: jax.Array,
+               in_span_BxJxR: jax.Array, live_BxJ: jax.Array) -> jax.Array:
+        """The decoder over B x J gists' spans, one short sequence each: [B, J, R, E] out."""
+        bj = b * live_BxJ.shape[1]
+        # Inputs: [ae]_r at row 0, then x_1 .. x_(R-1) (the targets shifted right by one).
+        x_BxJxRxE = params["embed"]["embedding"][target_BxJxR[..., :-1]].astype(dtype)
+        ae_JxE = ae_params["ae_embedding"][ratio_row_J].astype(dtype)
+        ae_BxJx1xE = jnp.broadcast_to(ae_JxE[None, :, None], x_BxJxRxE.shape[:2] + (1, ae_JxE.shape[-1]))
+        x_BxJxRxE = jnp.concatenate([ae_BxJx1xE, x_BxJxRxE], axis=2)
+        x_XxRxE = x_BxJxRxE.reshape(bj, r_max, -1)
+        spec = AttentionSpec(positions=jnp.broadcast_to(j_R + 1, (bj, r_max)).astype(jnp.int32),
+                             valid=in_span_BxJxR.reshape(bj, r_max), prefix_valid=live_BxJ.reshape(bj, 1),
+                             is_gist=jnp.zeros((bj, r_max), bool))
+        memory = _memory(dec, k_BxJxKxH.reshape((bj,) + k_BxJxKxH.shape[2:]),
+                         v_BxJxKxH.reshape((bj,) + v_BxJxKxH.shape[2:]))
+        hidden_XxRxE, _ = Block(dec).apply({"params": ae_params["block"]}, x_XxRxE, spec, memory)
+        if decoder_output == "update":
+            hidden_XxRxE = hidden_XxRxE - x_XxRxE
+        return _final_norm(cfg, params, hidden_XxRxE).reshape(x_BxJxRxE.shape)
+
+    split = _context_split(shape)
+    if split:
+        # Context parallelism: the decoder runs per segment, vmapped with the segment axis on
+        # the context mesh axis, so every block builds and decodes its own gists' spans from
+        # its own K/V rows (gathered per segment; token ids are replicated) and nothing
+        # activation-sized crosses devices.
+        s, slots = shape.num_segments, shape.slots
+        in_segment_SxJ = (gists["token"].reshape(s, slots)
+                          - (jnp.arange(s, dtype=jnp.int32) * shape.segment_tokens)[:, None])
+        k_BxSxJxKxH = segment_take(gist_k_BxTxKxH, in_segment_SxJ, shape)
+        v_BxSxJxKxH = segment_take(gist_v_BxTxKxH, in_segment_SxJ, shape)
+        with override_rules(activation_length=None):
+            hidden_BxSxJxRxE = jax.vmap(decode, in_axes=(1, 0, 1, 1, 1, 1), out_axes=1,
+                                        spmd_axis_name=CONTEXT_AXIS)(
+                split(target_BxGxR), gists["ratio_row"].reshape(s, slots), k_BxSxJxKxH, v_BxSxJxKxH,
+                split(in_span_BxGxR), split(live_BxG))
+        hidden_BxGRxE = hidden_BxSxJxRxE.reshape(b, g * r_max, -1)
+    else:
+        hidden_BxGxRxE = decode(target_BxGxR, gists["ratio_row"], gist_k_BxTxKxH[:, gists["token"]],
+                                gist_v_BxTxKxH[:, gists["token"]], in_span_BxGxR, live_BxG)
+        hidden_BxGRxE = hidden_BxGxRxE.reshape(b, g * r_max, -1)
     # G * R rows per sequence (about the raw length): the head + CE run chunk-wise over them,
     # so the decoder's [B, G, R, V] logits are never built either.
-    if decoder_output == "update":
-        hidden_XxRxE = hidden_XxRxE - x_XxRxE
-    hidden_BxGRxE = _final_norm(cfg, params, hidden_XxRxE).reshape(b, g * r_max, -1)
     valid_BxGxR = jnp.broadcast_to(target_valid_GxR, (b, g, r_max))
     scores = lm_token_scores(cfg, params, hidden_BxGRxE, target_BxGxR.reshape(b, g * r_max),
                              valid_BxGxR.reshape(b, g * r_max), chunk=chunk)
