@@ -1,8 +1,8 @@
 """Context parallelism (``mesh.context``) on 8 fake CPU devices: the sequence split in blocks of
 whole segments gives the one-device step's loss, gradients and updates (Fine-KV and Coarse-KV,
-precomputed TIE weights and AE on, alone and beside FSDP and tensor parallelism); only gist K/V
-crosses the context axis in the compiled step; unsupported settings (online TIE among them) are
-refused in one line."""
+TIE, precomputed or online, and AE on, alone and beside FSDP and tensor parallelism); only gist
+K/V crosses the context axis in the compiled step, plus, with online TIE, its reference pass's
+forward K/V; unsupported settings are refused in one line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from gist_jax.gist.context_parallel import check_context_parallel, memory_pairs
 from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays
+from gist_jax.model import causal
+from gist_jax.model.context_causal import context_causal_attention
 from gist_jax.model.sharding import activation_mesh
 from gist_jax.train.ae import ae_loss, init_ae_params
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
@@ -30,8 +32,9 @@ from gist_jax.train.step import build_train_step, make_microbatch_loss
 SEQ = 64  # 8 segments of 8: blocks of 1, 2 or 4 segments
 # A small rate: after two AdamW steps, float32 reordering noise stays far below 1e-5.
 OPT = OptimizerConfig(learning_rate=1e-4, total_steps=20, warmup_fraction=0.1)
-# TIE with precomputed weights (online TIE is refused with context > 1) and AE.
+# TIE with precomputed weights (online TIE has a test of its own) and AE.
 OBJECTIVE = ObjectiveConfig(tie=True, tie_source="precomputed", ae=True, ae_lambda=0.5)
+ONLINE_TIE = ObjectiveConfig(tie=True, tie_source="online", ae=True, ae_lambda=0.5)
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +53,11 @@ def _comp(granularity: str):
     return comp_config("kv", granularity, sinks=2, attention_impl="auto")
 
 
-def _batch() -> dict[str, jax.Array]:
+def _batch(objective: ObjectiveConfig = OBJECTIVE) -> dict[str, jax.Array]:
     tokens = jax.random.randint(jax.random.key(0), (4, SEQ), 0, BASE.vocab_size)
     mask = jnp.ones(tokens.shape, bool).at[1, 40:].set(False)  # a document ends inside a block
+    if objective.tie_source == "online":
+        return {"tokens": tokens, "loss_mask": mask}
     weights = jax.random.uniform(jax.random.key(1), tokens.shape, minval=0.5, maxval=2.0)
     return {"tokens": tokens, "loss_mask": mask, "tie_weights": weights}
 
@@ -62,17 +67,18 @@ def _mesh(sizes: tuple[int, int, int, int]):
     return cfg, make_mesh(cfg, jax.devices()[:int(np.prod(sizes))])
 
 
-def _two_steps(granularity: str, sizes: tuple[int, int, int, int], base=BASE, microbatches: int = 1):
+def _two_steps(granularity: str, sizes: tuple[int, int, int, int], base=BASE, microbatches: int = 1,
+               objective: ObjectiveConfig = OBJECTIVE):
     comp = _comp(granularity)
     mesh_cfg, mesh = _mesh(sizes)
     cfg = StepConfig(batch_size=4, seq_len=SEQ, microbatches=microbatches, mesh=mesh_cfg, optimizer=OPT,
-                     objective=OBJECTIVE)
+                     objective=objective)
     state, tx, shardings = create_train_state(base, comp, cfg, mesh)
     layout = build_layout(SEQ, comp)
     step = build_train_step(base, comp, cfg, layout.shape, tx, mesh, shardings)
     history = []
     for _ in range(2):  # the first update runs at learning rate 0 (warm-up)
-        state, metrics = step(state, _batch(), layout_arrays(layout))
+        state, metrics = step(state, _batch(objective), layout_arrays(layout))
         history.append(jax.tree.map(float, metrics))
     return jax.device_get(state.params), history
 
@@ -139,6 +145,31 @@ def test_context_gradients_equal_one_device(granularity, key_block, monkeypatch)
         np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("sizes", [(1, 1, 1, 4), (1, 2, 2, 2)])
+def test_context_causal_attention_equals_the_dense_reference(sizes, monkeypatch):
+    """``model/context_causal.py`` (each block's queries against the gathered K/V, at the block's
+    offset, key blocks of 8 so a block spans several): values and gradients equal the dense
+    causal reference on one device, with padded keys, GQA heads, beside fsdp and tensor."""
+    monkeypatch.setattr(causal, "DEFAULT_BLOCK", 8)
+    keys = jax.random.split(jax.random.key(4), 4)
+    q = jax.random.normal(keys[0], (2, SEQ, 4, 16))
+    k, v = (jax.random.normal(key, (2, SEQ, 2, 16)) for key in keys[1:3])
+    valid = jnp.ones((2, SEQ), bool).at[0, :5].set(False).at[1, 50:].set(False)
+    cotangent = jax.random.normal(keys[3], q.shape)
+    want_out, want_vjp = jax.vjp(lambda q, k, v: causal.causal_attention(q, k, v, valid, impl="dense"), q, k, v)
+    mesh = _mesh(sizes)[1]
+
+    def split(q, k, v):
+        with activation_mesh(mesh):
+            return context_causal_attention(q, k, v, valid)
+
+    got_out, got_vjp = jax.vjp(jax.jit(split), q, k, v)
+    live = valid[:, :, None, None]  # a query with no live key is padding: both give it nothing usable
+    np.testing.assert_allclose(np.where(live, got_out, 0), np.where(live, want_out, 0), atol=2e-5)
+    for got, want in zip(got_vjp(cotangent * live), want_vjp(cotangent * live)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
 def test_ae_loss_per_segment_ratios_equals_one_device():
     """The AE decoder run per block (segments on ``context``): per-segment ratios, so blocks hold
     dead gist slots and spans of 2 to 8 tokens; loss and gradients (decoder, [ae] rows, gist K/V)
@@ -180,20 +211,28 @@ def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 2
     return collectives(text), layout.shape
 
 
-@pytest.mark.parametrize("ae", [False, True])
-def test_only_gist_kv_crosses_the_context_axis(ae):
+@pytest.mark.parametrize("objective", [ObjectiveConfig(tie=False, ae=False), ObjectiveConfig(tie=False, ae=True),
+                                       ONLINE_TIE], ids=["plain", "ae", "online_tie_ae"])
+def test_only_gist_kv_crosses_the_context_axis(objective):
     """Counted in the compiled HLO: per layer one all-gather of the gist K/V (+ each block's copy
     of the sinks) and its reduce-scatter in the backward; nothing activation-sized otherwise
     (parameter-gradient all-reduces are data parallelism's, over the replicated weights). With
-    AE on, each block decodes its own gists' spans: the decoder adds no activation traffic."""
-    context, batch = 4, 2
-    ops, shape = _compiled_collectives(context, ObjectiveConfig(tie=False, ae=ae, ae_lambda=0.5))
+    AE on, each block decodes its own gists' spans: the decoder adds no activation traffic.
+    Online TIE's causal reference pass needs every earlier key: it gathers each layer's raw
+    K and V once, in the forward only (the pass is frozen)."""
+    context, batch, seq = 4, 2, 256
+    ops, shape = _compiled_collectives(context, objective, seq)
     layers, kv, h, f32 = BASE.num_layers, BASE.num_kv_heads, BASE.head_dim, 4
     gists = shape.num_segments * shape.slots
     entry = 2 * batch * kv * h * f32  # one memory entry's k and v
-    gather = [op for op in ops if "shard_map/all_gather" in op.name]
+    gathers = [op for op in ops if "shard_map/all_gather" in op.name]
+    gather = [op for op in gathers if op.nbytes == (gists + context * shape.num_sinks) * entry]
     assert len(gather) == layers
-    assert all(op.nbytes == (gists + context * shape.num_sinks) * entry for op in gather)
+    reference = [op for op in gathers if op not in gather]
+    tie = objective.tie and objective.tie_source == "online"
+    assert len(reference) == (2 * layers if tie else 0)
+    assert all(op.nbytes == seq * entry // 2 and "transpose" not in op.name for op in reference)
+    gather += reference
     scatter = [op for op in ops if "shard_map/reduce_scatter" in op.name]
     assert len(scatter) == layers and all(op.nbytes * context == gather[0].nbytes for op in scatter)
     # What an all-gather of every layout token's K/V would move, per layer: 1/8 of it at r = 8.
@@ -215,13 +254,16 @@ def test_memory_pairs_measure_the_imbalance():
     assert computed == 2 * ts * seen[7] and sum(memory_pairs(shape, 1)[0]) == sum(live)
 
 
-def test_online_tie_is_refused_with_context_blocks():
-    with pytest.raises(ConfigError, match="tie_source='precomputed'"):
-        check_context_parallel(_comp("fine"), SEQ, 4, tie_online=True)
-    comp, (mesh_cfg, mesh) = _comp("fine"), _mesh((1, 1, 1, 4))
-    cfg = StepConfig(batch_size=4, seq_len=SEQ, mesh=mesh_cfg, objective=ObjectiveConfig(tie=True))
-    with pytest.raises(ConfigError, match="online TIE"):
-        build_train_step(BASE, comp, cfg, build_layout(SEQ, comp).shape, None, mesh, None)
+def test_online_tie_equals_one_device():
+    """TIE's frozen reference passes under context parallelism: the causal pass gathers each
+    layer's K/V (``model/context_causal.py``), the block-diagonal one stays on its blocks."""
+    ref_params, ref_history = _two_steps("fine", (1, 1, 1, 1), objective=ONLINE_TIE)
+    params, history = _two_steps("fine", (1, 2, 1, 4), objective=ONLINE_TIE)
+    for got, want in zip(history, ref_history):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("memory,granularity,kw,seq,match", [

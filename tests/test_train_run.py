@@ -169,9 +169,11 @@ def test_missing_worker_fails_within_the_timeout_with_the_fix(token_cache, tmp_p
 
 def test_context_parallel_run_resumes_and_matches_the_unsplit_run(token_cache, tmp_path):
     """``--config.mesh.context=4`` through ``gist_jax.main`` (4 blocks of one segment each, fsdp 2
-    on the 8 fake devices; AE on, TIE off: online TIE is refused with context > 1): it trains what
-    the unsplit run trains, and a SIGTERM'd run resumes."""
-    overrides = (*RUN, "--config.objective.tie=False", "--config.checkpoint.every=1000")
+    on the 8 fake devices; AE and online TIE on): it trains what the unsplit run trains, and a
+    SIGTERM'd run resumes (from a step loaded from the compilation cache: the collectives stay
+    ordered, ``distributed.order_cpu_collectives``)."""
+    overrides = (*RUN, "--config.objective.tie=True", "--config.objective.tie_source=online",
+                 "--config.checkpoint.every=1000")
     unsplit = run(tmp_path / "unsplit", token_cache, *overrides)
     assert unsplit.returncode == 0, unsplit.stderr[-3000:]
     ref = losses(tmp_path / "unsplit")

@@ -6,7 +6,8 @@ compiles the tiny model's Fine-KV train step on fake CPU devices (``mesh.context
 of the devices unused) and prints, per step:
 
 - the bytes of every collective, split into the gist-memory all-gather (forward), its
-  reduce-scatter (backward), parameter-gradient all-reduces and anything else;
+  reduce-scatter (backward), with ``--tie`` online TIE's reference-pass K/V all-gather (forward
+  only), parameter-gradient all-reduces and anything else;
 - the formula (layers x (gists + blocks x sinks) x kv_heads x head_dim x 2 x 4 bytes x batch)
   and what an all-gather of every layout token's K/V, or of every raw token's, would move;
 - compiled per-device temporary memory at ``context`` = N against ``context`` = 1;
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", type=int, default=8)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--tie", action="store_true", help="online TIE (its reference pass is XLA-partitioned)")
+    parser.add_argument("--tie", action="store_true",
+                        help="online TIE (its causal reference pass gathers every raw token's K/V)")
     parser.add_argument("--ae", action="store_true")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from gist_jax.gist.layout import build_layout
     from gist_jax.gist.specs import layout_arrays
     from gist_jax.model.config import preset
+    from gist_jax.model.context_causal import GATHER_SCOPE
     from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
     from gist_jax.train.mesh import make_mesh
     from gist_jax.train.plan import context_traffic
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     comp = CompressionConfig(memory="kv", granularity="fine", segment_length=args.segment_length,
                              ratios=(args.ratio,), ratio_sampling="fixed", num_sinks=args.sinks,
                              attention_impl="auto")
-    objective = ObjectiveConfig(tie=args.tie, ae=args.ae, ae_lambda=0.5 if args.ae else 0.0)
+    objective = ObjectiveConfig(tie=args.tie, tie_source="online", ae=args.ae, ae_lambda=0.5 if args.ae else 0.0)
     layout = build_layout(args.seq_len, comp)
     shape = layout.shape
 
@@ -74,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     split = compiled(args.context)
     ops = collectives(split.as_text())
-    groups = {"gist memory all-gather": [o for o in ops if "shard_map/all_gather" in o.name],
+    reference = [o for o in ops if GATHER_SCOPE in o.name]
+    groups = {"gist memory all-gather": [o for o in ops if "shard_map/all_gather" in o.name and o not in reference],
               "its reduce-scatter (backward)": [o for o in ops if "shard_map/reduce_scatter" in o.name],
+              "TIE reference K/V all-gather": reference,
               "parameter-gradient all-reduce": [o for o in ops if o.op == "all-reduce"]}
     seen = {id(o) for g in groups.values() for o in g}
     groups["other"] = [o for o in ops if id(o) not in seen]
@@ -88,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, group in groups.items():
         print(f"  {name:32s} {sum(o.nbytes for o in group):>12,d} bytes in {len(group)} ops")
     formula = layers * (gists + args.context * shape.num_sinks) * entry
-    planned = context_traffic(base, comp, StepConfig(batch_size=args.batch, seq_len=args.seq_len,
+    planned = context_traffic(base, comp, StepConfig(batch_size=args.batch, seq_len=args.seq_len, objective=objective,
                                                      mesh=MeshConfig(1, 1, 1, args.context)), args.context)
     print(f"  formula: layers x (gists + blocks x sinks) x entry = {layers} x ({gists} + {args.context} x "
           f"{shape.num_sinks}) x {entry} = {formula:,d} bytes (the planner's: "
           f"{planned.get('gist_gather', 0):,d})")
+    if args.tie:
+        print(f"  TIE reference: layers x raw tokens x entry = {layers} x {args.seq_len} x {entry} = "
+              f"{layers * args.seq_len * entry:,d} bytes (the planner's: {planned.get('tie_kv_gather', 0):,d})")
     full_layout, full_raw = layers * shape.length * entry, layers * args.seq_len * entry
     moved = sum(o.nbytes for o in groups["gist memory all-gather"])
     print(f"  full-K/V all-gather of the layout: {full_layout:,d} bytes (gist memory moves {moved / full_layout:.3f}"

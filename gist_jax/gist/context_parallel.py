@@ -24,8 +24,9 @@ another) at the price of computing about twice the live memory pairs on average;
 The rest of the step keeps its sequence axis sharded without moving activations: the raw rows
 the loss reads are gathered segment by segment (``specs.raw_rows``), the chunked LM loss
 scores each block as rows of its own (``model/loss.py``), and the AE decoder runs per segment
-on the block that owns the gists (``train/ae.py``). TIE runs from precomputed weights: its
-online full-attention reference pass needs every earlier key and is refused here.
+on the block that owns the gists (``train/ae.py``). Online TIE's frozen reference passes are
+split too: the block-diagonal one stays on the blocks (``train/tie.py``); the causal one needs
+every earlier key and gathers each layer's raw K/V (``model/context_causal.py``), forward only.
 """
 
 from __future__ import annotations
@@ -53,19 +54,12 @@ from gist_jax.model.sharding import (
 )
 
 
-def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int, tie_online: bool = False) -> None:
+def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) -> None:
     """``mesh.context`` > 1 splits each sequence into blocks of whole segments and moves only gist
     K/V between them (``gist/context_parallel.py``): that needs gists, a parallel (KV) forward,
-    and a segment count the blocks divide. Online TIE is refused: its full-attention reference
-    pass needs every earlier key, and left to XLA's partitioner its blockwise loops issue
-    collectives that deadlocked the CPU runtime's device threads (a rendezvous timeout, measured
-    on 8 fake devices); precomputed weights need no pass at all."""
+    and a segment count the blocks divide."""
     if context == 1:
         return
-    if tie_online:
-        raise ConfigError(f"mesh.context={context}: online TIE runs a full-attention reference pass over the whole "
-                          "sequence, which context parallelism does not split; precompute the weights "
-                          "(python -m gist_jax.train.tie_precompute, then objective.tie_source='precomputed')")
     if comp.memory == "recurrent":
         raise ConfigError(f"mesh.context={context}: Coarse-Rec (compression.memory='recurrent') runs its segments "
                           "one after another, so its sequence cannot be split; use mesh.context=1 (its step "

@@ -17,6 +17,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gist_jax.model.causal import causal_attention, dot_product_attention
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.context_causal import context_causal_attention, split_over_context
 from gist_jax.model.layers import apply_rope, kernel_init, rope_inverse_frequencies
 from gist_jax.model.matmul import projection_dot_general
 from gist_jax.model.remat import ATTN_OUT, QKV_PROJ
@@ -156,8 +157,11 @@ class Attention(nn.Module):
             # No gists, no memory: the fast causal kernel (model.attention_impl), O(T) memory.
             k_rot_BxTxKxH = constrain(apply_rope(k_BxTxKxH, spec.positions, inv_freq),
                                       BATCH_LENGTH_KV_HEADS)
-            out_BxTxNxH = causal_attention(q_BxTxNxH, k_rot_BxTxKxH, v_BxTxKxH, spec.valid,
-                                           impl=cfg.attention_impl)
+            if split_over_context(q_BxTxNxH):  # TIE's reference pass under context parallelism
+                out_BxTxNxH = context_causal_attention(q_BxTxNxH, k_rot_BxTxKxH, v_BxTxKxH, spec.valid)
+            else:
+                out_BxTxNxH = causal_attention(q_BxTxNxH, k_rot_BxTxKxH, v_BxTxKxH, spec.valid,
+                                               impl=cfg.attention_impl)
             return self._o_proj(checkpoint_name(out_BxTxNxH, ATTN_OUT))
         keys, values, masks = [], [], []
         b, t = spec.positions.shape

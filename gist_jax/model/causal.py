@@ -139,7 +139,7 @@ def _blocks(x_BxTxCxH: jax.Array, size: int) -> jax.Array:
     return x_BxTxCxH.reshape(b, t // size, size, c, h).transpose(1, 0, 3, 2, 4)
 
 
-def _block_mask(i: jax.Array, j: jax.Array, bq: int, bk: int, q_offset: int,
+def _block_mask(i: jax.Array, j: jax.Array, bq: int, bk: int, q_offset: jax.Array,
                 valid_nkxBxC: jax.Array) -> jax.Array:
     """[B, 1, 1, bq, bk] visibility of key block j to query block i."""
     qi = i * bq + jnp.arange(bq)[:, None] + q_offset
@@ -148,12 +148,12 @@ def _block_mask(i: jax.Array, j: jax.Array, bq: int, bk: int, q_offset: int,
     return (kj <= qi)[None, None, None] & keep_BxC[:, None, None, None, :]
 
 
-def _last_key_block(i: jax.Array, bq: int, bk: int, q_offset: int, nk: int) -> jax.Array:
+def _last_key_block(i: jax.Array, bq: int, bk: int, q_offset: jax.Array, nk: int) -> jax.Array:
     """Number of key blocks query block i needs (0 .. nk): blocks up to its last query's key."""
     return jnp.clip((i * bq + bq - 1 + q_offset) // bk + 1, 0, nk)
 
 
-def _first_query_block(j: jax.Array, bq: int, bk: int, q_offset: int, nq: int) -> jax.Array:
+def _first_query_block(j: jax.Array, bq: int, bk: int, q_offset: jax.Array, nq: int) -> jax.Array:
     """First query block that sees any key of block j (its query j * bk - q_offset does)."""
     return jnp.clip((j * bk - q_offset) // bq, 0, nq)
 
@@ -236,7 +236,7 @@ def _backward(q_nqxBxKxGxQxH, k_nkxBxKxCxH, v_nkxBxKxCxH, valid_nkxBxC, out, lse
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _blockwise(q, k, v, valid, bq, bk, q_offset):
     out, _ = _forward(q, k, v, valid, bq, bk, q_offset, q.shape[-1] ** -0.5)
     return out
@@ -244,24 +244,25 @@ def _blockwise(q, k, v, valid, bq, bk, q_offset):
 
 def _blockwise_fwd(q, k, v, valid, bq, bk, q_offset):
     out, lse = _forward(q, k, v, valid, bq, bk, q_offset, q.shape[-1] ** -0.5)
-    return out, (q, k, v, valid, out, lse)
+    return out, (q, k, v, valid, q_offset, out, lse)
 
 
-def _blockwise_bwd(bq, bk, q_offset, residuals, dout):
-    q, k, v, valid, out, lse = residuals
+def _blockwise_bwd(bq, bk, residuals, dout):
+    q, k, v, valid, q_offset, out, lse = residuals
     dq, dk, dv = _backward(q, k, v, valid, out, lse, dout, bq, bk, q_offset, q.shape[-1] ** -0.5)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-                               valid_BxS: jax.Array | None = None, *, q_offset: int = 0,
+                               valid_BxS: jax.Array | None = None, *, q_offset: int | jax.Array = 0,
                                block: int = DEFAULT_BLOCK) -> jax.Array:
     """Blockwise causal attention; query and key block sizes are ``block`` clamped to T and S
     (T and S are padded up to whole blocks; padded keys are invalid, padded queries dropped).
-    Returns [B, T, N, H] in the value dtype."""
+    ``q_offset`` may be traced (a context-parallel block's first index): the loops' bounds are
+    dynamic anyway. Returns [B, T, N, H] in the value dtype."""
     b, t, n, h = q_BxTxNxH.shape
     s, kv_heads = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     g = n // kv_heads
@@ -279,6 +280,7 @@ def blockwise_causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxS
     k_nkxBxKxCxH = _blocks(pad(k_BxSxKxH, pad_s), bk)
     v_nkxBxKxCxH = _blocks(pad(v_BxSxKxH, pad_s), bk)
     valid_nkxBxC = valid_BxS.reshape(b, -1, bk).swapaxes(0, 1)
-    out = _blockwise(q_nqxBxKxGxQxH, k_nkxBxKxCxH, v_nkxBxKxCxH, valid_nkxBxC, bq, bk, q_offset)
+    out = _blockwise(q_nqxBxKxGxQxH, k_nkxBxKxCxH, v_nkxBxKxCxH, valid_nkxBxC, bq, bk,
+                     jnp.asarray(q_offset, jnp.int32))
     out_BxTxNxH = out.reshape(nq, b, n, bq, h).transpose(1, 0, 3, 2, 4).reshape(b, nq * bq, n, h)
     return out_BxTxNxH[:, :t].astype(v_BxSxKxH.dtype)

@@ -196,8 +196,7 @@ def check_cross_fields(run: RunConfig) -> None:
         raise ConfigError(f"step.seq_len={step.seq_len} is not a whole number of segments of "
                           f"compression.segment_length={comp.segment_length}; use a multiple of it "
                           "or set compression.pad_to_segments=True")
-    check_context_parallel(comp, step.seq_len, step.mesh.context,
-                           tie_online=step.objective.tie and step.objective.tie_source == "online" and comp.enabled)
+    check_context_parallel(comp, step.seq_len, step.mesh.context)
     if run.train.max_steps > step.optimizer.total_steps:
         raise ConfigError(f"train.max_steps={run.train.max_steps} exceeds optimizer.total_steps="
                           f"{step.optimizer.total_steps}; the schedule would end before the run")

@@ -135,6 +135,8 @@ WORKING_SET_LAYERS = {"none": 1.0, "remat": 1.2, "dense_remat": 2.0, "blockwise"
 # Live float32 tiles of the blockwise causal kernel (scores, probabilities, their gradients,
 # the mask) per query x key block and head.
 BLOCKWISE_LIVE_TILES = 5
+# Of the blockwise kernel's forward alone (scores and probabilities): online TIE's reference pass.
+TIE_LIVE_TILES = 2
 
 
 def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
@@ -175,11 +177,12 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     trainable_bytes = _tree_bytes(abstract, logical, sizes, trainable)
     out: dict[str, float] = {"params": param_bytes, "optimizer_state": 2 * trainable_bytes,
                              "gradients": trainable_bytes}
+    micro_per_device = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
     if step.objective.tie and step.objective.tie_source == "online" and comp.enabled:
         base_abstract = jax.eval_shape(lambda: init_params(base, jax.random.key(0)))
         out["tie_reference"] = _tree_bytes(base_abstract, param_logical_specs(base), sizes)
-
-    micro_per_device = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
+        if sizes["context"] > 1:
+            out["tie_pass"] = tie_pass_bytes(base, step, sizes, micro_per_device)
     # Context parallelism: a device holds one block of whole segments; its activations are those
     # of a sequence that long, plus the gathered memory buffer each layer keeps for its backward.
     local = _local_step(step, sizes["context"])
@@ -212,6 +215,26 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     out["working_set"] = int(max(layer_set, loss_set))
     out["total"] = sum(out.values())
     return out
+
+
+def tie_pass_bytes(base: ModelConfig, step: StepConfig, sizes: dict[str, int], sequences: int) -> int:
+    """What online TIE's frozen causal reference pass adds under context parallelism (it saves
+    nothing: no gradient): the causal kernel's live score tiles (``TIE_LIVE_TILES`` blocks, or
+    the dense kernel's ``[T_block, T]`` scores) and one layer's raw K/V gathered from every
+    block (``model/context_causal.py``). Measured, not assumed: on 8 fake CPU devices (2K tokens,
+    4 blocks) the compiled step with online TIE took 20.2 MiB against 10.6 without, so the pass
+    adds to the step's peak there; on one device XLA overlaps it with the step's own working
+    set (counting it there put the planner's TIE cases at 1.19-1.53x of the compiled step), so
+    ``plan`` counts it only with ``context`` > 1."""
+    context = sizes["context"]
+    queries = step.seq_len // context
+    if base.attention_impl == "dense":  # the XLA-partitioned dense reference
+        scores = 2 * sequences * base.num_heads * queries * step.seq_len * 4
+    else:  # every block runs the blockwise kernel, whatever the backend
+        scores = TIE_LIVE_TILES * sequences * base.num_heads * min(DEFAULT_BLOCK, queries) * min(
+            DEFAULT_BLOCK, step.seq_len) * 4
+    resolved = dataclasses.replace(step, mesh=dataclasses.replace(step.mesh, tensor=sizes["tensor"]))
+    return scores + step.seq_len * _kv_entry_bytes(base, resolved, sequences)
 
 
 def _local_step(step: StepConfig, context: int) -> StepConfig:
@@ -249,9 +272,10 @@ def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig
       gist_scatter    its transpose in the backward, a reduce-scatter: 1 / blocks of it
       full_kv_gather  for comparison, what an all-gather of every raw token's K/V would move in
                       the same passes (ring or all-gather attention over the full sequence)
+      tie_kv_gather   online TIE only: its causal reference pass gathers every raw token's K/V
+                      once per layer and microbatch (forward only; ``model/context_causal.py``)
 
-    Parameter gradients are all-reduced over ``context`` as over ``data`` (not counted here).
-    (Online TIE, whose reference pass would need the full K/V, is refused with context > 1.)"""
+    Parameter gradients are all-reduced over ``context`` as over ``data`` (not counted here)."""
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     context = sizes["context"]
     if context == 1 or not comp.enabled:
@@ -263,9 +287,12 @@ def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig
     passes = step.microbatches * base.num_layers * (1 if base.remat_policy == "none" else 2)
     gathered = (shape.num_segments * shape.slots + context * shape.num_sinks) * entry
     full = passes * step.seq_len * entry
-    return {"gist_gather": passes * gathered,
-            "gist_scatter": step.microbatches * base.num_layers * gathered // context,
-            "full_kv_gather": full}
+    traffic = {"gist_gather": passes * gathered,
+               "gist_scatter": step.microbatches * base.num_layers * gathered // context,
+               "full_kv_gather": full}
+    if step.objective.tie and step.objective.tie_source == "online":
+        traffic["tie_kv_gather"] = step.microbatches * base.num_layers * step.seq_len * entry
+    return traffic
 
 
 def _recurrent_step_bytes(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
@@ -335,6 +362,9 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
                      f"reduce-scatter {traffic['gist_scatter'] / mib:.1f} MiB per device (an all-gather of "
                      f"the full K/V: {traffic['full_kv_gather'] / mib:.1f} MiB; "
                      f"{traffic['gist_gather'] / traffic['full_kv_gather']:.3f}x)")
+        if "tie_kv_gather" in traffic:
+            lines.append(f"  context axis per step: online TIE's reference pass gathers every raw token's K/V, "
+                         f"{traffic['tie_kv_gather'] / mib:.1f} MiB per device (precomputed weights need no pass)")
     heads = base.num_heads * max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
     if sizes["context"] > 1 and planned.memory == "kv" and planned.attention_impl != "dense":
         planned = planned.replace(attention_impl="decomposed")  # every block's kernel

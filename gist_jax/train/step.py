@@ -129,8 +129,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
     """
     check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
     obj = step_cfg.objective
-    check_context_parallel(comp, step_cfg.seq_len, mesh.shape["context"],
-                           tie_online=obj.tie and obj.tie_source == "online" and comp.enabled)
+    check_context_parallel(comp, step_cfg.seq_len, mesh.shape["context"])
     use_tie = obj.tie and comp.enabled
     use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len

@@ -30,6 +30,7 @@ import numpy as np
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import DEFAULT_CHUNK, lm_token_scores
+from gist_jax.model.sharding import CONTEXT_AXIS, constrain, context_size, override_rules
 from gist_jax.model.transformer import Decoder, to_layout
 
 # Tokens per chunk of the reference's LM head (``gist_jax/model/loss.py``): the [B, N, V]
@@ -84,6 +85,18 @@ def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
                 log_probs(hidden_states(tokens_BxN, positions, causal_NxN & same_segment_NxN)))
     lp_full = log_probs(hidden_states(tokens_BxN, positions))
     seg = min(segment_length, n)
+    context = context_size()
+    if context > 1 and n % (seg * context) == 0:
+        # Context parallelism: the segments stay on their blocks. Folded into the batch they
+        # would be re-split by XLA along their own length; vmapped with the segment axis on the
+        # context mesh axis (and their length kept whole) each block runs its own.
+        def per_segment(x_BxN: jax.Array) -> jax.Array:
+            return constrain(x_BxN.reshape(b, n // seg, seg), ("activation_batch", "activation_length", None))
+
+        with override_rules(activation_length=None):
+            hidden_BxSxLxE = jax.vmap(hidden_states, in_axes=1, out_axes=1, spmd_axis_name=CONTEXT_AXIS)(
+                per_segment(tokens_BxN), per_segment(positions))
+        return lp_full, log_probs(hidden_BxSxLxE.reshape(b, n, -1))
     pad = -n % seg
     tokens_BSxL = jnp.pad(tokens_BxN, ((0, 0), (0, pad))).reshape(-1, seg)
     # Every token keeps its own position: the same computation as the block-diagonal mask.
