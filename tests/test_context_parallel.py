@@ -16,12 +16,12 @@ from gist_jax.bench.collectives import collectives
 from gist_jax.errors import ConfigError
 from gist_jax.gist import structured
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.context_parallel import check_context_parallel, memory_pairs
+from gist_jax.gist.context_parallel import balanced_order, check_context_parallel, memory_pairs
 from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model import causal
-from gist_jax.model.context_causal import context_causal_attention
+from gist_jax.model.context_causal import GATHER_SCOPE, context_causal_attention
 from gist_jax.model.sharding import activation_mesh
 from gist_jax.train.ae import ae_loss, init_ae_params
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
@@ -225,10 +225,9 @@ def test_only_gist_kv_crosses_the_context_axis(objective):
     layers, kv, h, f32 = BASE.num_layers, BASE.num_kv_heads, BASE.head_dim, 4
     gists = shape.num_segments * shape.slots
     entry = 2 * batch * kv * h * f32  # one memory entry's k and v
-    gathers = [op for op in ops if "shard_map/all_gather" in op.name]
-    gather = [op for op in gathers if op.nbytes == (gists + context * shape.num_sinks) * entry]
-    assert len(gather) == layers
-    reference = [op for op in gathers if op not in gather]
+    gather = [op for op in ops if "shard_map/all_gather" in op.name]
+    assert len(gather) == layers and all(op.nbytes == (gists + context * shape.num_sinks) * entry for op in gather)
+    reference = [op for op in ops if GATHER_SCOPE in op.name]
     tie = objective.tie and objective.tie_source == "online"
     assert len(reference) == (2 * layers if tie else 0)
     assert all(op.nbytes == seq * entry // 2 and "transpose" not in op.name for op in reference)
@@ -245,13 +244,21 @@ def test_only_gist_kv_crosses_the_context_axis(objective):
         (op.op, op.nbytes, op.name[-80:]) for op in rest if op.op != "all-reduce"]
 
 
-def test_memory_pairs_measure_the_imbalance():
+def test_memory_pairs_measure_the_balance():
+    """Segments placed by ``balanced_order`` (a snake over the blocks) give every block about the
+    same live memory pairs, where contiguous blocks give the last one the most; past one key
+    block the computed pairs follow the live ones (each segment runs the key blocks it reaches)."""
     shape = build_layout(SEQ, _comp("fine")).shape  # 8 segments of 8 + 2 slots, 2 sinks
-    live, computed = memory_pairs(shape, 4)
-    seen = [0] + [2 + 2 * i for i in range(1, 8)]
-    ts = shape.segment_tokens
-    assert live == [ts * (seen[2 * c] + seen[2 * c + 1]) for c in range(4)]
-    assert computed == 2 * ts * seen[7] and sum(memory_pairs(shape, 1)[0]) == sum(live)
+    ts, seen = shape.segment_tokens, [0] + [2 + 2 * i for i in range(1, 8)]
+    np.testing.assert_array_equal(balanced_order(8, 4), [0, 7, 1, 6, 2, 5, 3, 4])
+    contiguous, computed = memory_pairs(shape, 4, order=np.arange(8))
+    assert contiguous == [ts * (seen[2 * c] + seen[2 * c + 1]) for c in range(4)]
+    assert computed == [2 * ts * seen[7]] * 4  # the buffer fits one key block: computed whole
+    live, _ = memory_pairs(shape, 4)
+    assert live == [ts * (seen[c] + seen[7 - c]) for c in range(4)] and sum(live) == sum(contiguous)
+    assert max(live) / min(live) < 1.2 < max(contiguous) / min(contiguous)
+    live, computed = memory_pairs(shape, 4, key_block=4)
+    assert computed == [ts * sum(-(-seen[i] // 4) * 4 for i in (c, 7 - c)) for c in range(4)]
 
 
 def test_online_tie_equals_one_device():
@@ -288,4 +295,4 @@ def test_traffic_report_agrees_with_the_compiled_step_and_the_planner(capsys):
     formula = next(line for line in out.splitlines() if line.strip().startswith("formula:"))
     measured = int(gathered.split()[3].replace(",", ""))
     assert f"= {measured:,d} bytes (the planner's: {measured:,d})" in formula, out
-    assert "compiled temp memory per device" in out and "memory-part pairs per block" in out
+    assert "compiled temp memory per device" in out and "memory-part pairs per block, balanced" in out

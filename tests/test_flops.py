@@ -296,21 +296,35 @@ def test_dense_reference_computes_its_masks_full_matrix(
     assert pairs["exact"] == _brute_force(masks)[1]
 
 
+@pytest.mark.parametrize("key_block", [None, 3])
 @pytest.mark.parametrize("memory,granularity,sinks,positions,ratio_set,num_raw,ratios", PAIR_CASES)
 def test_decomposed_pairs_are_the_score_blocks_it_computes(
-        memory, granularity, sinks, positions, ratio_set, num_raw, ratios, monkeypatch):
+        memory, granularity, sinks, positions, ratio_set, num_raw, ratios, key_block, monkeypatch):
+    """Counted as the kernel runs: each ``_partial`` call's score block, and with memory key
+    blocks (``key_block``: prefixes longer than it) each segment's trip count of key blocks."""
     from gist_jax.gist import structured
 
     comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0,
                  attention_impl="decomposed")
     counted: list[int] = []
-    original = structured._partial
+    original, seen_blocks = structured._partial, structured._seen_blocks
 
     def recording(q, k, v, bias):  # runs once per executed call: per scan step, per query block
         jax.debug.callback(lambda _: counted.append(q.shape[0] * q.shape[3] * k.shape[2]), q[0, 0, 0, 0, 0])
         return original(q, k, v, bias)
 
+    ts = build_layout(num_raw, comp, ratios, comp.max_gists_per_segment if comp.ratio_sampling == "per_segment"
+                      else None).shape.segment_tokens
+
+    def recording_blocks(i, bound, plan):  # once per segment of a key-blocked memory part
+        blocks = seen_blocks(i, bound, plan)
+        jax.debug.callback(lambda n: counted.append(int(n) * plan.key_block * ts), blocks)
+        return blocks
+
     monkeypatch.setattr(structured, "_partial", recording)
+    if key_block:
+        monkeypatch.setattr(structured, "MEMORY_KEY_BLOCK", key_block)
+        monkeypatch.setattr(structured, "_seen_blocks", recording_blocks)
     _run_forward(comp, num_raw, ratios)
     cfg = model_config_for(ONE_LAYER, comp)
     assert flops.attention_pairs(cfg, comp, num_raw, ratios)["computed"] == sum(counted)

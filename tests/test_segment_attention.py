@@ -70,11 +70,12 @@ def test_fully_masked_rows_give_zero_and_finite_gradients():
     valid = jnp.ones((s, b, ts), bool).at[0].set(False)  # segment 0: every key dead
     live = jnp.array([True, False, True])
     plan = structured.segment_plan(s, ts, 1, 2, query_block=4)
+    index = jnp.arange(s, dtype=jnp.int32)
 
     def loss(q, k, v, km, vm):
-        return jnp.sum(structured.segment_attention(q, k, v, km, vm, valid, live, jnp.zeros((), jnp.int32), plan) ** 2)
+        return jnp.sum(structured.segment_attention(q, k, v, km, vm, valid, live, index, plan) ** 2)
 
-    out = structured.segment_attention(q, k, v, km, vm, valid, live, jnp.zeros((), jnp.int32), plan)
+    out = structured.segment_attention(q, k, v, km, vm, valid, live, index, plan)
     np.testing.assert_array_equal(out[0], 0.0)
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, km, vm)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in grads)

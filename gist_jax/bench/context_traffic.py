@@ -12,7 +12,8 @@ of the devices unused) and prints, per step:
   and what an all-gather of every layout token's K/V, or of every raw token's, would move;
 - compiled per-device temporary memory at ``context`` = N against ``context`` = 1;
 - the memory-part load balance: live query-memory pairs per block against the pairs each block
-  computes (static shapes: every block computes the last block's).
+  computes, for contiguous blocks computing every segment at the whole bound (the first
+  version) and for the balanced order with key blocks (``context_parallel.memory_pairs``).
 
 The layer scan is unrolled (``scan_layers=False``) so each layer's collectives are their own
 ops in the text. CPU only: the sizes are the partitioner's, not a measured bandwidth.
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from gist_jax.bench.collectives import collectives
     from gist_jax.gist.config import CompressionConfig
@@ -112,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  compiled temp memory per device: {a.temp_size_in_bytes / 2**20:.1f} MiB at context "
               f"{args.context}, {b.temp_size_in_bytes / 2**20:.1f} MiB at context 1 "
               f"({a.temp_size_in_bytes / b.temp_size_in_bytes:.3f}x)")
-    live, computed = memory_pairs(shape, args.context)
-    print(f"  memory-part pairs per block (live): {live}; computed per block: {computed:,d}; "
-          f"mean live / computed = {sum(live) / len(live) / max(computed, 1):.3f}")
+    for name, order, key_block in (("contiguous blocks, whole bound", np.arange(shape.num_segments), 1 << 30),
+                                   ("balanced order, key blocks", None, None)):
+        live, computed = memory_pairs(shape, args.context, order, key_block)
+        total = max(sum(computed), 1)
+        print(f"  memory-part pairs per block, {name}: live {live}, computed {computed}; live / computed "
+              f"{sum(live) / total:.3f}, busiest block / mean {max(computed) * len(computed) / total:.3f}")
     return 0
 
 

@@ -1,25 +1,28 @@
-"""Context parallelism for the KV variants: the sequence in contiguous blocks of whole segments,
-one block per device of the mesh's ``context`` axis, and only gist K/V crossing devices.
+"""Context parallelism for the KV variants: the sequence in blocks of whole segments, one block
+per device of the mesh's ``context`` axis, and only gist K/V crossing devices.
 
 A segment needs the raw tokens of its own segment and, from earlier segments, only their gists
 (plus the sinks). So with the layout split in blocks of whole segments, every per-token layer
 (embeddings, projections, MLP, norms) is local, and the one thing a device needs from the
 others is the memory buffer: per layer, each device takes the buffer entries its own segments
-own (their gist slots; block 0 also the sinks) from its local keys and values and one
-``all_gather`` over ``context`` assembles the whole buffer ``[sinks | S * slots]`` on every
-device. Its transpose in the backward is a reduce-scatter of the gists' gradients. Per layer
-that moves ``2 x (S * slots + blocks x sinks) x kv_heads x head_dim`` values (every block sends
-its copy of the sinks): about 1 / r of what an all-gather of the full K/V moves
-(``tests/test_context_parallel.py`` counts the bytes in the compiled HLO).
+own (their gist slots; the block holding segment 0 also the sinks) from its local keys and
+values and one ``all_gather`` over ``context`` assembles the whole buffer ``[sinks | S *
+slots]`` on every device. Its transpose in the backward is a reduce-scatter of the gists'
+gradients. Per layer that moves ``2 x (S * slots + blocks x sinks) x kv_heads x head_dim``
+values (every block sends its copy of the sinks): about 1 / r of what an all-gather of the
+full K/V moves (``tests/test_context_parallel.py`` counts the bytes in the compiled HLO).
 
 Each device then runs the decomposed segment kernel (``structured.segment_attention``) over its
-local segments with their global index (``first_segment``): the local part is unchanged, the
-memory part reads the gathered buffer. Shapes are static and the same on every device, so the
-memory part is sized for the segment that comes last (``segment_plan(max_first_segment=)``,
-one memory group): every device computes each of its segments against the bound of the last
-one and masks what it may not see. That keeps the devices in step (no device waits for
-another) at the price of computing about twice the live memory pairs on average;
-``memory_pairs`` counts both.
+local segments with their global indices: the local part is unchanged, the memory part reads
+the gathered buffer. Segment i's memory grows with i, so contiguous blocks would give the last
+block most of the memory work. The train step therefore places the segments in
+``balanced_order`` (a snake: block c holds segments c, 2C - 1 - c, 2C + c, ...;
+``balanced_arrays`` permutes the replicated layout arrays, and the loss takes its labels in
+the rows' order, ``specs.raw_row_order``), and past one memory key block each segment runs
+only the key blocks its prefix reaches (``structured._seen_blocks``), so every block computes
+about its live pairs and all blocks about the same (``memory_pairs`` counts both). Shapes stay
+static: the buffer is sized for the last segment (``segment_plan(max_first_segment=)``, one
+memory group).
 
 The rest of the step keeps its sequence axis sharded without moving activations: the raw rows
 the loss reads are gathered segment by segment (``specs.raw_rows``), the chunked LM loss
@@ -36,11 +39,14 @@ from collections.abc import Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from gist_jax.errors import ConfigError
+from gist_jax.gist import structured
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.specs import TOKEN_FIELDS, LayoutArrays
 from gist_jax.gist.structured import DecomposedKV, rotate_memory, segment_attention, segment_plan
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
@@ -83,19 +89,49 @@ def splits(shape: LayoutShape, context: int) -> bool:
     return shape.whole_segments and shape.num_segments % context == 0
 
 
-def memory_pairs(shape: LayoutShape, context: int) -> tuple[list[int], int]:
+def balanced_order(num_segments: int, context: int) -> np.ndarray:
+    """[S]: the global segment that each physical segment holds, block by block. Block c's k-th
+    segment is ``k * context + c`` for even k and ``k * context + context - 1 - c`` for odd k (a
+    snake), so early and late segments pair up and every block sees about the same memory."""
+    s_local = num_segments // context
+    k, c = np.meshgrid(np.arange(s_local), np.arange(context))  # [context, s_local]
+    return (k * context + np.where(k % 2 == 0, c, context - 1 - c)).reshape(-1).astype(np.int32)
+
+
+def balanced_arrays(arrays: LayoutArrays, shape: LayoutShape, context: int) -> LayoutArrays:
+    """The layout arrays with whole segments in ``balanced_order``: per-token fields permuted,
+    ``raw_position`` (layout positions) remapped; buffer fields (indexed by buffer entry) kept.
+    A local permutation of replicated arrays, inside the step."""
+    ts = shape.segment_tokens
+    token_T = (balanced_order(shape.num_segments, context)[:, None] * ts + np.arange(ts)).reshape(-1)
+    position_of_T = jnp.asarray(np.argsort(token_T).astype(np.int32))
+    out = {k: (v[token_T] if k in TOKEN_FIELDS else v) for k, v in arrays.items()}
+    out["raw_position"] = position_of_T[arrays["raw_position"]]
+    return out
+
+
+def memory_pairs(shape: LayoutShape, context: int, order: np.ndarray | None = None,
+                 key_block: int | None = None) -> tuple[list[int], list[int]]:
     """(live query-memory pairs per device, pairs each device computes) for one head and one
-    sequence of whole segments: the load-balance measure. Segment i's ``Ts`` queries see
-    ``sinks + i * slots`` memory entries (0 for segment 0); every device computes, for each of
-    its segments, the bound of the last segment (static shapes, one memory group)."""
+    sequence of whole segments, with the segments placed by ``order`` (``balanced_order`` by
+    default): the load-balance measure. Segment i's ``Ts`` queries see ``sinks + i * slots``
+    memory entries (0 for segment 0). A buffer within one key block is computed whole for every
+    segment (static shapes); past that, each segment runs the key blocks it reaches."""
     s_local = shape.num_segments // context
     ts, sinks, slots = shape.segment_tokens, shape.num_sinks, shape.slots
+    order = balanced_order(shape.num_segments, context) if order is None else order
+    bound = sinks + (shape.num_segments - 1) * slots
+    kb = key_block or structured.MEMORY_KEY_BLOCK
 
     def seen(i: int) -> int:
         return 0 if i == 0 else sinks + i * slots
 
-    live = [sum(ts * seen(c * s_local + j) for j in range(s_local)) for c in range(context)]
-    return live, s_local * ts * seen(shape.num_segments - 1)
+    def computed(i: int) -> int:
+        return bound if bound <= kb else min(-(-seen(i) // kb) * kb, -(-bound // kb) * kb)
+
+    blocks = [order[c * s_local:(c + 1) * s_local] for c in range(context)]
+    return ([sum(ts * seen(int(i)) for i in b) for b in blocks],
+            [sum(ts * computed(int(i)) for i in b) for b in blocks])
 
 
 @flax.struct.dataclass
@@ -105,6 +141,7 @@ class ContextParallelKV:
     batch over data/fsdp, blocks of whole segments over context, heads over tensor."""
 
     inner: DecomposedKV
+    segment_order_S: jax.Array  # the global segment each physical segment holds (specs.physical_segments)
 
     def attend(self, q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
                spec: AttentionSpec, inv_freq: jax.Array) -> jax.Array:
@@ -125,37 +162,44 @@ class ContextParallelKV:
         local = _local_attention(d, context, spec.stop_gist_memory_gradient)
         return jax.shard_map(
             local, mesh=mesh,
-            in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec, PartitionSpec(), PartitionSpec(),
-                      PartitionSpec(), PartitionSpec()),
+            in_specs=(q_spec, kv_spec, kv_spec, token_spec, token_spec) + (PartitionSpec(),) * 5,
             out_specs=q_spec, check_vma=False,
         )(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec.positions, spec.valid, d.memory_token_M,
-          d.memory_position_M, d.memory_live_M, inv_freq)
+          d.memory_position_M, d.memory_live_M, self.segment_order_S, inv_freq)
 
 
 def _local_attention(d: DecomposedKV, context: int, hold_gists: bool) -> Callable[..., jax.Array]:
     """The per-device body: this block's segments over [own segment | gathered memory]."""
     s, ts, sinks, slots = d.num_segments, d.segment_tokens, d.num_sinks, d.slots
     s_local = s // context
-    # One memory group: a block's staircase is a small part of what it computes (every block
-    # computes the latest block's bound), while each extra group scan kept its own buffer-sized
-    # gradients live (8 groups: 3.8x the compiled step memory at 8K tokens on 8 blocks).
+    # One memory group, bounded by the last segment's prefix: past one key block every segment
+    # runs only the key blocks it reaches, so the bound sizes the buffer, not the work; each
+    # extra group scan kept its own buffer-sized gradients live (8 groups: 3.8x the compiled
+    # step memory at 8K tokens on 8 blocks).
     plan = segment_plan(s_local, ts, sinks, slots, max_groups=1, max_first_segment=(context - 1) * s_local)
 
     def local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, valid_BxT, memory_token_M,
-              memory_position_M, memory_live_M, inv_freq):
+              memory_position_M, memory_live_M, segment_order_S, inv_freq):
         block = jax.lax.axis_index(CONTEXT_AXIS)
         b, t_local, n, h = q_BxTxNxH.shape
         kv_heads = k_BxTxKxH.shape[2]
+        slot_J = jnp.arange(slots, dtype=jnp.int32)
         # This block's share of the buffer: its segments' gist slots, behind the sinks (which
-        # live in segment 0: only block 0's copy is read). Indices made local to the block;
-        # entries of other blocks (and dead slots, index 0) are clipped in range and unused.
-        own_M = jax.lax.dynamic_slice_in_dim(memory_token_M, sinks + block * s_local * slots, s_local * slots)
+        # live in global segment 0: only its block's copy is read). Indices made local to the
+        # block; entries of other blocks (and dead slots, index 0) are clipped and unused.
+        global_Sl = jax.lax.dynamic_slice_in_dim(segment_order_S, block * s_local, s_local)
+        own_M = memory_token_M[sinks + (global_Sl[:, None] * slots + slot_J).reshape(-1)]
         index_M = jnp.clip(jnp.concatenate([memory_token_M[:sinks], own_M]) - block * t_local, 0, t_local - 1)
         share_2xBxMxKxH = jnp.take(jnp.stack([k_BxTxKxH, v_BxTxKxH]), index_M, axis=2)
         every_Cx2xBxMxKxH = jax.lax.all_gather(share_2xBxMxKxH, CONTEXT_AXIS)
-        gists_2xBxGxKxH = every_Cx2xBxMxKxH[:, :, :, sinks:].transpose(1, 2, 0, 3, 4, 5).reshape(
-            2, b, context * s_local * slots, kv_heads, h)
-        buffer_2xBxMxKxH = jnp.concatenate([every_Cx2xBxMxKxH[0, :, :, :sinks], gists_2xBxGxKxH], axis=2)
+        # Gathered in physical order (block, local segment, slot); the buffer wants global order.
+        physical_of_S = jnp.zeros(s, jnp.int32).at[segment_order_S].set(jnp.arange(s, dtype=jnp.int32))
+        physical_2xBxGxKxH = every_Cx2xBxMxKxH[:, :, :, sinks:].transpose(1, 2, 0, 3, 4, 5).reshape(
+            2, b, s * slots, kv_heads, h)
+        gists_2xBxGxKxH = jnp.take(physical_2xBxGxKxH, (physical_of_S[:, None] * slots + slot_J).reshape(-1), axis=2)
+        sinks_2xBxKxH = jax.lax.dynamic_index_in_dim(every_Cx2xBxMxKxH, physical_of_S[0] // s_local,
+                                                     keepdims=False)[:, :, :sinks]
+        buffer_2xBxMxKxH = jnp.concatenate([sinks_2xBxKxH, gists_2xBxGxKxH], axis=2)
         k_mem_BxMxKxH, v_mem_BxMxKxH = rotate_memory(buffer_2xBxMxKxH[0], buffer_2xBxMxKxH[1],
                                                      memory_position_M, sinks, hold_gists, inv_freq)
 
@@ -168,8 +212,7 @@ def _local_attention(d: DecomposedKV, context: int, hold_gists: bool) -> Callabl
         out_SxBxKxGxTsxH = segment_attention(
             q_SxBxKxGxTsxH, per_segment(k_rot_BxTxKxH), per_segment(v_BxTxKxH),
             k_mem_BxMxKxH.swapaxes(1, 2), v_mem_BxMxKxH.swapaxes(1, 2),
-            valid_BxT.reshape(b, s_local, ts).swapaxes(0, 1), memory_live_M,
-            (block * s_local).astype(jnp.int32), plan)
+            valid_BxT.reshape(b, s_local, ts).swapaxes(0, 1), memory_live_M, global_Sl, plan)
         out_BxTxNxH = out_SxBxKxGxTsxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, t_local, n, h)
         return out_BxTxNxH.astype(v_BxTxKxH.dtype)
 

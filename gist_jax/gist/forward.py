@@ -23,9 +23,17 @@ from gist_jax.gist.context_parallel import ContextParallelKV, splits
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.recurrent import LayerKV, recurrent_scan
-from gist_jax.gist.specs import LayoutArrays, gather_raw, pad_raw, parallel_spec, raw_embed_inputs
+from gist_jax.gist.specs import (
+    LayoutArrays,
+    gather_raw,
+    pad_raw,
+    parallel_spec,
+    physical_segments,
+    raw_embed_inputs,
+    structured_spec,
+)
 from gist_jax.gist.split import SplitKV
-from gist_jax.gist.structured import DecomposedKV, structured_spec
+from gist_jax.gist.structured import DecomposedKV
 from gist_jax.gist.window import WindowedKV
 from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.config import ModelConfig
@@ -102,7 +110,8 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
             # block, with only the gist memory gathered (context_parallel.py). A layout that
             # does not cut into whole-segment blocks (an evaluation length) runs as below and
             # XLA partitions it.
-            structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape))
+            structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape),
+                                          physical_segments(arrays, shape))
         elif comp.windowed:
             structure = WindowedKV.from_arrays(arrays, shape, comp.window)
         elif impl == "decomposed":

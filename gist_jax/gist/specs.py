@@ -15,7 +15,7 @@ import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, LayoutShape
-from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.sharding import constrain, context_size
 
 LayoutArrays = dict[str, jax.Array]
@@ -27,14 +27,15 @@ class RawEmbedInputs(TypedDict, total=False):
 
     input_embeds_BxTxE: jax.Array
     input_embeds_mask_BxT: jax.Array
-_FIELDS = ("raw_index", "segment", "is_gist", "is_sink", "alive", "gist_slot", "position",
+# The per-token [T] fields of ``layout_arrays`` (the rest index the raw sequence or the buffer).
+TOKEN_FIELDS = ("raw_index", "segment", "is_gist", "is_sink", "alive", "gist_slot", "position",
            "memory_position", "memory_slot", "label", "window_start")
 
 
 def layout_arrays(layout: GistLayout) -> LayoutArrays:
     """Per-token and memory-buffer layout arrays as device arrays: the data half of a layout,
     passed through jit next to the static ``layout.shape``."""
-    arrays = {k: jnp.asarray(getattr(layout, k)) for k in _FIELDS}
+    arrays = {k: jnp.asarray(getattr(layout, k)) for k in TOKEN_FIELDS}
     # raw_position[j]: where raw token j of the *padded* raw sequence sits in the layout (raw
     # tokens keep their order), [padded_raw]: its shape depends on layout.shape alone, so one
     # compilation serves every real length; callers cut it to their token width. On the host,
@@ -63,14 +64,32 @@ def raw_rows(x_BxTx: jax.Array, arrays: LayoutArrays, num_raw: int,
     With the sequence split over the mesh's ``context`` axis (and ``shape`` given), the rows
     are gathered segment by segment, ``[B, S, Ts] -> [B, S, L]``: a gather batched over
     segments stays on the device that holds them, where one gather over the whole layout
-    axis would make XLA move every hidden row."""
+    axis would make XLA move every hidden row. The rows then come in the layout's segment order
+    (``raw_row_order``)."""
     if shape is None or context_size() == 1:
         return jnp.take(x_BxTx, arrays["raw_position"][:num_raw], axis=1)
     s, ts, seg_len = shape.num_segments, shape.segment_tokens, shape.segment_length
-    in_segment_SxL = (arrays["raw_position"].reshape(s, seg_len)
+    assert num_raw == s * seg_len, "context parallelism splits whole segments"
+    in_segment_SxL = (arrays["raw_position"].reshape(s, seg_len)[physical_segments(arrays, shape)]
                       - (jnp.arange(s, dtype=jnp.int32) * ts)[:, None])
     rows = segment_take(x_BxTx, in_segment_SxL, shape)
-    return rows.reshape((x_BxTx.shape[0], s * seg_len) + x_BxTx.shape[2:])[:, :num_raw]
+    return rows.reshape((x_BxTx.shape[0], s * seg_len) + x_BxTx.shape[2:])
+
+
+def raw_row_order(arrays: LayoutArrays, num_raw: int, shape: LayoutShape | None = None) -> jax.Array | None:
+    """[num_raw]: the raw index of each row ``raw_rows`` returns, where that is not raw order
+    (a layout whose segments are permuted, ``context_parallel.balanced_arrays``); else None.
+    Callers take labels, masks and weights in this order (a local take of replicated rows)."""
+    if shape is None or context_size() == 1:
+        return None
+    order_S = physical_segments(arrays, shape)
+    return (order_S[:, None] * shape.segment_length + jnp.arange(shape.segment_length)).reshape(num_raw)
+
+
+def physical_segments(arrays: LayoutArrays, shape: LayoutShape) -> jax.Array:
+    """[S]: the segment each run of ``segment_tokens`` layout tokens holds (``arange(S)`` unless
+    the segments were permuted; whole-segment layouts only)."""
+    return arrays["segment"].reshape(shape.num_segments, shape.segment_tokens)[:, 0]
 
 
 def segment_take(x_BxTx: jax.Array, in_segment_SxJ: jax.Array, shape: LayoutShape) -> jax.Array:
@@ -173,3 +192,20 @@ def memory_buffer_arrays(layout: GistLayout) -> dict[str, np.ndarray]:
     live[slots] = True
     segment[slots] = np.where(layout.is_gist[kept], layout.segment[kept], -1)
     return {"position": position, "live": live, "segment": segment}
+
+
+def structured_spec(arrays: dict[str, jax.Array], comp: CompressionConfig, batch: int,
+                    structure: AttentionStructure, stop_gist_memory_gradient: bool = False) -> AttentionSpec:
+    """The ``parallel_spec`` of a structured path: per-token arrays and ``structure`` (an
+    object with ``attend``: ``DecomposedKV``, ``flash.PrefixCausalKV``, ``bank.GistBankKV``),
+    no masks (``valid`` carries the live tokens; ``mask``/``memory_mask`` stay None)."""
+    def per_batch(x):
+        return jnp.broadcast_to(x, (batch,) + x.shape)
+
+    return AttentionSpec(
+        positions=per_batch(arrays["position"]), valid=per_batch(arrays["alive"]),
+        memory_positions=per_batch(arrays["memory_position"]),
+        is_gist=per_batch(arrays["is_gist"]),
+        gist_slot=per_batch(embedding_rows(arrays["gist_slot"], comp)),
+        structure=structure,
+        stop_gist_memory_gradient=stop_gist_memory_gradient)

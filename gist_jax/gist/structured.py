@@ -47,9 +47,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.model.attention import AttentionSpec, AttentionStructure
+from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 
 # Finite "minus infinity": exp(NEG - finite) == 0 without inf - inf = NaN in the merge or its
@@ -132,11 +131,12 @@ def segment_plan(num_segments: int, segment_tokens: int, num_sinks: int, slots: 
     by its last segment's memory prefix. Defaults read at trace time (``QUERY_BLOCK``,
     ``MAX_MEMORY_GROUPS``), so tests can shrink them.
 
-    ``max_first_segment`` > 0: the ``num_segments`` are one block of a longer sequence whose
-    global index starts at a traced ``first_segment`` of at most this (context parallelism,
-    ``context_parallel.py``). Every local segment may then have a memory, and each group's
-    bound is that of the block starting latest: shapes are static, so every block computes
-    what the last one needs (the memory bias masks the rest)."""
+    ``max_first_segment`` > 0: the ``num_segments`` are one block of a longer sequence (context
+    parallelism, ``context_parallel.py``), their global indices traced and at most
+    ``max_first_segment + num_segments - 1``. Every local segment may then have a memory, and
+    each group's bound is the largest any block may need: shapes are static. Past one key
+    block, each segment runs only the key blocks its own prefix reaches (a dynamic trip count),
+    so the bound sizes the buffer, not the work."""
     bq = min(query_block or QUERY_BLOCK, segment_tokens)
     blocks = tuple((r, min(r + bq, segment_tokens)) for r in range(0, segment_tokens, bq))
     groups = []
@@ -186,12 +186,13 @@ def _padded_memory(km: jax.Array, vm: jax.Array, live: jax.Array, bound: int,
 
 def _memory_partial(q, km, vm, live, i, bound, plan):
     """Segment i's queries over its memory prefix ``[0, bound)``: ``_partial``'s (out, lse),
-    in key blocks of ``plan.key_block`` with an online softmax when the prefix is longer."""
+    in key blocks of ``plan.key_block`` with an online softmax when the prefix is longer (only
+    the blocks segment i reaches: ``_seen_blocks``)."""
     if bound <= plan.key_block:
         return _partial(q, km[:, :, :bound], vm[:, :, :bound], _memory_bias(i, bound, live, plan))
     kb = plan.key_block
 
-    def body(carry, j):
+    def body(j, carry):
         m, l, o = carry
         start = j * kb
         k_j = jax.lax.dynamic_slice_in_dim(km, start, kb, axis=2)
@@ -203,13 +204,22 @@ def _memory_partial(q, km, vm, live, i, bound, plan):
         e = jnp.exp(s - m_new[..., None])
         o = alpha[..., None] * o + jnp.einsum("BKGQC,BKCH->BKGQH", e.astype(v_j.dtype), v_j,
                                               preferred_element_type=jnp.float32)
-        return (m_new, alpha * l + jnp.sum(e, axis=-1), o), None
+        return m_new, alpha * l + jnp.sum(e, axis=-1), o
 
     rows = q.shape[:-1]
     init = (jnp.full(rows, NEG, jnp.float32), jnp.zeros(rows, jnp.float32), jnp.zeros(q.shape, jnp.float32))
-    (m, l, o), _ = jax.lax.scan(body, init, jnp.arange(_key_blocks(bound, plan), dtype=jnp.int32))
+    m, l, o = jax.lax.fori_loop(0, _seen_blocks(i, bound, plan), body, init)
     seen = (m > 0.5 * NEG).astype(jnp.float32)
+    l = jnp.where(seen > 0, l, 1.0)  # a segment that reaches no block (segment 0) ran none: l = 0
     return o * (seen / l)[..., None], m + jnp.log(l) * seen
+
+
+def _seen_blocks(i: jax.Array, bound: int, plan: SegmentPlan) -> jax.Array:
+    """Key blocks holding any entry segment i sees (traced): the blocks past them are masked
+    whole and add exactly nothing (forward: weight 0 after a seen key; backward: zero
+    gradients), so a segment early in the sequence skips them."""
+    seen = jnp.where(i > 0, plan.num_sinks + i * plan.slots, 0)
+    return jnp.minimum(-(-seen // plan.key_block), _key_blocks(bound, plan))
 
 
 def _memory_partial_backward(q, km, vm, live, i, bound, plan, lse, do, delta):
@@ -220,21 +230,19 @@ def _memory_partial_backward(q, km, vm, live, i, bound, plan, lse, do, delta):
                                  lse, do, delta)
     kb = plan.key_block
 
-    def body(dq, j):
+    def body(j, carry):
+        dq, dk, dv = carry
         start = j * kb
         k_j = jax.lax.dynamic_slice_in_dim(km, start, kb, axis=2)
         v_j = jax.lax.dynamic_slice_in_dim(vm, start, kb, axis=2)
         dq_j, dk_j, dv_j = _partial_backward(q, k_j, v_j, _memory_bias(i, kb, live, plan, start), lse, do, delta)
-        return dq + dq_j, (dk_j, dv_j)
+        return (dq + dq_j, jax.lax.dynamic_update_slice_in_dim(dk, dk_j, start, axis=2),
+                jax.lax.dynamic_update_slice_in_dim(dv, dv_j, start, axis=2))
 
-    blocks = _key_blocks(bound, plan)
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), jnp.arange(blocks, dtype=jnp.int32))
-
-    def unblock(x):  # [blocks, B, K, kb, H] -> [B, K, bound, H]
-        b, k, h = x.shape[1], x.shape[2], x.shape[4]
-        return x.transpose(1, 2, 0, 3, 4).reshape(b, k, blocks * kb, h)[:, :, :bound]
-
-    return dq, unblock(dk), unblock(dv)
+    zeros = jnp.zeros(km.shape[:2] + (_key_blocks(bound, plan) * kb, km.shape[-1]), jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(0, _seen_blocks(i, bound, plan), body,
+                                   (jnp.zeros(q.shape, jnp.float32), zeros, zeros))
+    return dq, dk[:, :, :bound], dv[:, :, :bound]
 
 
 def _partial(q_BxKxGxQxH: jax.Array, k_BxKxCxH: jax.Array, v_BxKxCxH: jax.Array,
@@ -286,9 +294,9 @@ def _local_forward(q, k, v, valid, plan):
     return jax.lax.scan(body, None, (q, k, v, valid))[1]
 
 
-def _memory_forward(q, km, vm, live, first_segment, plan):
+def _memory_forward(q, km, vm, live, segment_index, plan):
     """Segments of the groups against their memory prefix: one scan per group, at the group's
-    bound; local segment j is global segment ``first_segment + j``."""
+    bound; local segment j is global segment ``segment_index[j]``."""
     outs, lses = [], []
     for first, end, bound in plan.groups:
         km_g, vm_g, live_g = (_padded_memory(km, vm, live, bound, plan) if bound > plan.key_block
@@ -298,14 +306,13 @@ def _memory_forward(q, km, vm, live, first_segment, plan):
             q_i, i = x
             return carry, _memory_partial(q_i, km_g, vm_g, live_g, i, bound, plan)
 
-        index = first_segment + jnp.arange(first, end, dtype=jnp.int32)
-        _, (o, l) = jax.lax.scan(body, None, (q[first:end], index))
+        _, (o, l) = jax.lax.scan(body, None, (q[first:end], segment_index[first:end]))
         outs.append(o)
         lses.append(l)
     return jnp.concatenate(outs, axis=0), jnp.concatenate(lses, axis=0)
 
 
-def _forward(q, k, v, km, vm, valid, live, first_segment, plan):
+def _forward(q, k, v, km, vm, valid, live, segment_index, plan):
     """(out float32 [S, B, K, G, Ts, H], lse [S, B, K, G, Ts]) of the one merged softmax."""
     # The masks depend only on layout arrays. Under the layer scan's partial evaluation such
     # values count as known and are hoisted out as residuals, materialised at score size;
@@ -315,7 +322,7 @@ def _forward(q, k, v, km, vm, valid, live, first_segment, plan):
     if not plan.groups:
         return out, lse
     g0 = plan.groups[0][0]  # segments before it have no memory part
-    o_mem, l_mem = _memory_forward(q, km, vm, live, first_segment, plan)
+    o_mem, l_mem = _memory_forward(q, km, vm, live, segment_index, plan)
     o_loc, l_loc = out[g0:], lse[g0:]
     top = jnp.maximum(l_loc, l_mem)
     w_loc, w_mem = jnp.exp(l_loc - top), jnp.exp(l_mem - top)
@@ -328,26 +335,26 @@ def _forward(q, k, v, km, vm, valid, live, first_segment, plan):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def segment_attention(q_SxBxKxGxTsxH: jax.Array, k_SxBxKxTsxH: jax.Array, v_SxBxKxTsxH: jax.Array,
                       km_BxKxMxH: jax.Array, vm_BxKxMxH: jax.Array, valid_SxBxTs: jax.Array,
-                      live_M: jax.Array, first_segment: jax.Array, plan: SegmentPlan) -> jax.Array:
+                      live_M: jax.Array, segment_index_S: jax.Array, plan: SegmentPlan) -> jax.Array:
     """Each query of segment i over one softmax of [its segment's live keys up to itself (keys
     ``k``, rotated at in-segment positions) | live memory entries of segments < i (``km``,
     rotated at memory positions)]. Returns float32 [S, B, K, G, Ts, H]; rows that see nothing
     give 0. Forward: the two parts at their own sizes, merged by log-sum-exp. Backward: each
     part's flash backward with the merged output and lse (no lse cotangent: the ring-attention
     identity), scores recomputed per block; residuals are inputs, output and lse (O(T)).
-    ``first_segment`` (int32 scalar): global index of local segment 0 (0 on one device; a
-    context block's offset under context parallelism)."""
+    ``segment_index_S`` (int32 [S]): the global index of each local segment (``arange(S)`` on
+    one device; a context block's segments under context parallelism)."""
     return _forward(q_SxBxKxGxTsxH, k_SxBxKxTsxH, v_SxBxKxTsxH, km_BxKxMxH, vm_BxKxMxH,
-                    valid_SxBxTs, live_M, first_segment, plan)[0]
+                    valid_SxBxTs, live_M, segment_index_S, plan)[0]
 
 
-def _segment_attention_fwd(q, k, v, km, vm, valid, live, first_segment, plan):
-    out, lse = _forward(q, k, v, km, vm, valid, live, first_segment, plan)
-    return out, (q, k, v, km, vm, valid, live, first_segment, out, lse)
+def _segment_attention_fwd(q, k, v, km, vm, valid, live, segment_index, plan):
+    out, lse = _forward(q, k, v, km, vm, valid, live, segment_index, plan)
+    return out, (q, k, v, km, vm, valid, live, segment_index, out, lse)
 
 
 def _segment_attention_bwd(plan, residuals, dout):
-    q, k, v, km, vm, valid, live, first_segment, out, lse = residuals
+    q, k, v, km, vm, valid, live, segment_index, out, lse = residuals
     dout = dout.astype(jnp.float32)
     delta = jnp.sum(dout * out, axis=-1)  # rowsum(dO * O) of the merged softmax
     ts = q.shape[4]
@@ -381,8 +388,7 @@ def _segment_attention_bwd(plan, residuals, dout):
             return (dk_acc + dk_m, dv_acc + dv_m), dq_i
 
         zeros = jnp.zeros(km.shape[:2] + (bound, km.shape[-1]), jnp.float32)
-        xs = tuple(x[first:end] for x in (q, lse, dout, delta)) + (
-            first_segment + jnp.arange(first, end, dtype=jnp.int32),)
+        xs = tuple(x[first:end] for x in (q, lse, dout, delta, segment_index))
         (dk_g, dv_g), dq_g = jax.lax.scan(memory_body, (zeros, zeros), xs)
         pad = ((0, 0), (0, 0), (0, km.shape[2] - bound), (0, 0))
         dkm, dvm = dkm + jnp.pad(dk_g, pad), dvm + jnp.pad(dv_g, pad)
@@ -475,25 +481,6 @@ class DecomposedKV:
         out_SxBxKxGxTsxH = segment_attention(
             q_SxBxKxGxTsxH, per_segment(k_rot_BxTxKxH), per_segment(v_BxTxKxH),
             k_mem_BxMxKxH.swapaxes(1, 2), v_mem_BxMxKxH.swapaxes(1, 2), valid_SxBxTs,
-            self.memory_live_M, jnp.zeros((), jnp.int32), plan)
+            self.memory_live_M, jnp.arange(s, dtype=jnp.int32), plan)
         out_BxTxNxH = out_SxBxKxGxTsxH.transpose(1, 0, 4, 2, 3, 5).reshape(b, t, n, h)
         return out_BxTxNxH.astype(v_BxTxKxH.dtype)
-
-
-def structured_spec(arrays: dict[str, jax.Array], comp: CompressionConfig, batch: int,
-                    structure: AttentionStructure, stop_gist_memory_gradient: bool = False) -> AttentionSpec:
-    """The ``parallel_spec`` of a structured path: per-token arrays and ``structure`` (an
-    object with ``attend``: ``DecomposedKV``, ``flash.PrefixCausalKV``, ``bank.GistBankKV``),
-    no masks (``valid`` carries the live tokens; ``mask``/``memory_mask`` stay None)."""
-    from gist_jax.gist.specs import embedding_rows
-
-    def per_batch(x):
-        return jnp.broadcast_to(x, (batch,) + x.shape)
-
-    return AttentionSpec(
-        positions=per_batch(arrays["position"]), valid=per_batch(arrays["alive"]),
-        memory_positions=per_batch(arrays["memory_position"]),
-        is_gist=per_batch(arrays["is_gist"]),
-        gist_slot=per_batch(embedding_rows(arrays["gist_slot"], comp)),
-        structure=structure,
-        stop_gist_memory_gradient=stop_gist_memory_gradient)

@@ -277,6 +277,17 @@ def bank_block_pairs(bank: Any) -> int:
     return tiles * b * b
 
 
+def _memory_part_pairs(plan: Any, ts: int, first: int, end: int, bound: int) -> int:
+    """Pairs the decomposed kernel's memory part computes for segments ``first .. end - 1`` of
+    one group: the whole bound each within one key block; past it, the key blocks each
+    segment's prefix reaches (``structured._seen_blocks``)."""
+    kb = plan.key_block
+    if bound <= kb:
+        return (end - first) * ts * bound
+    seen = [plan.num_sinks + i * plan.slots if i else 0 for i in range(first, end)]
+    return sum(ts * kb * min(-(-n // kb), -(-bound // kb)) for n in seen)
+
+
 def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
                     ratios: tuple[int, ...] | None = None, *, backend: str | None = None,
                     tie: bool = False) -> dict[str, Any]:
@@ -294,7 +305,8 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
       decomposed    ``structured.segment_plan``: S x sum over query blocks of rows x end row (each
                     block of a segment against its keys up to its last row) + sum over memory
                     groups of segments x Ts x the group's buffer bound (segments 1..S-1 against
-                    the prefix of the group's last segment)
+                    the prefix of the group's last segment; past one memory key block, the key
+                    blocks each segment's own prefix reaches)
       flash         XLA kernel: S E^2 (each segment's [E, E] scores); cuDNN: sum_i
                     (c_i + Ts)(c_i + Ts + 1) / 2 (causal with row lengths c_i + Ts)
       bank          non-empty tiles of the permuted mask (``bank_block_pairs``)
@@ -344,7 +356,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
 
                 plan = segment_plan(s, ts, shape.num_sinks, shape.slots)
                 computed = (s * sum((r1 - r0) * r1 for r0, r1 in plan.query_blocks)
-                            + sum((end - first) * ts * bound for first, end, bound in plan.groups))
+                            + sum(_memory_part_pairs(plan, ts, first, end, bound) for first, end, bound in plan.groups))
             elif impl == "flash":
                 from gist_jax.gist.flash import CUDNN_DTYPES
 

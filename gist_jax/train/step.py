@@ -19,14 +19,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.context_parallel import check_context_parallel
+from gist_jax.gist.context_parallel import balanced_arrays, check_context_parallel, splits
 from gist_jax.gist.forward import compressed_hidden
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.params import model_config_for
-from gist_jax.gist.specs import LayoutArrays, raw_rows
+from gist_jax.gist.specs import LayoutArrays, raw_row_order, raw_rows
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores, next_token_labels
-from gist_jax.model.sharding import activation_mesh
+from gist_jax.model.sharding import activation_mesh, context_size
 from gist_jax.model.transformer import Params
 from gist_jax.train.ae import ae_loss
 from gist_jax.train.config import StepConfig
@@ -81,6 +81,13 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
                         denom: jax.Array, step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         tokens = micro["tokens"]
         mask = loss_positions(tokens, micro["loss_mask"], seg_len, obj.include_first_segment)
+        if context_size() > 1 and comp.enabled and splits(shape, context_size()):
+            arrays = balanced_arrays(arrays, shape, context_size())  # every block sees as much memory
+        row_order = raw_row_order(arrays, tokens.shape[1], shape)
+
+        def as_rows(x_BxN: jax.Array) -> jax.Array:  # raw order -> the order of raw_rows' rows
+            return x_BxN if row_order is None else jnp.take(x_BxN, row_order, axis=1)
+
         gist_kv: tuple[jax.Array, jax.Array] | None = None
         if use_ae:
             hidden, gist_kv = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
@@ -89,7 +96,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
             hidden = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays)
         # Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
         scores = lm_token_scores(cfg, params["model"], raw_rows(hidden, arrays, tokens.shape[1], shape),
-                                 next_token_labels(tokens), mask, chunk=obj.loss_chunk)
+                                 as_rows(next_token_labels(tokens)), as_rows(mask), chunk=obj.loss_chunk)
         ce = scores.nll
         metrics = {"correct": jnp.sum(scores.correct), "tokens": jnp.sum(mask)}
         if use_tie:
@@ -101,7 +108,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
             metrics["tie_entropy"] = weight_entropy(weights, mask)
         else:
             weights = mask.astype(jnp.float32)
-        lm_num = jnp.sum(weights * ce * mask)
+        lm_num = jnp.sum(as_rows(weights * mask) * ce)
         loss = lm_num / denom
         metrics["lm_num"] = lm_num
         if use_ae:
