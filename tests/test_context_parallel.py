@@ -23,6 +23,7 @@ from gist_jax.gist.specs import layout_arrays
 from gist_jax.model import causal
 from gist_jax.model.context_causal import GATHER_SCOPE, context_causal_attention
 from gist_jax.model.sharding import activation_mesh
+from gist_jax.train import plan
 from gist_jax.train.ae import ae_loss, init_ae_params
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
@@ -50,6 +51,8 @@ def _fresh_compiles():
 
 
 def _comp(granularity: str):
+    if granularity == "unigist":  # windows of 8 raw tokens: the halo reaches into the previous block
+        return comp_config("kv", "fine", sinks=2, window=8, positions="aligned", attention_impl="auto")
     return comp_config("kv", granularity, sinks=2, attention_impl="auto")
 
 
@@ -198,8 +201,9 @@ def test_ae_loss_per_segment_ratios_equals_one_device():
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
-def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 256):
-    comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32, attention_impl="auto")
+def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 256, window: int = 0):
+    comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32, attention_impl="auto",
+                       **({"window": window, "positions": "aligned"} if window else {}))
     base = BASE.replace(scan_layers=False)  # one op per layer: the text lists every layer's traffic
     mesh_cfg, mesh = _mesh((1, 1, 1, context))
     cfg = StepConfig(batch_size=2, seq_len=seq, mesh=mesh_cfg, objective=objective)
@@ -211,17 +215,19 @@ def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 2
     return collectives(text), layout.shape
 
 
-@pytest.mark.parametrize("objective", [ObjectiveConfig(tie=False, ae=False), ObjectiveConfig(tie=False, ae=True),
-                                       ONLINE_TIE], ids=["plain", "ae", "online_tie_ae"])
-def test_only_gist_kv_crosses_the_context_axis(objective):
+@pytest.mark.parametrize("objective,window", [
+    (ObjectiveConfig(tie=False, ae=False), 0), (ObjectiveConfig(tie=False, ae=True), 0), (ONLINE_TIE, 0),
+    (ObjectiveConfig(tie=False, ae=True), 16)], ids=["plain", "ae", "online_tie_ae", "unigist_ae"])
+def test_only_gist_kv_crosses_the_context_axis(objective, window):
     """Counted in the compiled HLO: per layer one all-gather of the gist K/V (+ each block's copy
     of the sinks) and its reduce-scatter in the backward; nothing activation-sized otherwise
     (parameter-gradient all-reduces are data parallelism's, over the replicated weights). With
     AE on, each block decodes its own gists' spans: the decoder adds no activation traffic.
     Online TIE's causal reference pass needs every earlier key: it gathers each layer's raw
-    K and V once, in the forward only (the pass is frozen)."""
+    K and V once, in the forward only (the pass is frozen). UniGist also sends each block's
+    last ``halo`` keys and values (and their liveness) to the next block, forward and back."""
     context, batch, seq = 4, 2, 256
-    ops, shape = _compiled_collectives(context, objective, seq)
+    ops, shape = _compiled_collectives(context, objective, seq, window)
     layers, kv, h, f32 = BASE.num_layers, BASE.num_kv_heads, BASE.head_dim, 4
     gists = shape.num_segments * shape.slots
     entry = 2 * batch * kv * h * f32  # one memory entry's k and v
@@ -232,6 +238,18 @@ def test_only_gist_kv_crosses_the_context_axis(objective):
     assert len(reference) == (2 * layers if tie else 0)
     assert all(op.nbytes == seq * entry // 2 and "transpose" not in op.name for op in reference)
     gather += reference
+    halo = [op for op in ops if "shard_map/ppermute" in op.name]
+    if window:  # per layer: forward k, v (f32) and liveness (bool), backward k, v
+        from gist_jax.gist.window import context_window_plan
+
+        keys = context_window_plan(shape, window, context).halo
+        kv_bytes = layers * 2 * keys * entry  # the liveness is the same in every layer: XLA may send it once
+        comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32, window=window, positions="aligned")
+        step = StepConfig(batch_size=batch, seq_len=seq, mesh=MeshConfig(1, 1, 1, context))
+        assert plan.context_traffic(BASE.replace(scan_layers=False), comp, step, context)["halo_permute"] == kv_bytes
+        assert kv_bytes + keys * batch <= sum(op.nbytes for op in halo) <= kv_bytes + layers * keys * batch
+    assert bool(halo) == bool(window)
+    gather += halo
     scatter = [op for op in ops if "shard_map/reduce_scatter" in op.name]
     assert len(scatter) == layers and all(op.nbytes * context == gather[0].nbytes for op in scatter)
     # What an all-gather of every layout token's K/V would move, per layer: 1/8 of it at r = 8.
@@ -261,6 +279,24 @@ def test_memory_pairs_measure_the_balance():
     assert computed == [ts * sum(-(-seen[i] // 4) * 4 for i in (c, 7 - c)) for c in range(4)]
 
 
+@pytest.mark.parametrize("sizes,query_block", [((1, 1, 1, 2), None), ((1, 1, 1, 4), 8), ((1, 2, 1, 4), None)])
+def test_unigist_context_blocks_train_like_one_device(sizes, query_block, monkeypatch):
+    """UniGist: the gathered memory, the previous block's halo for the window, and each block's
+    query blocks at their global index (with ``query_block`` 8: several per block, the last
+    one padded) give the one-device step's losses and parameters."""
+    from gist_jax.gist import window
+
+    if query_block:
+        monkeypatch.setattr(window, "QUERY_BLOCK", query_block)
+    ref_params, ref_history = _two_steps("unigist", (1, 1, 1, 1))
+    params, history = _two_steps("unigist", sizes)
+    for got, want in zip(history, ref_history):
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_online_tie_equals_one_device():
     """TIE's frozen reference passes under context parallelism: the causal pass gathers each
     layer's K/V (``model/context_causal.py``), the block-diagonal one stays on its blocks."""
@@ -276,7 +312,7 @@ def test_online_tie_equals_one_device():
 @pytest.mark.parametrize("memory,granularity,kw,seq,match", [
     ("recurrent", "coarse", {}, 64, "Coarse-Rec"),
     ("none", "fine", {}, 64, "no gists"),
-    ("kv", "fine", {"window": 8, "positions": "aligned"}, 64, "UniGist"),
+    ("kv", "fine", {"window": 24, "positions": "aligned"}, 64, "reaches 30 layout tokens back, past"),
     ("kv", "fine", {}, 48, "multiple of 32"),
 ])
 def test_unsupported_context_settings_are_refused(memory, granularity, kw, seq, match):

@@ -113,14 +113,16 @@ def test_planned_total_is_within_30_percent_of_xla_compiled_memory(case):
     assert 0.7 < estimate / compiled < 1.3, (estimate, compiled)
 
 
-@pytest.mark.parametrize("ae,tie,seq,context", [(False, False, 2048, 4), (True, False, 4096, 8),
-                                                 (False, True, 2048, 4), (True, True, 4096, 8)])
-def test_context_parallel_plan_is_within_30_percent_of_xla(ae, tie, seq, context):
+@pytest.mark.parametrize("ae,tie,window,seq,context", [
+    (False, False, 0, 2048, 4), (True, False, 0, 4096, 8), (False, True, 0, 2048, 4), (True, True, 0, 4096, 8),
+    (True, False, 128, 4096, 8)])
+def test_context_parallel_plan_is_within_30_percent_of_xla(ae, tie, window, seq, context):
     """With the sequence split over ``mesh.context``: one block's activations, the gathered gist
     buffer, online TIE's reference pass and the traffic report, against the compiled step on 8
-    fake devices."""
+    fake devices (UniGist with ``window``)."""
     base = preset("tiny", attention_impl="auto", max_position_embeddings=8192)
-    comp = comp_config("kv", "fine", segment_length=128, ratio=8, sinks=4, attention_impl="auto")
+    comp = comp_config("kv", "fine", segment_length=128, ratio=8, sinks=4, attention_impl="auto",
+                       **({"window": window, "positions": "aligned"} if window else {}))
     step = StepConfig(batch_size=8 // context, seq_len=seq, mesh=MeshConfig(-1, 1, 1, context),
                       objective=ObjectiveConfig(ae=ae, tie=tie, tie_source="online"))
     estimate = plan.plan(base, comp, step, 8, "cpu")
@@ -131,7 +133,7 @@ def test_context_parallel_plan_is_within_30_percent_of_xla(ae, tie, seq, context
     assert traffic["gist_gather"] * 8 <= traffic["full_kv_gather"] * 1.1  # 1/r, plus the sinks
     assert traffic["gist_scatter"] * context == traffic["gist_gather"]
     lines = plan.summary_lines("cp", base, comp, step, 8, "gpu")
-    assert "attention decomposed" in lines[1]  # what every block runs, cuDNN or not
+    assert f"attention {'windowed' if window else 'decomposed'}" in lines[1]  # every block's kernel, cuDNN or not
     assert any("context axis per step: gist K/V all-gather" in line for line in lines), lines
     assert ("tie_kv_gather" in traffic) == tie == ("tie_pass" in estimate)
     if tie:  # every raw token's K and V, per layer, once (the frozen pass has no backward)

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tie", action="store_true",
                         help="online TIE (its causal reference pass gathers every raw token's K/V)")
     parser.add_argument("--ae", action="store_true")
+    parser.add_argument("--window", type=int, default=0, help="UniGist with this window (aligned positions)")
     args = parser.parse_args(argv)
     if "jax" not in sys.modules:
         flags = os.environ.get("XLA_FLAGS", "")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     base = preset("tiny", eos_token_id=3).replace(scan_layers=False)
     comp = CompressionConfig(memory="kv", granularity="fine", segment_length=args.segment_length,
                              ratios=(args.ratio,), ratio_sampling="fixed", num_sinks=args.sinks,
-                             attention_impl="auto")
+                             attention_impl="auto", window=args.window,
+                             positions="aligned" if args.window else "compressed")
     objective = ObjectiveConfig(tie=args.tie, tie_source="online", ae=args.ae, ae_lambda=0.5 if args.ae else 0.0)
     layout = build_layout(args.seq_len, comp)
     shape = layout.shape
@@ -83,15 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     groups = {"gist memory all-gather": [o for o in ops if "shard_map/all_gather" in o.name and o not in reference],
               "its reduce-scatter (backward)": [o for o in ops if "shard_map/reduce_scatter" in o.name],
               "TIE reference K/V all-gather": reference,
+              "UniGist window halo (permute)": [o for o in ops if "shard_map/ppermute" in o.name],
               "parameter-gradient all-reduce": [o for o in ops if o.op == "all-reduce"]}
     seen = {id(o) for g in groups.values() for o in g}
     groups["other"] = [o for o in ops if id(o) not in seen]
     entry = 2 * args.batch * base.num_kv_heads * base.head_dim * 4
     gists = shape.num_segments * shape.slots
     layers = base.num_layers
-    print(f"CPU, tiny model ({layers} layers, {base.num_kv_heads} kv heads x {base.head_dim}), Fine-KV r={args.ratio}, "
+    variant = "UniGist" if args.window else "Fine-KV"
+    print(f"CPU, tiny model ({layers} layers, {base.num_kv_heads} kv heads x {base.head_dim}), {variant} "
+          f"r={args.ratio}, "
           f"{args.seq_len} tokens in {shape.num_segments} segments, sinks {args.sinks}, batch {args.batch}, "
-          f"context {args.context}, TIE {'on' if args.tie else 'off'}, AE {'on' if args.ae else 'off'}")
+          f"context {args.context}, TIE {'on' if args.tie else 'off'}, AE {'on' if args.ae else 'off'}"
+          f"{f', UniGist window {args.window}' if args.window else ''}")
     for name, group in groups.items():
         print(f"  {name:32s} {sum(o.nbytes for o in group):>12,d} bytes in {len(group)} ops")
     formula = layers * (gists + args.context * shape.num_sinks) * entry
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  formula: layers x (gists + blocks x sinks) x entry = {layers} x ({gists} + {args.context} x "
           f"{shape.num_sinks}) x {entry} = {formula:,d} bytes (the planner's: "
           f"{planned.get('gist_gather', 0):,d})")
+    if args.window:
+        print(f"  UniGist halo: the planner's {planned.get('halo_permute', 0):,d} bytes of keys and values "
+              "(plus the keys' liveness)")
     if args.tie:
         print(f"  TIE reference: layers x raw tokens x entry = {layers} x {args.seq_len} x {entry} = "
               f"{layers * args.seq_len * entry:,d} bytes (the planner's: {planned.get('tie_kv_gather', 0):,d})")
@@ -114,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  compiled temp memory per device: {a.temp_size_in_bytes / 2**20:.1f} MiB at context "
               f"{args.context}, {b.temp_size_in_bytes / 2**20:.1f} MiB at context 1 "
               f"({a.temp_size_in_bytes / b.temp_size_in_bytes:.3f}x)")
-    for name, order, key_block in (("contiguous blocks, whole bound", np.arange(shape.num_segments), 1 << 30),
-                                   ("balanced order, key blocks", None, None)):
+    balances = () if args.window else (("contiguous blocks, whole bound", np.arange(shape.num_segments), 1 << 30),
+                                       ("balanced order, key blocks", None, None))  # Fine-KV's kernel
+    for name, order, key_block in balances:
         live, computed = memory_pairs(shape, args.context, order, key_block)
         total = max(sum(computed), 1)
         print(f"  memory-part pairs per block, {name}: live {live}, computed {computed}; live / computed "

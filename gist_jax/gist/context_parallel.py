@@ -1,5 +1,6 @@
 """Context parallelism for the KV variants: the sequence in blocks of whole segments, one block
-per device of the mesh's ``context`` axis, and only gist K/V crossing devices.
+per device of the mesh's ``context`` axis, and only gist K/V crossing devices (UniGist adds its
+window's halo: ``context_window.py``).
 
 A segment needs the raw tokens of its own segment and, from earlier segments, only their gists
 (plus the sinks). So with the layout split in blocks of whole segments, every per-token layer
@@ -45,9 +46,10 @@ from jax.sharding import PartitionSpec
 from gist_jax.errors import ConfigError
 from gist_jax.gist import structured
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.layout import LayoutShape, build_layout
 from gist_jax.gist.specs import TOKEN_FIELDS, LayoutArrays
 from gist_jax.gist.structured import DecomposedKV, rotate_memory, segment_attention, segment_plan
+from gist_jax.gist.window import context_window_plan
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 from gist_jax.model.sharding import (
@@ -73,14 +75,18 @@ def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) 
     if comp.memory != "kv":
         raise ConfigError(f"mesh.context={context}: context parallelism moves only gist K/V and "
                           f"compression.memory={comp.memory!r} has no gists; use mesh.context=1")
-    if comp.windowed:
-        raise ConfigError(f"mesh.context={context}: UniGist (compression.window={comp.window}) is not context-"
-                          "parallel yet (its window reaches into the previous block); use mesh.context=1")
     segments, rest = divmod(seq_len, comp.segment_length)
     if rest or segments % context:
         raise ConfigError(f"mesh.context={context}: step.seq_len={seq_len} must be whole segments "
                           f"(compression.segment_length={comp.segment_length}) whose count divides over the "
                           f"{context} blocks; use a multiple of {context * comp.segment_length}")
+    if comp.windowed:
+        shape = build_layout(seq_len, comp).shape
+        halo, block = context_window_plan(shape, comp.window, context).halo, shape.length // context
+        if halo > block:
+            raise ConfigError(f"mesh.context={context}: UniGist's window (compression.window={comp.window}) reaches "
+                              f"{halo} layout tokens back, past the previous block ({block} tokens); use fewer "
+                              "context blocks, a longer step.seq_len or a shorter window")
 
 
 def splits(shape: LayoutShape, context: int) -> bool:
@@ -168,6 +174,35 @@ class ContextParallelKV:
           d.memory_position_M, d.memory_live_M, self.segment_order_S, inv_freq)
 
 
+def gather_buffer(k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array, memory_token_M: jax.Array,
+                  segment_order_S: jax.Array, sinks: int, slots: int) -> jax.Array:
+    """Inside ``shard_map``: the whole memory buffer ``[2 (K, V), B, sinks + S * slots, K, H]``
+    (un-rotated) on every block, from each block's local keys and values (``[B, T / blocks,
+    K, H]``) and one ``all_gather`` over ``context``. ``memory_token_M``: layout index of each
+    entry; ``segment_order_S``: the global segment each physical segment holds."""
+    block, context = jax.lax.axis_index(CONTEXT_AXIS), jax.lax.axis_size(CONTEXT_AXIS)
+    b, t_local, kv_heads, h = k_BxTxKxH.shape
+    s = segment_order_S.shape[0]
+    s_local = s // context
+    slot_J = jnp.arange(slots, dtype=jnp.int32)
+    # This block's share: its segments' gist slots, behind the sinks (which live in global
+    # segment 0: only its block's copy is read). Indices made local to the block; entries of
+    # other blocks (and dead slots, index 0) are clipped and unused.
+    global_Sl = jax.lax.dynamic_slice_in_dim(segment_order_S, block * s_local, s_local)
+    own_M = memory_token_M[sinks + (global_Sl[:, None] * slots + slot_J).reshape(-1)]
+    index_M = jnp.clip(jnp.concatenate([memory_token_M[:sinks], own_M]) - block * t_local, 0, t_local - 1)
+    share_2xBxMxKxH = jnp.take(jnp.stack([k_BxTxKxH, v_BxTxKxH]), index_M, axis=2)
+    every_Cx2xBxMxKxH = jax.lax.all_gather(share_2xBxMxKxH, CONTEXT_AXIS)
+    # Gathered in physical order (block, local segment, slot); the buffer wants global order.
+    physical_of_S = jnp.zeros(s, jnp.int32).at[segment_order_S].set(jnp.arange(s, dtype=jnp.int32))
+    physical_2xBxGxKxH = every_Cx2xBxMxKxH[:, :, :, sinks:].transpose(1, 2, 0, 3, 4, 5).reshape(
+        2, b, s * slots, kv_heads, h)
+    gists_2xBxGxKxH = jnp.take(physical_2xBxGxKxH, (physical_of_S[:, None] * slots + slot_J).reshape(-1), axis=2)
+    sinks_2xBxKxH = jax.lax.dynamic_index_in_dim(every_Cx2xBxMxKxH, physical_of_S[0] // s_local,
+                                                 keepdims=False)[:, :, :sinks]
+    return jnp.concatenate([sinks_2xBxKxH, gists_2xBxGxKxH], axis=2)
+
+
 def _local_attention(d: DecomposedKV, context: int, hold_gists: bool) -> Callable[..., jax.Array]:
     """The per-device body: this block's segments over [own segment | gathered memory]."""
     s, ts, sinks, slots = d.num_segments, d.segment_tokens, d.num_sinks, d.slots
@@ -183,23 +218,8 @@ def _local_attention(d: DecomposedKV, context: int, hold_gists: bool) -> Callabl
         block = jax.lax.axis_index(CONTEXT_AXIS)
         b, t_local, n, h = q_BxTxNxH.shape
         kv_heads = k_BxTxKxH.shape[2]
-        slot_J = jnp.arange(slots, dtype=jnp.int32)
-        # This block's share of the buffer: its segments' gist slots, behind the sinks (which
-        # live in global segment 0: only its block's copy is read). Indices made local to the
-        # block; entries of other blocks (and dead slots, index 0) are clipped and unused.
         global_Sl = jax.lax.dynamic_slice_in_dim(segment_order_S, block * s_local, s_local)
-        own_M = memory_token_M[sinks + (global_Sl[:, None] * slots + slot_J).reshape(-1)]
-        index_M = jnp.clip(jnp.concatenate([memory_token_M[:sinks], own_M]) - block * t_local, 0, t_local - 1)
-        share_2xBxMxKxH = jnp.take(jnp.stack([k_BxTxKxH, v_BxTxKxH]), index_M, axis=2)
-        every_Cx2xBxMxKxH = jax.lax.all_gather(share_2xBxMxKxH, CONTEXT_AXIS)
-        # Gathered in physical order (block, local segment, slot); the buffer wants global order.
-        physical_of_S = jnp.zeros(s, jnp.int32).at[segment_order_S].set(jnp.arange(s, dtype=jnp.int32))
-        physical_2xBxGxKxH = every_Cx2xBxMxKxH[:, :, :, sinks:].transpose(1, 2, 0, 3, 4, 5).reshape(
-            2, b, s * slots, kv_heads, h)
-        gists_2xBxGxKxH = jnp.take(physical_2xBxGxKxH, (physical_of_S[:, None] * slots + slot_J).reshape(-1), axis=2)
-        sinks_2xBxKxH = jax.lax.dynamic_index_in_dim(every_Cx2xBxMxKxH, physical_of_S[0] // s_local,
-                                                     keepdims=False)[:, :, :sinks]
-        buffer_2xBxMxKxH = jnp.concatenate([sinks_2xBxKxH, gists_2xBxGxKxH], axis=2)
+        buffer_2xBxMxKxH = gather_buffer(k_BxTxKxH, v_BxTxKxH, memory_token_M, segment_order_S, sinks, slots)
         k_mem_BxMxKxH, v_mem_BxMxKxH = rotate_memory(buffer_2xBxMxKxH[0], buffer_2xBxMxKxH[1],
                                                      memory_position_M, sinks, hold_gists, inv_freq)
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from gist_jax.gist.bank import GistBankKV
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.context_parallel import ContextParallelKV, splits
+from gist_jax.gist.context_window import ContextParallelWindowedKV
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.recurrent import LayerKV, recurrent_scan
@@ -105,13 +106,16 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
         structure: AttentionStructure
-        if context_size() > 1 and not comp.windowed and splits(shape, context_size()):
-            # The sequence is split over the mesh's context axis: the decomposed kernel per
-            # block, with only the gist memory gathered (context_parallel.py). A layout that
-            # does not cut into whole-segment blocks (an evaluation length) runs as below and
-            # XLA partitions it.
-            structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape),
-                                          physical_segments(arrays, shape))
+        if context_size() > 1 and splits(shape, context_size()):
+            # The sequence is split over the mesh's context axis: the decomposed (or windowed)
+            # kernel per block, with only the gist memory gathered (context_parallel.py,
+            # context_window.py). A layout that does not cut into whole-segment blocks (an
+            # evaluation length) runs as below and XLA partitions it.
+            if comp.windowed:
+                structure = ContextParallelWindowedKV(WindowedKV.from_arrays(arrays, shape, comp.window))
+            else:
+                structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape),
+                                              physical_segments(arrays, shape))
         elif comp.windowed:
             structure = WindowedKV.from_arrays(arrays, shape, comp.window)
         elif impl == "decomposed":

@@ -133,6 +133,42 @@ def _window_plan(shape: LayoutShape, window: int, bq: int, max_groups: int) -> W
     return WindowPlan(bq, band, tuple(int(a) for a in band_start), tuple(groups))
 
 
+@dataclasses.dataclass(frozen=True)
+class ContextWindowPlan:
+    """Static geometry per device: ``blocks`` query blocks of ``query_block`` rows (the block's
+    layout padded to whole blocks), bands of ``band`` keys, of which the first ``halo`` come
+    from the previous device, and each query block's band start (global layout index)."""
+
+    query_block: int
+    blocks: int
+    band: int
+    halo: int
+    band_start: tuple[tuple[int, ...], ...]  # [context][blocks]
+
+
+def context_window_plan(shape: LayoutShape, window: int, context: int,
+                        query_block: int | None = None) -> ContextWindowPlan:
+    """The plan for ``context`` blocks of a layout split over the mesh's ``context`` axis
+    (``context_window.py``; ``QUERY_BLOCK`` read at call time)."""
+    return _context_plan(shape, window, context, query_block or QUERY_BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def _context_plan(shape: LayoutShape, window: int, context: int, bq: int) -> ContextWindowPlan:
+    geo = layout_geometry(shape, window)
+    t_local = shape.length // context
+    bq = min(bq, t_local)
+    blocks = -(-t_local // bq)
+    # Layout index of the first raw token at or after each row's window start; a block's band
+    # starts at its first row's (window starts never decrease).
+    first_T = geo["raw_layout"][geo["window_start"]]
+    starts = [np.minimum.reduceat(first_T[c * t_local:(c + 1) * t_local], np.arange(blocks) * bq)
+              for c in range(context)]
+    ends = [c * t_local + (np.arange(blocks) + 1) * bq for c in range(context)]
+    band = int(max(np.max(e - a) for e, a in zip(ends, starts)))
+    return ContextWindowPlan(bq, blocks, band, band - bq, tuple(tuple(int(x) for x in a) for a in starts))
+
+
 @flax.struct.dataclass
 class WindowedKV:
     """What the windowed path needs beyond ``AttentionSpec``: the memory buffer (as
@@ -189,37 +225,17 @@ class WindowedKV:
             "token_M": mem.memory_token_M, "live_M": mem.memory_live_M,
         }
         q_pad = jnp.pad(q_BxTxNxH, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
+        rows_J = jnp.arange(nblk, dtype=jnp.int32) * bq
         xs = {
             "q": q_pad.reshape(b, nblk, bq, kv_heads, g, h).transpose(1, 0, 3, 4, 2, 5),
             "q_start": jnp.pad(self.window_start_T, (0, tp - t)).reshape(nblk, bq),
-            "j": jnp.arange(nblk, dtype=jnp.int32),
+            "row0": rows_J, "slice": rows_J + bq,  # the band [end - C, end) sits at end in the padded keys
             "a": jnp.asarray(plan.band_start, jnp.int32),
         }
 
-        def block_out(cs: dict[str, jax.Array], x: dict[str, jax.Array], bound: int) -> jax.Array:
-            end = (x["j"] + 1) * bq  # the band: layout [end - C, end), padded [end, end + C)
-
-            def band(a: jax.Array, axis: int) -> jax.Array:
-                return jax.lax.dynamic_slice_in_dim(a, end, c, axis=axis)
-
-            key_idx_C = end - c + jnp.arange(c, dtype=jnp.int32)
-            q_idx_Q = x["j"] * bq + jnp.arange(bq, dtype=jnp.int32)
-            visible_QxC = ((key_idx_C[None, :] >= x["a"]) & (key_idx_C[None, :] <= q_idx_Q[:, None])
-                           & (band(cs["always"], 0)[None, :]
-                              | (band(cs["raw"], 0)[None, :] >= x["q_start"][:, None])))
-            visible_BxQxC = visible_QxC[None] & band(cs["live"], 1)[:, None, :]
-            o, lse = _partial(x["q"], band(cs["k"], 2), band(cs["v"], 2),
-                              _bias(visible_BxQxC)[:, None, None])
-            if bound:
-                seen_M = cs["live_M"][:bound] & (cs["token_M"][:bound] < x["a"])
-                o_m, lse_m = _partial(x["q"], cs["km"][:, :, :bound], cs["vm"][:, :, :bound],
-                                      _bias(seen_M))
-                o = merge_partials(o, lse, o_m, lse_m)
-            return o
-
         outs = []
         for first, end, bound in plan.groups:
-            step = jax.checkpoint(functools.partial(block_out, bound=bound))
+            step = jax.checkpoint(functools.partial(block_out, bound=bound, bq=bq, band=c))
 
             def body(carry: None, x: dict[str, jax.Array], step: Any = step) -> tuple[None, jax.Array]:
                 return carry, step(consts, x)
@@ -231,4 +247,28 @@ class WindowedKV:
         return out_BxTxNxH.astype(v_BxTxKxH.dtype)
 
 
-__all__ = ["NEG", "QUERY_BLOCK", "WindowPlan", "WindowedKV", "layout_geometry", "window_plan"]
+def block_out(cs: dict[str, jax.Array], x: dict[str, jax.Array], bound: int, bq: int, band: int) -> jax.Array:
+    """One query block: its band (``band`` keys of ``cs`` from ``x["slice"]``, the layout keys
+    ``[row0 + bq - band, row0 + bq)``, those at or after its band start ``x["a"]`` and visible
+    to each row) and its memory (the first ``bound`` buffer entries laid out before ``a``),
+    merged by log-sum-exp. ``cs``: the keys and per-key arrays; ``x``: the block's queries, their
+    window starts, its first row's layout index ``row0``, ``slice`` and ``a``."""
+    def band_of(a: jax.Array, axis: int) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(a, x["slice"], band, axis=axis)
+
+    key_idx_C = x["row0"] + bq - band + jnp.arange(band, dtype=jnp.int32)
+    q_idx_Q = x["row0"] + jnp.arange(bq, dtype=jnp.int32)
+    visible_QxC = ((key_idx_C[None, :] >= x["a"]) & (key_idx_C[None, :] <= q_idx_Q[:, None])
+                   & (band_of(cs["always"], 0)[None, :]
+                      | (band_of(cs["raw"], 0)[None, :] >= x["q_start"][:, None])))
+    visible_BxQxC = visible_QxC[None] & band_of(cs["live"], 1)[:, None, :]
+    o, lse = _partial(x["q"], band_of(cs["k"], 2), band_of(cs["v"], 2), _bias(visible_BxQxC)[:, None, None])
+    if bound:
+        seen_M = cs["live_M"][:bound] & (cs["token_M"][:bound] < x["a"])
+        o_m, lse_m = _partial(x["q"], cs["km"][:, :, :bound], cs["vm"][:, :, :bound], _bias(seen_M))
+        o = merge_partials(o, lse, o_m, lse_m)
+    return o
+
+
+__all__ = ["NEG", "QUERY_BLOCK", "ContextWindowPlan", "WindowPlan", "WindowedKV", "block_out",
+           "context_window_plan", "layout_geometry", "window_plan"]

@@ -49,6 +49,7 @@ from gist_jax.gist.forward import resolve_attention_impl
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.structured import MEMORY_KEY_BLOCK, QUERY_BLOCK
+from gist_jax.gist.window import context_window_plan
 from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mesh
@@ -141,14 +142,15 @@ TIE_LIVE_TILES = 2
 
 def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
     """The attention implementation the decoder layers run on ``backend`` (with the sequence split
-    over ``context`` devices: the decomposed kernel per block, ``gist/context_parallel.py``)."""
+    over ``context`` devices: the decomposed kernel per block, ``gist/context_parallel.py``, or
+    UniGist's windowed one, ``gist/context_window.py``)."""
     if not comp.enabled:
         return resolve_impl(cfg.attention_impl, backend, cfg.dtype, cfg.head_dim)
     if comp.memory != "kv":
         return "dense"
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend,
                                   windowed=comp.windowed)
-    if context > 1 and impl != "dense":
+    if context > 1 and impl != "dense" and not comp.windowed:
         return "decomposed"
     if comp.windowed:
         return "dense" if impl == "dense" else "windowed"  # window.py: autodiff layers, like decomposed
@@ -186,7 +188,7 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     # Context parallelism: a device holds one block of whole segments; its activations are those
     # of a sequence that long, plus the gathered memory buffer each layer keeps for its backward.
     local = _local_step(step, sizes["context"])
-    if sizes["context"] > 1 and comp.memory == "kv" and comp.attention_impl != "dense":
+    if sizes["context"] > 1 and comp.memory == "kv" and comp.attention_impl != "dense" and not comp.windowed:
         comp = comp.replace(attention_impl="decomposed")  # what every block runs
     out["activations_saved"] = saved_residual_bytes(base, comp, local, micro_per_device, backend)
     if sizes["context"] > 1:
@@ -274,6 +276,8 @@ def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig
                       the same passes (ring or all-gather attention over the full sequence)
       tie_kv_gather   online TIE only: its causal reference pass gathers every raw token's K/V
                       once per layer and microbatch (forward only; ``model/context_causal.py``)
+      halo_permute    UniGist only: each block's last ``halo`` keys and values sent to the next
+                      block per layer (``gist/context_window.py``), and their gradients back
 
     Parameter gradients are all-reduced over ``context`` as over ``data`` (not counted here)."""
     sizes = resolve_mesh_shape(step.mesh, num_devices)
@@ -292,6 +296,9 @@ def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig
                "full_kv_gather": full}
     if step.objective.tie and step.objective.tie_source == "online":
         traffic["tie_kv_gather"] = step.microbatches * base.num_layers * step.seq_len * entry
+    if comp.windowed:  # each block's last keys to the next block, and their gradients back
+        halo = context_window_plan(shape, comp.window, context).halo * entry
+        traffic["halo_permute"] = passes * halo + step.microbatches * base.num_layers * halo
     return traffic
 
 
@@ -362,11 +369,14 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
                      f"reduce-scatter {traffic['gist_scatter'] / mib:.1f} MiB per device (an all-gather of "
                      f"the full K/V: {traffic['full_kv_gather'] / mib:.1f} MiB; "
                      f"{traffic['gist_gather'] / traffic['full_kv_gather']:.3f}x)")
+        if "halo_permute" in traffic:
+            lines.append(f"  context axis per step: UniGist's window halo {traffic['halo_permute'] / mib:.1f} MiB "
+                         "per device (collective-permute to the next block and back)")
         if "tie_kv_gather" in traffic:
             lines.append(f"  context axis per step: online TIE's reference pass gathers every raw token's K/V, "
                          f"{traffic['tie_kv_gather'] / mib:.1f} MiB per device (precomputed weights need no pass)")
     heads = base.num_heads * max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
-    if sizes["context"] > 1 and planned.memory == "kv" and planned.attention_impl != "dense":
+    if sizes["context"] > 1 and planned.memory == "kv" and planned.attention_impl != "dense" and not planned.windowed:
         planned = planned.replace(attention_impl="decomposed")  # every block's kernel
     largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention_impl)
     lines.append(f"  (largest attention tensor: {largest / scale:.2f} {unit} per device per layer)")

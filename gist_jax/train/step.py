@@ -81,7 +81,7 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
                         denom: jax.Array, step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
         tokens = micro["tokens"]
         mask = loss_positions(tokens, micro["loss_mask"], seg_len, obj.include_first_segment)
-        if context_size() > 1 and comp.enabled and splits(shape, context_size()):
+        if context_size() > 1 and comp.enabled and not comp.windowed and splits(shape, context_size()):
             arrays = balanced_arrays(arrays, shape, context_size())  # every block sees as much memory
         row_order = raw_row_order(arrays, tokens.shape[1], shape)
 
