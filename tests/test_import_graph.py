@@ -42,10 +42,6 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 FRONT_DOORS = ("gist_jax.data.inspect_data", "gist_jax.data.bench_input", "gist_jax.evaluate.__main__",
                "gist_jax.bench.__main__", "gist_jax.study.__main__", "gist_jax.bench.gpu_check")
 FRONT_DOOR_MAINS = ("gist_jax.train.plan", "gist_jax.train.flops", "gist_jax.train.tie_precompute")
-# The one module cycle left, both ends lazy: the cuDNN backend's self-test (cudnn_stats) runs split
-# attention, and split attention asks that backend whether it passed. Listed so it cannot grow;
-# test_no_module_cycle fails once it is gone, so the entry is removed with it.
-KNOWN_CYCLE = ("gist_jax.gist.cudnn_stats", "gist_jax.gist.split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +146,6 @@ def test_no_module_cycle(graph):
     for e in graph:
         by_module.setdefault(e.source.removesuffix(":main"), set()).add(e.target)
     by_module = {k: v - {k} for k, v in by_module.items()}  # `from pkg import sub` inside pkg/__init__
-    a, b = KNOWN_CYCLE
-    assert b in by_module.get(a, ()) and a in by_module.get(b, ()), f"{KNOWN_CYCLE} is no cycle now: drop KNOWN_CYCLE"
-    by_module[a] = by_module[a] - {b}
     assert find_cycle(by_module) is None, f"import cycle: {' -> '.join(find_cycle(by_module) or [])}"
 
 

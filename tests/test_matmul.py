@@ -68,12 +68,10 @@ def test_projection_takes_the_custom_path_on_cpu_and_only_for_projections():
     # A batched contraction is not a projection: plain dot_general.
     batched = lambda a, b: matmul.projection_dot_general(a, b, (((2,), (1,)), ((0,), (0,))))
     assert not has_custom_vjp(batched, x, jnp.ones((2, 8, 4)))
-    old = matmul.ENABLED
-    try:
-        matmul.ENABLED = False  # read at trace time: a fresh function, not a cached trace
+    with matmul.plain_projections():  # read at trace time: a fresh function, not a cached trace
         assert not has_custom_vjp(lambda a, b: matmul.projection_dot_general(a, b, _dims(3, 1)), x, w)
-    finally:
-        matmul.ENABLED = old
+    assert has_custom_vjp(lambda a, b: matmul.projection_dot_general(a, b, _dims(3, 1)), x, w) == (
+        jax.default_backend() == "cpu")  # and back after it
 
 
 @pytest.mark.parametrize("m,expected", [(2304, 16), (7, 1), (24, 12), (2, 1), (4, 2)])

@@ -16,7 +16,7 @@ from test_gist_core import _raw_embedding_grads
 from test_structured_attention import CASES, _assert_equal, _dense_and_structured
 
 from gist_jax.errors import ConfigError
-from gist_jax.gist import cudnn_stats, forward, split
+from gist_jax.gist import cudnn_stats, forward, split, split_kernel
 from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays, parallel_spec
@@ -24,7 +24,7 @@ from gist_jax.gist.structured import NEG, partial_attention
 
 
 @dataclasses.dataclass(frozen=True)
-class OwnLseMemoryBackward(split.XlaBackend):
+class OwnLseMemoryBackward(split_kernel.XlaBackend):
     """A mutated split: the memory part's backward uses that part's *own* log-sum-exp instead
     of the merged one (what a naive per-part backward does). Must fail the gradient tests."""
 
@@ -109,7 +109,7 @@ def test_the_custom_backward_runs(monkeypatch):
     test_structured_attention.test_no_t_by_t_array_in_forward_or_backward)."""
     calls: list[str] = []
 
-    class CountingBackward(split.XlaBackend):  # the custom VJP's backward calls the backend's
+    class CountingBackward(split_kernel.XlaBackend):  # the custom VJP's backward calls the backend's
         def backward(self, *args, **kwargs):
             calls.append("backward")
             return super().backward(*args, **kwargs)
@@ -163,7 +163,7 @@ def _check_core(backend, atol=2e-5):
         return lambda q, k, v, km, vm: jnp.sum(w * fn(q, k, v, args[3], km, vm, args[6]))
 
     diff = (0, 1, 2, 3, 4)
-    core = lambda *a: split.split_attention(backend, *a)
+    core = lambda *a: split_kernel.split_attention(backend, *a)
     primal = [args[i] for i in (0, 1, 2, 4, 5)]
     want = jax.jit(jax.value_and_grad(loss(_core_dense), argnums=diff))(*primal)
     got = jax.jit(jax.value_and_grad(loss(core), argnums=diff))(*primal)
@@ -174,7 +174,7 @@ def _check_core(backend, atol=2e-5):
 
 def test_core_equals_one_softmax_and_the_mutation_is_caught():
     """GQA 4 on 2, padded segments (local lengths 5, 6), per-segment memory lengths."""
-    _check_core(split.XLA)
+    _check_core(split_kernel.XLA)
     with pytest.raises(AssertionError, match="dq|dk|dv"):
         _check_core(OwnLseMemoryBackward())
 
@@ -189,9 +189,9 @@ def test_xla_backend_backward_is_the_gradient_of_its_forward():
     for causal in (True, False):
         @jax.jit
         def both(q, k, v, dout, causal=causal):
-            out, lse = split.XLA.forward(q, k, v, q_len, kv_len, causal)
-            _, vjp = jax.vjp(lambda *a: split.XLA.forward(*a, q_len, kv_len, causal)[0], q, k, v)
-            return out, lse, split.XLA.backward(q, k, v, out, lse, dout, q_len, kv_len, causal), vjp(dout)
+            out, lse = split_kernel.XLA.forward(q, k, v, q_len, kv_len, causal)
+            _, vjp = jax.vjp(lambda *a: split_kernel.XLA.forward(*a, q_len, kv_len, causal)[0], q, k, v)
+            return out, lse, split_kernel.XLA.backward(q, k, v, out, lse, dout, q_len, kv_len, causal), vjp(dout)
 
         out, lse, grads, want = both(q, k, v, dout)
         assert lse.shape == (2, 4, 6) and float(lse[1, :, 4:].max()) <= NEG / 2
@@ -225,7 +225,7 @@ def test_cudnn_module_reports_unavailable_off_gpu():
     assert cudnn_stats.ready() is None and cudnn_stats.ready("gpu") is None
     q = jnp.zeros((1, 4, 2, 64), jnp.bfloat16)
     assert cudnn_stats.takes(q) and not cudnn_stats.usable_for(q)
-    assert split.backend_for(q, None) is split.XLA
+    assert split.backend_for(q, None) is split_kernel.XLA
 
 
 def test_cudnn_backend_traces_with_the_private_primitives():
@@ -239,7 +239,7 @@ def test_cudnn_backend_traces_with_the_private_primitives():
     local_len, memory_len = jnp.full((b, s), ts, jnp.int32), jnp.full((b, s - 1), 5, jnp.int32)
 
     def loss(q, k, v, km, vm):
-        out = split.split_attention(cudnn_stats.CUDNN, q, k, v, local_len, km, vm, memory_len)
+        out = split_kernel.split_attention(cudnn_stats.CUDNN, q, k, v, local_len, km, vm, memory_len)
         return jnp.sum(out.astype(jnp.float32))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, k, k_mem, k_mem)
@@ -253,15 +253,15 @@ def test_self_test_passes_xla_fails_the_mutation_and_runs_inside_a_trace():
     """The self-test's comparison on backends a CPU has: XLA against itself (0 in float32,
     bf16 rounding well inside the tolerance), the mutated backward far outside it; and it
     evaluates eagerly even when first reached while tracing (``ensure_compile_time_eval``)."""
-    assert cudnn_stats.self_test(split.XLA, dtype=jnp.float32) < 1e-5
-    assert cudnn_stats.self_test(split.XLA) < cudnn_stats.SELF_TEST_TOLERANCE / 3
+    assert cudnn_stats.self_test(split_kernel.XLA, dtype=jnp.float32) < 1e-5
+    assert cudnn_stats.self_test(split_kernel.XLA) < cudnn_stats.SELF_TEST_TOLERANCE / 3
     assert cudnn_stats.self_test(OwnLseMemoryBackward(), dtype=jnp.float32) > cudnn_stats.SELF_TEST_TOLERANCE
     seen = []
 
     @jax.jit
     def traced(x):
         with jax.ensure_compile_time_eval():
-            seen.append(cudnn_stats.self_test(split.XLA, dtype=jnp.float32))
+            seen.append(cudnn_stats.self_test(split_kernel.XLA, dtype=jnp.float32))
         return x + 1
 
     traced(jnp.zeros(()))

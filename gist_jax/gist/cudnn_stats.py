@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gist_jax.gist import split_kernel
 from gist_jax.gist.structured import NEG
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -73,7 +74,7 @@ def _rows_valid(t: int, q_len_B: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class CudnnBackend:
-    """``split.AttentionBackend`` on cuDNN's fused flash attention (BTNH, bf16/fp16, GQA
+    """``split_kernel.AttentionBackend`` on cuDNN's fused flash attention (BTNH, bf16/fp16, GQA
     native). Padded query rows (past ``q_len``) are set to output 0 and lse ``NEG``, as in the
     XLA backend, whatever the kernel leaves there."""
 
@@ -163,10 +164,8 @@ def _check() -> tuple[bool, str | None]:
 @functools.partial(jax.jit, static_argnums=0)
 def _values_and_grads(backend, q, k, v, k_mem, v_mem, dout, local_len, memory_len):
     """split attention's output and its vjp of ``dout`` for (q, k, v, k_mem, v_mem)."""
-    from gist_jax.gist import split
-
     def core(q_, k_, v_, km, vm):
-        return split.split_attention(backend, q_, k_, v_, local_len, km, vm, memory_len)
+        return split_kernel.split_attention(backend, q_, k_, v_, local_len, km, vm, memory_len)
 
     out, vjp = jax.vjp(core, q, k, v, k_mem, v_mem)
     return [out] + list(vjp(dout))
@@ -177,9 +176,7 @@ def self_test(candidate: Any, reference: Any = None, dtype: Any = jnp.bfloat16) 
     parts) against ``reference`` (default: the XLA backend in float32 on the same rounded
     inputs), on 2 sequences x 3 segments of 16 tokens (padding: 13 and 16 live), a 12-entry
     memory, GQA 4 heads on 2, head size 64."""
-    from gist_jax.gist import split
-
-    reference = reference or split.XLA
+    reference = reference or split_kernel.XLA
     b, s, ts, n, kh, h, c = 2, 3, 16, 4, 2, 64, 12
     keys = jax.random.split(jax.random.key(0), 6)
     q = jax.random.normal(keys[0], (b, s, ts, n, h)).astype(dtype)

@@ -30,8 +30,11 @@ activations, which is the traffic context parallelism exists to avoid.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -42,8 +45,18 @@ from gist_jax.model.sharding import context_size
 
 # Largest token-chunk count tried for the weight gradient's (chunks, rows) split.
 _MAX_CHUNKS = 16
-# Set False (tests, A/B benchmarks) to trace plain ``lax.dot_general`` everywhere.
-ENABLED = True
+_PLAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("plain_projections", default=False)
+
+
+@contextlib.contextmanager
+def plain_projections() -> Iterator[None]:
+    """While tracing under this context, every projection traces plain ``lax.dot_general``
+    (tests, A/B benchmarks): the rewrite is read at trace time, so trace a fresh function."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
 
 
 def _accumulate_dtype(dtype: Any) -> Any:
@@ -103,7 +116,7 @@ def _is_projection(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any) -> bo
 def projection_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any,
                            precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
     """``lax.dot_general`` with the signature ``nn.DenseGeneral(dot_general=...)`` expects."""
-    if (not ENABLED or jax.default_backend() != "cpu" or context_size() > 1 or precision is not None
+    if (_PLAIN.get() or jax.default_backend() != "cpu" or context_size() > 1 or precision is not None
             or preferred_element_type is not None or lhs.dtype != rhs.dtype
             or not jnp.issubdtype(lhs.dtype, jnp.floating)
             or not _is_projection(lhs, rhs, dimension_numbers)):
