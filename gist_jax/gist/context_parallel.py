@@ -65,7 +65,8 @@ from gist_jax.model.sharding import (
 def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) -> None:
     """``mesh.context`` > 1 splits each sequence into blocks of whole segments and moves only gist
     K/V between them (``gist/context_parallel.py``): that needs gists, a parallel (KV) forward,
-    and a segment count the blocks divide."""
+    a segment count the blocks divide and, for UniGist, a window that reaches no further back
+    than the previous block (its halo, ``context_window.py``)."""
     if context == 1:
         return
     if comp.memory == "recurrent":
