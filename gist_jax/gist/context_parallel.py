@@ -53,11 +53,9 @@ from gist_jax.gist.window import context_window_plan
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 from gist_jax.model.sharding import (
-    BATCH_LENGTH_HEADS,
-    BATCH_LENGTH_KV_HEADS,
     CONTEXT_AXIS,
     active_mesh,
-    active_mesh_spec,
+    context_head_specs,
     context_size,
 )
 
@@ -158,11 +156,7 @@ class ContextParallelKV:
         d = self.inner
         if d.num_segments % context:
             raise ValueError(f"{d.num_segments} segments do not split over context={context}")
-        _, q_spec = active_mesh_spec(BATCH_LENGTH_HEADS, q_BxTxNxH.shape)  # type: ignore[misc]
-        _, kv_spec = active_mesh_spec(BATCH_LENGTH_KV_HEADS, k_BxTxKxH.shape)  # type: ignore[misc]
-        if kv_spec[2] is None or q_spec[2] is None:  # GQA groups must stay whole on a device
-            q_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
-            kv_spec = PartitionSpec(kv_spec[0], kv_spec[1], None, None)
+        q_spec, kv_spec = context_head_specs(q_BxTxNxH.shape, k_BxTxKxH.shape)
         assert q_spec[1] == CONTEXT_AXIS and kv_spec[1] == CONTEXT_AXIS, (q_spec, kv_spec)
         token_spec = PartitionSpec(q_spec[0], CONTEXT_AXIS)
         assert spec.valid is not None, "structured_spec sets valid (the live tokens)"

@@ -32,11 +32,9 @@ from gist_jax.gist.window import ContextWindowPlan, WindowedKV, block_out, conte
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 from gist_jax.model.sharding import (
-    BATCH_LENGTH_HEADS,
-    BATCH_LENGTH_KV_HEADS,
     CONTEXT_AXIS,
     active_mesh,
-    active_mesh_spec,
+    context_head_specs,
     context_size,
 )
 
@@ -55,11 +53,7 @@ class ContextParallelWindowedKV:
         w, mem = self.inner, self.inner.memory
         shape = LayoutShape(mem.num_segments, mem.segment_tokens - mem.slots, mem.slots, mem.num_sinks, True)
         plan = context_window_plan(shape, w.window, context)
-        _, q_spec = active_mesh_spec(BATCH_LENGTH_HEADS, q_BxTxNxH.shape)  # type: ignore[misc]
-        _, kv_spec = active_mesh_spec(BATCH_LENGTH_KV_HEADS, k_BxTxKxH.shape)  # type: ignore[misc]
-        if kv_spec[2] is None or q_spec[2] is None:  # GQA groups must stay whole on a device
-            q_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
-            kv_spec = PartitionSpec(kv_spec[0], kv_spec[1], None, None)
+        q_spec, kv_spec = context_head_specs(q_BxTxNxH.shape, k_BxTxKxH.shape)
         assert q_spec[1] == CONTEXT_AXIS and kv_spec[1] == CONTEXT_AXIS, (q_spec, kv_spec)
         assert spec.valid is not None and spec.is_gist is not None, "structured_spec sets valid and is_gist"
         token_spec = PartitionSpec(q_spec[0], CONTEXT_AXIS)

@@ -21,10 +21,10 @@ from jax.sharding import PartitionSpec
 from gist_jax.model import causal
 from gist_jax.model.sharding import (
     BATCH_LENGTH_HEADS,
-    BATCH_LENGTH_KV_HEADS,
     CONTEXT_AXIS,
     active_mesh,
     active_mesh_spec,
+    context_head_specs,
 )
 
 # Names this module's collectives in the compiled HLO's op metadata (``bench.collectives``).
@@ -44,11 +44,7 @@ def context_causal_attention(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxK
     over ``context`` (``split_over_context`` holds). Returns [B, T, N, H] in the value dtype."""
     mesh = active_mesh()
     assert mesh is not None and split_over_context(q_BxTxNxH), "the length axis is not on context"
-    _, q_spec = active_mesh_spec(BATCH_LENGTH_HEADS, q_BxTxNxH.shape)  # type: ignore[misc]
-    _, kv_spec = active_mesh_spec(BATCH_LENGTH_KV_HEADS, k_BxTxKxH.shape)  # type: ignore[misc]
-    if kv_spec[2] is None or q_spec[2] is None:  # GQA groups must stay whole on a device
-        q_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
-        kv_spec = PartitionSpec(kv_spec[0], kv_spec[1], None, None)
+    q_spec, kv_spec = context_head_specs(q_BxTxNxH.shape, k_BxTxKxH.shape)
     if valid_BxT is None:
         valid_BxT = jnp.ones(q_BxTxNxH.shape[:2], bool)
     size = block or causal.DEFAULT_BLOCK  # read at trace time (tests shrink it)

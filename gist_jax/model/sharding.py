@@ -132,6 +132,19 @@ def active_mesh_spec(logical_axes: Sequence[str | None],
     return mesh, fit_spec(spec, shape, mesh.shape)
 
 
+def context_head_specs(q_shape: Sequence[int], kv_shape: Sequence[int]) -> tuple[PartitionSpec, PartitionSpec]:
+    """(query spec, key/value spec) of ``[B, T, heads, H]`` activations split over ``context``
+    for a ``shard_map`` body: heads stay on ``tensor`` only when both the query and the KV heads
+    divide (GQA groups stay whole on a device). Inside ``activation_mesh``."""
+    found_q, found_kv = active_mesh_spec(BATCH_LENGTH_HEADS, q_shape), active_mesh_spec(BATCH_LENGTH_KV_HEADS, kv_shape)
+    assert found_q is not None and found_kv is not None, "context_head_specs runs inside an activation_mesh"
+    q_spec, kv_spec = found_q[1], found_kv[1]
+    if kv_spec[2] is None or q_spec[2] is None:
+        q_spec = PartitionSpec(q_spec[0], q_spec[1], None, None)
+        kv_spec = PartitionSpec(kv_spec[0], kv_spec[1], None, None)
+    return q_spec, kv_spec
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside ``activation_mesh``."""
     mesh = _ACTIVATION_MESH.get()
