@@ -49,7 +49,7 @@ test-quick: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 # ruff (rules in pyproject.toml; lint only, no reformatting) and mypy on the core packages.
-LINT_MYPY := gist_jax/model gist_jax/gist gist_jax/train
+LINT_MYPY := gist_jax/model gist_jax/families gist_jax/gist gist_jax/train
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy $(LINT_MYPY)

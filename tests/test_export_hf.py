@@ -1,10 +1,10 @@
 """Export to Hugging Face: transformers loads it, modeling_gist.py matches gist_jax, round trips.
 
-Tiny random float32 models (2 layers, width 64, segments of 16 tokens) in both families:
+Tiny random float32 models (2 layers, width 64, segments of 16 tokens) in every family:
 Llama with tied embeddings and one shared gist embedding, Qwen2 (q/k/v biases) with per-slot
-gist embeddings and Beacon gist projections. Params are perturbed away from their init (gist
-rows differ from EOS, gist projections from the base ones) so that a dropped or misplaced gist
-tensor changes the logits.
+gist embeddings and Beacon gist projections, Mistral with Beacon projections without biases.
+Params are perturbed away from their init (gist rows differ from EOS, gist projections from the
+base ones) so that a dropped or misplaced gist tensor changes the logits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import torch
 import transformers
 
+from gist_jax import families
 from gist_jax.data.tokenizer import hf_tokenizer_copy
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.forward import compressed_logits
@@ -39,6 +40,9 @@ FAMILIES = {
                             ratio_sampling="per_instance")),
     "qwen2": dict(model=dict(family="qwen2", qkv_bias=True, tie_embeddings=False),
                   comp=dict(gist_embedding="per_slot", gist_projections=True, ratios=(4,), ratio_sampling="fixed")),
+    # Beacon projections without biases (the base has none): modeling_gist reads that off the base model.
+    "mistral": dict(model=dict(family="mistral", tie_embeddings=False),
+                    comp=dict(gist_embedding="shared", gist_projections=True, ratios=(4,), ratio_sampling="fixed")),
 }
 VARIANTS = {"fine_kv": dict(memory="kv", granularity="fine"), "coarse_kv": dict(memory="kv", granularity="coarse"),
             "coarse_rec": dict(memory="recurrent", granularity="coarse")}
@@ -53,7 +57,7 @@ def tiny_model(family: str, vocab_size: int = 128) -> tuple[ModelConfig, Compres
     cfg = model_config_for(base, comp)
     params = init_params(cfg, jax.random.key(0))
     leaves, treedef = jax.tree.flatten_with_path(params)
-    rng = np.random.default_rng(1 if family == "llama" else 2)
+    rng = np.random.default_rng(list(FAMILIES).index(family) + 1)
     new = []
     for path, x in leaves:
         noise = rng.normal(size=x.shape).astype(np.float32)
@@ -120,13 +124,15 @@ def test_export_files_and_plain_transformers_parity(exported):
         if family == "qwen2":
             assert "model.safetensors.index.json" in names and len(list(directory.glob("model-*"))) > 1
         else:
-            assert "model.safetensors" in names and "tokenizer.json" in names
+            assert "model.safetensors" in names
+        if family == "llama":
+            assert "tokenizer.json" in names
             tok = transformers.AutoTokenizer.from_pretrained(str(directory))
             assert tok.convert_tokens_to_ids("<gist>") == hf_config["gist"]["gist_token_id"] == 259
             assert tok("hi")["input_ids"][-2:] == [104, 105]
         plain = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32,
                                                                   attn_implementation="eager").eval()
-        assert type(plain).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+        assert type(plain).__name__ == families.family_for(family).hf_class
         tokens = _tokens(40)
         with torch.no_grad():
             theirs = plain(input_ids=torch.from_numpy(tokens.astype(np.int64))).logits.numpy()

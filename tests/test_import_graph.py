@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # gist_jax/__init__.py (the experiments mapping), ConfigError, leaf helpers (logging, progress bars)
     ("errors, utils", ("gist_jax.errors", "gist_jax", "gist_jax.utils")),
     ("model", ("gist_jax.model",)),
+    ("families", ("gist_jax.families",)),  # each family's HF vocabulary around the family-agnostic model
     ("gist", ("gist_jax.gist",)),
     ("hf", ("gist_jax.hf",)),  # name tables, GGUF/safetensors readers, the HF directory writer
     ("data", ("gist_jax.data",)),

@@ -100,7 +100,6 @@ def test_padding_does_not_change_valid_positions():
 
 @pytest.mark.parametrize("changes,key", [
     (dict(num_heads=6, num_kv_heads=4), "num_kv_heads"),
-    (dict(family="gpt2"), "model.family"),
     (dict(remat_policy="everything"), "model.remat_policy"),
     (dict(head_dim=15), "head_dim"),
     (dict(dtype="float33"), "model.dtype"),

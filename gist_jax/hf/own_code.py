@@ -14,8 +14,9 @@ import json
 import pathlib
 from typing import Any
 
+from gist_jax import families
 from gist_jax.errors import ConfigError
-from gist_jax.hf.export import CLASS_NAMES, MODELING_FILE
+from gist_jax.hf.export import MODELING_FILE
 
 
 def check_modeling_file(hf_dir: str | pathlib.Path) -> None:
@@ -38,9 +39,10 @@ def gist_model_class(hf_dir: str | pathlib.Path) -> Any:
         raise ConfigError(f"{config} is missing or not a config object ({type(e).__name__}); give an export "
                           "directory (python -m gist_jax.export_hf)") from None
     name = str(auto_map.get("AutoModelForCausalLM", "")).rpartition(".")[2]
-    if name not in CLASS_NAMES.values():
+    classes = sorted(family.export_class for family in families.FAMILIES.values())
+    if name not in classes:
         raise ConfigError(f"{config} names no gist model class (auto_map {auto_map!r}); it is not a compressed "
-                          f"gist_jax export (expected one of {sorted(CLASS_NAMES.values())})")
+                          f"gist_jax export (expected one of {classes})")
     return getattr(modeling_gist, name)
 
 

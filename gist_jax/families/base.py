@@ -1,4 +1,10 @@
-"""One entry per model family: HF config <-> ModelConfig, and the HF tensor-name table.
+"""What every model family is made of, and the parts Llama-shaped families share.
+
+A family (``gist_jax.families.llama``, ``qwen2``, ``mistral``...) is one module that builds one
+``Family``: how its transformers ``config.json`` maps to and from ``ModelConfig``, its tensor-name
+table, the transformers class it loads as, and the llama.cpp architecture its GGUF files carry.
+The model itself is family-agnostic (``ModelConfig``'s switches: q/k/v biases, tying, RoPE
+scaling); a family is the Hugging Face vocabulary around it.
 
 Every transpose and reshape between transformers' layout and ours is a named transform in
 ``TRANSFORMS`` with its inverse next to it, so import and export cannot drift apart.
@@ -47,7 +53,42 @@ class TensorRule:
     heads: str | None = None  # "q" or "kv": which head count the transform needs
 
 
-def _llama_like_rules(cfg: ModelConfig) -> list[TensorRule]:
+HfConfig = dict[str, Any]
+
+
+def _no_check(cfg: ModelConfig) -> None:
+    del cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family. ``name`` is both ``ModelConfig.family`` and transformers' ``model_type``.
+
+    ``fields_from_hf`` returns what only this family decides (``qkv_bias``...) and refuses, in
+    one ``ConfigError`` line, the HF settings gist_jax does not compute; ``hf_extras`` writes the
+    family's own keys back. ``check_export`` refuses a ``ModelConfig`` transformers could not load
+    as this family.
+    """
+
+    name: str
+    hf_class: str  # transformers' causal-LM class, e.g. "LlamaForCausalLM"
+    rules: Callable[[ModelConfig], list[TensorRule]]
+    fields_from_hf: Callable[[HfConfig], dict[str, Any]]
+    hf_extras: Callable[[ModelConfig], HfConfig]
+    check_export: Callable[[ModelConfig], None] = _no_check
+    gguf_architecture: str | None = None  # llama.cpp's general.architecture, if it writes one
+    gguf_permuted_qk: bool = False  # llama.cpp permutes q/k rows for rotary (undone on read)
+    # HF tensors that carry no parameters (recomputed buffers).
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    @property
+    def export_class(self) -> str:
+        """The compressed-inference class an export names (``hf/modeling_gist.py`` builds it)."""
+        return "Gist" + self.hf_class
+
+
+def llama_like_rules(cfg: ModelConfig) -> list[TensorRule]:
+    """The tensor table of a Llama-shaped decoder (Llama, Qwen2, Mistral...)."""
     layer = "model.layers.{i}."
     rules = [
         TensorRule("model.embed_tokens.weight", ("embed", "embedding")),
@@ -78,9 +119,16 @@ def _llama_like_rules(cfg: ModelConfig) -> list[TensorRule]:
     return rules
 
 
-def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
+def require(hf: HfConfig, key: str, expected: Any, why: str) -> None:
+    """Refuse an HF setting gist_jax does not compute, naming the key and the value it needs."""
+    if hf.get(key, expected) != expected:
+        raise ConfigError(f"HF config {key}={hf[key]!r} is not supported ({why}); "
+                          f"gist_jax needs {key}={expected!r}")
+
+
+def _rope_from_hf(hf: HfConfig) -> tuple[float, RopeScaling]:
     # transformers 5 writes rope_parameters; 4.x wrote rope_theta + rope_scaling.
-    merged = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    merged: dict[str, Any] = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
@@ -88,50 +136,39 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling]:
     return theta, RopeScaling(rope_type=rope_type, **kwargs)
 
 
-def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    params: dict[str, Any] = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
+def _rope_to_hf(cfg: ModelConfig) -> HfConfig:
+    params: HfConfig = {"rope_type": cfg.rope_scaling.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling.rope_type != "default":
         params.update(dataclasses.asdict(cfg.rope_scaling))
     return params
 
 
-def _require(hf: dict[str, Any], key: str, expected: Any, why: str) -> None:
-    if hf.get(key, expected) != expected:
-        raise ConfigError(f"HF config {key}={hf[key]!r} is not supported ({why}); "
-                          f"gist_jax needs {key}={expected!r}")
-
-
-def _config_from_hf(family: str, hf: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
-    _require(hf, "hidden_act", "silu", "SwiGLU with SiLU only")
-    _require(hf, "mlp_bias", False, "MLP biases")
-    if family == "llama":
-        # Llama's attention_bias also adds an o_proj bias, which no supported checkpoint uses.
-        _require(hf, "attention_bias", False, "Llama attention biases")
-    if family == "qwen2":
-        _require(hf, "use_sliding_window", False, "sliding-window attention")
+def config_from_hf(family: Family, hf: HfConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """The fields every Llama-shaped config shares, then the family's own (and its refusals)."""
+    require(hf, "hidden_act", "silu", "SwiGLU with SiLU only")
+    require(hf, "mlp_bias", False, "MLP biases")
     theta, scaling = _rope_from_hf(hf)
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id")
     fields = dict(
-        family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        family=family.name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=(family == "qwen2"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
     )
+    fields.update(family.fields_from_hf(hf))
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
-def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.family]
+def config_to_hf(family: Family, cfg: ModelConfig) -> HfConfig:
     hf = dict(
-        architectures=[arch], model_type=cfg.family, vocab_size=cfg.vocab_size,
+        architectures=[family.hf_class], model_type=family.name, vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
@@ -140,56 +177,5 @@ def _config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id,
     )
-    if cfg.family == "llama":
-        hf.update(attention_bias=False, mlp_bias=False)
-    else:
-        hf.update(use_sliding_window=False)
+    hf.update(family.hf_extras(cfg))
     return hf
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    name: str
-    rules: Callable[[ModelConfig], list[TensorRule]]
-    # HF tensors that carry no parameters (recomputed buffers).
-    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", _llama_like_rules),
-    "qwen2": Family("qwen2", _llama_like_rules),
-}
-
-
-def family_for(model_type: str) -> Family:
-    if model_type not in FAMILIES:
-        raise ConfigError(f"HF model_type={model_type!r} is not supported; supported model types: "
-                          f"{sorted(FAMILIES)}")
-    return FAMILIES[model_type]
-
-
-def config_from_hf(hf_config: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """HF ``config.json`` dict -> ModelConfig (overrides: dtype, scan_layers, ...)."""
-    family = family_for(hf_config.get("model_type", "<missing>")).name
-    return _config_from_hf(family, hf_config, overrides)
-
-
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    return _config_to_hf(cfg)
-
-
-def expand_rules(cfg: ModelConfig) -> list[TensorRule]:
-    """Rules with ``{i}`` expanded for every layer."""
-    out: list[TensorRule] = []
-    for rule in FAMILIES[cfg.family].rules(cfg):
-        if "{i}" in rule.hf_name:
-            out.extend(TensorRule(rule.hf_name.format(i=i),
-                                  tuple(p.format(i=i) for p in rule.path), rule.transform, rule.heads)
-                       for i in range(cfg.num_layers))
-        else:
-            out.append(rule)
-    return out
-
-
-def head_count(cfg: ModelConfig, rule: TensorRule) -> int:
-    return {"q": cfg.num_heads, "kv": cfg.num_kv_heads, None: 0}[rule.heads]
