@@ -126,10 +126,11 @@ def require(hf: HfConfig, key: str, expected: Any, why: str) -> None:
                           f"gist_jax needs {key}={expected!r}")
 
 
-def _rope_from_hf(hf: HfConfig) -> tuple[float, RopeScaling]:
+def _rope_from_hf(hf: HfConfig) -> tuple[Any, RopeScaling]:
     # transformers 5 writes rope_parameters; 4.x wrote rope_theta + rope_scaling.
     merged: dict[str, Any] = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta: Any = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = float(theta)
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
     kwargs = {k: merged[k] for k in fields if merged.get(k) is not None}
