@@ -126,7 +126,7 @@ def require(hf: HfConfig, key: str, expected: Any, why: str) -> None:
                           f"gist_jax needs {key}={expected!r}")
 
 
-def _rope_from_hf(hf: HfConfig) -> tuple[Any, RopeScaling]:
+def _rope_from_hf(hf: HfConfig) -> tuple[float, RopeScaling]:
     # transformers 5 writes rope_parameters; 4.x wrote rope_theta + rope_scaling.
     merged: dict[str, Any] = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     theta: Any = merged.get("rope_theta", hf.get("rope_theta", 10000.0))
