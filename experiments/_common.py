@@ -132,6 +132,19 @@ def describe(table: Mapping[str, Variant]) -> str:
     return "\n".join(f"  {name:<11} [{v.group}] {v.help}" for name, v in sorted(table.items()))
 
 
+# -- the long-run tail ----------------------------------------------------------------------------------
+def recipe_cadence(c: ConfigDict, *, every: int, eval_batches: int, milestone_every: int) -> None:
+    """The cadence every long recipe shares: a log line every 10 steps; an eval on
+    ``eval_batches`` batches and a checkpoint every ``every`` steps, the newest 3 checkpoints
+    kept, and a milestone kept for good every ``milestone_every`` steps."""
+    c.train.log_every = 10
+    c.train.eval_every = every
+    c.train.eval_batches = eval_batches
+    c.checkpoint.every = every
+    c.checkpoint.keep = 3
+    c.checkpoint.milestone_every = milestone_every
+
+
 # -- the small local variant ---------------------------------------------------------------------------
 def make_tiny(c: ConfigDict, *, seq_len: int = 64, segment_length: int = 16, ratios: tuple[int, ...] = (4, 8),
               batch_size: int = 8, total_steps: int = 6, max_documents: int = 20) -> None:

@@ -65,12 +65,7 @@ def paper_recipe(c: _common.ConfigDict, *, hf_dir: str, tensor: int, microbatche
     c.data.packing = "concat"  # documents joined with EOS, as the paper does
     c.data.upsampling = LONG_DOC_UPSAMPLING
     c.data.add_bos = False  # EOS after every document is the only separator
-    c.train.log_every = 10
-    c.train.eval_every = 100
-    c.train.eval_batches = 32
-    c.checkpoint.every = 100
-    c.checkpoint.keep = 3
-    c.checkpoint.milestone_every = 400
+    _common.recipe_cadence(c, every=100, eval_batches=32, milestone_every=400)
 
 
 def tiny(c: _common.ConfigDict) -> None:

@@ -63,12 +63,7 @@ def base() -> _common.ConfigDict:
     c.data.tokenizer = "gguf:smollm2"
     c.data.packing = "none"
     c.data.upsampling = DOC_LENGTH_FILTER
-    c.train.log_every = 10
-    c.train.eval_every = 500
-    c.train.eval_batches = 16
-    c.checkpoint.every = 500
-    c.checkpoint.keep = 3
-    c.checkpoint.milestone_every = 2000
+    _common.recipe_cadence(c, every=500, eval_batches=16, milestone_every=2000)
     return c
 
 

@@ -65,12 +65,7 @@ def base() -> _common.ConfigDict:
     c.data.tokenizer = "gguf:smollm2"
     c.data.packing = "concat"
     c.data.upsampling = (("*", 4096, 2.0),)
-    c.train.log_every = 10
-    c.train.eval_every = 200
-    c.train.eval_batches = 16
-    c.checkpoint.every = 200
-    c.checkpoint.keep = 3
-    c.checkpoint.milestone_every = 1000
+    _common.recipe_cadence(c, every=200, eval_batches=16, milestone_every=1000)
     return c
 
 

@@ -14,7 +14,7 @@ import pytest
 from gist_jax import cli_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TOOLS = ("gist_jax.main", "gist_jax.train.plan", "gist_jax.bench", "gist_jax.train.flops", "gist_jax.data.inspect_data",
+TOOLS = ("gist_jax.main", "gist_jax.train.plan", "gist_jax.bench", "gist_jax.train.flops", "gist_jax.inspect_data",
          "gist_jax.evaluate", "gist_jax.export_hf", "gist_jax.compare_hf", "gist_jax.convert")
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
 

@@ -1,4 +1,4 @@
-"""``python -m gist_jax.data.inspect_data``: its numbers are the token stores' numbers, its histogram
+"""``python -m gist_jax.inspect_data``: its numbers are the token stores' numbers, its histogram
 counts every document, and its sample rows carry exactly the gists the training loop inserts.
 
 Runs in-process on ``experiments/demo.py:tiny`` (bytes tokenizer, 20 documents per split) with the
@@ -14,11 +14,11 @@ import re
 import numpy as np
 import pytest
 
-from gist_jax.data import inspect_data
+from gist_jax import inspect_data
 from gist_jax.data.loader import Sequencer, SpecialIds
 from gist_jax.data.store import ensure_store
 from gist_jax.train.experiment import run_config
-from gist_jax.train.loop import step_ratios
+from gist_jax.train.step_layouts import step_ratios
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "demo.py"

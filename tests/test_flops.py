@@ -20,7 +20,7 @@ from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.transformer import init_params
 from gist_jax.train import flops
 from gist_jax.train.config import ObjectiveConfig, StepConfig
-from gist_jax.train.state import _needs_reference, uses_ae
+from gist_jax.train.objectives import objectives
 
 # Unrolled: flax nn.scan keeps a second traced copy of the body, which would record twice.
 ONE_LAYER = preset("tiny", eos_token_id=3, num_layers=1, scan_layers=False)
@@ -186,15 +186,21 @@ def test_train_flops_are_three_forwards_plus_tie_and_ae():
     assert none["tie"] == none["ae"] == 0
 
 
-@pytest.mark.parametrize("tie,source,ae,lam,memory", [
-    (True, "online", True, 1.0, "kv"), (True, "precomputed", True, 0.0, "kv"),
-    (False, "online", True, 0.5, "recurrent"), (True, "online", True, 1.0, "none")])
-def test_step_objectives_mirror_the_train_state(tie, source, ae, lam, memory):
+@pytest.mark.parametrize("tie,source,ae,lam,memory,want", [
+    (True, "online", True, 1.0, "kv", (True, True, True, False)),
+    (True, "precomputed", True, 0.0, "kv", (True, False, False, True)),
+    (False, "online", True, 0.5, "recurrent", (False, False, True, False)),
+    (True, "online", True, 1.0, "none", (False, False, False, False))])
+def test_objectives_decide_every_term_once(tie, source, ae, lam, memory, want):
+    """The one decision the state, the step, FLOPs, the memory plan and the loader read: TIE and
+    AE need compression on, a zero AE lambda builds no decoder, precomputed TIE adds a batch
+    field and online TIE a frozen reference."""
     comp = CompressionConfig(memory=memory, granularity="coarse", ratios=(4,),
                              ratio_sampling="fixed")
-    step_cfg = StepConfig(objective=ObjectiveConfig(tie=tie, tie_source=source, ae=ae, ae_lambda=lam))
-    assert flops.step_objectives(step_cfg, comp) == (_needs_reference(step_cfg, comp),
-                                                     uses_ae(step_cfg, comp))
+    terms = objectives(StepConfig(objective=ObjectiveConfig(tie=tie, tie_source=source, ae=ae, ae_lambda=lam)), comp)
+    assert (terms.tie, terms.tie_online, terms.ae, terms.tie_precomputed) == want
+    assert terms.needs_reference_params == terms.tie_online
+    assert ("tie_weights" in terms.batch_fields) == terms.tie_precomputed
 
 
 def test_six_n_is_six_times_params_times_tokens():
@@ -392,7 +398,7 @@ def test_bank_pairs_are_the_non_empty_tiles_of_the_dense_mask():
     permuted[np.ix_(real, real)] = allowed_TxT[np.ix_(perm[real], perm[real])]
     permuted[~real, ~real] = True  # padding rows see themselves
     tiles = permuted.reshape(tp // 8, 8, tp // 8, 8).any(axis=(1, 3))
-    assert flops.bank_block_pairs(bank) == int(tiles.sum()) * 64
+    assert bank.block_pairs() == int(tiles.sum()) * 64
     pairs = flops.attention_pairs(ONE_LAYER, comp, 48, backend="cpu")
     assert pairs["impl"] == "bank" and pairs["exact"] == int(allowed_TxT.sum())
 
@@ -443,9 +449,9 @@ def test_windowed_pairs_equal_a_brute_force_count_of_the_windowed_mask(L, r, win
     """Exact pairs: ``specs.windowed_mask`` counted entry by entry over the live queries; the memory
     share: the keys laid out before the band start of the query's block (window.py's memory part),
     counted the same way."""
+    from gist_jax.gist import window_pairs
     from gist_jax.gist.specs import windowed_mask
     from gist_jax.gist.window import window_plan
-    from gist_jax.train import window_pairs
 
     comp = _windowed(L, r, window, sinks, num_raw)
     layout = build_layout(num_raw, comp)

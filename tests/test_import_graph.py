@@ -38,9 +38,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluate, inference", ("gist_jax.evaluate", "gist_jax.inference")),
     ("study, bench", ("gist_jax.study", "gist_jax.bench")),
     ("entry points", ("gist_jax.main", "gist_jax.demo", "gist_jax.demo_parity", "gist_jax.compare_hf",
-                      "gist_jax.convert", "gist_jax.export_hf")),
+                      "gist_jax.convert", "gist_jax.export_hf", "gist_jax.inspect_data")),
 )
-FRONT_DOORS = ("gist_jax.data.inspect_data", "gist_jax.data.bench_input", "gist_jax.evaluate.__main__",
+FRONT_DOORS = ("gist_jax.data.bench_input", "gist_jax.evaluate.__main__",
                "gist_jax.bench.__main__", "gist_jax.study.__main__", "gist_jax.bench.gpu_check")
 FRONT_DOOR_MAINS = ("gist_jax.train.plan", "gist_jax.train.flops", "gist_jax.train.tie_precompute")
 

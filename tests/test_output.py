@@ -101,7 +101,7 @@ def test_setup_logging_shows_our_info_with_timestamps_and_hides_third_party_info
 
 def test_a_tool_that_imports_tensorflow_prints_none_of_its_start_up_lines(tmp_path):
     """inspect_data on the tiny config builds fresh token stores through the seqio layer."""
-    r = subprocess.run([sys.executable, "-m", "gist_jax.data.inspect_data", "--config", "experiments/demo.py:tiny",
+    r = subprocess.run([sys.executable, "-m", "gist_jax.inspect_data", "--config", "experiments/demo.py:tiny",
                         "--config.data.max_documents=2"], cwd=REPO, env=_env(GIST_JAX_CACHE=str(tmp_path)),
                        capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 0, r.stderr[-3000:]

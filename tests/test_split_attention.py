@@ -19,8 +19,9 @@ from gist_jax.errors import ConfigError
 from gist_jax.gist import cudnn_stats, forward, split, split_kernel
 from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
 from gist_jax.gist.layout import build_layout
+from gist_jax.gist.partials import partial_attention
 from gist_jax.gist.specs import layout_arrays, parallel_spec
-from gist_jax.gist.structured import NEG, partial_attention
+from gist_jax.model.kernels import NEG
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
 from gist_jax.gist.layout import build_layout
+from gist_jax.gist.partials import merge_partials, partial_attention
 from gist_jax.gist.specs import layout_arrays, parallel_spec
-from gist_jax.gist.structured import merge_partials, partial_attention
 from gist_jax.model.causal import dot_product_attention
 
 

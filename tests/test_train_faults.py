@@ -10,46 +10,58 @@ import subprocess
 import numpy as np
 import pytest
 
-from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import cached_layout, sample_ratios
+from gist_jax.gist.layout import cached_layout
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.train.checkpoint import Checkpointer, DiskFull
 from gist_jax.train.config import MeshConfig
-from gist_jax.train.loop import StepFunctions
 from gist_jax.train.mesh import make_mesh
 
 
-def test_device_layout_arrays_follow_the_layout_value_over_thousands_of_layouts():
-    """Per-segment ratios: 4^8 layouts, far more than ``cached_layout`` keeps. Every lookup must
-    return the arrays of the layout asked for (an id-keyed cache returned stale masks once ids
-    were reused after eviction), and the device cache stays bounded."""
-    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=16, ratios=(1, 2, 4, 8),
-                             ratio_sampling="per_segment")
-    steps = StepFunctions(make=None, mesh=make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[_cpu0()]),
-                          on_compile=None)
-    rng = np.random.default_rng(0)
+def _per_segment_run():
+    from gist_jax.train.experiment import default_config, run_config
+
+    cd = default_config()
+    cd.model.init = "preset:tiny"
+    cd.compression.update(memory="kv", granularity="fine", segment_length=16, ratios=(1, 2, 4, 8),
+                          ratio_sampling="per_segment", num_sinks=2)
+    cd.step.update(seq_len=8 * 16, batch_size=2)
+    cd.mesh.update(data=1, fsdp=1, tensor=1)
+    return run_config(cd)
+
+
+def test_step_layouts_are_built_once_per_layout_and_follow_the_ratios():
+    """Per-segment ratios: 4^8 layouts, far more than the cache keeps. Every lookup returns the
+    device arrays and FLOPs of that step's own layout (an id-keyed cache once returned another
+    layout's masks after eviction), an entry is built once per distinct layout while it is kept,
+    and the cache stays bounded. The arrays are placed on the mesh, replicated."""
+    import jax
+
+    from gist_jax.model.config import preset
+    from gist_jax.train.flops import train_flops_per_step
+    from gist_jax.train.step_layouts import StepLayouts, step_layout_key
+
+    run = _per_segment_run()
+    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=[_cpu0()])
+    layouts = StepLayouts(run, preset("tiny"), mesh)
     seen = set()
-    for _ in range(1200):
-        ratios, slots = sample_ratios(comp, 8, rng)
-        layout = cached_layout(8 * 16, comp, ratios, slots)
-        seen.add(ratios)
-        got = steps.arrays(layout)
-        want = layout_arrays(layout)
-        for key in ("position", "memory_position", "memory_slot", "alive", "raw_position"):
-            np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=f"{key} {ratios}")
+    for step in range(1200):
+        entry = layouts.for_step(step)
+        key = step_layout_key(run, step)
+        seen.add(key[0])
+        assert entry.layout.ratios == key[0]
+        want = layout_arrays(cached_layout(run.step.seq_len, run.compression, *key))
+        for name in ("position", "memory_position", "memory_slot", "alive", "raw_position"):
+            np.testing.assert_array_equal(jax.device_get(entry.arrays[name]), np.asarray(want[name]),
+                                          err_msg=f"{name} {key}")
+        assert entry.arrays["position"].sharding.is_fully_replicated
+        if step % 300 == 0:
+            assert entry.flops == train_flops_per_step(preset("tiny"), run.compression, run.step.seq_len,
+                                                       run.step.batch_size, key[0])["total"]
     assert len(seen) > 1000
-    assert len(steps._arrays) <= StepFunctions.MAX_DEVICE_LAYOUTS
-
-
-def test_layout_digest_is_by_value():
-    comp = CompressionConfig(memory="kv", granularity="fine", segment_length=16, ratios=(2, 4),
-                             ratio_sampling="per_segment")
-    from gist_jax.gist.layout import build_layout
-
-    a, b = build_layout(64, comp, (2, 4, 2, 4), 8), build_layout(64, comp, (2, 4, 2, 4), 8)
-    c = build_layout(64, comp, (4, 2, 2, 4), 8)
-    assert a is not b and a.digest == b.digest
-    assert a.digest != c.digest and a.shape == c.shape
+    assert len(layouts._entries) <= StepLayouts.MAX_ENTRIES
+    fresh = StepLayouts(run, preset("tiny"), mesh)
+    entries = [fresh.for_step(s) for s in (0, 1, 0, 2, 1, 0)]
+    assert fresh.builds == 3 and entries[0] is entries[2] is entries[5] and entries[1] is entries[4]
 
 
 def _cpu0():

@@ -16,9 +16,9 @@ from gist_jax.data.tokenizer import ByteTokenizer
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.specs import layout_arrays
+from gist_jax.gist.specs import layout_arrays, layout_host_arrays
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
-from gist_jax.train.mesh import check_batch, make_mesh
+from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh, replicated
 from gist_jax.train.state import create_train_state, logical_param_specs
 from gist_jax.train.step import build_train_step
 
@@ -32,15 +32,24 @@ def _text_batch(batch: int, seq: int = SEQ, offset: int = 0) -> np.ndarray:
     return np.asarray(rows, np.int32)
 
 
+def guarded_step(step, mesh, state, batch, layout):
+    """One step as the training loop takes it: batch and layout placed on the mesh explicitly
+    (``StepLayouts``, the loader), then the step under a transfer guard, so an implicit host
+    transfer inside the step (a numpy constant fed per call, a value pulled back) fails here."""
+    batch = jax.device_put(batch, batch_sharding(mesh))
+    arrays = jax.device_put(layout_host_arrays(layout), replicated(mesh))
+    with jax.transfer_guard("disallow"):
+        return step(state, batch, arrays)
+
+
 def _run(comp, step_cfg, batches, base_params=None):
     mesh = make_mesh(step_cfg.mesh)
     state, tx, shardings = create_train_state(BASE, comp, step_cfg, mesh, base_params)
     layout = build_layout(step_cfg.seq_len, comp)
     step = build_train_step(BASE, comp, step_cfg, layout.shape, tx, mesh, shardings)
-    arrays = layout_arrays(layout)
     history = []
     for batch in batches:
-        state, metrics = step(state, batch, arrays)
+        state, metrics = guarded_step(step, mesh, state, batch, layout)
         history.append(jax.tree.map(float, metrics))
     return state, history
 
@@ -62,7 +71,7 @@ def unsharded():
     state, tx, shardings = create_train_state(BASE, FINE, cfg, mesh)
     layout = build_layout(SEQ, FINE)
     step = build_train_step(BASE, FINE, cfg, layout.shape, tx, mesh, shardings)
-    state, metrics = step(state, _batch(_text_batch(8)), layout_arrays(layout))
+    state, metrics = guarded_step(step, mesh, state, _batch(_text_batch(8)), layout)
     return jax.device_get(state.params), jax.tree.map(float, metrics)
 
 

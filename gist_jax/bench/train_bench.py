@@ -44,6 +44,7 @@ from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train import flops
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
+from gist_jax.train.objectives import objectives
 from gist_jax.train.state import create_train_state
 from gist_jax.train.step import build_train_step
 
@@ -204,7 +205,8 @@ class OursStep:
 def describe_setup(setup: StepSetup) -> dict[str, Any]:
     """The fields that say which step this is (recorded with every result)."""
     cfg, comp, step_cfg = setup.base_cfg, setup.comp, setup.step_cfg
-    tie, ae = flops.step_objectives(step_cfg, comp)
+    terms = objectives(step_cfg, comp)
+    tie, ae = terms.tie_online, terms.ae
     pairs = flops.attention_pairs(cfg, comp, step_cfg.seq_len, setup.layout.ratios if comp.enabled else None,
                                   tie=tie)
     return {

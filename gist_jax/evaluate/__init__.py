@@ -26,7 +26,7 @@ PAPER_SUITES = ("perplexity", "boundary", "surprise", "uuid", "recall", "reconst
 SUITES = PAPER_SUITES + ("ruler", "kvpress", "ruler_press")
 # Bumped when a suite's numbers change meaning for the same checkpoint and options, so cached
 # results (``gist_jax.study``) are recomputed rather than mixed with new ones. perplexity 2: the
-# targets are the predictions of positions j >= L only (2026-12-02; before, also L - 1's);
+# targets are the predictions of positions j >= L only (version 1 also scored L - 1's);
 # perplexity 3: a compressing checkpoint is also scored with no memory (``local``), for efficacy.
 SUITE_VERSIONS = {"perplexity": 3}
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 from gist_jax.model.sharding import active_mesh_spec
@@ -59,6 +59,32 @@ class GistBankKV:
     def for_shape(cls, shape: LayoutShape, comp: CompressionConfig, **kwargs: Any) -> GistBankKV:
         return cls(shape.num_segments, shape.segment_length, shape.slots, shape.num_sinks,
                    comp.granularity == "fine", **kwargs)
+
+    @classmethod
+    def for_layout(cls, arrays: dict[str, jax.Array], shape: LayoutShape, comp: CompressionConfig) -> GistBankKV:
+        del arrays
+        return cls.for_shape(shape, comp)
+
+    @classmethod
+    def computed_pairs(cls, layout: GistLayout, comp: CompressionConfig, backend: str, dtype: str,
+                       head_dim: int) -> tuple[str, int]:
+        """``block_pairs`` of the bank this config runs."""
+        del backend, dtype, head_dim
+        return "bank", cls.for_shape(layout.shape, comp).block_pairs()
+
+    def block_pairs(self) -> int:
+        """Entries of the non-empty ``block x block`` tiles of the mask over the padded bank order
+        (Splash computes every tile its block table lists, partial or full), evaluated with the
+        bank's own ``mask_function`` one row of tiles at a time (O(Tp^2) host work, O(block Tp)
+        memory)."""
+        tp, b = self.padded_length, self.block
+        cols = np.arange(tp)
+        tiles = 0
+        for start in range(0, tp, b):
+            rows = np.arange(start, start + b)
+            visible = self.mask_function(rows[:, None], cols[None, :])
+            tiles += int(visible.reshape(b, tp // b, b).any(axis=(0, 2)).sum())
+        return tiles * b * b
 
     @property
     def length(self) -> int:

@@ -37,10 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist import split_kernel
-from gist_jax.gist.structured import NEG
+from gist_jax.model.kernels import NEG, cudnn_accepts, cudnn_runs
 
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-MAX_HEAD_DIM = 128  # what every supported GPU takes (Hopper takes 256; kept as flash.kernel_for)
 SELF_TEST_TOLERANCE = 3e-2  # bf16 inputs, relative to max(1, |reference|)
 
 _STATE: dict[str, Any] = {}  # "ok": bool, "reason": str | None, "calls": (fwd, bwd, module)
@@ -112,8 +110,7 @@ def backend() -> CudnnBackend:
 
 def takes(q_BxTxNxH: jax.Array) -> bool:
     """Shapes and dtypes cuDNN's flash attention takes (checked before any self-test)."""
-    h = q_BxTxNxH.shape[-1]
-    return q_BxTxNxH.dtype in CUDNN_DTYPES and h % 8 == 0 and h <= MAX_HEAD_DIM
+    return cudnn_accepts(q_BxTxNxH.dtype, q_BxTxNxH.shape[-1])
 
 
 def available() -> bool:
@@ -131,7 +128,7 @@ def unavailable_reason() -> str | None:
 
 
 def usable_for(q_BxTxNxH: jax.Array) -> bool:
-    return jax.default_backend() == "gpu" and takes(q_BxTxNxH) and available()
+    return cudnn_runs(jax.default_backend(), q_BxTxNxH.dtype, q_BxTxNxH.shape[-1]) and available()
 
 
 def ready(target_backend: str | None = None) -> bool | None:

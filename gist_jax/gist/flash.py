@@ -43,22 +43,22 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import GistLayout
+from gist_jax.gist.specs import memory_buffer_arrays
 from gist_jax.gist.structured import DecomposedKV
 from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.kernels import cudnn_runs
 from gist_jax.model.layers import apply_rope
 
-CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 Kernel = Literal["xla", "cudnn"]  # ``jax.nn.dot_product_attention``'s implementations
 
 
 def kernel_for(q_BxTxNxH: jax.Array) -> Kernel:
     """``cudnn`` where cuDNN's fused attention takes these inputs, else ``xla``."""
-    h = q_BxTxNxH.shape[-1]
-    if (jax.default_backend() == "gpu" and q_BxTxNxH.dtype in CUDNN_DTYPES
-            and h % 8 == 0 and h <= 128):
-        return "cudnn"
-    return "xla"
+    return "cudnn" if cudnn_runs(jax.default_backend(), q_BxTxNxH.dtype, q_BxTxNxH.shape[-1]) else "xla"
 
 
 @flax.struct.dataclass
@@ -68,6 +68,23 @@ class PrefixCausalKV(DecomposedKV):
     ``kernel_for`` at trace time."""
 
     implementation: Kernel | None = flax.struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def computed_pairs(cls, layout: GistLayout, comp: CompressionConfig, backend: str, dtype: str,
+                       head_dim: int) -> tuple[str, int]:
+        """cuDNN: causal rows of length c_i + Ts per segment, ``sum_i (c_i + Ts)(c_i + Ts + 1) / 2``
+        (its tile granularity is not modelled); XLA: each segment's whole ``[E, E]`` square,
+        E = memory size + Ts."""
+        del comp
+        shape = layout.shape
+        s, ts = shape.num_segments, shape.segment_tokens
+        if not cudnn_runs(backend, dtype, head_dim):
+            return "flash:xla", s * (shape.memory_size + ts) ** 2
+        live = memory_buffer_arrays(layout)
+        # key_segment: sinks belong to segment 0, seen from segment 1 on.
+        owner = np.concatenate([np.zeros(shape.num_sinks, np.int32), live["segment"][shape.num_sinks:]])
+        c_S = np.array([int((live["live"] & (owner < i)).sum()) for i in range(s)])
+        return "flash:cudnn", int(((c_S + ts) * (c_S + ts + 1) // 2).sum())
 
     def extended_indices(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Where each row of the per-segment ``[memory_i | segment i | unused]`` sequence comes

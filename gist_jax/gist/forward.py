@@ -15,7 +15,6 @@ import warnings
 from typing import Any, cast, overload
 
 import jax
-import jax.numpy as jnp
 
 from gist_jax.gist.bank import GistBankKV
 from gist_jax.gist.config import CompressionConfig
@@ -38,6 +37,7 @@ from gist_jax.gist.structured import DecomposedKV
 from gist_jax.gist.window import WindowedKV
 from gist_jax.model.attention import AttentionSpec, AttentionStructure
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.kernels import is_half
 from gist_jax.model.sharding import context_size
 from gist_jax.model.transformer import Decoder, Params, collect_kv
 
@@ -65,8 +65,7 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
 
     on_gpu = (backend or jax.default_backend()) == "gpu"
     if impl == "auto":
-        half = jnp.dtype(compute_dtype) in (jnp.bfloat16, jnp.float16)
-        impl = "flash" if on_gpu and half else "decomposed"
+        impl = "flash" if on_gpu and is_half(compute_dtype) else "decomposed"
         if impl == "flash" and cudnn_stats.ready(backend):
             impl = "split"
     if impl == "split" and cudnn_stats.ready(backend) is False:
@@ -81,6 +80,20 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
     if impl in ("flash", "bank") and not whole_segments:
         impl = "decomposed"
     return impl
+
+
+# The gist-structure kernels by the name ``resolve_attention_impl`` returns. Each class builds
+# its structure (``for_layout(arrays, shape, comp)``, what ``AttentionSpec.structure`` holds) and
+# counts what it computes (``computed_pairs(layout, comp, backend, dtype, head_dim)``, which
+# ``flops.attention_pairs`` and the memory planner ask); a windowed (UniGist) config runs
+# ``WindowedKV`` whatever the name. A new kernel is one class and one line here.
+GIST_KERNELS: dict[str, type] = {"decomposed": DecomposedKV, "flash": PrefixCausalKV, "split": SplitKV,
+                                 "bank": GistBankKV}
+
+
+def gist_kernel(impl: str, comp: CompressionConfig) -> Any:
+    """The kernel class that runs ``impl`` (a resolved name, not ``dense``/``auto``) for ``comp``."""
+    return WindowedKV if comp.windowed else GIST_KERNELS[impl]
 
 
 def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
@@ -116,16 +129,8 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
             else:
                 structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape),
                                               physical_segments(arrays, shape))
-        elif comp.windowed:
-            structure = WindowedKV.from_arrays(arrays, shape, comp.window)
-        elif impl == "decomposed":
-            structure = DecomposedKV.from_arrays(arrays, shape)
-        elif impl == "flash":
-            structure = PrefixCausalKV.from_arrays(arrays, shape)
-        elif impl == "split":
-            structure = SplitKV.from_arrays(arrays, shape)
         else:
-            structure = GistBankKV.for_shape(shape, comp)
+            structure = gist_kernel(impl, comp).for_layout(arrays, shape, comp)
         spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 
 import numpy as np
 
@@ -86,7 +85,6 @@ class GistLayout:
     position: np.ndarray  # RoPE position inside its own segment's pass
     memory_position: np.ndarray  # RoPE position when seen as memory (0 where not memory)
     memory_slot: np.ndarray  # index in the memory buffer, -1 for tokens never kept
-    label: np.ndarray  # raw index of the next raw token to predict, -1: no LM loss
     span_start: np.ndarray  # gists: first raw index of the span it summarises, else -1
     # First raw index whose token this one sees besides sinks and gists: its segment's first
     # raw token (chunked), or the start of its gist unit minus the window (UniGist, >= 0).
@@ -119,29 +117,8 @@ class GistLayout:
     def segment_slice(self, i: int) -> slice:
         return self.shape.segment_slice(i)
 
-    def loss_mask(self, include_first_segment: bool = True) -> np.ndarray:
-        mask = self.label >= 0
-        if not include_first_segment:
-            mask &= self.segment > 0
-        return mask
-
     def live_gists(self) -> int:
         return int((self.is_gist & self.alive).sum())
-
-    @functools.cached_property
-    def digest(self) -> str:
-        """A key by value: equal for layouts with equal arrays, whatever object holds them.
-
-        Caches of device copies must use it, never ``id(layout)``: ``cached_layout`` evicts,
-        and a freed layout's id is reused by the next one (same shape, other masks)."""
-        h = hashlib.blake2b(digest_size=16)
-        h.update(repr((self.num_raw, self.shape, self.ratios)).encode())
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, np.ndarray):
-                h.update(field.name.encode())
-                h.update(np.ascontiguousarray(value).tobytes())
-        return h.hexdigest()
 
 
 def _segment_order(granularity: str, segment_length: int, ratio: int, slots: int) -> list[int]:
@@ -219,14 +196,12 @@ def build_layout(num_raw: int, cfg: CompressionConfig, ratios: tuple[int, ...] |
               for k, v in cols.items()}
     raw_index = arrays["raw_index"]
     is_sink = (raw_index >= 0) & (raw_index < s) & arrays["alive"]
-    next_raw = raw_index + 1
-    label = np.where((raw_index >= 0) & (next_raw < num_raw), next_raw, -1).astype(np.int32)
     return GistLayout(num_raw=num_raw, num_segments=num_segments, segment_length=L, slots=slots,
-                      num_sinks=s, ratios=ratios, is_sink=is_sink, label=label, **arrays)
+                      num_sinks=s, ratios=ratios, is_sink=is_sink, **arrays)
 
 
 def _full_attention_layout(num_raw: int) -> GistLayout:
-    """memory='none': one segment, no gists, ordinary positions (same labels as any layout)."""
+    """memory='none': one segment, no gists, ordinary positions."""
     raw = np.arange(num_raw, dtype=np.int32)
     zeros, false = np.zeros(num_raw, np.int32), np.zeros(num_raw, bool)
     return GistLayout(
@@ -234,7 +209,6 @@ def _full_attention_layout(num_raw: int) -> GistLayout:
         ratios=(1,), raw_index=raw, segment=zeros, is_gist=false, is_sink=false,
         alive=np.ones(num_raw, bool), gist_slot=zeros, position=raw, memory_position=zeros,
         memory_slot=np.full(num_raw, -1, np.int32), window_start=zeros,
-        label=np.where(raw + 1 < num_raw, raw + 1, -1).astype(np.int32),
         span_start=np.full(num_raw, -1, np.int32))
 
 

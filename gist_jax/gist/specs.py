@@ -29,20 +29,27 @@ class RawEmbedInputs(TypedDict, total=False):
     input_embeds_mask_BxT: jax.Array
 # The per-token [T] fields of ``layout_arrays`` (the rest index the raw sequence or the buffer).
 TOKEN_FIELDS = ("raw_index", "segment", "is_gist", "is_sink", "alive", "gist_slot", "position",
-           "memory_position", "memory_slot", "label", "window_start")
+           "memory_position", "memory_slot", "window_start")
 
 
-def layout_arrays(layout: GistLayout) -> LayoutArrays:
-    """Per-token and memory-buffer layout arrays as device arrays: the data half of a layout,
-    passed through jit next to the static ``layout.shape``."""
-    arrays = {k: jnp.asarray(getattr(layout, k)) for k in TOKEN_FIELDS}
+def layout_host_arrays(layout: GistLayout) -> dict[str, np.ndarray]:
+    """Per-token and memory-buffer layout arrays on the host: the data half of a layout, passed
+    through jit next to the static ``layout.shape``. The training loop places them on its mesh in
+    one ``device_put`` (``train/step_layouts.py``); ``layout_arrays`` puts them on the default
+    device."""
+    arrays = {k: np.asarray(getattr(layout, k)) for k in TOKEN_FIELDS}
     # raw_position[j]: where raw token j of the *padded* raw sequence sits in the layout (raw
     # tokens keep their order), [padded_raw]: its shape depends on layout.shape alone, so one
     # compilation serves every real length; callers cut it to their token width. On the host,
     # layout.live_raw_positions() selects the real raw tokens.
-    arrays["raw_position"] = jnp.asarray(np.nonzero(layout.raw_index >= 0)[0].astype(np.int32))
-    arrays.update({f"buffer_{k}": jnp.asarray(v) for k, v in memory_buffer_arrays(layout).items()})
+    arrays["raw_position"] = np.nonzero(layout.raw_index >= 0)[0].astype(np.int32)
+    arrays.update({f"buffer_{k}": np.asarray(v) for k, v in memory_buffer_arrays(layout).items()})
     return arrays
+
+
+def layout_arrays(layout: GistLayout) -> LayoutArrays:
+    """``layout_host_arrays`` on the default device (evaluation, inference, tests)."""
+    return {k: jnp.asarray(v) for k, v in layout_host_arrays(layout).items()}
 
 
 def embedding_rows(gist_slot: _Rows, comp: CompressionConfig) -> _Rows:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist import cudnn_stats
+from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.gist.split_kernel import XLA, AttentionBackend, split_attention
 from gist_jax.gist.structured import DecomposedKV
@@ -61,6 +62,19 @@ class SplitKV(DecomposedKV):
     memory_order_C: jax.Array  # buffer entry at compacted memory row (live first)
     memory_length_S: jax.Array  # c_i: live memory entries segment i sees
     backend: str | None = flax.struct.field(pytree_node=False, default=None)
+
+    @classmethod
+    def computed_pairs(cls, layout: GistLayout, comp: CompressionConfig, backend: str, dtype: str,
+                       head_dim: int) -> tuple[str, int]:
+        """On GPU, cuDNN skips what causality and the key lengths mask: the exact pairs
+        (``split_pairs``). XLA: each segment's ``[Ts, Ts]`` square plus segments 1..S-1 against
+        the compacted buffer (C = sinks + (S - 1) slots)."""
+        del comp, dtype, head_dim
+        if backend == "gpu":
+            return "split:cudnn", split_pairs(layout)["split"]
+        shape = layout.shape
+        s, ts = shape.num_segments, shape.segment_tokens
+        return "split:xla", s * ts * ts + (s - 1) * ts * memory_rows(shape)
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, jax.Array], shape: LayoutShape,

@@ -30,7 +30,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from gist_jax.gist.structured import partial_attention
+from gist_jax.gist.partials import partial_attention
 
 
 class AttentionBackend(Protocol):

@@ -42,59 +42,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gist_jax.gist.layout import LayoutShape
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import GistLayout, LayoutShape
 from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.kernels import NEG
 from gist_jax.model.layers import apply_rope
-
-# Finite "minus infinity": exp(NEG - finite) == 0 without inf - inf = NaN in the merge or its
-# gradient (fully masked rows: memory of segment 0, dead slots).
-NEG = -1e30
-
-
-def partial_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array,
-                      mask_BxTxS: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Softmax attention over one key set: (output [B, T, N, H] float32, lse [B, T, N] float32).
-    ``mask_BxTxS`` may be any shape that broadcasts to [B, T, S].
-
-    Rows with no visible key give output 0 and lse ``NEG``. The row max is held constant
-    (``stop_gradient``): the lse and the output do not depend on it, so the gradient is exact.
-    Probabilities are cast to the value dtype before P @ V, as the dense path does.
-    """
-    b, t, n, h = q_BxTxNxH.shape
-    kv_heads = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    # The mask enters as an additive float bias (0 / NEG), not a select: a select's derivative
-    # keeps its full-size boolean operand as a residual (per step of a scan: S x Ts x M).
-    bias_Bx1x1xTxS = jnp.where(mask_BxTxS, 0.0, NEG).astype(jnp.float32)[:, None, None]
-    scores_BxKxGxTxS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH,
-                                  preferred_element_type=jnp.float32) * (h ** -0.5) + bias_Bx1x1xTxS
-    max_BxKxGxT = jax.lax.stop_gradient(jnp.max(scores_BxKxGxTxS, axis=-1))
-    # Masked entries: exp(NEG - max) == 0, except in rows with no visible key (max ~ NEG).
-    seen_BxKxGxT = max_BxKxGxT > 0.5 * NEG
-    unnorm_BxKxGxTxS = jnp.exp(scores_BxKxGxTxS - max_BxKxGxT[..., None])
-    sum_BxKxGxT = jnp.sum(unnorm_BxKxGxTxS, axis=-1)  # >= 1: the max entry contributes 1
-    lse_BxKxGxT = jnp.where(seen_BxKxGxT, max_BxKxGxT + jnp.log(sum_BxKxGxT), NEG)
-    scale_BxKxGxT = jnp.where(seen_BxKxGxT, 1.0, 0.0) / sum_BxKxGxT
-    probs_BxKxGxTxS = (unnorm_BxKxGxTxS * scale_BxKxGxT[..., None]).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BxKxGxTxS, v_BxSxKxH,
-                               preferred_element_type=jnp.float32)
-    lse_BxTxN = lse_BxKxGxT.transpose(0, 3, 1, 2).reshape(b, t, n)
-    return out_BxTxKxGxH.reshape(b, t, n, h), lse_BxTxN
-
-
-def merge_partials(out1_BxTxNxH: jax.Array, lse1_BxTxN: jax.Array, out2_BxTxNxH: jax.Array,
-                   lse2_BxTxN: jax.Array) -> jax.Array:
-    """Exact softmax over the union of two disjoint key sets from their partial results."""
-    top = jax.lax.stop_gradient(jnp.maximum(lse1_BxTxN, lse2_BxTxN))
-    w1, w2 = jnp.exp(lse1_BxTxN - top), jnp.exp(lse2_BxTxN - top)
-    out = (w1[..., None] * out1_BxTxNxH + w2[..., None] * out2_BxTxNxH) / (w1 + w2)[..., None]
-    return out
-
 
 # -- the segment kernel: local and memory parts at their own sizes, one softmax, flash backward --
 
@@ -220,6 +178,17 @@ def _seen_blocks(i: jax.Array, bound: int, plan: SegmentPlan) -> jax.Array:
     gradients), so a segment early in the sequence skips them."""
     seen = jnp.where(i > 0, plan.num_sinks + i * plan.slots, 0)
     return jnp.minimum(-(-seen // plan.key_block), _key_blocks(bound, plan))
+
+
+def memory_part_pairs(plan: SegmentPlan, ts: int, first: int, end: int, bound: int) -> int:
+    """Host-side count of the memory part's score entries for segments ``first .. end - 1`` of one
+    group (``_seen_blocks``' trip counts): the whole bound each within one key block; past it,
+    the key blocks each segment's prefix reaches."""
+    kb = plan.key_block
+    if bound <= kb:
+        return (end - first) * ts * bound
+    seen = [plan.num_sinks + i * plan.slots if i else 0 for i in range(first, end)]
+    return sum(ts * kb * min(-(-n // kb), -(-bound // kb)) for n in seen)
 
 
 def _memory_partial_backward(q, km, vm, live, i, bound, plan, lse, do, delta):
@@ -442,6 +411,27 @@ class DecomposedKV:
             jnp.where(memory_slot_T >= 0, memory_slot_T, size)].set(token_T, mode="drop")
         return cls(memory_token_M, arrays["buffer_position"], arrays["buffer_live"],
                    shape.num_segments, shape.segment_tokens, shape.num_sinks, shape.slots)
+
+    @classmethod
+    def for_layout(cls, arrays: dict[str, jax.Array], shape: LayoutShape, comp: CompressionConfig) -> Any:
+        """The structure ``forward.kv_parallel`` puts in the spec (every gist kernel has this)."""
+        del comp
+        return cls.from_arrays(arrays, shape)
+
+    @classmethod
+    def computed_pairs(cls, layout: GistLayout, comp: CompressionConfig, backend: str, dtype: str,
+                       head_dim: int) -> tuple[str, int]:
+        """(what ran, score entries computed per sequence, layer and head) on ``backend``: each
+        segment's query blocks against its keys up to the block's last row, plus every memory
+        group's segments against the group's buffer bound (past one memory key block, the key
+        blocks each segment's own prefix reaches). ``flops.attention_pairs`` asks every gist
+        kernel this."""
+        del comp, backend, dtype, head_dim
+        shape = layout.shape
+        s, ts = shape.num_segments, shape.segment_tokens
+        plan = segment_plan(s, ts, shape.num_sinks, shape.slots)
+        local = s * sum((r1 - r0) * r1 for r0, r1 in plan.query_blocks)
+        return "decomposed", local + sum(memory_part_pairs(plan, ts, *group) for group in plan.groups)
 
     def key_segment(self) -> jax.Array:
         """[M] segment that owns buffer entry m (sinks: 0); segment i sees entries owned by

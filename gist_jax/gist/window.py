@@ -6,7 +6,7 @@ token minus W). Window starts never decrease along the layout, so the whole layo
 play no role) is cut into blocks of ``bq`` query rows, and block j's keys split at its *band
 start* ``a_j``, the layout index of the raw token at its first row's window start: every raw
 key any of its rows sees lies at or after ``a_j``. The mask then splits into two disjoint
-parts, each computed at its own size and merged by log-sum-exp (``structured.merge_partials``'s
+parts, each computed at its own size and merged by log-sum-exp (``partials.merge_partials``'s
 identity):
 
   (a) band: the layout keys ``[a_j, end_j)`` (up to the block's last row), read as a slice of
@@ -25,7 +25,7 @@ has one position (aligned positions), so keys are rotated once. One ``lax.scan``
 its blocks; its step is rematerialised (``jax.checkpoint``), so the backward holds one block's
 scores at a time and the step's memory stays linear in the sequence length. The gradient is
 autodiff's; the dense mask (``specs.parallel_spec``) is the reference (``tests/test_unigist.py``).
-Computed against exact score entries: ``train/window_pairs.py``.
+Computed against exact score entries: ``gist/window_pairs.py``.
 """
 
 from __future__ import annotations
@@ -39,9 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.structured import NEG, DecomposedKV, _bias, _partial, merge_partials
+from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.layout import GistLayout, LayoutShape
+from gist_jax.gist.partials import merge_partials
+from gist_jax.gist.structured import DecomposedKV, _bias, _partial
 from gist_jax.model.attention import AttentionSpec
+from gist_jax.model.kernels import NEG
 from gist_jax.model.layers import apply_rope
 
 # Query rows per block. The band of a block is about bq + W (1 + 1/r) keys for rows that see on
@@ -102,6 +105,16 @@ def window_plan(shape: LayoutShape, window: int, query_block: int | None = None,
     ``QUERY_BLOCK``, ``MAX_MEMORY_GROUPS``, so tests can shrink them)."""
     return _window_plan(shape, window, min(query_block or QUERY_BLOCK, shape.length),
                         max_groups or MAX_MEMORY_GROUPS)
+
+
+def windowed_pairs(shape: LayoutShape, window: int) -> dict[str, int]:
+    """``{'band', 'memory', 'total'}``: score entries ``WindowedKV.attend`` computes per sequence,
+    layer and head (bq x C per block, plus blocks x bq x bound per memory group)."""
+    plan = window_plan(shape, window)
+    bq = plan.query_block
+    band = plan.num_blocks * bq * plan.band
+    memory = sum((end - first) * bq * bound for first, end, bound in plan.groups)
+    return {"band": int(band), "memory": int(memory), "total": int(band + memory)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -185,6 +198,18 @@ class WindowedKV:
         always_T = (arrays["is_gist"] & arrays["alive"]) | arrays["is_sink"]
         return cls(DecomposedKV.from_arrays(arrays, shape), arrays["raw_index"],
                    arrays["window_start"], always_T, window)
+
+    @classmethod
+    def for_layout(cls, arrays: dict[str, jax.Array], shape: LayoutShape, comp: CompressionConfig) -> WindowedKV:
+        return cls.from_arrays(arrays, shape, comp.window)
+
+    @classmethod
+    def computed_pairs(cls, layout: GistLayout, comp: CompressionConfig, backend: str, dtype: str,
+                       head_dim: int) -> tuple[str, int]:
+        """Every query block of bq rows against its band of C layout keys, plus each memory
+        group's blocks x bq x the group's buffer bound (``window_plan``)."""
+        del backend, dtype, head_dim
+        return "windowed", windowed_pairs(layout.shape, comp.window)["total"]
 
     def plan(self) -> WindowPlan:
         mem = self.memory

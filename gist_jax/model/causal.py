@@ -28,11 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from gist_jax.model.kernels import NEG, cudnn_runs, splash_runs
+
 IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
-HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 DEFAULT_BLOCK = 512
-# Finite "minus infinity" (as in gist/structured.py): exp(NEG - m) == 0 with no inf - inf NaNs.
-NEG = -1e30
 
 
 def resolve_impl(impl: str, backend: str, dtype: DTypeLike, head_dim: int,
@@ -47,10 +46,9 @@ def resolve_impl(impl: str, backend: str, dtype: DTypeLike, head_dim: int,
     if impl != "auto":
         return impl
     plain = not has_padding and q_offset == 0
-    if (backend == "gpu" and jnp.dtype(dtype) in HALF_DTYPES and head_dim % 8 == 0
-            and head_dim <= 128 and plain):
+    if cudnn_runs(backend, dtype, head_dim) and plain:
         return "cudnn"
-    if backend == "tpu" and plain:
+    if splash_runs(backend) and plain:
         return "splash"
     return "blockwise"
 

@@ -196,7 +196,7 @@ def validate(cfg: ModelConfig) -> None:
 
 
 # Named shapes. Real checkpoints bring their own config through the importers; these serve
-# benchmarks (issue: performance) and tests.
+# benchmarks and tests.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         family="llama", vocab_size=256 + 8, hidden_size=64, intermediate_size=128,

@@ -48,6 +48,13 @@ def next_token_labels(tokens_BxN: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens_BxN[:, 1:], tokens_BxN[:, :1]], axis=1)
 
 
+def next_token_pairs(hidden_BxNxE: jax.Array, tokens_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions 0..N-2 with the token after each, ``([B, N-1, E], [B, N-1])``: the shift of
+    ``next_token_labels`` with the last position dropped instead of masked (evaluation, whose
+    outputs are per prediction)."""
+    return hidden_BxNxE[:, :-1], tokens_BxN[:, 1:]
+
+
 def lm_head(cfg: ModelConfig, params: Any) -> jax.Array:
     """The LM head as an ``[E, V]`` matrix in its storage dtype: the transposed embedding when
     tied, ``lm_head/kernel`` otherwise (what ``Decoder`` applies with ``embed.attend`` /

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import cast
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ from gist_jax.gist.specs import LayoutArrays, pad_raw, segment_take
 from gist_jax.model.attention import AttentionSpec, LayerMemory
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
-from gist_jax.model.loss import DEFAULT_CHUNK, dense_token_scores, lm_head, lm_token_scores
+from gist_jax.model.loss import DEFAULT_CHUNK, TokenScores, dense_token_scores, lm_head, lm_token_scores
 from gist_jax.model.sharding import CONTEXT_AXIS, constrain, context_size, override_rules
 from gist_jax.model.transformer import Block, Params
 from gist_jax.train.config import AE_DECODER_OUTPUTS, AE_INITS, AE_NORMALIZATIONS
@@ -156,6 +156,103 @@ def gist_table(comp: CompressionConfig, shape: LayoutShape, arrays: LayoutArrays
             "start": start_G}
 
 
+class _Spans(NamedTuple):
+    """What the decoder reconstructs: each gist's span of raw tokens, ``[B, G, R]`` (R = the
+    longest span; shorter spans and dead gists are masked)."""
+
+    gists: dict  # ``gist_table``
+    target_BxGxR: jax.Array  # the span's token ids
+    in_span_BxGxR: jax.Array  # row r < the gist's ratio, gist live, inside the padded sequence
+    live_BxG: jax.Array
+    valid_BxGxR: jax.Array  # in_span and a real raw token (not padding past the sequence): a target
+
+
+def _spans(comp: CompressionConfig, shape: LayoutShape, arrays: LayoutArrays, tokens_BxN: jax.Array) -> _Spans:
+    b, p, r_max = tokens_BxN.shape[0], shape.padded_raw, max_span(comp, shape)
+    gists = gist_table(comp, shape, arrays)
+    g = gists["token"].shape[0]
+    # Real raw tokens (not padding past the sequence), from the layout's alive raw tokens.
+    is_raw_T = ~arrays["is_gist"]
+    real_P = jnp.zeros(p, bool).at[jnp.where(is_raw_T, arrays["raw_index"], p)].set(
+        arrays["alive"], mode="drop")
+    j_R = jnp.arange(r_max)
+    raw_GxR = gists["start"][:, None] + j_R[None, :]
+    in_span_GxR = (j_R[None, :] < gists["ratio"][:, None]) & gists["live"][:, None] & (raw_GxR < p)
+    raw_GxR = jnp.clip(raw_GxR, 0, p - 1)
+    target_valid_GxR = in_span_GxR & real_P[raw_GxR]
+    return _Spans(gists, pad_raw(tokens_BxN, shape)[:, raw_GxR], jnp.broadcast_to(in_span_GxR, (b, g, r_max)),
+                  jnp.broadcast_to(gists["live"], (b, g)), jnp.broadcast_to(target_valid_GxR, (b, g, r_max)))
+
+
+def _decode(cfg: ModelConfig, params: Params, ae_params: dict, decoder_output: str,
+            target_BxJxR: jax.Array, ratio_row_J: jax.Array, k_BxJxKxH: jax.Array, v_BxJxKxH: jax.Array,
+            in_span_BxJxR: jax.Array, live_BxJ: jax.Array) -> jax.Array:
+    """The decoder over B x J gists' spans, one short sequence each: [B, J, R, E] out."""
+    dec, dtype = decoder_config(cfg), cfg.compute_dtype
+    b, r_max = target_BxJxR.shape[0], target_BxJxR.shape[-1]
+    bj = b * live_BxJ.shape[1]
+    # Inputs: [ae]_r at row 0, then x_1 .. x_(R-1) (the targets shifted right by one).
+    x_BxJxRxE = params["embed"]["embedding"][target_BxJxR[..., :-1]].astype(dtype)
+    ae_JxE = ae_params["ae_embedding"][ratio_row_J].astype(dtype)
+    ae_BxJx1xE = jnp.broadcast_to(ae_JxE[None, :, None], x_BxJxRxE.shape[:2] + (1, ae_JxE.shape[-1]))
+    x_BxJxRxE = jnp.concatenate([ae_BxJx1xE, x_BxJxRxE], axis=2)
+    x_XxRxE = x_BxJxRxE.reshape(bj, r_max, -1)
+    spec = AttentionSpec(positions=jnp.broadcast_to(jnp.arange(r_max) + 1, (bj, r_max)).astype(jnp.int32),
+                         valid=in_span_BxJxR.reshape(bj, r_max), prefix_valid=live_BxJ.reshape(bj, 1),
+                         is_gist=jnp.zeros((bj, r_max), bool))
+    memory = _memory(dec, k_BxJxKxH.reshape((bj,) + k_BxJxKxH.shape[2:]),
+                     v_BxJxKxH.reshape((bj,) + v_BxJxKxH.shape[2:]))
+    hidden_XxRxE, _ = Block(dec).apply({"params": ae_params["block"]}, x_XxRxE, spec, memory)
+    if decoder_output == "update":
+        hidden_XxRxE = hidden_XxRxE - x_XxRxE
+    return _final_norm(cfg, params, hidden_XxRxE).reshape(x_BxJxRxE.shape)
+
+
+def _decode_spans(decode: Callable[..., jax.Array], spans: _Spans, shape: LayoutShape,
+                  gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array) -> jax.Array:
+    """Every gist's span decoded, ``[B, G * R, E]``."""
+    gists, (b, g, r_max) = spans.gists, spans.target_BxGxR.shape
+    split = _context_split(shape)
+    if not split:
+        hidden_BxGxRxE = decode(spans.target_BxGxR, gists["ratio_row"], gist_k_BxTxKxH[:, gists["token"]],
+                                gist_v_BxTxKxH[:, gists["token"]], spans.in_span_BxGxR, spans.live_BxG)
+        return hidden_BxGxRxE.reshape(b, g * r_max, -1)
+    # Context parallelism: the decoder runs per segment, vmapped with the segment axis on the
+    # context mesh axis, so every block builds and decodes its own gists' spans from its own
+    # K/V rows (gathered per segment; token ids are replicated) and nothing activation-sized
+    # crosses devices.
+    s, slots = shape.num_segments, shape.slots
+    in_segment_SxJ = (gists["token"].reshape(s, slots)
+                      - (jnp.arange(s, dtype=jnp.int32) * shape.segment_tokens)[:, None])
+    k_BxSxJxKxH = segment_take(gist_k_BxTxKxH, in_segment_SxJ, shape)
+    v_BxSxJxKxH = segment_take(gist_v_BxTxKxH, in_segment_SxJ, shape)
+    with override_rules(activation_length=None):
+        hidden_BxSxJxRxE = jax.vmap(decode, in_axes=(1, 0, 1, 1, 1, 1), out_axes=1, spmd_axis_name=CONTEXT_AXIS)(
+            split(spans.target_BxGxR), gists["ratio_row"].reshape(s, slots), k_BxSxJxKxH, v_BxSxJxKxH,
+            split(spans.in_span_BxGxR), split(spans.live_BxG))
+    return hidden_BxSxJxRxE.reshape(b, g * r_max, -1)
+
+
+def _reduce(scores: TokenScores, valid_BxGxR: jax.Array, normalization: str) -> tuple[jax.Array, dict]:
+    """(L_ae, metrics) from the per-token scores: a mean per gist then over gists (``gist``),
+    or over all span tokens (``token``)."""
+    b, g, r_max = valid_BxGxR.shape
+    nll_BxGxR = scores.nll.reshape(b, g, r_max)
+    weight_BxGxR = valid_BxGxR.astype(jnp.float32)
+    count_BxG = weight_BxGxR.sum(-1)
+    per_gist_BxG = (nll_BxGxR * weight_BxGxR).sum(-1) / jnp.maximum(count_BxG, 1.0)
+    has_target_BxG = (count_BxG > 0).astype(jnp.float32)
+    if normalization == "token":
+        loss = (nll_BxGxR * weight_BxGxR).sum() / jnp.maximum(weight_BxGxR.sum(), 1.0)
+    else:
+        loss = (per_gist_BxG * has_target_BxG).sum() / jnp.maximum(has_target_BxG.sum(), 1.0)
+    correct = scores.correct.reshape(b, g, r_max).astype(jnp.float32)
+    tokens = weight_BxGxR.sum()
+    metrics = {"ae_loss": loss, "ae_accuracy": (correct * weight_BxGxR).sum() / jnp.maximum(tokens, 1.0),
+               "ae_tokens": tokens}
+    return loss, metrics
+
+
 def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
             ae_params: dict, tokens_BxN: jax.Array, arrays: LayoutArrays,
             gist_k_BxTxKxH: jax.Array, gist_v_BxTxKxH: jax.Array, *,
@@ -189,85 +286,15 @@ def ae_loss(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, param
     gist_k_BxTxKxH, gist_v_BxTxKxH = (_gate_gradient(x, base_gate) for x in (gist_k_BxTxKxH, gist_v_BxTxKxH))
     if not train_shared:
         params = {k: (jax.lax.stop_gradient(v) if k in SHARED_PARAM_NAMES else v) for k, v in params.items()}
-    b, p, r_max = tokens_BxN.shape[0], shape.padded_raw, max_span(comp, shape)
-    gists = gist_table(comp, shape, arrays)
-    g = gists["token"].shape[0]
-    # Real raw tokens (not padding past the sequence), from the layout's alive raw tokens.
-    is_raw_T = ~arrays["is_gist"]
-    real_P = jnp.zeros(p, bool).at[jnp.where(is_raw_T, arrays["raw_index"], p)].set(
-        arrays["alive"], mode="drop")
-    j_R = jnp.arange(r_max)
-    raw_GxR = gists["start"][:, None] + j_R[None, :]
-    in_span_GxR = (j_R[None, :] < gists["ratio"][:, None]) & gists["live"][:, None] & (raw_GxR < p)
-    raw_GxR = jnp.clip(raw_GxR, 0, p - 1)
-    target_valid_GxR = in_span_GxR & real_P[raw_GxR]
-
-    toks_BxP = pad_raw(tokens_BxN, shape)
-    target_BxGxR = toks_BxP[:, raw_GxR]
-    in_span_BxGxR = jnp.broadcast_to(in_span_GxR, (b, g, r_max))
-    live_BxG = jnp.broadcast_to(gists["live"], (b, g))
-    dec, dtype = decoder_config(cfg), cfg.compute_dtype
-
-    def decode(target_BxJxR: jax.Array, ratio_row_J: jax.Array, k_BxJxKxH: jax.Array, v_BxJxKxH: jax.Array,
-               in_span_BxJxR: jax.Array, live_BxJ: jax.Array) -> jax.Array:
-        """The decoder over B x J gists' spans, one short sequence each: [B, J, R, E] out."""
-        bj = b * live_BxJ.shape[1]
-        # Inputs: [ae]_r at row 0, then x_1 .. x_(R-1) (the targets shifted right by one).
-        x_BxJxRxE = params["embed"]["embedding"][target_BxJxR[..., :-1]].astype(dtype)
-        ae_JxE = ae_params["ae_embedding"][ratio_row_J].astype(dtype)
-        ae_BxJx1xE = jnp.broadcast_to(ae_JxE[None, :, None], x_BxJxRxE.shape[:2] + (1, ae_JxE.shape[-1]))
-        x_BxJxRxE = jnp.concatenate([ae_BxJx1xE, x_BxJxRxE], axis=2)
-        x_XxRxE = x_BxJxRxE.reshape(bj, r_max, -1)
-        spec = AttentionSpec(positions=jnp.broadcast_to(j_R + 1, (bj, r_max)).astype(jnp.int32),
-                             valid=in_span_BxJxR.reshape(bj, r_max), prefix_valid=live_BxJ.reshape(bj, 1),
-                             is_gist=jnp.zeros((bj, r_max), bool))
-        memory = _memory(dec, k_BxJxKxH.reshape((bj,) + k_BxJxKxH.shape[2:]),
-                         v_BxJxKxH.reshape((bj,) + v_BxJxKxH.shape[2:]))
-        hidden_XxRxE, _ = Block(dec).apply({"params": ae_params["block"]}, x_XxRxE, spec, memory)
-        if decoder_output == "update":
-            hidden_XxRxE = hidden_XxRxE - x_XxRxE
-        return _final_norm(cfg, params, hidden_XxRxE).reshape(x_BxJxRxE.shape)
-
-    split = _context_split(shape)
-    if split:
-        # Context parallelism: the decoder runs per segment, vmapped with the segment axis on
-        # the context mesh axis, so every block builds and decodes its own gists' spans from
-        # its own K/V rows (gathered per segment; token ids are replicated) and nothing
-        # activation-sized crosses devices.
-        s, slots = shape.num_segments, shape.slots
-        in_segment_SxJ = (gists["token"].reshape(s, slots)
-                          - (jnp.arange(s, dtype=jnp.int32) * shape.segment_tokens)[:, None])
-        k_BxSxJxKxH = segment_take(gist_k_BxTxKxH, in_segment_SxJ, shape)
-        v_BxSxJxKxH = segment_take(gist_v_BxTxKxH, in_segment_SxJ, shape)
-        with override_rules(activation_length=None):
-            hidden_BxSxJxRxE = jax.vmap(decode, in_axes=(1, 0, 1, 1, 1, 1), out_axes=1,
-                                        spmd_axis_name=CONTEXT_AXIS)(
-                split(target_BxGxR), gists["ratio_row"].reshape(s, slots), k_BxSxJxKxH, v_BxSxJxKxH,
-                split(in_span_BxGxR), split(live_BxG))
-        hidden_BxGRxE = hidden_BxSxJxRxE.reshape(b, g * r_max, -1)
-    else:
-        hidden_BxGxRxE = decode(target_BxGxR, gists["ratio_row"], gist_k_BxTxKxH[:, gists["token"]],
-                                gist_v_BxTxKxH[:, gists["token"]], in_span_BxGxR, live_BxG)
-        hidden_BxGRxE = hidden_BxGxRxE.reshape(b, g * r_max, -1)
+    spans = _spans(comp, shape, arrays, tokens_BxN)
+    decode = functools.partial(_decode, cfg, params, ae_params, decoder_output)
+    hidden_BxGRxE = _decode_spans(decode, spans, shape, gist_k_BxTxKxH, gist_v_BxTxKxH)
     # G * R rows per sequence (about the raw length): the head + CE run chunk-wise over them,
     # so the decoder's [B, G, R, V] logits are never built either.
-    valid_BxGxR = jnp.broadcast_to(target_valid_GxR, (b, g, r_max))
-    scores = lm_token_scores(cfg, params, hidden_BxGRxE, target_BxGxR.reshape(b, g * r_max),
-                             valid_BxGxR.reshape(b, g * r_max), chunk=chunk)
-    nll_BxGxR = scores.nll.reshape(b, g, r_max)
-    weight_BxGxR = valid_BxGxR.astype(jnp.float32)
-    count_BxG = weight_BxGxR.sum(-1)
-    per_gist_BxG = (nll_BxGxR * weight_BxGxR).sum(-1) / jnp.maximum(count_BxG, 1.0)
-    has_target_BxG = (count_BxG > 0).astype(jnp.float32)
-    if normalization == "token":
-        loss = (nll_BxGxR * weight_BxGxR).sum() / jnp.maximum(weight_BxGxR.sum(), 1.0)
-    else:
-        loss = (per_gist_BxG * has_target_BxG).sum() / jnp.maximum(has_target_BxG.sum(), 1.0)
-    correct = scores.correct.reshape(b, g, r_max).astype(jnp.float32)
-    tokens = weight_BxGxR.sum()
-    metrics = {"ae_loss": loss, "ae_accuracy": (correct * weight_BxGxR).sum() / jnp.maximum(tokens, 1.0),
-               "ae_tokens": tokens}
-    return loss, metrics
+    b, g, r_max = spans.target_BxGxR.shape
+    scores = lm_token_scores(cfg, params, hidden_BxGRxE, spans.target_BxGxR.reshape(b, g * r_max),
+                             spans.valid_BxGxR.reshape(b, g * r_max), chunk=chunk)
+    return _reduce(scores, spans.valid_BxGxR, normalization)
 
 
 def ae_loss_reference(cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,

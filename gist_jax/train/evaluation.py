@@ -47,7 +47,7 @@ from gist_jax.gist.layout import cached_layout
 from gist_jax.gist.params import GIST_PARAM_NAMES, model_config_for
 from gist_jax.gist.specs import layout_arrays, raw_rows
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.loss import lm_token_scores
+from gist_jax.model.loss import lm_token_scores, next_token_pairs
 from gist_jax.model.transformer import Params
 
 
@@ -207,7 +207,7 @@ def token_nll_fn(setting: Setting, length: int) -> Callable:
     @jax.jit
     def scores(params, tokens_BxN, arrays):
         hidden_BxNxE = run(params, tokens_BxN, arrays)
-        out = lm_token_scores(setting.cfg, params, hidden_BxNxE[:, :-1], tokens_BxN[:, 1:])
+        out = lm_token_scores(setting.cfg, params, *next_token_pairs(hidden_BxNxE, tokens_BxN))
         return out.nll, out.correct
 
     return lambda params, tokens_BxN: scores(params, tokens_BxN, arrays)
@@ -225,7 +225,7 @@ def nll_sums_fn(setting: Setting, length: int, first_position: int) -> Callable:
         # loss_mask[j]: position j and its target are real tokens (data.loader.loss_mask_from_valid).
         mask_BxM = loss_mask_BxN[:, :-1] & (jnp.arange(length - 1) >= first_position)[None]
         hidden_BxNxE = run(params, tokens_BxN, arrays)
-        nll = lm_token_scores(setting.cfg, params, hidden_BxNxE[:, :-1], tokens_BxN[:, 1:], mask_BxM).nll
+        nll = lm_token_scores(setting.cfg, params, *next_token_pairs(hidden_BxNxE, tokens_BxN), mask_BxM).nll
         return jnp.sum(jnp.where(mask_BxM, nll, 0.0)), jnp.sum(mask_BxM)
 
     return lambda params, tokens_BxN, loss_mask_BxN: sums(params, tokens_BxN, loss_mask_BxN, arrays)

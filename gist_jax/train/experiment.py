@@ -29,6 +29,7 @@ from gist_jax.model.config import (
     check_remat_policy,
 )
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
+from gist_jax.train.objectives import objectives
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +208,7 @@ def check_model_matches_run(model_cfg: ModelConfig, run: RunConfig) -> None:
     (Python indexing, -1 = the last). Without this check an out-of-range index is silently
     taken modulo the layer count (``train/ae.py``) and the AE trains on the wrong layer."""
     objective, layers = run.step.objective, model_cfg.num_layers
-    builds_ae = objective.ae and run.compression.enabled and objective.ae_lambda > 0  # train/state.py uses_ae
-    if builds_ae and not -layers <= objective.ae_layer < layers:
+    if objectives(run.step, run.compression).ae and not -layers <= objective.ae_layer < layers:
         raise ConfigError(f"objective.ae_layer={objective.ae_layer}: the model has {layers} layers; use an index in "
                           f"[{-layers}, {layers - 1}] (-1: the last layer)")
 

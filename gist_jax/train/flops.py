@@ -50,7 +50,7 @@ from gist_jax.gist.layout import GistLayout, cached_layout
 from gist_jax.gist.specs import memory_buffer_arrays
 from gist_jax.model import causal as causal_kernel
 from gist_jax.model.config import ModelConfig
-from gist_jax.train.config import StepConfig
+from gist_jax.train.objectives import objectives
 
 PEAK_FLOPS_ENV = "GIST_JAX_PEAK_FLOPS"
 
@@ -114,7 +114,7 @@ def _sequence_counts(num_raw: int, comp: CompressionConfig,
     local_pairs = int((alive_SxT * np.cumsum(alive_SxT, axis=1)).sum())
     live_per_segment_S = alive_SxT.sum(axis=1)
     if comp.windowed:  # UniGist: sinks, every earlier gist, raw tokens inside the window
-        from gist_jax.train.window_pairs import windowed_visible_pairs
+        from gist_jax.gist.window_pairs import windowed_visible_pairs
 
         return _SequenceCounts(int(live_per_segment_S.sum()), num_raw, windowed_visible_pairs(layout))
     if comp.memory == "kv":
@@ -198,7 +198,7 @@ def train_flops_per_sequence(model_cfg: ModelConfig, comp: CompressionConfig, nu
     projections' weight gradients over the live gist tokens (with ``gist_projections``).
     ``tie``: online TIE only (precomputed weights cost nothing in the step); ``ae``: the
     decoder runs (lambda > 0; it always trains). Like the step, both count only with
-    compression on; ``step_objectives`` derives the flags from a ``StepConfig``.
+    compression on; ``objectives.objectives`` decides both for a ``StepConfig``.
     """
     forward = forward_flops_per_sequence(model_cfg, comp, num_raw, ratios)
     dense = 3.0 * forward["dense"]
@@ -225,14 +225,6 @@ def train_flops_per_step(model_cfg: ModelConfig, comp: CompressionConfig, num_ra
     layout, so pass that step's sampled ``ratios``)."""
     per_sequence = train_flops_per_sequence(model_cfg, comp, num_raw, ratios, tie=tie, ae=ae)
     return {k: v * batch_size for k, v in per_sequence.items()}
-
-
-def step_objectives(step_cfg: StepConfig, comp: CompressionConfig) -> tuple[bool, bool]:
-    """(tie, ae) flags for the FLOP count, exactly when the step runs the TIE reference passes
-    and the AE decoder (``train/state.py``: online TIE; AE with lambda > 0; compression on)."""
-    obj = step_cfg.objective
-    return (obj.tie and obj.tie_source == "online" and comp.enabled,
-            obj.ae and obj.ae_lambda > 0 and comp.enabled)
 
 
 # -- attention pairs each implementation computes ---------------------------------------------------
@@ -262,32 +254,6 @@ def _causal_kernel_pairs(impl: str, t: int) -> int:
     return blockwise_causal_pairs(t)
 
 
-def bank_block_pairs(bank: Any) -> int:
-    """Entries of the non-empty ``block x block`` tiles of ``gist/bank.py``'s mask over the
-    padded bank order (Splash computes every tile its block table lists, partial or full).
-    Evaluated with the bank's own ``mask_function`` one row of tiles at a time (O(Tp^2) host
-    work, O(block Tp) memory)."""
-    tp, b = bank.padded_length, bank.block
-    cols = np.arange(tp)
-    tiles = 0
-    for start in range(0, tp, b):
-        rows = np.arange(start, start + b)
-        visible = bank.mask_function(rows[:, None], cols[None, :])
-        tiles += int(visible.reshape(b, tp // b, b).any(axis=(0, 2)).sum())
-    return tiles * b * b
-
-
-def _memory_part_pairs(plan: Any, ts: int, first: int, end: int, bound: int) -> int:
-    """Pairs the decomposed kernel's memory part computes for segments ``first .. end - 1`` of
-    one group: the whole bound each within one key block; past it, the key blocks each
-    segment's prefix reaches (``structured._seen_blocks``)."""
-    kb = plan.key_block
-    if bound <= kb:
-        return (end - first) * ts * bound
-    seen = [plan.num_sinks + i * plan.slots if i else 0 for i in range(first, end)]
-    return sum(ts * kb * min(-(-n // kb), -(-bound // kb)) for n in seen)
-
-
 def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
                     ratios: tuple[int, ...] | None = None, *, backend: str | None = None,
                     tie: bool = False) -> dict[str, Any]:
@@ -295,24 +261,13 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     on ``backend`` computes (``computed``) against the pairs the mask allows (``exact`` =
     ``visible_attention_pairs``), for the model pass and, with ``tie``, TIE's two reference
     passes (``tie_computed``/``tie_exact``). With T layout tokens, S segments of Ts = L + slots
-    tokens, M = sinks + S * slots memory buffer entries, E = M + Ts, c_i live memory entries
-    before segment i:
+    tokens:
 
       KV dense      2 T^2: one [T, T] block per key set, keys at positions and at memory positions
-      windowed      UniGist's ``window.py`` (``window_pairs.windowed_computed_pairs``, ``window_plan``):
-                    blocks x bq x C (each query block of bq rows against its band of C layout
-                    keys) + sum over memory groups of blocks x bq x the group's buffer bound
-      decomposed    ``structured.segment_plan``: S x sum over query blocks of rows x end row (each
-                    block of a segment against its keys up to its last row) + sum over memory
-                    groups of segments x Ts x the group's buffer bound (segments 1..S-1 against
-                    the prefix of the group's last segment; past one memory key block, the key
-                    blocks each segment's own prefix reaches)
-      flash         XLA kernel: S E^2 (each segment's [E, E] scores); cuDNN: sum_i
-                    (c_i + Ts)(c_i + Ts + 1) / 2 (causal with row lengths c_i + Ts)
-      bank          non-empty tiles of the permuted mask (``bank_block_pairs``)
-      split         cuDNN: the exact pairs (``split.split_pairs``: causal triangles over each
-                    segment's live tokens + live queries x c_i); XLA: S Ts^2 + (S - 1) Ts C,
-                    C = sinks + (S - 1) slots (the compacted memory)
+      KV kernels    each gist kernel counts what it computes (``computed_pairs`` of the class
+                    ``forward.gist_kernel`` names: ``DecomposedKV``, ``PrefixCausalKV`` (flash),
+                    ``SplitKV``, ``GistBankKV``, UniGist's ``WindowedKV``), from the same geometry
+                    it runs (``segment_plan``, ``window_plan``, the bank's mask)
       full / TIE    the plain causal kernel (``model.attention_impl``, ``_causal_kernel_pairs``)
                     over N raw tokens; TIE's segment-local pass over ceil(N / L) rows of L
       Coarse-Rec    S passes of the causal kernel (padding: blockwise) over s + S * slots + Ts
@@ -322,7 +277,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     """
     import jax
 
-    from gist_jax.gist.forward import resolve_attention_impl
+    from gist_jax.gist.forward import gist_kernel, resolve_attention_impl
 
     resolve_impl = causal_kernel.resolve_impl
 
@@ -335,7 +290,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     else:
         layout = _layout(num_raw, comp, ratios)
         shape = layout.shape
-        s, ts, m = shape.num_segments, shape.segment_tokens, shape.memory_size
+        s, ts = shape.num_segments, shape.segment_tokens
         if comp.memory == "recurrent":
             rec = resolve_impl(model_cfg.attention_impl, backend, model_cfg.dtype,
                                model_cfg.head_dim, has_padding=True)
@@ -344,48 +299,12 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
         else:
             impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments,
                                           model_cfg.dtype, backend, windowed=comp.windowed)
-            t = shape.length
             if impl == "dense":
-                computed = 2 * t * t
-            elif comp.windowed:
-                from gist_jax.train.window_pairs import windowed_computed_pairs
-
-                impl, computed = "windowed", windowed_computed_pairs(layout, comp.window)["total"]
-            elif impl == "decomposed":
-                from gist_jax.gist.structured import segment_plan
-
-                plan = segment_plan(s, ts, shape.num_sinks, shape.slots)
-                computed = (s * sum((r1 - r0) * r1 for r0, r1 in plan.query_blocks)
-                            + sum(_memory_part_pairs(plan, ts, first, end, bound) for first, end, bound in plan.groups))
-            elif impl == "flash":
-                from gist_jax.gist.flash import CUDNN_DTYPES
-
-                h = model_cfg.head_dim
-                if (backend == "gpu" and model_cfg.dtype in [np.dtype(d).name for d in CUDNN_DTYPES]
-                        and h % 8 == 0 and h <= 128):
-                    impl = "flash:cudnn"
-                    live = memory_buffer_arrays(layout)
-                    # PrefixCausalKV.key_segment: sinks belong to segment 0, seen from segment 1 on.
-                    owner = np.concatenate([np.zeros(shape.num_sinks, np.int32), live["segment"][shape.num_sinks:]])
-                    c_S = np.array([int((live["live"] & (owner < i)).sum()) for i in range(s)])
-                    computed = int(((c_S + ts) * (c_S + ts + 1) // 2).sum())
-                else:
-                    impl, computed = "flash:xla", s * (m + ts) ** 2
-            elif impl == "bank":
-                from gist_jax.gist.bank import GistBankKV
-
-                computed = bank_block_pairs(GistBankKV.for_shape(shape, comp))
-            elif impl == "split":
-                from gist_jax.gist.split import split_pairs
-
-                if backend == "gpu":  # cuDNN skips what causality and the key lengths mask
-                    impl, computed = "split:cudnn", split_pairs(layout)["split"]
-                else:  # XLA: each segment's [Ts, Ts] square, segments 1..S-1 x the buffer
-                    c = shape.num_sinks + (s - 1) * shape.slots
-                    impl, computed = "split:xla", s * ts * ts + (s - 1) * ts * c
-            else:  # an implementation whose computed pairs are not derived here (yet): say so
-                computed = None
-            out.update(impl=impl, computed=None if computed is None else int(computed))
+                computed = 2 * shape.length * shape.length
+            else:
+                impl, computed = gist_kernel(impl, comp).computed_pairs(layout, comp, backend, model_cfg.dtype,
+                                                                       model_cfg.head_dim)
+            out.update(impl=impl, computed=int(computed))
         if tie:
             L = min(comp.segment_length, num_raw)
             rows = -(-num_raw // L)
@@ -393,7 +312,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
             out["tie_computed"] = (_causal_kernel_pairs(causal, num_raw)
                                    + rows * _causal_kernel_pairs(causal, L))
             out["tie_exact"] = _causal_pairs(num_raw) + whole * _causal_pairs(L) + _causal_pairs(rest)
-    out["computed_over_exact"] = None if out["computed"] is None else out["computed"] / out["exact"]
+    out["computed_over_exact"] = out["computed"] / out["exact"]
     return out
 
 
@@ -459,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     except cli_config.CliConfigError as e:
         cli_config.exit_config_error(e)
     comp, n = run.compression, run.step.seq_len
-    tie, ae = step_objectives(run.step, comp)
+    terms = objectives(run.step, comp)
+    tie, ae = terms.tie_online, terms.ae
     full = comp.full_attention()
     print(f"{run.name} ({run.model.init}): raw tokens {n}; 6N: {model_flops_6n(cfg, n) / n / 1e9:.2f} GFLOP/token")
     cases = [(f"{comp.memory}/{comp.granularity} L={comp.segment_length} r={r}",

@@ -17,7 +17,6 @@ and RNG, so a run restored at step k continues exactly as if it had never stoppe
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -28,25 +27,24 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from gist_jax.data.loader import BatchLoader
-from gist_jax.gist.layout import GistLayout, cached_layout, sample_ratios
 from gist_jax.gist.params import model_config_for
-from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train import workdir_lock
 from gist_jax.train.checkpoint import Checkpointer, layout_metadata
 from gist_jax.train.distributed import is_primary
 from gist_jax.train.evaluation import PerplexityEvaluator
 from gist_jax.train.experiment import ModelSection, RunConfig, check_model_matches_data, check_model_matches_run
-from gist_jax.train.flops import peak_flops, step_objectives, train_flops_per_step
+from gist_jax.train.flops import peak_flops
 from gist_jax.train.hooks import CompileLog, HookList, MetricsWriter, PreemptionWatch, Profiler, RunContext, Throughput
-from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh, replicated
+from gist_jax.train.mesh import batch_sharding, check_batch, make_mesh
+from gist_jax.train.objectives import objectives
 from gist_jax.train.state import TrainState, create_train_state
 from gist_jax.train.state_hooks import CheckpointHook, EvalHook, HuggingFaceExportHook, MetricsHook
 from gist_jax.train.step import Batch, build_train_step
+from gist_jax.train.step_layouts import StepLayout, StepLayouts
 from gist_jax.utils import bucket
 
 logger = logging.getLogger(__name__)
@@ -88,61 +86,32 @@ def memory_plan(base_cfg: ModelConfig, run: RunConfig, mesh: Mesh) -> str:
         return f"plan: not available ({type(e).__name__}: {str(e)[:200]})"
 
 
-def step_ratios(run: RunConfig, step: int, num_segments: int) -> tuple[tuple[int, ...], int]:
-    """The compression ratios of step ``step``: a function of (seed, step) only."""
-    return sample_ratios(run.compression, num_segments, np.random.default_rng([run.step.seed, step, 7]))
-
-
 class StepFunctions:
-    """One AOT-compiled update per layout shape (per ratio with ``per_instance`` sampling).
+    """One AOT-compiled update per layout shape (per ratio with ``per_instance`` sampling); the
+    layout's arrays come already on the devices (``step_layouts.StepLayouts``)."""
 
-    The layout's arrays (masks, positions) are data, copied to the devices once per distinct
-    layout and kept in a small LRU keyed by the layout's value (``GistLayout.digest``):
-    per-segment ratio sampling meets thousands of layouts, and a key by object identity would
-    hand a step another layout's masks once ``cached_layout`` evicts and an id is reused.
-    """
-
-    MAX_DEVICE_LAYOUTS = 64
-
-    def __init__(self, make: Callable, mesh: Mesh, on_compile: Callable[[str, float], None]) -> None:
-        self.make, self.mesh, self.on_compile = make, mesh, on_compile
+    def __init__(self, make: Callable, on_compile: Callable[[str, float], None]) -> None:
+        self.make, self.on_compile = make, on_compile
         self._compiled: dict[Any, Callable] = {}
-        self._arrays: collections.OrderedDict[str, dict] = collections.OrderedDict()
-
-    def arrays(self, layout: GistLayout) -> dict:
-        key = layout.digest
-        if key in self._arrays:
-            self._arrays.move_to_end(key)
-        else:
-            rep = replicated(self.mesh)
-            self._arrays[key] = {k: jax.device_put(np.asarray(v), rep) for k, v in layout_arrays(layout).items()}
-            if len(self._arrays) > self.MAX_DEVICE_LAYOUTS:
-                self._arrays.popitem(last=False)
-        return self._arrays[key]
 
     def __call__(self, state: TrainState, batch: Batch,
-                 layout: GistLayout) -> tuple[TrainState, dict[str, jax.Array]]:
-        arrays = self.arrays(layout)
-        fn = self._compiled.get(layout.shape)
+                 step_layout: StepLayout) -> tuple[TrainState, dict[str, jax.Array]]:
+        shape, arrays = step_layout.layout.shape, step_layout.arrays
+        fn = self._compiled.get(shape)
         if fn is None:
             start = time.perf_counter()
-            fn = self.make(layout.shape).lower(state, batch, arrays).compile()
-            self._compiled[layout.shape] = fn
-            self.on_compile(str(layout.shape), time.perf_counter() - start)
-        return fn(state, batch, arrays)
+            fn = self.make(shape).lower(state, batch, arrays).compile()
+            self._compiled[shape] = fn
+            self.on_compile(str(shape), time.perf_counter() - start)
+        # Everything the step reads is already on its devices: an implicit transfer here would be
+        # a host round trip in the hot loop (the step tests run under the same guard).
+        with jax.transfer_guard("disallow"):
+            return fn(state, batch, arrays)
 
 
 def open_checkpointer(run: RunConfig, workdir: pathlib.Path) -> Checkpointer:
     return Checkpointer(workdir / "checkpoints", run.checkpoint.keep, run.checkpoint.milestone_every,
                         run.checkpoint.async_save)
-
-
-def step_layout(run: RunConfig, step: int, num_segments: int) -> GistLayout:
-    """The layout of step ``step``: one for the run without compression, else that of its ratios."""
-    if not run.compression.enabled:
-        return cached_layout(run.step.seq_len, run.compression)
-    ratios, slots = step_ratios(run, step, num_segments)
-    return cached_layout(run.step.seq_len, run.compression, ratios, slots)
 
 
 def train(run: RunConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -167,15 +136,7 @@ def _train(run: RunConfig, workdir: pathlib.Path) -> dict[str, Any]:
     check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
 
     # ------------------------------------------------------------------ checkpoint check
-    # Before anything heavy loads: a workdir whose checkpoint this config cannot resume is refused.
-    # (The checkpoint directory is only created once the model, data and state are known to load.)
-    ckpt = open_checkpointer(run, workdir) if (workdir / "checkpoints").is_dir() else None
-    if ckpt is not None:
-        ckpt.check_resume(run.to_dict())
-    if is_primary():
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
-    writer = MetricsWriter(workdir)
+    ckpt, writer = _open_workdir(run, workdir)
 
     # ------------------------------------------------------------------ model and data
     base_cfg, base_params = load_base_model(run.model)
@@ -208,36 +169,23 @@ def _train(run: RunConfig, workdir: pathlib.Path) -> dict[str, Any]:
     throughput = Throughput(step_cfg.batch_size * step_cfg.seq_len, total, peak_flops(), jax.device_count())
     compile_log = CompileLog(throughput, writer)
     steps = StepFunctions(functools.partial(build_train_step, base_cfg, comp, step_cfg, tx=tx, mesh=mesh,
-                                            state_shardings=shardings), mesh, compile_log)
+                                            state_shardings=shardings), compile_log)
+    layouts = StepLayouts(run, base_cfg, mesh)
     evaluator = make_evaluator(run, base_cfg, mesh)
-    # In run order within a step: metrics of the previous step (checked before anything is saved),
-    # trace stop, save, export, eval, and last the preemption check that ends the loop.
-    metrics_hook = MetricsHook(run.train.log_every)
-    hooks = HookList([
-        metrics_hook,
-        Profiler(workdir, run.train.profile_start, run.train.profile_steps),
-        CheckpointHook(run.checkpoint.every, layout_meta, metrics_hook),
-        *([HuggingFaceExportHook(run.checkpoint.export_hf_every, base_cfg, metrics_hook)]
-          if run.checkpoint.export_hf_every else []),
-        *([EvalHook(evaluator, run.train.eval_every, run.train.eval_at_start)] if evaluator is not None else []),
-        PreemptionWatch(),
-    ])
+    hooks = make_hooks(run, workdir, layout_meta, base_cfg, evaluator)
     ctx = RunContext(run=run, workdir=workdir, checkpointer=ckpt, loader=loader, writer=writer,
                      throughput=throughput, state=state, start_step=start, total_steps=total,
                      resumed=restored is not None, step=start)
     del state  # ctx.state from here on: the hooks save, export and evaluate that one
-    tie, ae = step_objectives(step_cfg, comp)
-    num_segments = comp.num_segments(step_cfg.seq_len) if comp.enabled else 1
 
     # ------------------------------------------------------------------ loop
     hooks.at_start(ctx)
     while ctx.step < total and not ctx.stop:
         hooks.before_step(ctx)
-        layout = step_layout(run, ctx.step, num_segments)
+        step_layout = layouts.for_step(ctx.step)
         batch = next(loader)
-        ctx.state, ctx.metrics = steps(ctx.state, batch, layout)
-        throughput.add_step(train_flops_per_step(base_cfg, comp, step_cfg.seq_len, step_cfg.batch_size,
-                                                 layout.ratios if comp.enabled else None, tie=tie, ae=ae)["total"])
+        ctx.state, ctx.metrics = steps(ctx.state, batch, step_layout)
+        throughput.add_step(step_layout.flops)
         ctx.step += 1
         hooks.after_step(ctx)
 
@@ -256,6 +204,36 @@ def _train(run: RunConfig, workdir: pathlib.Path) -> dict[str, Any]:
     return final
 
 
+def _open_workdir(run: RunConfig, workdir: pathlib.Path) -> tuple[Checkpointer | None, MetricsWriter]:
+    """Before anything heavy loads: a workdir whose checkpoint this config cannot resume is
+    refused. The checkpoint directory itself is only created once the model, data and state are
+    known to load; the run's config is written now."""
+    ckpt = open_checkpointer(run, workdir) if (workdir / "checkpoints").is_dir() else None
+    if ckpt is not None:
+        ckpt.check_resume(run.to_dict())
+    if is_primary():
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(run.to_dict(), indent=1))
+    return ckpt, MetricsWriter(workdir)
+
+
+def make_hooks(run: RunConfig, workdir: pathlib.Path, layout_meta: dict, base_cfg: ModelConfig,
+               evaluator: PerplexityEvaluator | None) -> HookList:
+    """The run's hooks in run order within a step: metrics of the previous step (checked before
+    anything is saved), trace stop, save, export, eval, and last the preemption check that ends
+    the loop."""
+    metrics_hook = MetricsHook(run.train.log_every)
+    return HookList([
+        metrics_hook,
+        Profiler(workdir, run.train.profile_start, run.train.profile_steps),
+        CheckpointHook(run.checkpoint.every, layout_meta, metrics_hook),
+        *([HuggingFaceExportHook(run.checkpoint.export_hf_every, base_cfg, metrics_hook)]
+          if run.checkpoint.export_hf_every else []),
+        *([EvalHook(evaluator, run.train.eval_every, run.train.eval_at_start)] if evaluator is not None else []),
+        PreemptionWatch(),
+    ])
+
+
 def make_train_loader(run: RunConfig, mesh: Mesh) -> BatchLoader:
     """The training batches; with precomputed TIE, each batch also carries ``tie_weights`` for
     exactly its rows, read from the file checked against the run and its opened token stores
@@ -265,7 +243,7 @@ def make_train_loader(run: RunConfig, mesh: Mesh) -> BatchLoader:
 
     stores = open_stores(run.data, run.data.train_split)
     extra = {}
-    if tie_store.uses_precomputed(run):
+    if objectives(run.step, run.compression).tie_precomputed:
         from gist_jax.train.preflight import model_config_before_loading
 
         extra["tie_weights"] = tie_store.open_weights(run, model_config_before_loading(run.model), stores)

@@ -56,8 +56,9 @@ from gist_jax.model.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mes
 from gist_jax.model.transformer import init_params, param_logical_specs
 from gist_jax.train.config import MeshConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
+from gist_jax.train.objectives import objectives
 from gist_jax.train.plan_trace import layer_residual_bytes, saved_residual_bytes
-from gist_jax.train.state import logical_param_specs, trainable_tree, uses_ae
+from gist_jax.train.state import logical_param_specs, trainable_tree
 
 
 def _shard_bytes(shape: tuple[int, ...], dtype: DTypeLike, spec: PartitionSpec, sizes: dict[str, int]) -> int:
@@ -169,7 +170,7 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     cfg = model_config_for(base, comp)
     abstract = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
-    if uses_ae(step, comp):
+    if objectives(step, comp).ae:
         from gist_jax.train.ae import init_ae_params
 
         abstract = jax.eval_shape(lambda p: {**p, "ae": init_ae_params(cfg, comp, p["model"])}, abstract)
@@ -180,7 +181,7 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     out: dict[str, float] = {"params": param_bytes, "optimizer_state": 2 * trainable_bytes,
                              "gradients": trainable_bytes}
     micro_per_device = max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
-    if step.objective.tie and step.objective.tie_source == "online" and comp.enabled:
+    if objectives(step, comp).tie_online:
         base_abstract = jax.eval_shape(lambda: init_params(base, jax.random.key(0)))
         out["tie_reference"] = _tree_bytes(base_abstract, param_logical_specs(base), sizes)
         if sizes["context"] > 1:
@@ -294,7 +295,7 @@ def context_traffic(base: ModelConfig, comp: CompressionConfig, step: StepConfig
     traffic = {"gist_gather": passes * gathered,
                "gist_scatter": step.microbatches * base.num_layers * gathered // context,
                "full_kv_gather": full}
-    if step.objective.tie and step.objective.tie_source == "online":
+    if objectives(step, comp).tie_online:
         traffic["tie_kv_gather"] = step.microbatches * base.num_layers * step.seq_len * entry
     if comp.windowed:  # each block's last keys to the next block, and their gradients back
         halo = context_window_plan(shape, comp.window, context).halo * entry

@@ -33,7 +33,8 @@ from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import init_params
 from gist_jax.train.config import StepConfig
-from gist_jax.train.state import trainable_tree, uses_ae
+from gist_jax.train.objectives import objectives
+from gist_jax.train.state import trainable_tree
 
 
 @jax.custom_vjp
@@ -92,7 +93,7 @@ def saved_residual_bytes(base: ModelConfig, comp: CompressionConfig, step: StepC
 
     cfg = model_config_for(base, comp)
     params = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
-    if uses_ae(step, comp):
+    if objectives(step, comp).ae:
         from gist_jax.train.ae import init_ae_params
 
         params = jax.eval_shape(lambda p: {**p, "ae": init_ae_params(cfg, comp, p["model"])}, params)

@@ -23,6 +23,7 @@ from typing import Any
 from gist_jax.errors import ConfigError
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.train.experiment import ModelSection, RunConfig, check_model_matches_run
+from gist_jax.train.objectives import objectives
 
 
 def check_paths(run: RunConfig, workdir: str | os.PathLike, argv: Sequence[str] | None = None) -> None:
@@ -52,7 +53,7 @@ def check_tie_weights(run: RunConfig, model_cfg: ModelConfig, argv: Sequence[str
     skipped here)."""
     from gist_jax.train import tie_store
 
-    if tie_store.uses_precomputed(run):
+    if objectives(run.step, run.compression).tie_precomputed:
         tie_store.check_weights(run, model_cfg, fix=tie_store.fix_command(argv))
 
 

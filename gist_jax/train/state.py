@@ -25,6 +25,7 @@ from gist_jax.model.config import ModelConfig
 from gist_jax.model.transformer import Params, init_params, param_logical_specs, to_layout
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import replicated, shardings_for
+from gist_jax.train.objectives import objectives
 from gist_jax.train.optimizer import make_optimizer
 
 
@@ -40,22 +41,11 @@ class TrainState:
         def replace(self, **updates: Any) -> Self: ...
 
 
-def _needs_reference(step_cfg: StepConfig, comp: CompressionConfig) -> bool:
-    obj = step_cfg.objective
-    return obj.tie and obj.tie_source == "online" and comp.enabled
-
-
-def uses_ae(step_cfg: StepConfig, comp: CompressionConfig) -> bool:
-    """The AE decoder exists only when it contributes: compression on and lambda > 0."""
-    obj = step_cfg.objective
-    return obj.ae and comp.enabled and obj.ae_lambda > 0
-
-
 def logical_param_specs(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig) -> dict:
     """Logical PartitionSpecs of ``state.params`` (the golden table tests compare against)."""
     cfg = model_config_for(base_cfg, comp)
     specs = {"model": param_logical_specs(cfg)}
-    if uses_ae(step_cfg, comp):
+    if objectives(step_cfg, comp).ae:
         layer = param_logical_specs(cfg.replace(scan_layers=False, gist_projections=False))["layers_0"]
         specs["ae"] = {"block": layer, "ae_embedding": PartitionSpec(None, "embed")}
     return specs
@@ -122,7 +112,7 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
 
     def build(base):
         params = {"model": add_gist_params(base, cfg)}
-        if uses_ae(step_cfg, comp):
+        if objectives(step_cfg, comp).ae:
             from gist_jax.train.ae import init_ae_params
 
             obj = step_cfg.objective
@@ -137,7 +127,7 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
     opt_abstract = jax.eval_shape(tx.init, abstract)
     opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(opt_abstract, param_shardings, mesh))(params)
     ref = jax.jit(lambda b: jax.tree.map(jnp.copy, b), out_shardings=base_shardings)(base) \
-        if _needs_reference(step_cfg, comp) else None
+        if objectives(step_cfg, comp).needs_reference_params else None
     state = TrainState(step=jax.device_put(np.zeros((), np.int32), replicated(mesh)),
                        params=params, opt_state=opt_state,
                        rng=jax.device_put(np.asarray(jax.random.key_data(rng)), replicated(mesh)),

@@ -31,8 +31,9 @@ from gist_jax.model.transformer import Params
 from gist_jax.train.ae import ae_loss
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
+from gist_jax.train.objectives import Objectives, objectives
 from gist_jax.train.optimizer import learning_rate_schedule
-from gist_jax.train.state import TrainState, trainable_tree, uses_ae
+from gist_jax.train.state import TrainState, trainable_tree
 from gist_jax.train.tie import compute_tie_weights, weight_entropy
 
 Batch = dict[str, jax.Array]
@@ -63,17 +64,29 @@ def ae_base_gate(warmup_steps: int, step: jax.Array | None) -> jax.Array | float
     return (step >= warmup_steps).astype(jnp.float32)
 
 
+def _lm_weights(base_cfg: ModelConfig, terms: Objectives, obj: Any, ref_params: Params | None, micro: Batch,
+                mask_BxN: jax.Array, seg_len: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token weights of the LM loss: TIE's (from the batch, or the frozen reference passes)
+    or the plain loss mask; with TIE, also its entropy metric."""
+    if not terms.tie:
+        return mask_BxN.astype(jnp.float32), {}
+    if terms.tie_precomputed:
+        weights = micro["tie_weights"] * mask_BxN
+    else:
+        weights = compute_tie_weights(base_cfg, ref_params, micro["tokens"], mask_BxN, seg_len,
+                                      obj.tie_gamma, obj.tie_rescale)
+    return weights, {"tie_entropy": weight_entropy(weights, mask_BxN)}
+
+
 def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig,
                          shape: LayoutShape) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """``(params, ref_params, micro, arrays, denom, step=None) -> (loss, metrics)`` for one
     microbatch (``step``: the update's index, for ``objective.ae_base_warmup_steps``): the
-    compressed forward, the TIE reference passes, the chunked LM loss and the AE loss. Shared by
-    the train step and the memory planner (``train/plan.py`` traces its VJP to count what the
-    backward keeps)."""
+    compressed forward, then the terms ``objectives`` decides: the chunked LM loss with its
+    weights (TIE's or the mask) and the AE loss. Shared by the train step and the memory
+    planner (``train/plan.py`` traces its VJP to count what the backward keeps)."""
     cfg = model_config_for(base_cfg, comp)
-    obj = step_cfg.objective
-    use_tie = obj.tie and comp.enabled
-    use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all
+    obj, terms = step_cfg.objective, objectives(step_cfg, comp)
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
     m = step_cfg.microbatches
 
@@ -89,29 +102,19 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
             return x_BxN if row_order is None else jnp.take(x_BxN, row_order, axis=1)
 
         gist_kv: tuple[jax.Array, jax.Array] | None = None
-        if use_ae:
+        if terms.ae:
             hidden, gist_kv = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
                                                 kv_layer=obj.ae_layer)
         else:
             hidden = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays)
-        # Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
+        # LM term. Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
         scores = lm_token_scores(cfg, params["model"], raw_rows(hidden, arrays, tokens.shape[1], shape),
                                  as_rows(next_token_labels(tokens)), as_rows(mask), chunk=obj.loss_chunk)
-        ce = scores.nll
-        metrics = {"correct": jnp.sum(scores.correct), "tokens": jnp.sum(mask)}
-        if use_tie:
-            if obj.tie_source == "precomputed":
-                weights = micro["tie_weights"] * mask
-            else:
-                weights = compute_tie_weights(base_cfg, ref_params, tokens, mask, seg_len,
-                                              obj.tie_gamma, obj.tie_rescale)
-            metrics["tie_entropy"] = weight_entropy(weights, mask)
-        else:
-            weights = mask.astype(jnp.float32)
-        lm_num = jnp.sum(as_rows(weights * mask) * ce)
+        weights, metrics = _lm_weights(base_cfg, terms, obj, ref_params, micro, mask, seg_len)
+        lm_num = jnp.sum(as_rows(weights * mask) * scores.nll)
         loss = lm_num / denom
-        metrics["lm_num"] = lm_num
-        if use_ae:
+        metrics.update(correct=jnp.sum(scores.correct), tokens=jnp.sum(mask), lm_num=lm_num)
+        if terms.ae:  # AE term
             assert gist_kv is not None  # compressed_hidden's kv_layer output, above
             ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv,
                                      chunk=obj.loss_chunk, train_shared=obj.ae_train_shared,
@@ -135,10 +138,8 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
     is donated.
     """
     check_batch(step_cfg.batch_size, step_cfg.microbatches, mesh)
-    obj = step_cfg.objective
+    obj, terms = step_cfg.objective, objectives(step_cfg, comp)
     check_context_parallel(comp, step_cfg.seq_len, mesh.shape["context"])
-    use_tie = obj.tie and comp.enabled
-    use_ae = uses_ae(step_cfg, comp)  # lambda 0: no decoder at all
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
     m = step_cfg.microbatches
     schedule = learning_rate_schedule(step_cfg.optimizer)
@@ -149,7 +150,7 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         trainable = trainable_tree(state.params, comp)
         params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), state.params, trainable)
         full_mask = loss_positions(batch["tokens"], batch["loss_mask"], seg_len, obj.include_first_segment)
-        denom = _denominator(full_mask, use_tie and not obj.tie_rescale)
+        denom = _denominator(full_mask, terms.tie and not obj.tie_rescale)
 
         def split(x):  # [B, ...] -> [M, B/M, ...], each microbatch spread over every device
             x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
@@ -183,9 +184,9 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
             "grad_norm": optax.global_norm(trained_grads),
             "learning_rate": schedule(state.step),
         }
-        if use_tie:
+        if terms.tie:
             metrics["tie_entropy"] = sums["tie_entropy"] / m
-        if use_ae:
+        if terms.ae:
             metrics["ae_loss"] = sums["ae_loss"] / m
             metrics["ae_accuracy"] = sums["ae_accuracy"] / m
         new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
@@ -196,8 +197,6 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         with activation_mesh(mesh):
             return step(state, batch, arrays)
 
-    batch_spec = {"tokens": batch_sharding(mesh), "loss_mask": batch_sharding(mesh)}
-    if use_tie and obj.tie_source == "precomputed":
-        batch_spec["tie_weights"] = batch_sharding(mesh)
+    batch_spec = {field: batch_sharding(mesh) for field in terms.batch_fields}
     return jax.jit(traced, in_shardings=(state_shardings, batch_spec, replicated(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))

@@ -29,7 +29,7 @@ import numpy as np
 
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.config import ModelConfig
-from gist_jax.model.loss import DEFAULT_CHUNK, lm_token_scores
+from gist_jax.model.loss import DEFAULT_CHUNK, lm_token_scores, next_token_labels
 from gist_jax.model.sharding import CONTEXT_AXIS, constrain, context_size, override_rules
 from gist_jax.model.transformer import Decoder, to_layout
 
@@ -61,7 +61,7 @@ def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
     b, n = tokens_BxN.shape
     idx = jnp.arange(n)
     positions = jnp.broadcast_to(idx.astype(jnp.int32), (b, n))
-    targets = jnp.concatenate([tokens_BxN[:, 1:], tokens_BxN[:, :1]], axis=1)
+    targets = next_token_labels(tokens_BxN)
     has_next = idx < n - 1
 
     def hidden_states(tokens_BxT: jax.Array, positions_BxT: jax.Array,

@@ -49,12 +49,6 @@ KEY = "objective.tie_weights_path"
 _EXECUTION_FIELDS = ("scan_layers", "remat_policy", "attention_impl")
 
 
-def uses_precomputed(run: RunConfig) -> bool:
-    """The step reads ``batch["tie_weights"]`` (``train/step.py``: TIE needs compression on)."""
-    obj = run.step.objective
-    return obj.tie and obj.tie_source == "precomputed" and run.compression.enabled
-
-
 # -- where ------------------------------------------------------------------------------------------
 def stream_fields(run: RunConfig) -> dict[str, Any]:
     """What the sequences depend on: the data config (not where it is cached, nor the eval split)

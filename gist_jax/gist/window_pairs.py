@@ -53,14 +53,10 @@ def windowed_memory_pairs(layout: GistLayout, window: int) -> int:
 
 def windowed_computed_pairs(layout: GistLayout, window: int) -> dict[str, int]:
     """``{'band', 'memory', 'total'}``: score entries ``gist/window.py`` computes per sequence,
-    layer and head (bq x C per block, plus blocks x bq x bound per memory group)."""
-    from gist_jax.gist.window import window_plan
+    layer and head (``window.windowed_pairs``, the kernel's own count)."""
+    from gist_jax.gist.window import windowed_pairs
 
-    plan = window_plan(layout.shape, window)
-    bq = plan.query_block
-    band = plan.num_blocks * bq * plan.band
-    memory = sum((end - first) * bq * bound for first, end, bound in plan.groups)
-    return {"band": int(band), "memory": int(memory), "total": int(band + memory)}
+    return windowed_pairs(layout.shape, window)
 
 
 def windowed_pair_report(layout: GistLayout, window: int) -> dict[str, float]:

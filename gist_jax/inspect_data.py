@@ -1,6 +1,6 @@
 """Look at the data a run will train on, before spending accelerator time on it.
 
-    python -m gist_jax.data.inspect_data --config experiments/demo.py:tiny [--split train] [--steps 1] \
+    python -m gist_jax.inspect_data --config experiments/demo.py:tiny [--split train] [--steps 1] \
         [--sample-rows 1] [--config.<key>=<value> ...]
 
 Loads the run config exactly as ``python -m gist_jax.main`` does (``gist_jax/cli_config.py``: same
@@ -35,8 +35,8 @@ from gist_jax.data.loader import Sequencer, SpecialIds, open_stores
 from gist_jax.data.packing import EpochPlan
 from gist_jax.data.sources import SPLITS
 from gist_jax.data.store import TokenStore
-from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import GistLayout, build_layout
+from gist_jax.gist.layout import GistLayout
+from gist_jax.train.step_layouts import host_layout, step_layout_key
 
 if TYPE_CHECKING:
     from gist_jax.train.experiment import RunConfig
@@ -49,7 +49,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     (tests) beside gist_jax.main's absl flags."""
     from gist_jax import cli_config
 
-    p = argparse.ArgumentParser(prog="python -m gist_jax.data.inspect_data", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m gist_jax.inspect_data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     cli_config.add_config_flag(p, what="the run whose data to inspect")
     p.add_argument("--split", default="train", choices=list(SPLITS),
@@ -143,17 +143,6 @@ def render_row(tokens: np.ndarray, valid: np.ndarray, layout: GistLayout, decode
     return "".join(out)
 
 
-def step_layout(run: RunConfig, step: int) -> GistLayout:
-    """The layout the training loop builds at ``step`` (its ratios are a function of (seed, step))."""
-    from gist_jax.train.loop import step_ratios
-
-    comp: CompressionConfig = run.compression
-    if not comp.enabled:
-        return build_layout(run.step.seq_len, comp)
-    ratios, slots = step_ratios(run, step, comp.num_segments(run.step.seq_len))
-    return build_layout(run.step.seq_len, comp, ratios, slots)
-
-
 # -- printing ----------------------------------------------------------------------------------------------
 def _split_config(data: DataConfig, split: str) -> DataConfig:
     """The evaluator reads the eval split without length upsampling (gist_jax.train.loop.make_evaluator)."""
@@ -203,7 +192,7 @@ def print_report(run: RunConfig, split: str, steps: int, sample_rows: int, file:
     tokenizer = tokenizer_from_spec(data.tokenizer)
     comp = run.compression
     for step in range(steps):
-        layout = step_layout(run, step)
+        layout = host_layout(run, step_layout_key(run, step))
         for r in range(min(sample_rows, batch)):
             tokens, valid = sequencer.sequence(*_plan_row(sequencer, step * batch + r))
             if comp.enabled:
