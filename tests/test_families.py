@@ -14,8 +14,9 @@ from gist_jax.errors import ConfigError
 from gist_jax.hf import modeling_gist
 from gist_jax.model.config import ModelConfig, RopeScaling
 
+# A reach past Mistral's default 4096-token window: the export must say "no window" explicitly.
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-            head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+            head_dim=16, max_position_embeddings=32768, bos_token_id=1, eos_token_id=2)
 
 
 def _config(name: str) -> ModelConfig:
@@ -51,7 +52,7 @@ def test_export_class_is_built_over_the_family_class(name):
 @pytest.mark.parametrize("hf_changes,match", [
     (dict(model_type="gpt2"), r"HF model_type='gpt2' is not supported; supported families: \['llama', 'mistral'"),
     (dict(model_type="mistral", sliding_window=256), (r"sliding_window=256 is not supported .* >= "
-                                                     r"max_position_embeddings=512")),
+                                                     r"max_position_embeddings=32768")),
     (dict(model_type="qwen2", use_sliding_window=True), "use_sliding_window=True is not supported"),
     (dict(model_type="llama", attention_bias=True), "attention_bias=True is not supported"),
     (dict(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
@@ -63,7 +64,7 @@ def test_unsupported_hf_configs_fail_in_one_line(hf_changes, match):
 
 
 def test_sliding_window_covering_every_position_is_plain_causal():
-    hf = {**families.config_to_hf(_config("mistral")), "sliding_window": 512}
+    hf = {**families.config_to_hf(_config("mistral")), "sliding_window": 32768}
     assert families.config_from_hf(hf) == _config("mistral")
 
 
