@@ -85,7 +85,7 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
 # The gist-structure kernels by the name ``resolve_attention_impl`` returns. Each class builds
 # its structure (``for_layout(arrays, shape, comp)``, what ``AttentionSpec.structure`` holds) and
 # counts what it computes (``computed_pairs(layout, comp, backend, dtype, head_dim)``, which
-# ``flops.attention_pairs`` and the memory planner ask); a windowed (UniGist) config runs
+# ``flops.attention_pairs`` asks); a windowed (UniGist) config runs
 # ``WindowedKV`` whatever the name. A new kernel is one class and one line here.
 GIST_KERNELS: dict[str, type] = {"decomposed": DecomposedKV, "flash": PrefixCausalKV, "split": SplitKV,
                                  "bank": GistBankKV}

@@ -1,6 +1,6 @@
 """The training loop's layouts: decided once per distinct layout, on the devices, with their FLOPs.
 
-A step's layout is a function of its sampled ratios (``loop.step_ratios``). The first step that
+A step's layout is a function of its sampled ratios (``step_ratios``). The first step that
 meets a ratio tuple builds the host layout, places its arrays on the mesh, replicated, in one
 ``device_put`` from numpy (never device -> host -> devices), and counts the step's FLOPs; every
 later step with those ratios reuses the entry. One cache, one key (the ratios and gist slots
