@@ -84,9 +84,8 @@ class StepSetup:
         """The KV implementation that runs on this backend (``auto``/``bank`` resolved)."""
         if self.comp.memory != "kv":
             return "n/a"
-        impl = resolve_attention_impl(self.comp.attention_impl, self.layout.shape.whole_segments,
+        return resolve_attention_impl(self.comp.attention_impl, self.layout.shape.whole_segments,
                                       self.base_cfg.dtype, windowed=self.comp.windowed)
-        return "windowed" if self.comp.windowed and impl != "dense" else impl
 
 
 @dataclasses.dataclass(frozen=True)

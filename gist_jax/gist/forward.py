@@ -46,7 +46,7 @@ _WARNED: set[str] = set()  # fallbacks already reported in this process (one war
 
 def resolve_attention_impl(impl: str, whole_segments: bool = True,
                            compute_dtype: str = "bfloat16", backend: str | None = None,
-                           windowed: bool = False) -> str:
+                           windowed: bool = False, context: int = 1) -> str:
     """The implementation a KV pass runs, decided at trace time from the backend (default:
     this process's; the memory planner passes the target's): ``auto`` is ``flash`` on GPU
     with a bf16/fp16 compute dtype (where cuDNN runs it): ``split`` when this process is on
@@ -56,12 +56,21 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
     layout). ``bank`` is ``flash`` on GPU (no block-sparse GPU kernel in JAX). ``flash`` and
     ``bank`` need whole segments (a padded segment has dead raw tokens before live gists); a
     layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``, which is
-    exact for every layout. A windowed (UniGist) config has one structured path
-    (``window.py``): ``auto`` and ``decomposed`` run it, ``dense`` the reference."""
+    exact for every layout. A windowed (UniGist) config has one structured path,
+    ``windowed`` (``window.py``), whatever the name; ``dense`` runs the reference. A layout split
+    over ``context`` > 1 blocks of whole segments runs, on every block, the decomposed kernel
+    (``context_parallel.py``) or the windowed one (``context_window.py``).
+
+    Every caller that needs to know what runs (the forward, FLOPs, the memory plan, the
+    benchmarks) asks this one function; ``GIST_KERNELS`` maps its answer to the kernel class."""
     from gist_jax.gist import cudnn_stats
 
+    if impl == "dense":
+        return "dense"
     if windowed:
-        return "dense" if impl == "dense" else "decomposed"
+        return "windowed"
+    if context > 1:
+        return "decomposed"
 
     on_gpu = (backend or jax.default_backend()) == "gpu"
     if impl == "auto":
@@ -85,15 +94,9 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
 # The gist-structure kernels by the name ``resolve_attention_impl`` returns. Each class builds
 # its structure (``for_layout(arrays, shape, comp)``, what ``AttentionSpec.structure`` holds) and
 # counts what it computes (``computed_pairs(layout, comp, backend, dtype, head_dim)``, which
-# ``flops.attention_pairs`` asks); a windowed (UniGist) config runs
-# ``WindowedKV`` whatever the name. A new kernel is one class and one line here.
+# ``flops.attention_pairs`` asks). A new kernel is one class and one line here.
 GIST_KERNELS: dict[str, type] = {"decomposed": DecomposedKV, "flash": PrefixCausalKV, "split": SplitKV,
-                                 "bank": GistBankKV}
-
-
-def gist_kernel(impl: str, comp: CompressionConfig) -> Any:
-    """The kernel class that runs ``impl`` (a resolved name, not ``dense``/``auto``) for ``comp``."""
-    return WindowedKV if comp.windowed else GIST_KERNELS[impl]
+                                 "bank": GistBankKV, "windowed": WindowedKV}
 
 
 def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, params: Params,
@@ -111,26 +114,22 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     tokens_BxT = gather_raw(pad_raw(tokens_BxN, shape), arrays["raw_index"])
     # Whole segments is the layout's word, not the token array's width: a caller may pass
     # tokens already padded to whole segments, and that padding is still dead.
+    # The sequence split over the mesh's context axis: only the gist memory is gathered
+    # (context_parallel.py, context_window.py). A layout that does not cut into whole-segment
+    # blocks (an evaluation length) runs unsplit and XLA partitions it.
+    context = context_size() if context_size() > 1 and splits(shape, context_size()) else 1
     impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments, cfg.dtype,
-                                  windowed=comp.windowed)
+                                  windowed=comp.windowed, context=context)
     if impl == "bank" and stop_gist_memory_gradient:
         impl = "decomposed"  # the bank has one view of each gist key; this needs two
     if impl == "dense":
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
-        structure: AttentionStructure
-        if context_size() > 1 and splits(shape, context_size()):
-            # The sequence is split over the mesh's context axis: the decomposed (or windowed)
-            # kernel per block, with only the gist memory gathered (context_parallel.py,
-            # context_window.py). A layout that does not cut into whole-segment blocks (an
-            # evaluation length) runs as below and XLA partitions it.
-            if comp.windowed:
-                structure = ContextParallelWindowedKV(WindowedKV.from_arrays(arrays, shape, comp.window))
-            else:
-                structure = ContextParallelKV(DecomposedKV.from_arrays(arrays, shape),
-                                              physical_segments(arrays, shape))
-        else:
-            structure = gist_kernel(impl, comp).for_layout(arrays, shape, comp)
+        structure: AttentionStructure = GIST_KERNELS[impl].for_layout(arrays, shape, comp)
+        if context > 1 and impl == "windowed":
+            structure = ContextParallelWindowedKV(structure)
+        elif context > 1:
+            structure = ContextParallelKV(structure, physical_segments(arrays, shape))
         spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:

@@ -265,7 +265,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
 
       KV dense      2 T^2: one [T, T] block per key set, keys at positions and at memory positions
       KV kernels    each gist kernel counts what it computes (``computed_pairs`` of the class
-                    ``forward.gist_kernel`` names: ``DecomposedKV``, ``PrefixCausalKV`` (flash),
+                    ``forward.GIST_KERNELS`` maps the resolved name to: ``DecomposedKV``, ``PrefixCausalKV`` (flash),
                     ``SplitKV``, ``GistBankKV``, UniGist's ``WindowedKV``), from the same geometry
                     it runs (``segment_plan``, ``window_plan``, the bank's mask)
       full / TIE    the plain causal kernel (``model.attention_impl``, ``_causal_kernel_pairs``)
@@ -277,7 +277,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
     """
     import jax
 
-    from gist_jax.gist.forward import gist_kernel, resolve_attention_impl
+    from gist_jax.gist.forward import GIST_KERNELS, resolve_attention_impl
 
     resolve_impl = causal_kernel.resolve_impl
 
@@ -302,8 +302,8 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
             if impl == "dense":
                 computed = 2 * shape.length * shape.length
             else:
-                impl, computed = gist_kernel(impl, comp).computed_pairs(layout, comp, backend, model_cfg.dtype,
-                                                                       model_cfg.head_dim)
+                impl, computed = GIST_KERNELS[impl].computed_pairs(layout, comp, backend, model_cfg.dtype,
+                                                                   model_cfg.head_dim)
             out.update(impl=impl, computed=int(computed))
         if tie:
             L = min(comp.segment_length, num_raw)

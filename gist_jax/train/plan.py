@@ -79,10 +79,11 @@ def _tree_bytes(abstract: Any, logical: Any, sizes: dict[str, int], select: Any 
 
 
 def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, backend: str = "gpu",
-                          compute_dtype: str = "bfloat16", causal_impl: str = "auto") -> int:
+                          compute_dtype: str = "bfloat16", causal_impl: str = "auto", context: int = 1) -> int:
     """float32 bytes of the largest per-layer score tensor the attention implementation holds
     (``rows`` = sequences x heads per device), for ``comp.attention_impl`` as it resolves on
-    ``backend`` with ``compute_dtype`` (``forward.resolve_attention_impl``):
+    ``backend`` with ``compute_dtype``, the sequence split over ``context`` blocks
+    (``forward.resolve_attention_impl``):
 
       dense       T x K per row (K = 2T with compression: every token also as memory)
       decomposed  one query block x Ts (local) + Ts x min(M, MEMORY_KEY_BLOCK) (one memory
@@ -104,8 +105,8 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
     shape = build_layout(seq_len, comp).shape
     t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend,
-                                  windowed=comp.windowed)
-    if comp.windowed and impl != "dense":  # window.py: one query block's band and memory scores
+                                  windowed=comp.windowed, context=context)
+    if impl == "windowed":  # window.py: one query block's band and memory scores
         from gist_jax.gist.window import window_plan
 
         wp = window_plan(shape, comp.window)
@@ -150,11 +151,7 @@ def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str
     if comp.memory != "kv":
         return "dense"
     impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend,
-                                  windowed=comp.windowed)
-    if context > 1 and impl != "dense" and not comp.windowed:
-        return "decomposed"
-    if comp.windowed:
-        return "dense" if impl == "dense" else "windowed"  # window.py: autodiff layers, like decomposed
+                                  windowed=comp.windowed, context=context)
     return "dense" if impl == "bank" and backend != "tpu" else impl  # Pallas interpret mode off TPU
 
 
@@ -189,8 +186,9 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     # Context parallelism: a device holds one block of whole segments; its activations are those
     # of a sequence that long, plus the gathered memory buffer each layer keeps for its backward.
     local = _local_step(step, sizes["context"])
-    if sizes["context"] > 1 and comp.memory == "kv" and comp.attention_impl != "dense" and not comp.windowed:
-        comp = comp.replace(attention_impl="decomposed")  # what every block runs
+    if comp.memory == "kv" and resolve_attention_impl(comp.attention_impl, windowed=comp.windowed,
+                                                      context=sizes["context"]) == "decomposed":
+        comp = comp.replace(attention_impl="decomposed")  # the unsplit trace runs what every block runs
     out["activations_saved"] = saved_residual_bytes(base, comp, local, micro_per_device, backend)
     if sizes["context"] > 1:
         resolved = dataclasses.replace(step, mesh=dataclasses.replace(step.mesh, tensor=sizes["tensor"]))
@@ -377,9 +375,8 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
             lines.append(f"  context axis per step: online TIE's reference pass gathers every raw token's K/V, "
                          f"{traffic['tie_kv_gather'] / mib:.1f} MiB per device (precomputed weights need no pass)")
     heads = base.num_heads * max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
-    if sizes["context"] > 1 and planned.memory == "kv" and planned.attention_impl != "dense" and not planned.windowed:
-        planned = planned.replace(attention_impl="decomposed")  # every block's kernel
-    largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention_impl)
+    largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention_impl,
+                                    context=sizes["context"])
     lines.append(f"  (largest attention tensor: {largest / scale:.2f} {unit} per device per layer)")
     if device_gib is not None:
         verdict = "fits" if result["total"] <= device_gib * gib else "does NOT fit"
