@@ -95,7 +95,8 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
 # its structure (``for_layout(arrays, shape, comp)``, what ``AttentionSpec.structure`` holds) and
 # counts what it computes (``computed_pairs(layout, comp, backend, dtype, head_dim)``, which
 # ``flops.attention_pairs`` asks). A new kernel is one class and one line here.
-GIST_KERNELS: dict[str, type] = {"decomposed": DecomposedKV, "flash": PrefixCausalKV, "split": SplitKV,
+# Values are classes with those two classmethods (typed Any: the classes share no base).
+GIST_KERNELS: dict[str, Any] = {"decomposed": DecomposedKV, "flash": PrefixCausalKV, "split": SplitKV,
                                  "bank": GistBankKV, "windowed": WindowedKV}
 
 
@@ -125,11 +126,12 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     if impl == "dense":
         spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
-        structure: AttentionStructure = GIST_KERNELS[impl].for_layout(arrays, shape, comp)
+        kernel = GIST_KERNELS[impl].for_layout(arrays, shape, comp)
+        structure: AttentionStructure = kernel
         if context > 1 and impl == "windowed":
-            structure = ContextParallelWindowedKV(structure)
+            structure = ContextParallelWindowedKV(kernel)
         elif context > 1:
-            structure = ContextParallelKV(structure, physical_segments(arrays, shape))
+            structure = ContextParallelKV(kernel, physical_segments(arrays, shape))
         spec = structured_spec(arrays, comp, tokens_BxN.shape[0], structure, stop_gist_memory_gradient)
     kwargs = raw_embed_inputs(raw_embeds_BxNxE, shape, arrays["raw_index"])
     if kv_layer is None:
