@@ -56,26 +56,26 @@ class TensorRule:
 HfConfig = dict[str, Any]
 
 
-def _no_check(cfg: ModelConfig) -> None:
-    del cfg
+def _accept_all(hf: HfConfig) -> None:
+    del hf
 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One model family. ``name`` is both ``ModelConfig.family`` and transformers' ``model_type``.
 
-    ``fields_from_hf`` returns what only this family decides (``qkv_bias``...) and refuses, in
-    one ``ConfigError`` line, the HF settings gist_jax does not compute; ``hf_extras`` writes the
-    family's own keys back. ``check_export`` refuses a ``ModelConfig`` transformers could not load
-    as this family.
+    ``qkv_bias``: whether transformers' class has q/k/v biases (it decides ``ModelConfig.qkv_bias``
+    on import, and an export whose config disagrees is refused). ``check_hf`` refuses, in one
+    ``ConfigError`` line, the family's HF settings gist_jax does not compute; ``hf_extras`` writes
+    the family's own keys back.
     """
 
     name: str
     hf_class: str  # transformers' causal-LM class, e.g. "LlamaForCausalLM"
     rules: Callable[[ModelConfig], list[TensorRule]]
-    fields_from_hf: Callable[[HfConfig], dict[str, Any]]
     hf_extras: Callable[[ModelConfig], HfConfig]
-    check_export: Callable[[ModelConfig], None] = _no_check
+    qkv_bias: bool = False
+    check_hf: Callable[[HfConfig], None] = _accept_all
     gguf_architecture: str | None = None  # llama.cpp's general.architecture, if it writes one
     gguf_permuted_qk: bool = False  # llama.cpp permutes q/k rows for rotary (undone on read)
     # HF tensors that carry no parameters (recomputed buffers).
@@ -85,6 +85,13 @@ class Family:
     def export_class(self) -> str:
         """The compressed-inference class an export names (``hf/modeling_gist.py`` builds it)."""
         return "Gist" + self.hf_class
+
+    def check_export(self, cfg: ModelConfig) -> None:
+        """Refuse a config that transformers' class could not load (its biases differ)."""
+        if cfg.qkv_bias != self.qkv_bias:
+            has = "with" if cfg.qkv_bias else "without"
+            raise ConfigError(f"a {self.name}-family model {has} q/k/v biases has no transformers equivalent "
+                              f"({self.hf_class} {'always has' if self.qkv_bias else 'has no'} them)")
 
 
 def llama_like_rules(cfg: ModelConfig) -> list[TensorRule]:
@@ -145,7 +152,7 @@ def _rope_to_hf(cfg: ModelConfig) -> HfConfig:
 
 
 def config_from_hf(family: Family, hf: HfConfig, overrides: dict[str, Any]) -> ModelConfig:
-    """The fields every Llama-shaped config shares, then the family's own (and its refusals)."""
+    """The fields every Llama-shaped config shares, after the family's refusals; q/k/v biases are the family's."""
     require(hf, "hidden_act", "silu", "SwiGLU with SiLU only")
     require(hf, "mlp_bias", False, "MLP biases")
     theta, scaling = _rope_from_hf(hf)
@@ -162,7 +169,8 @@ def config_from_hf(family: Family, hf: HfConfig, overrides: dict[str, Any]) -> M
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=eos[0] if isinstance(eos, list) else eos,
     )
-    fields.update(family.fields_from_hf(hf))
+    family.check_hf(hf)
+    fields["qkv_bias"] = family.qkv_bias
     fields.update(overrides)
     return ModelConfig(**fields)
 
