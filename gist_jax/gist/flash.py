@@ -43,11 +43,10 @@ from typing import Literal
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.layout import GistLayout
-from gist_jax.gist.specs import memory_buffer_arrays
+from gist_jax.gist.split import split_pairs
 from gist_jax.gist.structured import DecomposedKV
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.kernels import cudnn_runs
@@ -77,14 +76,9 @@ class PrefixCausalKV(DecomposedKV):
         E = memory size + Ts."""
         del comp
         shape = layout.shape
-        s, ts = shape.num_segments, shape.segment_tokens
         if not cudnn_runs(backend, dtype, head_dim):
-            return "flash:xla", s * (shape.memory_size + ts) ** 2
-        live = memory_buffer_arrays(layout)
-        # key_segment: sinks belong to segment 0, seen from segment 1 on.
-        owner = np.concatenate([np.zeros(shape.num_sinks, np.int32), live["segment"][shape.num_sinks:]])
-        c_S = np.array([int((live["live"] & (owner < i)).sum()) for i in range(s)])
-        return "flash:cudnn", int(((c_S + ts) * (c_S + ts + 1) // 2).sum())
+            return "flash:xla", shape.num_segments * (shape.memory_size + shape.segment_tokens) ** 2
+        return "flash:cudnn", split_pairs(layout)["flash"]  # c_i counted once, beside split's own pairs
 
     def extended_indices(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Where each row of the per-segment ``[memory_i | segment i | unused]`` sequence comes
