@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 import ml_collections
 
 from gist_jax.errors import ConfigError
+from gist_jax.model.kernels import parse_attention, with_gist_kernel
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -53,8 +54,6 @@ def _architecture(memory: str, granularity: str) -> Callable[[ConfigDict], None]
             c.compression.bptt_segments = 0
         if memory != "recurrent":
             c.compression.bptt_segments = 0
-        if memory != "kv":  # the decomposed attention is for KV memory; the others use their own paths
-            c.compression.attention_impl = "dense"
         c.compression.window = 0  # chunked: the paper's three architectures
 
     return apply
@@ -69,8 +68,8 @@ def _unigist(c: ConfigDict) -> None:
     c.compression.window = c.compression.segment_length
     if c.compression.ratio_sampling == "per_segment":
         c.compression.ratio_sampling = "per_instance"
-    if c.compression.attention_impl not in ("dense", "decomposed", "auto"):
-        c.compression.attention_impl = "auto"
+    if parse_attention(c.model.attention).gist not in ("dense", "decomposed", "auto"):
+        c.model.attention = with_gist_kernel(c.model.attention, "auto")  # the window's one structured kernel
 
 
 def _switch(key: str, value: bool) -> Callable[[ConfigDict], None]:

@@ -39,7 +39,7 @@ def paper_recipe(c: _common.ConfigDict, *, hf_dir: str, tensor: int, microbatche
     c.model.remat_policy = "full"
     c.compression.memory = "kv"
     c.compression.granularity = "fine"
-    c.compression.attention_impl = "auto"  # flash (cuDNN) on GPU, decomposed elsewhere (docs/performance.md)
+    c.model.attention = "auto"  # flash (cuDNN) on GPU, decomposed elsewhere (docs/performance.md)
     c.compression.segment_length = SEGMENT_LENGTH
     c.compression.ratios = RATIOS
     c.compression.ratio_sampling = "per_instance"

@@ -46,7 +46,7 @@ def base() -> _common.ConfigDict:
     c.model.remat_policy = "qkv_proj_attn_out"
     c.compression.memory = "kv"
     c.compression.granularity = "fine"
-    c.compression.attention_impl = "auto"  # flash (cuDNN) on GPU, decomposed elsewhere (docs/performance.md)
+    c.model.attention = "auto"  # flash (cuDNN) on GPU, decomposed elsewhere (docs/performance.md)
     c.compression.segment_length = 1024
     c.compression.ratios = (4, 8, 16, 32)
     c.compression.ratio_sampling = "per_instance"

@@ -110,7 +110,7 @@ def gpu() -> _common.ConfigDict:
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"
-    c.compression.attention_impl = "auto"
+    c.model.attention = "auto"
     c.compression.segment_length = 512
     c.step.seq_len = 2048
     c.step.batch_size = 8

@@ -223,7 +223,7 @@ def model_shape(section: Any) -> ModelConfig:
                              f"give a preset of the same shape, --config.model.init=preset:<name> "
                              f"({', '.join(sorted(PRESETS))})") from None
     return cfg.replace(scan_layers=section.scan_layers, remat_policy=section.remat_policy,
-                       attention_impl=section.attention_impl)
+                       attention=section.attention)
 
 
 # ----------------------------------------------------------------------------- one-line errors

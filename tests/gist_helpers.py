@@ -8,7 +8,8 @@ import jax
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.params import add_gist_params, model_config_for
-from gist_jax.model.config import preset
+from gist_jax.model.config import ModelConfig, preset
+from gist_jax.model.kernels import with_gist_kernel
 from gist_jax.model.transformer import init_params
 
 BASE = preset("tiny", eos_token_id=3, num_layers=2)
@@ -19,6 +20,13 @@ def comp_config(memory: str, granularity: str, positions: str = "compressed", si
     return CompressionConfig(memory=memory, granularity=granularity, segment_length=segment_length,
                              ratios=(ratio,), ratio_sampling="fixed", num_sinks=sinks,
                              positions=positions, **kw)
+
+
+def gist_kernel(cfg: ModelConfig, gist: str) -> ModelConfig:
+    """``cfg`` with the gist-structure part of ``model.attention`` set to ``gist`` (``auto``,
+    ``dense`` or a gist kernel), its causal part kept: ``dense`` here makes only the gist pass the
+    reference, where ``attention='dense'`` would make both passes dense."""
+    return cfg.replace(attention=with_gist_kernel(cfg.attention, gist))
 
 
 @functools.cache

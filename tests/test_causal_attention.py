@@ -98,10 +98,11 @@ def test_auto_resolution_per_backend():
     assert r("auto", "tpu", jnp.float32, 128, has_padding=True) == "blockwise"
     assert r("auto", "cpu", jnp.bfloat16, 128) == "blockwise"
     assert r("dense", "gpu", jnp.bfloat16, 128) == "dense"
-    with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
-        r("flash", "cpu", jnp.float32, 8)
-    with pytest.raises(ConfigError, match="model.attention_impl"):
-        preset("tiny", attention_impl="flash")
+    with pytest.raises(ValueError, match="causal attention kernel 'flash' is unknown"):
+        r("flash", "cpu", jnp.float32, 8)  # a gist kernel, not a causal one
+    with pytest.raises(ConfigError, match="model.attention='flash,blockwise' is not an attention choice"):
+        preset("tiny", attention="flash,blockwise")
+    assert preset("tiny", attention="flash").kernels.causal == "auto"  # a gist kernel leaves causal auto
 
 
 def test_splash_interpret_matches_dense(monkeypatch):
@@ -152,7 +153,7 @@ def test_model_blockwise_matches_dense(monkeypatch, tiny_params, rope, with_grad
     targets = jnp.roll(tokens, -1, axis=1)
 
     def loss(p, impl):
-        logits = forward(cfg.replace(attention_impl=impl), p, tokens, spec)
+        logits = forward(cfg.replace(attention=impl), p, tokens, spec)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
         return jnp.sum(jnp.where(valid, nll, 0.0)), logits
 
@@ -181,7 +182,7 @@ def test_full_attention_baseline_uses_fast_path(monkeypatch, tiny_params):
     shape = build_layout(n, comp).shape
 
     def loss(p, impl):
-        logits = compressed_logits(cfg.replace(attention_impl=impl), comp, shape, p, tokens, None)
+        logits = compressed_logits(cfg.replace(attention=impl), comp, shape, p, tokens, None)
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
     grad = jax.value_and_grad(loss)

@@ -52,8 +52,8 @@ def _fresh_compiles():
 
 def _comp(granularity: str):
     if granularity == "unigist":  # windows of 8 raw tokens: the halo reaches into the previous block
-        return comp_config("kv", "fine", sinks=2, window=8, positions="aligned", attention_impl="auto")
-    return comp_config("kv", granularity, sinks=2, attention_impl="auto")
+        return comp_config("kv", "fine", sinks=2, window=8, positions="aligned")
+    return comp_config("kv", granularity, sinks=2)  # the gist kernel: model.attention's default, auto
 
 
 def _batch(objective: ObjectiveConfig = OBJECTIVE) -> dict[str, jax.Array]:
@@ -202,7 +202,7 @@ def test_ae_loss_per_segment_ratios_equals_one_device():
 
 
 def _compiled_collectives(context: int, objective: ObjectiveConfig, seq: int = 256, window: int = 0):
-    comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32, attention_impl="auto",
+    comp = comp_config("kv", "fine", sinks=2, ratio=8, segment_length=32,
                        **({"window": window, "positions": "aligned"} if window else {}))
     base = BASE.replace(scan_layers=False)  # one op per layer: the text lists every layer's traffic
     mesh_cfg, mesh = _mesh((1, 1, 1, context))

@@ -16,6 +16,7 @@ from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.params import add_gist_params, model_config_for
 from gist_jax.gist.specs import layout_arrays
+from gist_jax.model import causal
 from gist_jax.model.config import ModelConfig, preset
 from gist_jax.model.transformer import init_params
 from gist_jax.train import flops
@@ -39,11 +40,18 @@ def _comp(memory: str, granularity: str, sinks: int, positions: str = "compresse
                              positions=positions, **kw)
 
 
+def _cfg(comp: CompressionConfig, attention: str) -> ModelConfig:
+    """The one-layer model for ``comp`` with ``model.attention=attention`` (what runs and what
+    ``flops.attention_pairs`` is asked about must name the same kernels)."""
+    return model_config_for(ONE_LAYER, comp).replace(attention=attention)
+
+
 def _model_masks(comp: CompressionConfig, num_raw: int, ratios, monkeypatch) -> list[np.ndarray]:
     """Every [T, S] boolean mask the one-layer model hands to its dense attention while running
     ``compressed_logits`` (one per layer call: one for KV, one per segment for recurrent)."""
-    # The dense reference: the plain causal kernel (model.attention_impl) builds no mask to read.
-    cfg = model_config_for(ONE_LAYER, comp).replace(attention_impl="dense")
+    # The dense reference for both pass families (model.attention='dense'): the other kernels
+    # build no mask to read.
+    cfg = _cfg(comp, "dense")
     params = add_gist_params(_base_params(), cfg)
     layout = build_layout(num_raw, comp, ratios,
                           comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None)
@@ -274,8 +282,8 @@ PAIR_CASES = [  # (memory, granularity, sinks, positions, ratio set, num_raw, pe
 ]
 
 
-def _run_forward(comp: CompressionConfig, num_raw: int, ratios, attention_impl: str = "dense") -> None:
-    cfg = model_config_for(ONE_LAYER, comp).replace(attention_impl=attention_impl)
+def _run_forward(comp: CompressionConfig, num_raw: int, ratios, attention: str) -> None:
+    cfg = _cfg(comp, attention)
     params = add_gist_params(_base_params(), cfg)
     layout = build_layout(num_raw, comp, ratios,
                           comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None)
@@ -293,10 +301,10 @@ def _run_forward(comp: CompressionConfig, num_raw: int, ratios, attention_impl: 
 def test_dense_reference_computes_its_masks_full_matrix(
         memory, granularity, sinks, positions, ratio_set, num_raw, ratios, monkeypatch):
     """Dense: every entry of every [T, S] mask it is handed (KV: [T, 2T]; Coarse-Rec: one
-    square per segment step; full attention with model.attention_impl='dense': [N, N])."""
+    square per segment step; full attention with model.attention='dense': [N, N])."""
     comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0)
     masks = _model_masks(comp, num_raw, ratios, monkeypatch)
-    cfg = model_config_for(ONE_LAYER, comp).replace(attention_impl="dense")
+    cfg = _cfg(comp, "dense")
     pairs = flops.attention_pairs(cfg, comp, num_raw, ratios)
     assert pairs["computed"] == sum(m.size for m in masks)
     assert pairs["exact"] == _brute_force(masks)[1]
@@ -310,8 +318,7 @@ def test_decomposed_pairs_are_the_score_blocks_it_computes(
     blocks (``key_block``: prefixes longer than it) each segment's trip count of key blocks."""
     from gist_jax.gist import structured
 
-    comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0,
-                 attention_impl="decomposed")
+    comp = _comp(memory, granularity, sinks, positions, ratio_set, pad_to_segments=num_raw % 8 != 0)
     counted: list[int] = []
     original, seen_blocks = structured._partial, structured._seen_blocks
 
@@ -331,13 +338,13 @@ def test_decomposed_pairs_are_the_score_blocks_it_computes(
     if key_block:
         monkeypatch.setattr(structured, "MEMORY_KEY_BLOCK", key_block)
         monkeypatch.setattr(structured, "_seen_blocks", recording_blocks)
-    _run_forward(comp, num_raw, ratios)
-    cfg = model_config_for(ONE_LAYER, comp)
+    _run_forward(comp, num_raw, ratios, "decomposed")
+    cfg = _cfg(comp, "decomposed")
     assert flops.attention_pairs(cfg, comp, num_raw, ratios)["computed"] == sum(counted)
 
 
 def test_flash_xla_pairs_are_each_segments_square(monkeypatch):
-    comp = _comp("kv", "fine", 4, "compressed", (4,), attention_impl="flash")
+    comp = _comp("kv", "fine", 4, "compressed", (4,))
     counted: list[int] = []
     original = jax.nn.dot_product_attention
 
@@ -346,8 +353,8 @@ def test_flash_xla_pairs_are_each_segments_square(monkeypatch):
         return original(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
-    _run_forward(comp, 24, None)
-    pairs = flops.attention_pairs(model_config_for(ONE_LAYER, comp), comp, 24)
+    _run_forward(comp, 24, None, "flash")
+    pairs = flops.attention_pairs(_cfg(comp, "flash"), comp, 24)
     assert pairs["impl"] == "flash:xla" and pairs["computed"] == sum(counted)
 
 
@@ -367,8 +374,8 @@ def test_blockwise_causal_pairs_are_the_tiles_it_visits(n, block, monkeypatch):
 
     monkeypatch.setattr(causal, "_block_mask", recording)
     comp = CompressionConfig(memory="none", ratios=(4,), ratio_sampling="fixed")
-    _run_forward(comp, n, None, attention_impl="blockwise")
-    pairs = flops.attention_pairs(ONE_LAYER.replace(attention_impl="blockwise"), comp, n)
+    _run_forward(comp, n, None, "blockwise")
+    pairs = flops.attention_pairs(ONE_LAYER.replace(attention="blockwise"), comp, n)
     assert pairs["impl"] == "causal:blockwise" and pairs["computed"] == sum(counted)
     b = min(block, n)
     padded = -(-n // b) * b
@@ -386,7 +393,7 @@ def test_bank_pairs_are_the_non_empty_tiles_of_the_dense_mask():
     from gist_jax.gist.specs import parallel_spec
 
     comp = CompressionConfig(memory="kv", granularity="fine", segment_length=16, ratios=(4,),
-                             ratio_sampling="fixed", num_sinks=2, positions="aligned", attention_impl="bank")
+                             ratio_sampling="fixed", num_sinks=2, positions="aligned")
     layout = build_layout(48, comp)
     spec = parallel_spec(layout_arrays(layout), comp, 1)
     allowed_TxT = np.asarray(spec.mask[0] | spec.memory_mask[0])
@@ -399,7 +406,7 @@ def test_bank_pairs_are_the_non_empty_tiles_of_the_dense_mask():
     permuted[~real, ~real] = True  # padding rows see themselves
     tiles = permuted.reshape(tp // 8, 8, tp // 8, 8).any(axis=(1, 3))
     assert bank.block_pairs() == int(tiles.sum()) * 64
-    pairs = flops.attention_pairs(ONE_LAYER, comp, 48, backend="cpu")
+    pairs = flops.attention_pairs(ONE_LAYER.replace(attention="bank"), comp, 48, backend="cpu")
     assert pairs["impl"] == "bank" and pairs["exact"] == int(allowed_TxT.sum())
 
 
@@ -408,7 +415,7 @@ def test_tie_pairs_cover_both_reference_passes():
     cfg = preset("tiny")
     pairs = flops.attention_pairs(cfg, comp, 2048, tie=True, backend="cpu")
     assert pairs["causal_impl"] == "blockwise"
-    assert pairs["tie_computed"] == flops.blockwise_causal_pairs(2048) + 4 * flops.blockwise_causal_pairs(512)
+    assert pairs["tie_computed"] == causal.blockwise_causal_pairs(2048) + 4 * causal.blockwise_causal_pairs(512)
     assert pairs["tie_exact"] == 2048 * 2049 // 2 + 4 * 512 * 513 // 2
 
 
@@ -417,8 +424,8 @@ def test_split_computes_the_exact_pairs_on_cudnn_and_the_squares_on_xla(sinks, r
     """split on a GPU: cuDNN skips what causality and key lengths mask, so computed equals
     the mask's visible pairs; its XLA backend computes each segment's square and the
     compacted memory for every later segment's queries."""
-    comp = _comp("kv", "fine", sinks, "compressed", ratio_set, attention_impl="split")
-    cfg = model_config_for(ONE_LAYER, comp).replace(dtype="bfloat16")
+    comp = _comp("kv", "fine", sinks, "compressed", ratio_set)
+    cfg = _cfg(comp, "split").replace(dtype="bfloat16")
     on_gpu = flops.attention_pairs(cfg, comp, num_raw, backend="gpu")
     assert on_gpu["impl"] == "split:cudnn" and on_gpu["computed"] == on_gpu["exact"]
     shape = build_layout(num_raw, comp).shape
@@ -438,9 +445,9 @@ WINDOW_CASES = [  # (segment length, ratio, window, sinks, num_raw): nb 1, nb 2,
 ]
 
 
-def _windowed(L: int, r: int, window: int, sinks: int, num_raw: int, impl: str = "decomposed") -> CompressionConfig:
+def _windowed(L: int, r: int, window: int, sinks: int, num_raw: int) -> CompressionConfig:
     return CompressionConfig(memory="kv", granularity="fine", positions="aligned", segment_length=L, ratios=(r,),
-                             ratio_sampling="fixed", num_sinks=sinks, window=window, attention_impl=impl,
+                             ratio_sampling="fixed", num_sinks=sinks, window=window,
                              pad_to_segments=num_raw % L != 0)
 
 
@@ -486,11 +493,12 @@ def test_windowed_computed_pairs_are_the_score_blocks_window_py_computes(L, r, w
         return original(q, k, v, bias)
 
     monkeypatch.setattr(window_module, "_partial", recording)
-    _run_forward(comp, num_raw, None)
-    pairs = flops.attention_pairs(model_config_for(ONE_LAYER, comp), comp, num_raw)
+    _run_forward(comp, num_raw, None, "decomposed")
+    pairs = flops.attention_pairs(_cfg(comp, "decomposed"), comp, num_raw)
     assert pairs["impl"] == "windowed" and pairs["computed"] == sum(counted)
     assert pairs["computed_over_exact"] >= 1.0
-    dense = flops.attention_pairs(model_config_for(ONE_LAYER, comp), comp.replace(attention_impl="dense"), num_raw)
+    assert flops.attention_pairs(_cfg(comp, "auto"), comp, num_raw)["impl"] == "windowed"
+    dense = flops.attention_pairs(_cfg(comp, "auto,dense"), comp, num_raw)
     t = build_layout(num_raw, comp).length
     assert dense["impl"] == "dense" and dense["computed"] == 2 * t * t  # two [T, T] views
 
@@ -501,7 +509,7 @@ def test_windowed_pairs_sit_between_fine_kv_and_full_attention_at_16k():
     n, L, r = 16384, 2048, 8
     fine = CompressionConfig(memory="kv", granularity="fine", segment_length=L, ratios=(r,), ratio_sampling="fixed",
                              num_sinks=16, positions="aligned")
-    uni = fine.replace(window=L, attention_impl="decomposed")
+    uni = fine.replace(window=L)
     full = n * (n + 1) // 2
     p_fine, p_uni = flops.visible_attention_pairs(n, fine), flops.visible_attention_pairs(n, uni)
     assert p_fine < p_uni < 0.5 * full

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import BASE, comp_config, model, tokens
+from gist_helpers import BASE, comp_config, gist_kernel, model, tokens
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
@@ -20,8 +20,11 @@ from gist_jax.model.transformer import forward, init_params
 VARIANTS = [("kv", "fine"), ("kv", "coarse"), ("recurrent", "coarse")]
 
 
-def _raw_embedding_grads(comp, stop, segments=3, loss_segment=2):
+def _raw_embedding_grads(comp, stop, segments=3, loss_segment=2, gist="dense"):
+    """|d loss / d raw embedding| per raw token, the loss on ``loss_segment``; ``gist``: the gist
+    kernel of a KV pass (default the dense reference masks; other memories ignore it)."""
     cfg, params = model(comp)
+    cfg = gist_kernel(cfg, gist)
     n = segments * comp.segment_length
     toks = tokens(1, n, seed=3)
     layout = build_layout(n, comp)
@@ -58,12 +61,12 @@ def test_no_leak_raw_tokens_reach_later_segments_only_through_gists(memory, gran
 def test_no_leak_in_structured_attention(impl, granularity, positions):
     """The same no-leak check on the structured KV paths (the gist bank's mask is checked in
     tests/test_structured_attention.py: it has one view per key, so no held-memory switch)."""
-    comp = comp_config("kv", granularity, positions, sinks=2, ratio=4, attention_impl=impl)
+    comp = comp_config("kv", granularity, positions, sinks=2, ratio=4)
     L, s = comp.segment_length, comp.num_sinks
-    held = _raw_embedding_grads(comp, stop=True)
+    held = _raw_embedding_grads(comp, stop=True, gist=impl)
     assert np.all(held[s:2 * L] == 0.0), "a raw token leaked past its segment"
     assert np.all(held[:s] > 0) and np.all(held[2 * L:] > 0)
-    assert np.all(_raw_embedding_grads(comp, stop=False)[s:2 * L] > 0)
+    assert np.all(_raw_embedding_grads(comp, stop=False, gist=impl)[s:2 * L] > 0)
 
 
 @pytest.mark.parametrize("positions", ["compressed", "aligned"])

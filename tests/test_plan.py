@@ -9,6 +9,7 @@ import pytest
 from gist_helpers import BASE, comp_config
 
 from gist_jax.model.config import preset
+from gist_jax.model.kernels import AttentionChoice
 from gist_jax.train import plan
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
@@ -53,9 +54,9 @@ def test_llama3_8b_at_16k_is_planned_without_allocating():
 def test_attention_scores_follow_the_implementation():
     """Per row (sequence x head), float32: L = 8, r = 4, 2 sinks, 32 tokens -> S = 4 segments of
     Ts = 10 layout tokens, T = 40, memory M = 2 + 4 x 2 = 10, flash rows E = M + Ts = 20."""
-    def per_row(impl, backend, positions="compressed"):
-        comp = comp_config("kv", "fine", positions, sinks=2, attention_impl=impl)
-        return plan.attention_score_bytes(comp, 32, 1, backend) // 4
+    def per_row(impl, backend, positions="compressed"):  # impl: the gist part of model.attention
+        comp = comp_config("kv", "fine", positions, sinks=2)
+        return plan.attention_score_bytes(comp, 32, 1, backend, attention=impl) // 4
 
     assert per_row("dense", "gpu") == 40 * 80
     assert per_row("decomposed", "gpu") == 10 * 10 + 10 * 10  # one query block (all 10 rows) x Ts
@@ -64,16 +65,21 @@ def test_attention_scores_follow_the_implementation():
     assert per_row("auto", "tpu") == per_row("decomposed", "tpu")
     assert per_row("bank", "tpu", "aligned") == 2 * 40
     assert per_row("bank", "gpu", "aligned") == per_row("flash", "gpu")
-    none = comp_config("none", "fine")
-    assert plan.attention_score_bytes(none, 32, 3, causal_impl="dense") == 3 * 32 * 32 * 4
-    assert plan.attention_score_bytes(none, 1024, 3, "cpu", causal_impl="auto") == 3 * 512 * 512 * 4
-    assert plan.attention_score_bytes(none, 1024, 3, "gpu", causal_impl="auto") == 3 * 1024 * 4
+    assert per_row("cudnn,flash", "gpu") == per_row("flash", "gpu")  # the causal part: not a KV pass's
+    assert per_row("blockwise", "gpu") == per_row("auto", "gpu")  # a causal name leaves the gist kernel auto
+    none = comp_config("none", "fine")  # full attention: the causal part of model.attention
+    assert plan.attention_score_bytes(none, 32, 3, attention="dense") == 3 * 32 * 32 * 4
+    assert plan.attention_score_bytes(none, 32, 3, attention="dense,decomposed") == 3 * 32 * 32 * 4
+    assert plan.attention_score_bytes(none, 1024, 3, "cpu", attention="auto") == 3 * 512 * 512 * 4
+    assert plan.attention_score_bytes(none, 1024, 3, "gpu", attention="auto") == 3 * 1024 * 4
+    assert plan.attention_score_bytes(none, 1024, 3, "gpu", attention="auto,dense") == 3 * 1024 * 4
+    assert plan.attention_score_bytes(none, 1024, 3, "gpu", attention="blockwise") == 3 * 512 * 512 * 4
 
 
 # (variant, TIE, AE, raw tokens, remat, attention): every variant, TIE and AE on and off, two
-# contexts, remat on and off; attention is model.attention_impl for full attention (blockwise
-# or dense causal) and compression.attention_impl for the KV variants (auto or dense).
-XLA_CASES = [  # the KV variants with attention_impl auto (decomposed here) or dense
+# contexts, remat on and off; attention is model.attention's causal part for full attention
+# (auto: blockwise here, or dense) and its gist part for the KV variants (auto or dense).
+XLA_CASES = [  # the KV variants with the gist kernel auto (decomposed here) or dense
     ("full", False, False, 1024, "none", "auto"),
     ("full", False, False, 2048, "full", "auto"),
     ("full", False, False, 1024, "none", "dense"),
@@ -91,10 +97,10 @@ VARIANT_MEMORY = {"full": ("none", "fine"), "fine_kv": ("kv", "fine"), "coarse_k
 
 def _case(variant, tie, ae, seq, remat, causal):
     memory, granularity = VARIANT_MEMORY[variant]
-    base = preset("tiny", remat_policy=remat, attention_impl=causal if memory == "none" else "auto",
-                       max_position_embeddings=4096)
-    comp = comp_config(memory, granularity, segment_length=128, ratio=8, sinks=4,
-                       attention_impl=causal if memory == "kv" else "dense") if memory != "none" \
+    attention = {"none": AttentionChoice(causal=causal), "kv": AttentionChoice(gist=causal)}.get(memory,
+                                                                                             AttentionChoice())
+    base = preset("tiny", remat_policy=remat, attention=attention.name, max_position_embeddings=4096)
+    comp = comp_config(memory, granularity, segment_length=128, ratio=8, sinks=4) if memory != "none" \
         else comp_config("none", "fine")
     devices = jax.device_count()  # one sequence per device, data parallel
     step = StepConfig(batch_size=devices, seq_len=seq, mesh=MeshConfig(-1, 1, 1),
@@ -120,8 +126,8 @@ def test_context_parallel_plan_is_within_30_percent_of_xla(ae, tie, window, seq,
     """With the sequence split over ``mesh.context``: one block's activations, the gathered gist
     buffer, online TIE's reference pass and the traffic report, against the compiled step on 8
     fake devices (UniGist with ``window``)."""
-    base = preset("tiny", attention_impl="auto", max_position_embeddings=8192)
-    comp = comp_config("kv", "fine", segment_length=128, ratio=8, sinks=4, attention_impl="auto",
+    base = preset("tiny", attention="auto", max_position_embeddings=8192)
+    comp = comp_config("kv", "fine", segment_length=128, ratio=8, sinks=4,
                        **({"window": window, "positions": "aligned"} if window else {}))
     step = StepConfig(batch_size=8 // context, seq_len=seq, mesh=MeshConfig(-1, 1, 1, context),
                       objective=ObjectiveConfig(ae=ae, tie=tie, tie_source="online"))
@@ -166,7 +172,7 @@ def test_plan_for_a_gpu_traces_cudnn_as_its_residuals():
     short, long = (StepConfig(batch_size=1, seq_len=n, mesh=MeshConfig(1, 1, 1)) for n in (2048, 4096))
     growth = (plan.plan(base, none, long, 1, "gpu")["activations_saved"]
               / plan.plan(base, none, short, 1, "gpu")["activations_saved"])
-    assert plan.layer_attention_impl(base, none, "gpu") == "cudnn" and 1.9 < growth < 2.1
+    assert plan.layer_attention_kernel(base, none, "gpu") == "cudnn" and 1.9 < growth < 2.1
     assert jax.nn.dot_product_attention.__module__.startswith("jax")  # the stand-in is gone afterwards
 
 
@@ -178,10 +184,11 @@ def test_a_windowed_config_plans_the_windowed_path():
     from gist_jax.gist.window import window_plan
 
     comp = CompressionConfig(memory="kv", granularity="fine", positions="aligned", segment_length=8, ratios=(4,),
-                             ratio_sampling="fixed", num_sinks=2, window=8, attention_impl="auto")
+                             ratio_sampling="fixed", num_sinks=2, window=8)
     base = preset("tiny")
-    assert {plan.layer_attention_impl(base, comp, b) for b in ("cpu", "gpu", "tpu")} == {"windowed"}
-    assert plan.layer_attention_impl(base, comp.replace(attention_impl="dense"), "gpu") == "dense"
+    assert {plan.layer_attention_kernel(base, comp, b) for b in ("cpu", "gpu", "tpu")} == {"windowed"}
+    assert plan.layer_attention_kernel(base.replace(attention="decomposed"), comp, "gpu") == "windowed"
+    assert plan.layer_attention_kernel(base.replace(attention="auto,dense"), comp, "gpu") == "dense"
     wp = window_plan(build_layout(32, comp).shape, 8)  # 32 tokens: 4 segments of 8 + 2 gists
     bound = max(b for _, _, b in wp.groups)
     assert (wp.query_block, wp.band, bound) == (40, 40, 0)  # one block: the whole layout, no memory

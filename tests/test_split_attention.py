@@ -1,6 +1,7 @@
-"""``attention_impl="split"`` (segment-local call + memory call, merged by log-sum-exp, custom
-backward with the merged output and lse) against the dense reference, on the XLA backend; the
-cuDNN module's self-test and fallback logic as far as a CPU can check them."""
+"""The gist kernel ``split`` (``model.attention="split"``: segment-local call + memory call,
+merged by log-sum-exp, custom backward with the merged output and lse) against the dense
+reference, on the XLA backend; the cuDNN module's self-test and fallback logic as far as a CPU
+can check them."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import comp_config, model, tokens
+from gist_helpers import comp_config, gist_kernel, model, tokens
 from test_gist_core import _raw_embedding_grads
 from test_structured_attention import CASES, _assert_equal, _dense_and_structured
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist import cudnn_stats, forward, split, split_kernel
-from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
+from gist_jax.gist.config import check_gist_kernel
+from gist_jax.gist.forward import compressed_logits, resolve_gist_kernel
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.partials import partial_attention
 from gist_jax.gist.specs import layout_arrays, parallel_spec
@@ -84,12 +86,12 @@ def test_no_leak_in_split_attention(granularity, positions):
     """Raw tokens reach later segments only through gists (as for decomposed and flash in
     tests/test_gist_core.py): with the gist memory held, earlier raw tokens but the sinks
     get no gradient from a loss on segment 2; without it they do."""
-    comp = comp_config("kv", granularity, positions, sinks=2, ratio=4, attention_impl="split")
+    comp = comp_config("kv", granularity, positions, sinks=2, ratio=4)
     L, s = comp.segment_length, comp.num_sinks
-    held = _raw_embedding_grads(comp, stop=True)
+    held = _raw_embedding_grads(comp, stop=True, gist="split")
     assert np.all(held[s:2 * L] == 0.0), "a raw token leaked past its segment"
     assert np.all(held[:s] > 0) and np.all(held[2 * L:] > 0)
-    assert np.all(_raw_embedding_grads(comp, stop=False)[s:2 * L] > 0)
+    assert np.all(_raw_embedding_grads(comp, stop=False, gist="split")[s:2 * L] > 0)
 
 
 def test_mutated_backward_fails_the_model_gradient_test(monkeypatch):
@@ -116,8 +118,9 @@ def test_the_custom_backward_runs(monkeypatch):
             return super().backward(*args, **kwargs)
 
     monkeypatch.setattr(split, "XLA", CountingBackward())
-    comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16, attention_impl="split")
-    cfg, params = model(comp.replace(attention_impl="dense"))
+    comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16)
+    cfg, params = model(comp)
+    cfg = gist_kernel(cfg, "split")
     layout = build_layout(64, comp)
     arrays, toks = layout_arrays(layout), tokens(1, 64)
     jax.make_jaxpr(jax.grad(lambda p: jnp.sum(compressed_logits(cfg, comp, layout.shape, p, toks, arrays))))(params)
@@ -271,26 +274,31 @@ def test_self_test_passes_xla_fails_the_mutation_and_runs_inside_a_trace():
 
 def test_resolve_split_and_auto(monkeypatch):
     if jax.default_backend() != "gpu":  # off GPU: the XLA backend, exact for every layout
-        assert resolve_attention_impl("split") == "split"
-        assert resolve_attention_impl("split", whole_segments=False) == "split"
+        assert resolve_gist_kernel("split") == "split"
+        assert resolve_gist_kernel("split", whole_segments=False) == "split"
     monkeypatch.setattr(forward, "_WARNED", set())
     monkeypatch.setattr(cudnn_stats, "ready", lambda backend=None: False)
     monkeypatch.setattr(cudnn_stats, "unavailable_reason", lambda: "no cuDNN here")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert resolve_attention_impl("split", backend="gpu") == "flash"
-        assert resolve_attention_impl("split", backend="gpu") == "flash"
-        assert resolve_attention_impl("auto", backend="gpu") == "flash"
+        assert resolve_gist_kernel("split", backend="gpu") == "flash"
+        assert resolve_gist_kernel("split", backend="gpu") == "flash"
+        assert resolve_gist_kernel("auto", backend="gpu") == "flash"
     assert len([w for w in caught if "no cuDNN here" in str(w.message)]) == 1
     monkeypatch.setattr(cudnn_stats, "ready", lambda backend=None: True)
-    assert resolve_attention_impl("auto", backend="gpu") == "split"
-    assert resolve_attention_impl("auto", backend="gpu", compute_dtype="float32") == "decomposed"
-    assert resolve_attention_impl("split", backend="gpu", whole_segments=False) == "split"
-    assert resolve_attention_impl("auto", backend="cpu") == "decomposed"
+    assert resolve_gist_kernel("auto", backend="gpu") == "split"
+    assert resolve_gist_kernel("auto", backend="gpu", compute_dtype="float32") == "decomposed"
+    assert resolve_gist_kernel("split", backend="gpu", whole_segments=False) == "split"
+    assert resolve_gist_kernel("auto", backend="cpu") == "decomposed"
 
 
-def test_config_accepts_split_for_kv_only():
-    assert comp_config("kv", "fine", attention_impl="split").attention_impl == "split"
-    with pytest.raises(ConfigError, match="memory='kv'"):
-        comp_config("recurrent", "coarse", attention_impl="split")
-    assert comp_config("kv", "coarse", attention_impl="split").full_attention().attention_impl == "dense"
+def test_config_accepts_split_and_other_memories_ignore_it():
+    """``split`` is a gist kernel of every KV layout but UniGist's window; Coarse-Rec and the
+    full-attention baseline have no gist structure and ignore it (no longer an error)."""
+    assert gist_kernel(model(comp_config("kv", "fine"))[0], "split").kernels.gist == "split"
+    check_gist_kernel("split", comp_config("kv", "fine"))
+    check_gist_kernel("cudnn,split", comp_config("kv", "coarse", "aligned"))
+    check_gist_kernel("split", comp_config("recurrent", "coarse"))
+    check_gist_kernel("split", comp_config("kv", "coarse").full_attention())
+    with pytest.raises(ConfigError, match="no windowed"):
+        check_gist_kernel("split", comp_config("kv", "fine", "aligned", window=8))

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import BASE, comp_config, model, tokens
+from gist_helpers import BASE, comp_config, gist_kernel, model, tokens
 
 from gist_jax.errors import ConfigError
-from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
+from gist_jax.gist.config import CompressionConfig, check_gist_kernel
+from gist_jax.gist.forward import compressed_logits, resolve_gist_kernel
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.partials import merge_partials, partial_attention
 from gist_jax.gist.specs import layout_arrays, parallel_spec
@@ -20,7 +20,8 @@ from gist_jax.model.causal import dot_product_attention
 
 def _dense_and_structured(comp, num_raw, per_segment_ratios=None, batch=2,
                           impls=("decomposed", "flash"), pre_padded=False, **kwargs):
-    """Logits and parameter gradients of a random linear loss on live tokens, per path.
+    """Logits and parameter gradients of a random linear loss on live tokens, per path (the gist
+    part of ``model.attention``; ``dense``, the reference, always runs first).
     ``pre_padded``: the token array is already zero-padded to whole segments."""
     cfg, params = model(comp)
     toks = tokens(batch, num_raw, seed=num_raw)
@@ -32,10 +33,10 @@ def _dense_and_structured(comp, num_raw, per_segment_ratios=None, batch=2,
     weights = weights * jnp.asarray(layout.alive)[None, :, None]
     out = {}
     for impl in ("dense",) + tuple(impls):
-        c = comp.replace(attention_impl=impl)
+        kernel_cfg = gist_kernel(cfg, impl)
 
-        def loss(p, c=c):
-            logits = compressed_logits(cfg, c, layout.shape, p, toks, arrays, **kwargs)
+        def loss(p, kernel_cfg=kernel_cfg):
+            logits = compressed_logits(kernel_cfg, comp, layout.shape, p, toks, arrays, **kwargs)
             return jnp.sum(logits * weights), logits
 
         out[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -92,9 +93,9 @@ def test_decomposed_stop_gradient_and_kv_layer():
     _assert_equal(layout, out, "stop_gist_memory_gradient")
     cfg, params = model(comp)
     arrays, toks = layout_arrays(layout), tokens(1, 24)
-    dense, dec = (jax.jit(lambda p, c=c: compressed_logits(cfg, c, layout.shape, p, toks, arrays,
+    dense, dec = (jax.jit(lambda p, c=c: compressed_logits(c, comp, layout.shape, p, toks, arrays,
                                                            kv_layer=0))(params)
-                  for c in (comp, comp.replace(attention_impl="decomposed")))
+                  for c in (gist_kernel(cfg, "dense"), gist_kernel(cfg, "decomposed")))
     np.testing.assert_allclose(dec[1][1], dense[1][1], atol=1e-6)
 
 
@@ -128,8 +129,9 @@ def _avals(jaxpr):
 @pytest.mark.parametrize("impl,expect_square", [("dense", True), ("decomposed", False), ("flash", False),
                                                 ("split", False)])
 def test_no_t_by_t_array_in_forward_or_backward(impl, expect_square):
-    comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16, attention_impl=impl)
-    cfg, params = model(comp.replace(attention_impl="dense"))
+    comp = comp_config("kv", "fine", sinks=4, ratio=4, segment_length=16)
+    cfg, params = model(comp)
+    cfg = gist_kernel(cfg, impl)
     layout = build_layout(64, comp)
     arrays, toks = layout_arrays(layout), tokens(1, 64)
     t = layout.length
@@ -144,21 +146,24 @@ def test_no_t_by_t_array_in_forward_or_backward(impl, expect_square):
 
 
 def test_config_selects_and_rejects():
-    assert comp_config("kv", "coarse").attention_impl == "dense"
-    with pytest.raises(ConfigError, match="attention_impl"):
-        comp_config("kv", "fine", attention_impl="splash")
-    for impl in ("decomposed", "flash", "bank", "auto"):
-        with pytest.raises(ConfigError, match="memory='kv'"):
-            comp_config("recurrent", "coarse", attention_impl=impl)
-    for impl in ("decomposed", "flash", "bank", "auto"):  # the baseline the evaluations build
-        base = comp_config("kv", "fine", "aligned", attention_impl=impl, trainable="gist_only").full_attention()
-        assert (base.memory, base.attention_impl, base.trainable) == ("none", "dense", "all")
+    """The gist kernel is the gist part of ``model.attention`` (auto by default: decomposed on
+    CPU); ``check_gist_kernel`` refuses the ones a layout cannot run exactly, and a memory other
+    than 'kv' ignores it (Coarse-Rec and full attention have no gist structure to run)."""
+    assert BASE.kernels.gist == "auto"
+    with pytest.raises(ConfigError, match="model.attention='splash,splash'"):
+        check_gist_kernel("splash,splash", comp_config("kv", "fine"))  # splash is no gist kernel
+    for impl in ("decomposed", "flash", "split", "bank", "auto", "dense"):  # no memory='kv': ignored
+        check_gist_kernel(impl, comp_config("recurrent", "coarse"))
+        check_gist_kernel(impl, comp_config("kv", "fine", "compressed", trainable="gist_only").full_attention())
+    base = comp_config("kv", "fine", "aligned", trainable="gist_only").full_attention()  # evaluations build it
+    assert (base.memory, base.trainable) == ("none", "all")
     assert comp_config("recurrent", "coarse", bptt_segments=2).full_attention().bptt_segments == 0
     with pytest.raises(ConfigError, match="positions='aligned'"):
-        comp_config("kv", "fine", "compressed", attention_impl="bank")
+        check_gist_kernel("bank", comp_config("kv", "fine", "compressed"))
     with pytest.raises(ConfigError, match="per_segment"):
-        CompressionConfig(memory="kv", ratios=(4, 8), ratio_sampling="per_segment",
-                          positions="aligned", attention_impl="bank")
+        check_gist_kernel("cudnn,bank", CompressionConfig(memory="kv", ratios=(4, 8), ratio_sampling="per_segment",
+                                                          positions="aligned"))
+    check_gist_kernel("bank", comp_config("kv", "fine", "aligned"))  # aligned, one ratio: accepted
 
 
 @pytest.mark.parametrize("layers", [dict(scan_layers=False, remat_policy="full")])
@@ -171,9 +176,9 @@ def test_decomposed_under_any_layer_layout_and_remat(layers):
     cfg, params = model(comp)
     layout = build_layout(32, comp)
     arrays, toks = layout_arrays(layout), tokens(1, 32)
-    ref = compressed_logits(cfg, comp, layout.shape, params, toks, arrays)
+    ref = compressed_logits(gist_kernel(cfg, "dense"), comp, layout.shape, params, toks, arrays)
     cfg2 = cfg.replace(**layers)
-    out = jax.jit(lambda p: compressed_logits(cfg2, comp.replace(attention_impl="decomposed"),
+    out = jax.jit(lambda p: compressed_logits(gist_kernel(cfg2, "decomposed"), comp,
                                               layout.shape, p, toks, arrays))(to_layout(params, cfg2))
     np.testing.assert_allclose(out[:, layout.alive], ref[:, layout.alive], atol=1e-5)
 
@@ -183,10 +188,10 @@ def test_decomposed_under_any_layer_layout_and_remat(layers):
 
 def test_flash_dead_slots_projections_per_slot():
     """Per-segment ratios leave dead slots at segment tails; flash must still equal dense
-    (whole segments, so the flash path really runs: ``resolve_attention_impl`` keeps it)."""
+    (whole segments, so the flash path really runs: ``resolve_gist_kernel`` keeps it)."""
     comp = comp_config("kv", "fine", "compressed", sinks=3, ratio=2, gist_projections=True,
                        gist_embedding="per_slot")
-    assert resolve_attention_impl("flash", whole_segments=True) == "flash"
+    assert resolve_gist_kernel("flash", whole_segments=True) == "flash"
     layout, out = _dense_and_structured(comp, 32, per_segment_ratios=(2, 8, 4, 8), impls=("flash",))
     assert (~layout.alive).sum() > 0
     _assert_equal(layout, out, "flash, per-segment ratios")
@@ -247,7 +252,7 @@ def test_gist_bank_mask_function_is_the_dense_reference_mask(granularity, sinks,
 
 @pytest.mark.parametrize("granularity,sinks", [("fine", 4), ("coarse", 1)])
 def test_gist_bank_model_equals_dense(granularity, sinks):
-    """The whole model with attention_impl='bank' (Splash in Pallas interpret mode on CPU):
+    """The whole model with the gist kernel 'bank' (Splash in Pallas interpret mode on CPU):
     logits and parameter gradients equal the dense reference, aligned scheme."""
     comp = comp_config("kv", granularity, "aligned", sinks, ratio=4, segment_length=16)
     layout, out = _dense_and_structured(comp, 48, batch=1, impls=("bank",))
@@ -273,14 +278,14 @@ def test_pre_padded_tokens_every_path_equals_dense(granularity):
     assert build_layout(48, comp).shape.whole_segments
 
 
-def test_resolve_attention_impl_on_this_backend():
+def test_resolve_gist_kernel_on_this_backend():
     cpu = jax.default_backend() == "cpu"
-    assert resolve_attention_impl("auto") == ("decomposed" if cpu else "flash")
-    assert resolve_attention_impl("auto", compute_dtype="float32") == "decomposed"
-    assert resolve_attention_impl("bank") == ("bank" if cpu else "flash")
-    assert resolve_attention_impl("flash", whole_segments=False) == "decomposed"
-    assert resolve_attention_impl("bank", whole_segments=False) == "decomposed"
-    assert resolve_attention_impl("dense", whole_segments=False) == "dense"
+    assert resolve_gist_kernel("auto") == ("decomposed" if cpu else "flash")
+    assert resolve_gist_kernel("auto", compute_dtype="float32") == "decomposed"
+    assert resolve_gist_kernel("bank") == ("bank" if cpu else "flash")
+    assert resolve_gist_kernel("flash", whole_segments=False) == "decomposed"
+    assert resolve_gist_kernel("bank", whole_segments=False) == "decomposed"
+    assert resolve_gist_kernel("dense", whole_segments=False) == "dense"
 
 
 def test_gist_bank_under_a_sharded_mesh():
@@ -300,7 +305,7 @@ def test_gist_bank_under_a_sharded_mesh():
 
     def loss(p, impl):
         with activation_mesh(mesh):
-            logits = compressed_logits(cfg, comp.replace(attention_impl=impl), layout.shape, p, toks, arrays)
+            logits = compressed_logits(gist_kernel(cfg, impl), comp, layout.shape, p, toks, arrays)
         return jnp.sum(logits * weights)
 
     assert "shard_map" in str(jax.make_jaxpr(lambda p: loss(p, "bank"))(params))
@@ -311,18 +316,19 @@ def test_gist_bank_under_a_sharded_mesh():
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(jnp.abs(b).max())), rtol=0)
 
 
-@pytest.mark.parametrize("comp", [
-    comp_config("kv", "fine", sinks=2, attention_impl="flash", trainable="gist_only"),
-    comp_config("recurrent", "coarse", sinks=2, bptt_segments=1),
+@pytest.mark.parametrize("attention,comp", [
+    ("flash", comp_config("kv", "fine", sinks=2, trainable="gist_only")),
+    ("auto", comp_config("recurrent", "coarse", sinks=2, bptt_segments=1)),
 ], ids=["flash-gist_only", "recurrent-bptt"])
-def test_in_training_perplexity_builds_its_full_attention_baseline(comp):
+def test_in_training_perplexity_builds_its_full_attention_baseline(attention, comp):
     """The evaluator's full-attention setting comes from ``comp.full_attention()``; with
-    ``replace(memory='none')`` these configs failed validation at the first eval."""
+    ``replace(memory='none')`` these configs failed validation at the first eval. A named gist
+    kernel (flash) stays on the model config and the full-attention setting ignores it."""
     from gist_jax.train.evaluation import PerplexityEvaluator
 
     _, params = model(comp)
     toks = tokens(2, 32)
     batch = {"tokens": toks, "loss_mask": jnp.ones(toks.shape, bool)}
-    out = PerplexityEvaluator(BASE, comp, 32, [batch])(params)
+    out = PerplexityEvaluator(BASE.replace(attention=attention), comp, 32, [batch])(params)
     assert set(out) == {"eval/ppl_full", "eval/ppl_local", "eval/ppl_r4", "eval/efficacy_r4", "eval/tokens"}
     assert all(np.isfinite(v) and v > 1 for k, v in out.items() if k.startswith("eval/ppl") or k == "eval/tokens")

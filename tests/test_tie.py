@@ -93,7 +93,7 @@ def test_segment_zero_predictions_have_zero_d(ref, impl):
     rows of the same mask values go through the same computation, so the match is bitwise;
     blockwise folds segments into the batch (other block shapes), so it is float-close."""
     _, cfg, params, tokens, _ = ref
-    cfg = cfg.replace(attention_impl=impl)
+    cfg = cfg.replace(attention=impl)
     lp_full, lp_seg = (np.asarray(x) for x in
                        ref_log_probs(cfg, params, jnp.asarray(tokens, jnp.int32), L))
     if impl == "dense":
@@ -183,8 +183,8 @@ def test_fast_reference_passes_match_dense(ref, monkeypatch, n, seg, block):
     monkeypatch.setattr(causal, "DEFAULT_BLOCK", block)
     toks = jnp.asarray(tokens[:, :n], jnp.int32)
     fast = jax.jit(tie.reference_log_probs, static_argnums=(0, 3))(
-        cfg.replace(attention_impl="blockwise"), params, toks, seg)
-    dense = ref_log_probs(cfg.replace(attention_impl="dense"), params, toks, seg)
+        cfg.replace(attention="blockwise"), params, toks, seg)
+    dense = ref_log_probs(cfg.replace(attention="dense"), params, toks, seg)
     for f, d in zip(fast, dense):
         np.testing.assert_allclose(np.asarray(f), np.asarray(d), atol=2e-5, rtol=0)
     assert np.abs(np.asarray(dense[0] - dense[1])[:, seg:n - 1]).max() > 1e-2  # passes differ

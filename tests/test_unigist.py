@@ -1,4 +1,5 @@
-"""UniGist (``compression.window`` > 0): the config's one-line errors, the mask against the
+"""UniGist (``compression.window`` > 0): the config's one-line errors (its own and the gist
+kernels ``check_gist_kernel`` refuses for it), the mask against the
 paper's definition written out independently, the windowed structured path against the dense
 reference in values and gradients, and the no-leak property of both."""
 
@@ -8,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import comp_config, model, tokens
+from gist_helpers import comp_config, gist_kernel, model, tokens
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist import window as window_module
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import CompressionConfig, check_gist_kernel
 from gist_jax.gist.forward import compressed_logits
 from gist_jax.gist.layout import build_layout
 from gist_jax.gist.specs import layout_arrays, windowed_mask
@@ -31,7 +32,6 @@ def unigist(sinks: int, ratio: int, segment_length: int, window: int, **kw) -> C
     ({"positions": "compressed"}, "compression.positions"),
     ({"ratio_sampling": "per_segment", "ratios": (2, 4)}, "compression.ratio_sampling"),
     ({"window": 6}, "not a multiple of ratio"),
-    ({"attention_impl": "flash"}, "compression.attention_impl='flash'"),
     ({"window": -4}, "compression.window"),
 ])
 def test_window_config_errors_name_the_key(change, key):
@@ -41,6 +41,19 @@ def test_window_config_errors_name_the_key(change, key):
         CompressionConfig(**fields)
     message = str(err.value)
     assert key in message and "\n" not in message
+
+
+@pytest.mark.parametrize("attention", ["flash", "split", "bank", "cudnn,flash", "auto,split"])
+def test_window_refuses_every_gist_kernel_but_decomposed(attention):
+    """The window has one structured kernel (``window.py``, named 'decomposed'); 'auto' and the
+    dense reference run too. The refusal names ``model.attention`` in one line."""
+    comp = unigist(2, 4, 16, 8)
+    with pytest.raises(ConfigError) as err:
+        check_gist_kernel(attention, comp)
+    message = str(err.value)
+    assert f"model.attention={attention!r}" in message and "no windowed" in message and "\n" not in message
+    for fine in ("auto", "dense", "decomposed", "blockwise", "cudnn,decomposed", "auto,dense"):
+        check_gist_kernel(fine, comp)
 
 
 def _paper_mask(layout, window: int, ratio: int) -> np.ndarray:
@@ -129,10 +142,10 @@ def _logits_and_grads(comp, num_raw, batch=2, stop=False, raw_embeds=None, weigh
     weights = weights * jnp.asarray(layout.alive)[None, :, None]
     out = {}
     for impl in ("dense", "decomposed"):
-        c = comp.replace(attention_impl=impl)
+        kernel_cfg = gist_kernel(cfg, impl)
 
-        def loss(p, c=c):
-            logits = compressed_logits(cfg, c, layout.shape, p, toks, arrays)
+        def loss(p, kernel_cfg=kernel_cfg):
+            logits = compressed_logits(kernel_cfg, comp, layout.shape, p, toks, arrays)
             return jnp.sum(logits * weights), logits
 
         out[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
@@ -182,8 +195,9 @@ def test_no_leak_beyond_the_window_but_through_gists(impl, monkeypatch):
     monkeypatch.setattr(window_module, "QUERY_BLOCK", 16)  # 5 blocks over the 72 layout tokens
     monkeypatch.setattr(window_module, "MAX_MEMORY_GROUPS", 2)
     sinks, ratio, seg_len, window, num_raw = 2, 2, 8, 6, 48
-    comp = unigist(sinks, ratio, seg_len, window, attention_impl=impl)
+    comp = unigist(sinks, ratio, seg_len, window)
     cfg, params = model(comp)
+    cfg = gist_kernel(cfg, impl)
     layout = build_layout(num_raw, comp)
     arrays = layout_arrays(layout)
     embeds = jax.random.normal(jax.random.key(5), (1, num_raw, cfg.hidden_size))

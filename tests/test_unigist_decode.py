@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gist_helpers import comp_config, model
+from gist_helpers import comp_config, gist_kernel, model
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
@@ -34,11 +34,13 @@ def _parallel(cfg, comp, shape, params, tokens, arrays):
 
 
 def parallel_raw_logits(cfg, comp, params, seq: list[int]) -> np.ndarray:
-    """The one-pass (dense) forward's logits of the raw tokens of ``seq`` [N, V]."""
+    """The one-pass forward's logits of the raw tokens of ``seq`` [N, V], on the dense reference
+    masks (the gist part of ``model.attention``; its default, auto, runs the windowed kernel)."""
     layout = build_layout(len(seq), comp)
     padded = np.zeros((1, layout.padded_raw), np.int32)
     padded[0, :len(seq)] = seq
-    logits = _parallel(cfg, comp, layout.shape, params, jnp.asarray(padded), layout_arrays(layout))
+    logits = _parallel(gist_kernel(cfg, "dense"), comp, layout.shape, params, jnp.asarray(padded),
+                       layout_arrays(layout))
     return np.asarray(logits)[0][layout.live_raw_positions()]
 
 

@@ -28,14 +28,14 @@ def test_window_control_is_the_sliding_window_over_raw_tokens(sinks, impl):
     that [N, N] mask. (The window's reach grows by W per layer, so it is not a per-block pass.)"""
     from gist_jax.gist.config import CompressionConfig
     from gist_jax.gist.params import add_gist_params, model_config_for
+    from gist_jax.model.kernels import with_gist_kernel
     from gist_jax.train.evaluation import _raw_hidden, eval_settings, setting_params
 
     base = preset("tiny", dtype="float32", num_layers=2)
     n, L, W = 36, 8, 8  # a padded last segment
     comp = CompressionConfig(memory="kv", granularity="fine", positions="aligned", segment_length=L, ratios=(4,),
-                             ratio_sampling="fixed", num_sinks=sinks, window=W, attention_impl=impl,
-                             gist_projections=True)
-    cfg = model_config_for(base, comp)
+                             ratio_sampling="fixed", num_sinks=sinks, window=W, gist_projections=True)
+    cfg = model_config_for(base.replace(attention=with_gist_kernel(base.attention, impl)), comp)
     params = add_gist_params(init_params(base, jax.random.key(0)), cfg)
     setting = next(s for s in eval_settings(cfg, comp, local=True, sinks_only=True) if s.name == "window")
     tokens = jax.random.randint(jax.random.key(1), (2, n), 0, base.vocab_size)

@@ -3,7 +3,7 @@
 Examples::
 
     python -m gist_jax.bench --peer                                          # built-in config vs PyTorch
-    python -m gist_jax.bench --config.compression.attention_impl=decomposed --config.step.seq_len=4096
+    python -m gist_jax.bench --config.model.attention=decomposed --config.step.seq_len=4096
     python -m gist_jax.bench --compare                                       # dense/decomposed/flash/split
     python -m gist_jax.bench --sweep --contexts 1024 2048 4096 --plot sweep.png
     python -m gist_jax.bench --decode 256                                    # + decoding
@@ -102,7 +102,10 @@ def _setups(run, args: argparse.Namespace) -> list[StepSetup]:
         return [setup_from_run(run)]
     # UniGist (compression.window > 0) has its dense reference and one structured path.
     impls = ("dense", "decomposed") if run.compression.windowed else COMPARE
-    return [setup_from_run(changed(run, {"compression.attention_impl": impl})) for impl in impls]
+    from gist_jax.model.kernels import with_gist_kernel
+
+    return [setup_from_run(changed(run, {"model.attention": with_gist_kernel(run.model.attention, impl)}))
+            for impl in impls]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

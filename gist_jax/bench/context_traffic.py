@@ -67,7 +67,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
     base = preset("tiny", eos_token_id=3).replace(scan_layers=False)
     comp = CompressionConfig(memory="kv", granularity="fine", segment_length=args.segment_length,
                              ratios=(args.ratio,), ratio_sampling="fixed", num_sinks=args.sinks,
-                             attention_impl="auto", window=args.window,
+                             window=args.window,
                              positions="aligned" if args.window else "compressed")
     objective = ObjectiveConfig(tie=args.tie, tie_source="online", ae=args.ae, ae_lambda=0.5 if args.ae else 0.0)
     return _Setup(args, base, comp, objective, build_layout(args.seq_len, comp))

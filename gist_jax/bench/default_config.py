@@ -6,7 +6,7 @@
 A random ``preset:tiny`` model, one device, Fine-KV at 4096 tokens in segments of 512, ratio 8
 (fixed), 4 sinks, batch 1, no remat, no AE/TIE: one step in about a second on a CPU. Every key
 is a ``--config.<key>=<value>`` away (``--config.model.init=preset:bench_1b``,
-``--config.compression.attention_impl=split``, ``--config.objective.tie=True``, ...). Variants
+``--config.model.attention=split``, ``--config.objective.tie=True``, ...). Variants
 (comma-separated after ``:``): the architectures ``full``, ``fine_kv``, ``coarse_kv``,
 ``coarse_rec``, ``unigist`` (``ARCHITECTURES``, the same keys as ``experiments/_common.py`` sets). A plain
 config file with no imports from ``experiments/``, so it works wherever the package is installed.
@@ -18,7 +18,7 @@ from typing import Any
 
 # name -> the keys an architecture sets (as experiments/_common.py's variants of the same names).
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "full": {"compression.memory": "none", "compression.granularity": "fine", "compression.attention_impl": "dense",
+    "full": {"compression.memory": "none", "compression.granularity": "fine",
              "objective.ae": False, "objective.tie": False, "compression.trainable": "all",
              "compression.bptt_segments": 0, "compression.window": 0},
     "fine_kv": {"compression.memory": "kv", "compression.granularity": "fine", "compression.bptt_segments": 0,
@@ -26,11 +26,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "coarse_kv": {"compression.memory": "kv", "compression.granularity": "coarse", "compression.bptt_segments": 0,
                   "compression.window": 0},
     "coarse_rec": {"compression.memory": "recurrent", "compression.granularity": "coarse",
-                   "compression.attention_impl": "dense", "compression.window": 0},
-    # UniGist with a window of the built-in segment length (512 raw tokens); aligned positions, its one
-    # structured path (``auto``).
+                   "compression.window": 0},
+    # UniGist with a window of the built-in segment length (512 raw tokens); aligned positions.
     "unigist": {"compression.memory": "kv", "compression.granularity": "fine", "compression.bptt_segments": 0,
-                "compression.positions": "aligned", "compression.window": 512, "compression.attention_impl": "auto"},
+                "compression.positions": "aligned", "compression.window": 512},
 }
 
 
@@ -47,7 +46,7 @@ def base():
     c.compression.ratios = (8,)
     c.compression.ratio_sampling = "fixed"
     c.compression.num_sinks = 4
-    c.compression.attention_impl = "auto"
+    c.model.attention = "auto"
     c.objective.ae = False
     c.objective.tie = False
     c.step.batch_size = 1

@@ -135,11 +135,12 @@ def correctness(shapes: dict[str, Any]) -> dict[str, Any]:
     """flash and split vs dense in bf16: relative error of logits and of parameter gradients,
     and cuDNN custom calls in the compiled gradient's HLO."""
     from gist_jax.gist.config import CompressionConfig
-    from gist_jax.gist.forward import compressed_logits, resolve_attention_impl
+    from gist_jax.gist.forward import compressed_logits, resolve_gist_kernel
     from gist_jax.gist.layout import build_layout
     from gist_jax.gist.params import add_gist_params, model_config_for
     from gist_jax.gist.specs import layout_arrays
     from gist_jax.model.config import preset
+    from gist_jax.model.kernels import with_gist_kernel
     from gist_jax.model.transformer import init_params
 
     n_heads, kv_heads, head_dim = shapes["heads"]
@@ -150,8 +151,8 @@ def correctness(shapes: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for impl in ("dense", "flash", "split"):
         comp = CompressionConfig(memory="kv", granularity="fine", segment_length=shapes["check_segment"],
-                                 ratios=(8,), ratio_sampling="fixed", num_sinks=4, attention_impl=impl)
-        cfg = model_config_for(base, comp)
+                                 ratios=(8,), ratio_sampling="fixed", num_sinks=4)
+        cfg = model_config_for(base.replace(attention=with_gist_kernel("auto", impl)), comp)
         params = add_gist_params(init_params(base, jax.random.key(0)), cfg)
         layout = build_layout(seq, comp)
         arrays = layout_arrays(layout)
@@ -165,7 +166,7 @@ def correctness(shapes: dict[str, Any]) -> dict[str, Any]:
         (_, logits), grads = compiled(params)
         hlo = compiled.as_text()
         results[impl] = (logits, grads)
-        out[impl] = {"resolved": resolve_attention_impl(impl, layout.shape.whole_segments, cfg.dtype),
+        out[impl] = {"resolved": resolve_gist_kernel(impl, layout.shape.whole_segments, cfg.dtype),
                      "cudnn_forward_calls": hlo.count('custom_call_target="__cudnn$fmhaSoftmax"'),
                      "cudnn_backward_calls": hlo.count('custom_call_target="__cudnn$fmhaSoftmaxBackward"')}
     ref_logits, ref_grads = results["dense"]

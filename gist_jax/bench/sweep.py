@@ -35,7 +35,7 @@ def run_sweep(args: argparse.Namespace, run) -> list[dict[str, Any]]:
                 r["variant"] = variant
                 print(format_result(r), flush=True)
             except Exception as e:  # noqa: BLE001 - a failed point is data, not a crash
-                r = {"variant": variant, "seq": seq, "attention": run.compression.attention_impl,
+                r = {"variant": variant, "seq": seq, "attention": run.model.attention,
                      "error": f"{type(e).__name__}: {str(e)[:200]}"}
                 print(f"{variant} seq={seq}: FAILED {r['error']}", flush=True)
             rows.append(r)
@@ -43,7 +43,7 @@ def run_sweep(args: argparse.Namespace, run) -> list[dict[str, Any]]:
     if args.plot:
         comp = run.compression
         write_plot(rows, args.variants, args.plot,
-                   title=f"{run.name}: train-step tokens/s (attention={comp.attention_impl}, "
+                   title=f"{run.name}: train-step tokens/s (attention={run.model.attention}, "
                          f"L={comp.segment_length}, r={comp.ratios})")
         print(f"plot: {args.plot}")
     return rows

@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.forward import resolve_attention_impl
+from gist_jax.gist.forward import resolve_gist_kernel
 from gist_jax.gist.layout import GistLayout, build_layout
 from gist_jax.gist.specs import layout_arrays
 from gist_jax.model.config import ModelConfig, preset
+from gist_jax.model.kernels import BOTH, CAUSAL_KERNELS, GIST_KERNEL_NAMES, AttentionChoice
 from gist_jax.train import flops
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.mesh import make_mesh
@@ -54,10 +55,10 @@ VARIANTS = {  # name -> (memory, granularity)
     "coarse_kv": ("kv", "coarse"),
     "coarse_rec": ("recurrent", "coarse"),
 }
-ATTENTION = ("dense", "decomposed", "flash", "split", "bank", "auto")
+ATTENTION = BOTH + GIST_KERNEL_NAMES  # --attention: the gist part of model.attention
 COMPARE = ("dense", "decomposed", "flash", "split")  # --compare (bank: TPU only, interpret mode elsewhere)
 TRAINABLE = ("all", "gist_only")  # compression.trainable
-CAUSAL = ("auto", "dense", "blockwise", "cudnn", "splash")  # model.attention_impl (passes without gists)
+CAUSAL = BOTH + CAUSAL_KERNELS  # --causal: its causal part (passes without gists)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +85,15 @@ class StepSetup:
         """The KV implementation that runs on this backend (``auto``/``bank`` resolved)."""
         if self.comp.memory != "kv":
             return "n/a"
-        return resolve_attention_impl(self.comp.attention_impl, self.layout.shape.whole_segments,
-                                      self.base_cfg.dtype, windowed=self.comp.windowed)
+        return resolve_gist_kernel(self.base_cfg.kernels.gist, self.layout.shape.whole_segments,
+                                   self.base_cfg.dtype, windowed=self.comp.windowed)
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchSpec:
-    """One benchmark point from flags. ``attention`` applies to the KV variants only (full
-    attention and Coarse-Rec have one implementation each; their results say
-    ``attention='n/a'``); ``causal`` is ``model.attention_impl``, the kernel of every pass
+    """One benchmark point from flags. ``attention`` (the gist part of ``model.attention``) applies
+    to the KV variants only (full attention and Coarse-Rec have one implementation each; their
+    results say ``attention='n/a'``); ``causal`` (its causal part) is the kernel of every pass
     without gists (full attention, TIE's reference passes, Coarse-Rec's segment steps)."""
 
     model: str = "tiny"
@@ -113,26 +114,26 @@ class BenchSpec:
     ae: bool = False  # autoencoding objective (lambda 1)
     trainable: str = "all"  # compression.trainable: all | gist_only
     bptt: int = 0  # compression.bptt_segments (Coarse-Rec truncation; 0 = unlimited)
-    causal: str = "auto"  # model.attention_impl
+    causal: str = "auto"  # the causal part of model.attention
 
     def model_config(self) -> ModelConfig:
         extra: dict[str, Any] = dict(self.overrides)
         if self.dtype:
             extra["dtype"] = self.dtype
-        cfg = preset(self.model, remat_policy=self.remat, attention_impl=self.causal, **extra)
+        if self.attention not in ATTENTION:
+            raise ValueError(f"--attention {self.attention!r} is not one of {ATTENTION}")
+        gist = self.attention if VARIANTS.get(self.variant, ("kv",))[0] == "kv" else "auto"
+        cfg = preset(self.model, remat_policy=self.remat, attention=AttentionChoice(self.causal, gist).name, **extra)
         return cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, 2 * self.seq))
 
     def compression(self) -> CompressionConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"--variant {self.variant!r} is not one of {sorted(VARIANTS)}")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"--attention {self.attention!r} is not one of {ATTENTION}")
         memory, granularity = VARIANTS[self.variant]
-        impl = self.attention if memory == "kv" else "dense"
         return CompressionConfig(memory=memory, granularity=granularity,
                                  segment_length=min(self.segment, self.seq), ratios=(self.ratio,),
                                  ratio_sampling="fixed", num_sinks=self.sinks,
-                                 positions=self.positions, attention_impl=impl,
+                                 positions=self.positions,
                                  trainable=self.trainable if memory != "none" else "all",
                                  bptt_segments=self.bptt if memory == "recurrent" else 0)
 
@@ -151,8 +152,8 @@ class BenchSpec:
         """The implementation that runs on this backend (``auto``/``bank`` resolved)."""
         if VARIANTS[self.variant][0] != "kv":
             return "n/a"
-        return resolve_attention_impl(self.attention, self.seq % min(self.segment, self.seq) == 0,
-                                      self.model_config().dtype)
+        return resolve_gist_kernel(self.attention, self.seq % min(self.segment, self.seq) == 0,
+                                   self.model_config().dtype)
 
 
 def _memory_bytes(compiled: Any) -> dict[str, int | None]:

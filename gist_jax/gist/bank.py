@@ -16,7 +16,7 @@ partial blocks inside the kernel.
 
 Requirements, checked by the config (``gist.config.validate``) or by ``forward.kv_parallel``
 which falls back to the decomposed path: every slot live (one ratio per step, not
-``per_segment``) and whole segments (no padding). On a GPU backend ``attention_impl="bank"``
+``per_segment``) and whole segments (no padding). On a GPU backend ``model.attention="bank"``
 runs the ``flash`` path (cuDNN) instead: JAX has no block-sparse GPU kernel to give it.
 Inside the train step's ``activation_mesh`` the kernel runs under ``shard_map`` over the
 batch and head axes (a Pallas call is not partitioned by XLA); the sequence axis is never

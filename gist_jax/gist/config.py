@@ -8,18 +8,30 @@ training. Every decision the paper leaves open is a field here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from gist_jax.errors import ConfigError
 from gist_jax.model.config import check_int
 
-MEMORY = ("kv", "recurrent", "none")
+if TYPE_CHECKING:
+    import jax
+
+    from gist_jax.model.config import ModelConfig
+    from gist_jax.model.transformer import Params
+
+# The interface below names layout types as Any: gist/layout.py and gist/specs.py import this
+# module, so importing theirs here (even for type checking) would be a cycle. The built-ins in
+# gist/variants.py annotate them exactly.
+GistLayout: TypeAlias = Any
+LayoutShape: TypeAlias = Any
+LayoutArrays: TypeAlias = Any
+AttentionSpec: TypeAlias = Any
+
 GRANULARITY = ("coarse", "fine")
 RATIO_SAMPLING = ("fixed", "per_instance", "per_segment")
 POSITIONS = ("compressed", "aligned")
 GIST_EMBEDDING = ("shared", "per_slot")
 TRAINABLE = ("all", "gist_only")
-ATTENTION_IMPL = ("dense", "decomposed", "flash", "split", "bank", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +64,9 @@ class CompressionConfig:
                      their gist) and of the W / r units before it. Needs memory='kv',
                      granularity='fine', positions='aligned' and one ratio per sequence;
                      segments remain only as the unit of layout, evaluation and prefill.
-    attention_impl:  KV variants' parallel (training) pass, all with the same values and
-                     gradients (docs/performance.md): ``dense`` (reference masks, a T x 2T
-                     score matrix per head); ``decomposed`` (segment-local causal attention +
-                     gist-memory attention merged by log-sum-exp, no T x T matrix,
-                     ``gist/structured.py``); ``flash`` (memory laid in front of each segment,
-                     one causal ``jax.nn.dot_product_attention`` call: cuDNN on NVIDIA GPUs,
-                     ``gist/flash.py``); ``split`` (segment-local causal call + memory call
-                     with key lengths, merged by log-sum-exp, custom backward: exactly the
-                     admitted pairs on cuDNN, ``gist/split.py``); ``bank`` (gists-first
-                     permutation, one block-sparse Splash kernel on TPU; aligned positions, one
-                     ratio per step, ``gist/bank.py``); ``auto`` (on GPU in bf16/fp16 ``split``
-                     when its cuDNN self-test passes, else ``flash``; elsewhere ``decomposed``).
+
+    The kernel of the KV variants' parallel pass is the gist part of ``model.attention``
+    (``model/kernels.py``); ``check_gist_kernel`` refuses the kernels a config cannot run exactly.
     """
 
     memory: str = "kv"
@@ -79,7 +82,6 @@ class CompressionConfig:
     bptt_segments: int = 0
     pad_to_segments: bool = False
     window: int = 0
-    attention_impl: str = "dense"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratios, int):
@@ -109,8 +111,7 @@ class CompressionConfig:
     def full_attention(self) -> CompressionConfig:
         """This config's full-attention baseline (``memory='none'``), with the settings that
         only apply to compression reset, so it is valid whatever this config trains."""
-        return self.replace(memory="none", trainable="all", bptt_segments=0, window=0,
-                            attention_impl="dense")
+        return self.replace(memory="none", trainable="all", bptt_segments=0, window=0)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -132,29 +133,12 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def validate(c: CompressionConfig) -> None:
-    _one_of("memory", c.memory, MEMORY)
+    _one_of("memory", c.memory, memory_values())
     _one_of("granularity", c.granularity, GRANULARITY)
     _one_of("ratio_sampling", c.ratio_sampling, RATIO_SAMPLING)
     _one_of("positions", c.positions, POSITIONS)
     _one_of("gist_embedding", c.gist_embedding, GIST_EMBEDDING)
     _one_of("trainable", c.trainable, TRAINABLE)
-    _one_of("attention_impl", c.attention_impl, ATTENTION_IMPL)
-    if c.attention_impl != "dense" and c.memory != "kv":
-        raise ConfigError(
-            f"compression.attention_impl={c.attention_impl!r} applies to memory='kv' (Fine-KV, "
-            f"Coarse-KV); memory={c.memory!r} has no gist-memory attention to restructure "
-            "(recurrent runs a segment scan, none is plain causal attention): set "
-            "attention_impl='dense'")
-    if c.attention_impl == "bank" and c.positions != "aligned":
-        raise ConfigError(
-            "compression.attention_impl='bank' is exact only when every key has one position: "
-            f"set compression.positions='aligned' (got {c.positions!r}), or use "
-            "attention_impl='decomposed'/'flash', which handle both schemes")
-    if c.attention_impl == "bank" and c.ratio_sampling == "per_segment":
-        raise ConfigError(
-            "compression.attention_impl='bank' needs every gist slot live (one ratio per step); "
-            "compression.ratio_sampling='per_segment' leaves dead slots: use 'per_instance' or "
-            "attention_impl='decomposed'/'flash'")
     if c.memory == "recurrent" and c.granularity == "fine":
         raise ConfigError(
             "compression.granularity='fine' with compression.memory='recurrent' is not supported "
@@ -179,31 +163,123 @@ def validate(c: CompressionConfig) -> None:
     if c.bptt_segments and c.memory != "recurrent":
         raise ConfigError("compression.bptt_segments only applies to memory='recurrent'; set it to 0")
     check_int("compression.window", c.window, 0, fix="use 0 (chunked) or the window in raw tokens, e.g. 128")
-    if c.window:
-        _validate_window(c)
+    variant_of(c).validate(c)
     if c.trainable == "gist_only" and c.memory == "none":
         raise ConfigError("compression.trainable='gist_only' with memory='none' trains nothing; "
                           "use trainable='all'")
 
 
-def _validate_window(c: CompressionConfig) -> None:
-    """UniGist's constraints: each names the key that breaks it and the fix."""
-    need = {"memory": "kv", "granularity": "fine", "positions": "aligned"}
-    for key, value in need.items():
-        if getattr(c, key) != value:
-            raise ConfigError(
-                f"compression.window={c.window} (UniGist) needs compression.{key}={value!r}, got "
-                f"{getattr(c, key)!r}; set it, or compression.window=0 for chunked compression")
-    if c.ratio_sampling == "per_segment":
+def check_gist_kernel(attention: str, c: CompressionConfig, key: str = "model.attention") -> None:
+    """The gist kernel ``attention`` names must be exact for this layout: the gist bank needs one
+    position per key and every slot live; UniGist's window has one structured kernel
+    (``decomposed`` names it). Other memories than ``kv`` run their own paths and ignore the gist
+    part (Coarse-Rec: a segment scan of causal passes; none: the causal kernel)."""
+    from gist_jax.model.kernels import parse_attention  # the one parser of the knob
+
+    gist = parse_attention(attention, key).gist
+    if c.memory != "kv" or gist in ("auto", "dense"):
+        return
+    if gist == "bank" and c.positions != "aligned":
         raise ConfigError(
-            f"compression.window={c.window} (UniGist) has no chunks to draw a ratio for: use "
-            "compression.ratio_sampling='per_instance' or 'fixed'")
-    bad = [r for r in c.ratios if c.window % r]
-    if bad:
+            f"{key}={attention!r}: the gist bank is exact only when every key has one position: set "
+            f"compression.positions='aligned' (got {c.positions!r}), or use the gist kernel 'decomposed' "
+            "or 'flash', which handle both schemes")
+    if gist == "bank" and c.ratio_sampling == "per_segment":
         raise ConfigError(
-            f"compression.window={c.window} is not a multiple of ratio(s) {bad}: the window is a "
-            "whole number of gist units; use a multiple of every ratio, e.g. the segment length")
-    if c.attention_impl not in ("dense", "decomposed", "auto"):
+            f"{key}={attention!r}: the gist bank needs every gist slot live (one ratio per step); "
+            "compression.ratio_sampling='per_segment' leaves dead slots: use 'per_instance', or the "
+            "gist kernel 'decomposed' or 'flash'")
+    if c.windowed and gist != "decomposed":
         raise ConfigError(
-            f"compression.attention_impl={c.attention_impl!r} has no windowed (UniGist) kernel; "
-            "use 'decomposed' (or 'auto'), exact for compression.window > 0, or 'dense'")
+            f"{key}={attention!r}: the gist kernel {gist!r} has no windowed (UniGist) form; use "
+            "'decomposed' (or 'auto'), exact for compression.window > 0, or 'dense'")
+
+
+# -- compression variants: the interface and the one table ------------------------------------------
+# The table lives here, below every module that asks it, so a config can be validated against the
+# registered variants; the built-ins are defined and registered in ``gist/variants.py``, which
+# ``gist/__init__.py`` imports before any module of this package runs.
+
+
+class PairCounts(NamedTuple):
+    """What one sequence's forward pass works on (the FLOPs model's input)."""
+
+    tokens: int  # tokens through every layer (raw + live gists [+ re-encoded memory])
+    logit_tokens: int  # tokens that get LM-head logits (raw tokens)
+    pairs: int  # visible (query, key) attention pairs per layer
+
+
+class Variant:
+    """One compression architecture, registered once in ``VARIANTS``: its config rules, training
+    forward, dense reference masks, cost model, memory-planner kernel, context-parallel support
+    and decode policy. ``memory`` is the ``compression.memory`` value it claims; ``selects`` tells
+    it apart from variants sharing that value (UniGist: ``window > 0``). ``decode`` names the
+    policy compressed decoding runs (``inference/decode.py``'s ``DECODE_POLICIES``: a cache
+    policy is code of the inference layer), or None: decoding is refused in one line."""
+
+    name = "variant"
+    memory = ""
+    decode: str | None = None
+
+    def selects(self, comp: CompressionConfig) -> bool:
+        return comp.memory == self.memory
+
+    def validate(self, comp: CompressionConfig) -> None:
+        """Start-up rules only this variant has (``ConfigError`` naming the key and the fix).
+        A window is UniGist's alone."""
+        if comp.window:
+            raise ConfigError(f"compression.window={comp.window} (UniGist) needs compression.memory='kv', got "
+                              f"{comp.memory!r}; set it, or compression.window=0 for chunked compression")
+
+    def forward(self, cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None, params: Params,
+                tokens_BxN: jax.Array, arrays: LayoutArrays, **kwargs: Any) -> Any:
+        """Logits (or ``(logits, (k, v))`` with ``kv_layer``) of the training pass."""
+        raise NotImplementedError
+
+    def reference_spec(self, arrays: LayoutArrays, comp: CompressionConfig, batch: int,
+                       stop_gist_memory_gradient: bool = False) -> AttentionSpec:
+        """The dense reference masks of the one-pass forward (what every kernel must equal)."""
+        raise NotImplementedError
+
+    def visible_pairs(self, layout: GistLayout, num_raw: int) -> PairCounts:
+        """Tokens and the (query, key) pairs its mask allows, counted from the layout."""
+        raise NotImplementedError
+
+    def computed_pairs(self, cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,
+                       backend: str) -> tuple[str, int]:
+        """(what runs, score entries it computes per layer and head) on ``backend``."""
+        raise NotImplementedError
+
+    def layer_kernel(self, cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
+        """The attention implementation the decoder layers run (the memory planner's unit)."""
+        return "dense"
+
+    def check_context(self, comp: CompressionConfig, seq_len: int, context: int) -> None:
+        """Whether ``mesh.context`` > 1 blocks can run it (``context_parallel.check_context_parallel``)."""
+        raise ConfigError(f"mesh.context={context}: compression.memory={comp.memory!r} ({self.name}) has no "
+                          "context-parallel forward; use mesh.context=1")
+
+
+VARIANTS: dict[str, Variant] = {}  # name -> variant, filled by gist/variants.py and register_variant
+
+
+def register_variant(variant: Variant) -> None:
+    """Adds a variant; its ``memory`` value becomes a valid ``compression.memory``."""
+    if variant.name in VARIANTS:
+        raise ValueError(f"a compression variant named {variant.name!r} is already registered")
+    VARIANTS[variant.name] = variant
+
+
+def memory_values() -> tuple[str, ...]:
+    """The ``compression.memory`` values some registered variant claims."""
+    return tuple(dict.fromkeys(v.memory for v in VARIANTS.values()))
+
+
+def variant_of(comp: CompressionConfig) -> Variant:
+    """The one registered variant that runs ``comp``."""
+    chosen = [v for v in VARIANTS.values() if v.selects(comp)]
+    if len(chosen) != 1:
+        raise ConfigError(f"compression.memory={comp.memory!r}, window={comp.window}: "
+                          f"{'no' if not chosen else 'several'} registered variant(s) select it "
+                          f"({[v.name for v in chosen] or sorted(VARIANTS)})")
+    return chosen[0]

@@ -43,13 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from gist_jax.errors import ConfigError
 from gist_jax.gist import structured
-from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.layout import LayoutShape, build_layout
+from gist_jax.gist.config import CompressionConfig, variant_of
+from gist_jax.gist.layout import LayoutShape
 from gist_jax.gist.specs import TOKEN_FIELDS, LayoutArrays
 from gist_jax.gist.structured import DecomposedKV, rotate_memory, segment_attention, segment_plan
-from gist_jax.gist.window import context_window_plan
 from gist_jax.model.attention import AttentionSpec
 from gist_jax.model.layers import apply_rope
 from gist_jax.model.sharding import (
@@ -67,25 +65,7 @@ def check_context_parallel(comp: CompressionConfig, seq_len: int, context: int) 
     than the previous block (its halo, ``context_window.py``)."""
     if context == 1:
         return
-    if comp.memory == "recurrent":
-        raise ConfigError(f"mesh.context={context}: Coarse-Rec (compression.memory='recurrent') runs its segments "
-                          "one after another, so its sequence cannot be split; use mesh.context=1 (its step "
-                          "memory is linear in the context) or compression.memory='kv'")
-    if comp.memory != "kv":
-        raise ConfigError(f"mesh.context={context}: context parallelism moves only gist K/V and "
-                          f"compression.memory={comp.memory!r} has no gists; use mesh.context=1")
-    segments, rest = divmod(seq_len, comp.segment_length)
-    if rest or segments % context:
-        raise ConfigError(f"mesh.context={context}: step.seq_len={seq_len} must be whole segments "
-                          f"(compression.segment_length={comp.segment_length}) whose count divides over the "
-                          f"{context} blocks; use a multiple of {context * comp.segment_length}")
-    if comp.windowed:
-        shape = build_layout(seq_len, comp).shape
-        halo, block = context_window_plan(shape, comp.window, context).halo, shape.length // context
-        if halo > block:
-            raise ConfigError(f"mesh.context={context}: UniGist's window (compression.window={comp.window}) reaches "
-                              f"{halo} layout tokens back, past the previous block ({block} tokens); use fewer "
-                              "context blocks, a longer step.seq_len or a shorter window")
+    variant_of(comp).check_context(comp, seq_len, context)
 
 
 def splits(shape: LayoutShape, context: int) -> bool:

@@ -20,8 +20,8 @@ custom partitioning, so sharded batches and heads stay sharded); where a version
 Because this is private API, nothing trusts it blindly: ``available()`` runs once per process
 (on the first GPU trace that asks): the names must exist and a tiny split attention (local +
 memory parts, merged, bf16, GQA, padding) must agree with the XLA backend in values and
-gradients. Otherwise it reports why, ``attention_impl="split"`` falls back to ``flash`` with
-one warning (``forward.resolve_attention_impl``), and ``auto`` keeps ``flash``. Off GPU it
+gradients. Otherwise it reports why, the gist kernel ``split`` falls back to ``flash`` with
+one warning (``forward.resolve_gist_kernel``), and ``auto`` keeps ``flash``. Off GPU it
 reports "unavailable" without importing anything CUDA-specific.
 """
 
@@ -132,7 +132,7 @@ def usable_for(q_BxTxNxH: jax.Array) -> bool:
 
 
 def ready(target_backend: str | None = None) -> bool | None:
-    """For ``resolve_attention_impl``: True/False when ``target_backend`` (default: this
+    """For ``resolve_gist_kernel``: True/False when ``target_backend`` (default: this
     process's) is this process's GPU; None when it cannot be checked from here (planning for
     another machine, or not a GPU)."""
     here = jax.default_backend()

@@ -22,7 +22,7 @@ tail). Dead gist slots (per-segment ratios) only ever sit at the tail of a segme
 every live token, so causality already hides them from live queries. Padding up to whole
 segments does not: it sits before the last segment's live gists, which causality would let
 see it, so a layout with padding (``LayoutShape.whole_segments`` False) runs ``decomposed``
-instead (``forward.resolve_attention_impl``). The memory is compacted (live entries first,
+instead (``forward.resolve_gist_kernel``). The memory is compacted (live entries first,
 in buffer order, which is segment order), so memory_i is a prefix of length ``c_i``. Exact for
 both position schemes: local keys are rotated at their in-segment positions, memory keys at
 their memory positions, as in the dense masks.
@@ -32,7 +32,7 @@ score pairs instead of the exact ``Ts^2 / 2 + c_i * Ts``: at 16K tokens, L = 204
 12% more attention FLOPs; at 32K, 36% (docs/performance.md). The gathered q/k/v are
 ``E = M + Ts`` rows per segment. Off GPU (or in float32, or with a head size cuDNN does not
 take) the same call runs XLA's implementation, which materialises each segment's ``E x E``
-scores: right for tests, but ``decomposed`` is the better choice there (``attention_impl=
+scores: right for tests, but ``decomposed`` is the better choice there (``model.attention=
 "auto"`` picks this path on GPU in bf16/fp16 and ``decomposed`` otherwise).
 """
 

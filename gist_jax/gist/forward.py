@@ -17,17 +17,16 @@ from typing import Any, cast, overload
 import jax
 
 from gist_jax.gist.bank import GistBankKV
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import CompressionConfig, check_gist_kernel, variant_of
 from gist_jax.gist.context_parallel import ContextParallelKV, splits
 from gist_jax.gist.context_window import ContextParallelWindowedKV
 from gist_jax.gist.flash import PrefixCausalKV
 from gist_jax.gist.layout import LayoutShape
-from gist_jax.gist.recurrent import LayerKV, recurrent_scan
+from gist_jax.gist.recurrent import LayerKV
 from gist_jax.gist.specs import (
     LayoutArrays,
     gather_raw,
     pad_raw,
-    parallel_spec,
     physical_segments,
     raw_embed_inputs,
     structured_spec,
@@ -35,7 +34,7 @@ from gist_jax.gist.specs import (
 from gist_jax.gist.split import SplitKV
 from gist_jax.gist.structured import DecomposedKV
 from gist_jax.gist.window import WindowedKV
-from gist_jax.model.attention import AttentionSpec, AttentionStructure
+from gist_jax.model.attention import AttentionStructure
 from gist_jax.model.config import ModelConfig
 from gist_jax.model.kernels import is_half
 from gist_jax.model.sharding import context_size
@@ -44,7 +43,7 @@ from gist_jax.model.transformer import Decoder, Params, collect_kv
 _WARNED: set[str] = set()  # fallbacks already reported in this process (one warning each)
 
 
-def resolve_attention_impl(impl: str, whole_segments: bool = True,
+def resolve_gist_kernel(impl: str, whole_segments: bool = True,
                            compute_dtype: str = "bfloat16", backend: str | None = None,
                            windowed: bool = False, context: int = 1) -> str:
     """The implementation a KV pass runs, decided at trace time from the backend (default:
@@ -80,7 +79,7 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
     if impl == "split" and cudnn_stats.ready(backend) is False:
         if "split" not in _WARNED:
             _WARNED.add("split")
-            warnings.warn("compression.attention_impl='split' needs cuDNN attention with explicit "
+            warnings.warn("the gist kernel 'split' needs cuDNN attention with explicit "
                           f"statistics ({cudnn_stats.unavailable_reason()}); running 'flash' instead",
                           RuntimeWarning, stacklevel=2)
         impl = "flash"
@@ -91,7 +90,8 @@ def resolve_attention_impl(impl: str, whole_segments: bool = True,
     return impl
 
 
-# The gist-structure kernels by the name ``resolve_attention_impl`` returns. Each class builds
+# The gist-structure kernels by the name ``resolve_gist_kernel`` returns (the names
+# ``model.attention`` may give, ``kernels.GIST_KERNEL_NAMES``, plus UniGist's ``windowed``). Each class builds
 # its structure (``for_layout(arrays, shape, comp)``, what ``AttentionSpec.structure`` holds) and
 # counts what it computes (``computed_pairs(layout, comp, backend, dtype, head_dim)``, which
 # ``flops.attention_pairs`` asks). A new kernel is one class and one line here.
@@ -106,7 +106,7 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
                 stop_gist_memory_gradient: bool = False, kv_layer: int | None = None,
                 head: bool = True) -> jax.Array | tuple[jax.Array, LayerKV]:
     """Fine-KV / Coarse-KV / UniGist in one pass: the dense reference masks, or a structured path
-    chosen by ``comp.attention_impl`` (``resolve_attention_impl``; decomposed
+    chosen by the gist part of ``model.attention`` (``resolve_gist_kernel``; decomposed
     ``structured.py`` or, windowed, ``window.py``, flash ``flash.py``, split ``split.py``, bank
     ``bank.py``): equal values and gradients, no T x T score matrix.
 
@@ -119,12 +119,13 @@ def kv_parallel(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape, p
     # (context_parallel.py, context_window.py). A layout that does not cut into whole-segment
     # blocks (an evaluation length) runs unsplit and XLA partitions it.
     context = context_size() if context_size() > 1 and splits(shape, context_size()) else 1
-    impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments, cfg.dtype,
+    check_gist_kernel(cfg.attention, comp)
+    impl = resolve_gist_kernel(cfg.kernels.gist, shape.whole_segments, cfg.dtype,
                                   windowed=comp.windowed, context=context)
     if impl == "bank" and stop_gist_memory_gradient:
         impl = "decomposed"  # the bank has one view of each gist key; this needs two
     if impl == "dense":
-        spec = parallel_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
+        spec = variant_of(comp).reference_spec(arrays, comp, tokens_BxN.shape[0], stop_gist_memory_gradient)
     else:
         kernel = GIST_KERNELS[impl].for_layout(arrays, shape, comp)
         structure: AttentionStructure = kernel
@@ -157,18 +158,13 @@ def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutSh
 def compressed_logits(cfg: ModelConfig, comp: CompressionConfig, shape: LayoutShape | None,
                       params: Params, tokens_BxN: jax.Array, arrays: LayoutArrays, *,
                       kv_layer: int | None = None, **kwargs: Any) -> jax.Array | tuple[jax.Array, LayerKV]:
-    """Training forward for a compression config: KV variants in one pass, recurrent as a scan,
-    and ``none`` the plain model itself (its layout is the raw sequence). Returns logits, or
+    """Training forward for a compression config, the registered variant's
+    (``variants.variant_of``): KV variants in one pass, recurrent as a scan, and ``none`` the
+    plain model itself (its layout is the raw sequence). Returns logits, or
     ``(logits, (k, v))`` of layer ``kv_layer`` when that keyword is given (not for ``none``);
     ``head=False`` puts final-norm hidden states in place of the logits. ``shape`` may be None
     for ``none`` (no layout)."""
-    if comp.memory == "none":
-        spec = AttentionSpec.causal(tokens_BxN.shape[0], tokens_BxN.shape[1])
-        return cast(jax.Array, Decoder(cfg).apply({"params": params}, tokens_BxN, spec,
-                                                  head=kwargs.get("head", True)))
-    assert shape is not None, f"compression.memory={comp.memory!r} needs the layout's shape"
-    fn = {"kv": kv_parallel, "recurrent": recurrent_scan}[comp.memory]
-    return fn(cfg, comp, shape, params, tokens_BxN, arrays, kv_layer=kv_layer, **kwargs)
+    return variant_of(comp).forward(cfg, comp, shape, params, tokens_BxN, arrays, kv_layer=kv_layer, **kwargs)
 
 
 @overload

@@ -1,5 +1,5 @@
 """Split attention for the KV variants: two exact attention calls merged by log-sum-exp, with
-a hand-written backward, so cuDNN's fused kernels serve both parts (``attention_impl="split"``).
+a hand-written backward, so cuDNN's fused kernels serve both parts (``model.attention="split"``).
 
 What a live query of segment i may see is the union of two disjoint key sets
 (``structured.py``):
@@ -54,7 +54,7 @@ def backend_for(q_BxTxNxH: jax.Array, name: str | None) -> AttentionBackend:
 @flax.struct.dataclass
 class SplitKV(DecomposedKV):
     """``DecomposedKV``'s memory buffer plus the compaction tables the two calls need. Sits in
-    ``AttentionSpec.structure`` (``attention_impl="split"``)."""
+    ``AttentionSpec.structure`` (``model.attention="split"``)."""
 
     local_length_S: jax.Array  # live tokens of segment i (its causal key length)
     local_index_T: jax.Array | None  # layout token at each compacted row; None: identity

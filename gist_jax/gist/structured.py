@@ -30,12 +30,12 @@ spent most of the step on score-sized reductions and transposes on XLA CPU (prof
 ``docs/performance.md``). Both position schemes are exact: the local part rotates every key at
 its in-segment position, the memory part at its memory position, as the dense mask pairs do.
 
-Selected by ``CompressionConfig.attention_impl = "decomposed"`` (``forward.kv_parallel``);
+Selected by ``model.attention = "decomposed"`` (``forward.kv_parallel``);
 the dense path stays the reference (``tests/test_structured_attention.py``). Queries whose
 every key is masked (never a live token) get 0 here and a uniform average in the dense path;
 nothing live reads them. cuDNN's fused attention cannot serve part (a) here: its backward
 ignores the log-sum-exp cotangent the merge needs. ``flash.py`` lays each segment out so that
-one causal call needs no merge; that is the GPU path (``attention_impl="flash"``/``"auto"``).
+one causal call needs no merge; that is the GPU path (``model.attention="flash"``/``"auto"``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.errors import ConfigError
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import CompressionConfig, variant_of
 from gist_jax.gist.layout import _segment_order
 from gist_jax.model.config import ModelConfig
 
@@ -60,6 +60,7 @@ class Plan:
     per_slot_embedding: bool
     max_segments: int
     window: int = 0  # UniGist's W (0: chunked)
+    variant: str = "kv"  # the registered variant whose decode policy runs (``variants.VARIANTS``)
 
     @classmethod
     def create(cls, comp: CompressionConfig, capacity_raw: int, ratio: int | None = None) -> Plan:
@@ -67,7 +68,7 @@ class Plan:
         if capacity_raw < 1:
             raise ConfigError(f"capacity_raw={capacity_raw} must be >= 1 (prompt + max_new_tokens)")
         if not comp.enabled:
-            return cls("none", "coarse", "compressed", capacity_raw, 1, 0, False, 1)
+            return cls("none", "coarse", "compressed", capacity_raw, 1, 0, False, 1, variant=variant_of(comp).name)
         ratio = comp.ratios[0] if ratio is None else int(ratio)
         if comp.segment_length % ratio:
             raise ConfigError(f"ratio={ratio} does not divide compression.segment_length="
@@ -77,7 +78,7 @@ class Plan:
                               f"is a whole number of gist units; pick one of compression.ratios={comp.ratios}")
         return cls(comp.memory, comp.granularity, comp.positions, comp.segment_length, ratio,
                    comp.num_sinks, comp.gist_embedding == "per_slot",
-                   math.ceil(capacity_raw / comp.segment_length), comp.window)
+                   math.ceil(capacity_raw / comp.segment_length), comp.window, variant_of(comp).name)
 
     @property
     def gists(self) -> int:

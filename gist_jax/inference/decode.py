@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.errors import ConfigError
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import VARIANTS, CompressionConfig
 from gist_jax.inference import window
 from gist_jax.inference.cache import Cache, Plan, cache_stats
 from gist_jax.inference.model_step import rotate_keys as _rotate
@@ -113,16 +114,39 @@ def _compress(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, done_B
     return cache
 
 
+class DecodePolicy(NamedTuple):
+    """How a cache is filled: ``feed`` the next layout tokens; ``prefill`` whole prompt chunks;
+    ``chunk_raw_offsets(plan, L)``, per position of one prefill chunk of L raw tokens, its raw
+    offset (-1: a gist)."""
+
+    feed: Callable[..., tuple[jax.Array, Cache]]
+    prefill: Callable[..., tuple[Cache, jax.Array, np.ndarray]]
+    chunk_raw_offsets: Callable[[Plan, int], Any]
+
+
+def _policy(plan: Plan) -> DecodePolicy:
+    variant = VARIANTS[plan.variant]
+    if variant.decode is None:
+        raise ConfigError(f"compression.memory={plan.memory!r} ({variant.name}) has no compressed decoding; "
+                          "evaluate it with the parallel forward (train/evaluation.py)")
+    return DECODE_POLICIES[variant.decode]
+
+
 def feed(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, tokens_BxC: jax.Array,
          valid_BxC: jax.Array) -> tuple[jax.Array, Cache]:
     """Feed each row its next C layout tokens (valid ones first; a gist's token id is ignored).
 
     Returns logits ``[B, C, V]`` and the cache after the tokens (and any completed segment's
-    compression). Callers keep every row inside one segment per call (UniGist: any C,
-    ``window.feed``).
+    compression). How is the variant's decode policy (``Variant.decode``, ``DECODE_POLICIES``):
+    chunked variants and full attention ``feed_segments``, UniGist ``window.feed``.
     """
-    if plan.window:
-        return window.feed(cfg, plan, params, cache, tokens_BxC, valid_BxC)
+    return _policy(plan).feed(cfg, plan, params, cache, tokens_BxC, valid_BxC)
+
+
+def feed_segments(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, tokens_BxC: jax.Array,
+                  valid_BxC: jax.Array) -> tuple[jax.Array, Cache]:
+    """``feed`` for segment-wise caches (Fine-KV, Coarse-KV, Coarse-Rec; a plain cache without
+    compression). Callers keep every row inside one segment per call."""
     b, c = tokens_BxC.shape
     index = cache.offset[:, None] + jnp.arange(c)[None, :]
     raw, slot, position, _ = _item_positions(plan, cache.segment, index)
@@ -260,14 +284,18 @@ def prefill(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_
     of r raw tokens (default L). Without compression every prompt token is fed, ``chunk``
 tokens per call (default ``FULL_PREFILL_CHUNK``). Returns the
     cache, each row's pending logits (of its last raw token fed; zeros if none) and the raw
-    tokens fed per row."""
+    tokens fed per row. How is the variant's decode policy (``DECODE_POLICIES``)."""
+    return _policy(plan).prefill(cfg, plan, params, cache, prompts_BxP, lengths_B, logits_out, chunk)
+
+
+def _prefill_chunks(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_BxP: np.ndarray,
+                    lengths_B: np.ndarray, logits_out: np.ndarray | None,
+                    chunk: int | None) -> tuple[Cache, jax.Array, np.ndarray]:
+    """``prefill`` of a compressing cache: whole chunks, one per call."""
     b = prompts_BxP.shape[0]
     pending = jnp.zeros((b, cfg.vocab_size), jnp.float32)
-    if plan.memory == "none":
-        return _prefill_full(cfg, plan, params, cache, prompts_BxP, lengths_B, logits_out,
-                             FULL_PREFILL_CHUNK if chunk is None else chunk)
     L = _check_chunk(plan, chunk)
-    raw_T = np.asarray(window.chunk_raw_offsets(plan, L) if plan.window else plan.order()[0])
+    raw_T = np.asarray(_policy(plan).chunk_raw_offsets(plan, L))
     last_raw = int(np.nonzero(raw_T >= 0)[0][-1])
     full = lengths_B // L
     for i in range(int(full.max(initial=0))):
@@ -391,3 +419,23 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
             row = row[:row.index(eos_id) + 1]
         tokens.append(row)
     return Generation(tokens, cache_stats(cfg, cache)[:len(prompts)], logits_out, cache)
+
+
+def _prefill_plain(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_BxP: np.ndarray,
+                   lengths_B: np.ndarray, logits_out: np.ndarray | None,
+                   chunk: int | None) -> tuple[Cache, jax.Array, np.ndarray]:
+    return _prefill_full(cfg, plan, params, cache, prompts_BxP, lengths_B, logits_out,
+                         FULL_PREFILL_CHUNK if chunk is None else chunk)
+
+
+def _segment_offsets(plan: Plan, chunk: int) -> np.ndarray:
+    return plan.order()[0]
+
+
+# The cache policies a variant names (``config.Variant.decode``): segment caches (Fine-KV, Coarse-KV,
+# Coarse-Rec), UniGist's rolling raw window (``window.py``), and a plain KV cache (no compression).
+DECODE_POLICIES: dict[str, DecodePolicy] = {
+    "segments": DecodePolicy(feed_segments, _prefill_chunks, _segment_offsets),
+    "window": DecodePolicy(window.feed, _prefill_chunks, window.chunk_raw_offsets),
+    "plain": DecodePolicy(feed_segments, _prefill_plain, _segment_offsets),
+}

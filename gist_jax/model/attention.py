@@ -153,15 +153,15 @@ class Attention(nn.Module):
         if spec.structure is not None and memory is None:
             out_BxTxNxH = spec.structure.attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, spec, inv_freq)
             return self._o_proj(checkpoint_name(out_BxTxNxH, ATTN_OUT))
-        if spec.is_plain_causal() and memory is None and cfg.attention_impl != "dense":
-            # No gists, no memory: the fast causal kernel (model.attention_impl), O(T) memory.
+        if spec.is_plain_causal() and memory is None and cfg.kernels.causal != "dense":
+            # No gists, no memory: the fast causal kernel (model.attention's causal part), O(T) memory.
             k_rot_BxTxKxH = constrain(apply_rope(k_BxTxKxH, spec.positions, inv_freq),
                                       BATCH_LENGTH_KV_HEADS)
             if split_over_context(q_BxTxNxH):  # TIE's reference pass under context parallelism
                 out_BxTxNxH = context_causal_attention(q_BxTxNxH, k_rot_BxTxKxH, v_BxTxKxH, spec.valid)
             else:
                 out_BxTxNxH = causal_attention(q_BxTxNxH, k_rot_BxTxKxH, v_BxTxKxH, spec.valid,
-                                               impl=cfg.attention_impl)
+                                               impl=cfg.kernels.causal)
             return self._o_proj(checkpoint_name(out_BxTxNxH, ATTN_OUT))
         keys, values, masks = [], [], []
         b, t = spec.positions.shape

@@ -26,11 +26,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import DTypeLike
 
-from gist_jax.model.kernels import NEG, cudnn_runs, splash_runs
+from gist_jax.model.kernels import BOTH, CAUSAL_KERNELS, NEG, cudnn_runs, splash_runs
 
-IMPLS = ("auto", "dense", "blockwise", "cudnn", "splash")
+IMPLS = BOTH + CAUSAL_KERNELS  # what the causal part of ``model.attention`` may name
 DEFAULT_BLOCK = 512
 
 
@@ -42,7 +43,7 @@ def resolve_impl(impl: str, backend: str, dtype: DTypeLike, head_dim: int,
     aligned and take padding only as lengths/segments, so padded or offset inputs go blockwise.
     """
     if impl not in IMPLS:
-        raise ValueError(f"attention_impl={impl!r} is unknown; use one of {IMPLS}")
+        raise ValueError(f"causal attention kernel {impl!r} is unknown; use one of {IMPLS}")
     if impl != "auto":
         return impl
     plain = not has_padding and q_offset == 0
@@ -51,6 +52,37 @@ def resolve_impl(impl: str, backend: str, dtype: DTypeLike, head_dim: int,
     if splash_runs(backend) and plain:
         return "splash"
     return "blockwise"
+
+
+def causal_pairs(n: int) -> int:
+    """Query-key pairs causal attention admits over n tokens (the lower triangle)."""
+    return n * (n + 1) // 2
+
+
+def blockwise_causal_pairs(t: int, s: int | None = None, block: int | None = None) -> int:
+    """Score entries the blockwise kernel computes for t queries and s keys (offset 0): query
+    block i (``bq = min(block, t)``, T padded to whole blocks) runs key
+    blocks ``0 .. (i bq + bq - 1) // bk`` (``_last_key_block``), each a full ``bq x bk`` tile,
+    so the skipped upper triangle is counted out and the diagonal tiles are counted whole.
+    ``block`` None: ``causal.DEFAULT_BLOCK`` read now, as the kernel reads it at trace time."""
+    s = t if s is None else s
+    block = block or DEFAULT_BLOCK
+    bq, bk = min(block, t), min(block, s)
+    nq, nk = -(-t // bq), -(-s // bk)
+    i = np.arange(nq)
+    return int(np.minimum(nk, (i * bq + bq - 1) // bk + 1).sum()) * bq * bk
+
+
+def computed_pairs(impl: str, t: int) -> int:
+    """The kernels' cost model (``train/flops.py`` asks it): score entries of one plain causal
+    pass over t tokens. Dense builds the whole [t, t] matrix; blockwise and Splash (same block
+    size) the non-skipped tiles; cuDNN the causal triangle (its tile granularity is not
+    modelled, so this is a lower bound)."""
+    if impl == "dense":
+        return t * t
+    if impl == "cudnn":
+        return causal_pairs(t)
+    return blockwise_causal_pairs(t)
 
 
 def causal_mask(t: int, s: int, valid_BxS: jax.Array | None, q_offset: int = 0) -> jax.Array:
@@ -93,13 +125,13 @@ def causal_attention(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.
                                      jnp.broadcast_to(mask, (q_BxTxNxH.shape[0], t, s)))
     if impl == "cudnn":
         if valid_BxS is not None or q_offset:
-            raise ValueError("attention_impl='cudnn' takes no padding mask or offset; use auto")
+            raise ValueError("the causal kernel 'cudnn' takes no padding mask or offset; use auto")
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH.astype(q_BxTxNxH.dtype),
                                             v_BxSxKxH.astype(q_BxTxNxH.dtype), is_causal=True,
                                             implementation="cudnn").astype(v_BxSxKxH.dtype)
     if impl == "splash":
         if valid_BxS is not None or q_offset:
-            raise ValueError("attention_impl='splash' takes no padding mask or offset; use auto")
+            raise ValueError("the causal kernel 'splash' takes no padding mask or offset; use auto")
         return splash_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH)
     return blockwise_causal_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, valid_BxS,
                                       q_offset=q_offset, block=block or DEFAULT_BLOCK)

@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from gist_jax.errors import ConfigError
+from gist_jax.model.kernels import AttentionChoice, legacy_attention, parse_attention
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -70,11 +71,8 @@ def check_remat_policy(key: str, value: str) -> None:
         raise ConfigError(f"{key}={value!r} is unknown; use one of {sorted(REMAT_POLICIES)}")
 
 
-def check_attention_impl(key: str, value: str) -> None:
-    from gist_jax.model.causal import IMPLS  # local: keeps config importable on its own
-
-    if value not in IMPLS:
-        raise ConfigError(f"{key}={value!r} is unknown; use one of {IMPLS}")
+def check_attention(key: str, value: str) -> None:
+    parse_attention(value, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +115,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    # Kernel of plain causal attention (every pass without gists: full-attention baseline, TIE
-    # references, prefill); execution only, the result is the same (gist_jax/model/causal.py).
-    attention_impl: str = "auto"
+    # The attention kernels, one knob for every pass (``model/kernels.py`` ``parse_attention``):
+    # auto | dense | a kernel name | '<causal>,<gist>'. Execution only: every kernel computes the
+    # same values and gradients (docs/performance.md).
+    attention: str = "auto"
     # Gist parameters (set from the compression config, see gist_jax/gist/params.py):
     # rows of the gist embedding table (0: none, 1: shared, t: one per slot) and whether
     # gist tokens get their own q/k/v projections in every layer.
@@ -128,6 +127,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+
+    @property
+    def kernels(self) -> AttentionChoice:
+        """What ``attention`` asks of the plain causal passes and of the gist structure."""
+        return parse_attention(self.attention)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -146,11 +150,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)} - {"attention_impl"})  # the shim below
         if unknown:
             raise ConfigError(f"unknown model config keys {unknown}; remove them")
         if isinstance(d.get("rope_scaling"), dict):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if "attention_impl" in d:  # a model config saved before ``attention`` replaced it
+            if d.get("attention", "auto") != "auto":
+                raise ConfigError(f"model config has attention={d['attention']!r} and the deprecated "
+                                  f"attention_impl={d['attention_impl']!r}; keep attention only")
+            d["attention"] = legacy_attention(d.pop("attention_impl"), None)
         return cls(**d)
 
     def num_params(self) -> int:
@@ -192,7 +201,7 @@ def validate(cfg: ModelConfig) -> None:
     for key in ("dtype", "param_dtype"):
         check_dtype_name(f"model.{key}", getattr(cfg, key))
     check_remat_policy("model.remat_policy", cfg.remat_policy)
-    check_attention_impl("model.attention_impl", cfg.attention_impl)
+    check_attention("model.attention", cfg.attention)
 
 
 # Named shapes. Real checkpoints bring their own config through the importers; these serve

@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import CompressionConfig
@@ -53,8 +54,11 @@ from gist_jax.model.config import ModelConfig
 from gist_jax.model.layers import RMSNorm, apply_rope, rope_inverse_frequencies
 from gist_jax.model.loss import DEFAULT_CHUNK, TokenScores, dense_token_scores, lm_head, lm_token_scores
 from gist_jax.model.sharding import CONTEXT_AXIS, constrain, context_size, override_rules
-from gist_jax.model.transformer import Block, Params
-from gist_jax.train.config import AE_DECODER_OUTPUTS, AE_INITS, AE_NORMALIZATIONS
+from gist_jax.model.transformer import Block, Params, param_logical_specs
+from gist_jax.train.config import AE_DECODER_OUTPUTS, AE_INITS, AE_NORMALIZATIONS, ObjectiveConfig
+
+if TYPE_CHECKING:
+    from gist_jax.train.loss_terms import TermInputs
 
 
 def decoder_config(cfg: ModelConfig) -> ModelConfig:
@@ -335,3 +339,42 @@ def _span_loss(cfg: ModelConfig, params: Params, block: Params, ae_E: jax.Array,
     scores = dense_token_scores(h_1xnxE, lm_head(cfg, params), targets_n[None],
                                 compute_dtype=cfg.compute_dtype)
     return jnp.mean(scores.nll)
+
+
+def ae_base_gate(warmup_steps: int, step: jax.Array | None) -> jax.Array | float:
+    """1.0 once L_ae may train the gists and base (step >= ``objective.ae_base_warmup_steps``),
+    0.0 before; ``step`` None (the memory planner's trace) counts as past the warm-up."""
+    if warmup_steps == 0 or step is None:
+        return 1.0
+    return (step >= warmup_steps).astype(jnp.float32)
+
+
+class AETerm:
+    """The fine-grained autoencoding objective as a loss term (``train/objectives.py``):
+    ``ae_lambda`` x L_ae per microbatch, its decoder under ``params['ae']``."""
+
+    name: str = "ae"
+    batch_fields: tuple[str, ...] = ()
+    mean_metrics: tuple[str, ...] = ("ae_loss", "ae_accuracy")
+
+    def __init__(self, objective: ObjectiveConfig) -> None:
+        self.objective = objective
+        self.kv_layer: int | None = objective.ae_layer
+
+    def init_params(self, cfg: ModelConfig, comp: CompressionConfig, model_params: Params, seed: int) -> dict:
+        obj = self.objective
+        return init_ae_params(cfg, comp, model_params, obj.ae_layer, init=obj.ae_init, seed=seed)
+
+    def param_specs(self, cfg: ModelConfig) -> Any:
+        layer = param_logical_specs(cfg.replace(scan_layers=False, gist_projections=False))["layers_0"]
+        return {"block": layer, "ae_embedding": PartitionSpec(None, "embed")}
+
+    def __call__(self, inputs: TermInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        obj = self.objective
+        assert inputs.layer_kv is not None, "the AE term reads layer ae_layer's K/V (kv_layer)"
+        ae, metrics = ae_loss(inputs.cfg, inputs.comp, inputs.shape, inputs.params["model"], inputs.params["ae"],
+                              inputs.tokens_BxN, inputs.arrays, *inputs.layer_kv, chunk=obj.loss_chunk,
+                              train_shared=obj.ae_train_shared, normalization=obj.ae_normalization,
+                              decoder_output=obj.ae_decoder_output,
+                              base_gate=ae_base_gate(obj.ae_base_warmup_steps, inputs.step))
+        return obj.ae_lambda * ae / inputs.microbatches, {"ae_loss": ae, "ae_accuracy": metrics["ae_accuracy"]}

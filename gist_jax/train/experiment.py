@@ -18,16 +18,17 @@ if TYPE_CHECKING:  # imported where used: the GPU machine has no ml_collections
 
 from gist_jax.data.config import DataConfig
 from gist_jax.errors import ConfigError
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import CompressionConfig, check_gist_kernel
 from gist_jax.gist.context_parallel import check_context_parallel
 from gist_jax.model.config import (
     PRESETS,
     ModelConfig,
-    check_attention_impl,
+    check_attention,
     check_dtype_name,
     check_int,
     check_remat_policy,
 )
+from gist_jax.model.kernels import LEGACY_KEYS, legacy_attention
 from gist_jax.train.config import MeshConfig, ObjectiveConfig, OptimizerConfig, StepConfig
 from gist_jax.train.objectives import objectives
 
@@ -46,8 +47,8 @@ class ModelSection:
     param_dtype: str = ""
     scan_layers: bool = True
     remat_policy: str = "none"
-    # Plain causal attention kernel (passes without gists): auto | dense | blockwise | cudnn | splash.
-    attention_impl: str = "auto"
+    # The attention kernels of every pass (model/kernels.py): auto | dense | a kernel | '<causal>,<gist>'.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         kind, sep, where = self.init.partition(":")
@@ -61,7 +62,7 @@ class ModelSection:
             if getattr(self, key):
                 check_dtype_name(f"model.{key}", getattr(self, key))
         check_remat_policy("model.remat_policy", self.remat_policy)
-        check_attention_impl("model.attention_impl", self.attention_impl)
+        check_attention("model.attention", self.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,9 @@ def default_config() -> ml_collections.ConfigDict:
     d: dict[str, Any] = {name: _defaults(cls) for name, cls in SECTIONS.items() if cls is not None}
     d["step"] = {k: getattr(step, k) for k in STEP_KEYS}
     d["name"] = "run"
+    for key in LEGACY_KEYS:  # still accepted, as a string override (read by ``_legacy_attention``)
+        section, field = key.split(".")
+        d[section][field] = ""
     import ml_collections
 
     return ml_collections.ConfigDict(d)
@@ -177,6 +181,7 @@ def run_config(cd: ml_collections.ConfigDict | dict) -> RunConfig:
     unknown = sorted(set(cd) - set(SECTIONS) - {"name"})
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]}; top-level keys: name, {', '.join(SECTIONS)}")
+    cd = _legacy_attention(cd)
     comp = _build(CompressionConfig, _section(cd, "compression", CompressionConfig), "compression")
     step = StepConfig(**_section(cd, "step", StepConfig, STEP_KEYS),
                       mesh=_build(MeshConfig, _section(cd, "mesh", MeshConfig), "mesh"),
@@ -191,8 +196,30 @@ def run_config(cd: ml_collections.ConfigDict | dict) -> RunConfig:
     return run
 
 
+def _legacy_attention(cd: dict[str, Any]) -> dict[str, Any]:
+    """The deprecation shim: a run config (an old experiment file, a checkpoint's stored run) with
+    ``model.attention_impl`` / ``compression.attention_impl`` is read as the one ``model.attention``
+    they meant, with one warning line; both the old and the new key is a conflict."""
+    cd = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cd.items()}
+    old = {}
+    for key in LEGACY_KEYS:
+        section, field = key.split(".")
+        value = (cd.get(section) or {}).pop(field, "")
+        if value:
+            old[key] = value
+    if not old:
+        return cd
+    model = cd.setdefault("model", {})
+    if model.get("attention", "auto") != "auto":
+        raise ConfigError(f"model.attention={model['attention']!r} and the deprecated {', '.join(old)} are both set; "
+                          "keep model.attention only")
+    model["attention"] = legacy_attention(*(old.get(key) for key in LEGACY_KEYS))
+    return cd
+
+
 def check_cross_fields(run: RunConfig) -> None:
     comp, step = run.compression, run.step
+    check_gist_kernel(run.model.attention, comp)
     if comp.enabled and step.seq_len % comp.segment_length and not comp.pad_to_segments:
         raise ConfigError(f"step.seq_len={step.seq_len} is not a whole number of segments of "
                           f"compression.segment_length={comp.segment_length}; use a multiple of it "

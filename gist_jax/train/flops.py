@@ -41,13 +41,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from gist_jax.gist.config import CompressionConfig
+from gist_jax.gist.config import CompressionConfig, PairCounts, variant_of
 from gist_jax.gist.layout import GistLayout, cached_layout
-from gist_jax.gist.specs import memory_buffer_arrays
 from gist_jax.model import causal as causal_kernel
 from gist_jax.model.config import ModelConfig
 from gist_jax.train.objectives import objectives
@@ -70,14 +69,6 @@ PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
 }
 
 
-class _SequenceCounts(NamedTuple):
-    """What one sequence's forward pass works on."""
-
-    tokens: int  # tokens through every layer (raw + live gists [+ re-encoded memory])
-    logit_tokens: int  # tokens that get LM-head logits (raw tokens)
-    pairs: int  # visible (query, key) attention pairs per layer
-
-
 def layer_matmul_params(cfg: ModelConfig) -> int:
     """Weights one token multiplies in one layer: q, k, v, o projections and the SwiGLU MLP."""
     e, h = cfg.hidden_size, cfg.head_dim
@@ -90,48 +81,14 @@ def _layout(num_raw: int, comp: CompressionConfig, ratios: tuple[int, ...] | Non
     return cached_layout(num_raw, comp, None if ratios is None else tuple(ratios), slots)
 
 
-def _causal_pairs(n: int) -> int:
-    return n * (n + 1) // 2
+_causal_pairs = causal_kernel.causal_pairs
 
 
 def _sequence_counts(num_raw: int, comp: CompressionConfig,
-                     ratios: tuple[int, ...] | None) -> _SequenceCounts:
-    """Tokens and visible pairs from the layout arrays the model's masks are built from.
-
-    KV (``specs.parallel_spec``): a live query sees the live tokens of its own segment up to
-    itself, plus every memory key ((live gist) | sink) of earlier segments. UniGist
-    (``comp.windowed``): ``specs.windowed_mask`` (``window_pairs``). Recurrent
-    (``recurrent.recurrent_scan``): step i runs ``[sinks | memory buffer | segment]`` causally
-    with only the P_i valid prefix entries (sinks if i > 0, live gists of segments < i), so it
-    adds P_i re-encoded tokens with P_i (P_i + 1) / 2 prefix pairs to the KV count.
-    """
-    if not comp.enabled:
-        return _SequenceCounts(num_raw, num_raw, _causal_pairs(num_raw))
-    layout = _layout(num_raw, comp, ratios)
-    shape = layout.shape
-    alive_SxT = layout.alive.reshape(shape.num_segments, shape.segment_tokens).astype(np.int64)
-    # Live keys at or before each position of its segment; a live query sees exactly these.
-    local_pairs = int((alive_SxT * np.cumsum(alive_SxT, axis=1)).sum())
-    live_per_segment_S = alive_SxT.sum(axis=1)
-    if comp.windowed:  # UniGist: sinks, every earlier gist, raw tokens inside the window
-        from gist_jax.gist.window_pairs import windowed_visible_pairs
-
-        return _SequenceCounts(int(live_per_segment_S.sum()), num_raw, windowed_visible_pairs(layout))
-    if comp.memory == "kv":
-        memory_key_T = (layout.is_gist & layout.alive) | layout.is_sink
-        keys_S = np.bincount(layout.segment[memory_key_T], minlength=shape.num_segments)
-        earlier_keys_S = np.cumsum(keys_S) - keys_S  # memory keys of segments < i
-        return _SequenceCounts(int(live_per_segment_S.sum()), num_raw,
-                               local_pairs + int((live_per_segment_S * earlier_keys_S).sum()))
-    buffer = memory_buffer_arrays(layout)
-    s = shape.num_sinks
-    live_sinks = int(buffer["live"][:s].sum())
-    gist_segment = buffer["segment"][s:][buffer["live"][s:]]
-    gists_S = np.bincount(gist_segment, minlength=shape.num_segments)
-    prefix_S = np.cumsum(gists_S) - gists_S + live_sinks * (np.arange(shape.num_segments) > 0)
-    pairs = local_pairs + int((live_per_segment_S * prefix_S).sum()) + int(
-        (prefix_S * (prefix_S + 1) // 2).sum())
-    return _SequenceCounts(int(live_per_segment_S.sum() + prefix_S.sum()), num_raw, pairs)
+                     ratios: tuple[int, ...] | None) -> PairCounts:
+    """Tokens and visible pairs from the layout arrays the model's masks are built from: the
+    variant counts its own mask (``variants.Variant.visible_pairs``)."""
+    return variant_of(comp).visible_pairs(_layout(num_raw, comp, ratios), num_raw)
 
 
 def visible_attention_pairs(num_raw: int, comp: CompressionConfig,
@@ -146,7 +103,7 @@ def visible_attention_pairs(num_raw: int, comp: CompressionConfig,
     return _sequence_counts(num_raw, comp, ratios).pairs
 
 
-def _forward(cfg: ModelConfig, counts: _SequenceCounts, num_layers: int) -> dict[str, float]:
+def _forward(cfg: ModelConfig, counts: PairCounts, num_layers: int) -> dict[str, float]:
     dense = 2.0 * (num_layers * layer_matmul_params(cfg) * counts.tokens
                    + cfg.hidden_size * cfg.vocab_size * counts.logit_tokens)
     attention = 4.0 * cfg.head_dim * cfg.num_heads * counts.pairs * num_layers
@@ -167,7 +124,7 @@ def tie_reference_flops(model_cfg: ModelConfig, comp: CompressionConfig, num_raw
     segment_local = whole * _causal_pairs(L) + _causal_pairs(rest)
     total = 0.0
     for pairs in (_causal_pairs(num_raw), segment_local):
-        total += _forward(model_cfg, _SequenceCounts(num_raw, num_raw, pairs), model_cfg.num_layers)["total"]
+        total += _forward(model_cfg, PairCounts(num_raw, num_raw, pairs), model_cfg.num_layers)["total"]
     return total
 
 
@@ -181,7 +138,7 @@ def ae_decoder_forward_flops(model_cfg: ModelConfig, comp: CompressionConfig, nu
     ratio_G = np.asarray(layout.ratios)[layout.segment[live_gist]]
     span_G = np.clip(np.minimum(ratio_G, num_raw - layout.span_start[live_gist]), 0, None).astype(np.int64)
     tokens = int(span_G.sum())
-    counts = _SequenceCounts(tokens, tokens, tokens + int((span_G * (span_G + 1) // 2).sum()))
+    counts = PairCounts(tokens, tokens, tokens + int((span_G * (span_G + 1) // 2).sum()))
     return _forward(model_cfg, counts, num_layers=1)
 
 
@@ -229,31 +186,6 @@ def train_flops_per_step(model_cfg: ModelConfig, comp: CompressionConfig, num_ra
 
 # -- attention pairs each implementation computes ---------------------------------------------------
 
-def blockwise_causal_pairs(t: int, s: int | None = None, block: int | None = None) -> int:
-    """Score entries ``model/causal.py``'s blockwise kernel computes for t queries and s keys
-    (offset 0): query block i (``bq = min(block, t)``, T padded to whole blocks) runs key
-    blocks ``0 .. (i bq + bq - 1) // bk`` (``_last_key_block``), each a full ``bq x bk`` tile,
-    so the skipped upper triangle is counted out and the diagonal tiles are counted whole.
-    ``block`` None: ``causal.DEFAULT_BLOCK`` read now, as the kernel reads it at trace time."""
-    s = t if s is None else s
-    block = block or causal_kernel.DEFAULT_BLOCK
-    bq, bk = min(block, t), min(block, s)
-    nq, nk = -(-t // bq), -(-s // bk)
-    i = np.arange(nq)
-    return int(np.minimum(nk, (i * bq + bq - 1) // bk + 1).sum()) * bq * bk
-
-
-def _causal_kernel_pairs(impl: str, t: int) -> int:
-    """One plain causal pass over t tokens: dense builds the whole [t, t] matrix; blockwise
-    and Splash (same block size) the non-skipped tiles; cuDNN the causal triangle (its tile
-    granularity is not modelled, so this is a lower bound)."""
-    if impl == "dense":
-        return t * t
-    if impl == "cudnn":
-        return _causal_pairs(t)
-    return blockwise_causal_pairs(t)
-
-
 def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: int,
                     ratios: tuple[int, ...] | None = None, *, backend: str | None = None,
                     tie: bool = False) -> dict[str, Any]:
@@ -268,50 +200,31 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
                     ``forward.GIST_KERNELS`` maps the resolved name to: ``DecomposedKV``, ``PrefixCausalKV`` (flash),
                     ``SplitKV``, ``GistBankKV``, UniGist's ``WindowedKV``), from the same geometry
                     it runs (``segment_plan``, ``window_plan``, the bank's mask)
-      full / TIE    the plain causal kernel (``model.attention_impl``, ``_causal_kernel_pairs``)
+      full / TIE    the plain causal kernel (``model.attention``'s causal part, ``causal.computed_pairs``)
                     over N raw tokens; TIE's segment-local pass over ceil(N / L) rows of L
       Coarse-Rec    S passes of the causal kernel (padding: blockwise) over s + S * slots + Ts
 
-    ``impl``/``causal_impl`` name what ran (``forward.resolve_attention_impl``,
-    ``causal.resolve_impl``; ``backend`` None: this process's).
+    Each count is the variant's (``variants.Variant.computed_pairs``). ``impl``/``causal_impl``
+    name what ran (``forward.resolve_gist_kernel``, ``causal.resolve_impl``; ``backend`` None:
+    this process's).
     """
     import jax
-
-    from gist_jax.gist.forward import GIST_KERNELS, resolve_attention_impl
 
     resolve_impl = causal_kernel.resolve_impl
 
     backend = backend or jax.default_backend()
-    causal = resolve_impl(model_cfg.attention_impl, backend, model_cfg.dtype, model_cfg.head_dim)
+    causal = resolve_impl(model_cfg.kernels.causal, backend, model_cfg.dtype, model_cfg.head_dim)
     out: dict[str, Any] = {"causal_impl": causal,
                            "exact": visible_attention_pairs(num_raw, comp, ratios)}
-    if not comp.enabled:
-        out.update(impl=f"causal:{causal}", computed=_causal_kernel_pairs(causal, num_raw))
-    else:
-        layout = _layout(num_raw, comp, ratios)
-        shape = layout.shape
-        s, ts = shape.num_segments, shape.segment_tokens
-        if comp.memory == "recurrent":
-            rec = resolve_impl(model_cfg.attention_impl, backend, model_cfg.dtype,
-                               model_cfg.head_dim, has_padding=True)
-            out.update(impl=f"recurrent:{rec}",
-                       computed=s * _causal_kernel_pairs(rec, shape.num_sinks + s * shape.slots + ts))
-        else:
-            impl = resolve_attention_impl(comp.attention_impl, shape.whole_segments,
-                                          model_cfg.dtype, backend, windowed=comp.windowed)
-            if impl == "dense":
-                computed = 2 * shape.length * shape.length
-            else:
-                impl, computed = GIST_KERNELS[impl].computed_pairs(layout, comp, backend, model_cfg.dtype,
-                                                                   model_cfg.head_dim)
-            out.update(impl=impl, computed=int(computed))
-        if tie:
-            L = min(comp.segment_length, num_raw)
-            rows = -(-num_raw // L)
-            whole, rest = divmod(num_raw, L)
-            out["tie_computed"] = (_causal_kernel_pairs(causal, num_raw)
-                                   + rows * _causal_kernel_pairs(causal, L))
-            out["tie_exact"] = _causal_pairs(num_raw) + whole * _causal_pairs(L) + _causal_pairs(rest)
+    impl, computed = variant_of(comp).computed_pairs(model_cfg, comp, _layout(num_raw, comp, ratios), backend)
+    out.update(impl=impl, computed=int(computed))
+    if comp.enabled and tie:
+        L = min(comp.segment_length, num_raw)
+        rows = -(-num_raw // L)
+        whole, rest = divmod(num_raw, L)
+        out["tie_computed"] = (causal_kernel.computed_pairs(causal, num_raw)
+                               + rows * causal_kernel.computed_pairs(causal, L))
+        out["tie_exact"] = _causal_pairs(num_raw) + whole * _causal_pairs(L) + _causal_pairs(rest)
     out["computed_over_exact"] = out["computed"] / out["exact"]
     return out
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gist_jax.errors import ConfigError
+from gist_jax.model.kernels import LEGACY_KEYS
 
 _UINT_OF_WIDTH = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
@@ -76,7 +77,7 @@ def first_mismatch(saved: dict[str, int], actual: dict[str, int]) -> str | None:
 RESUMABLE_KEYS = (
     "name", "train.", "checkpoint.", "optimizer.total_steps", "optimizer.learning_rate",
     "optimizer.grad_clip_norm", "mesh.", "step.microbatches", "model.dtype", "model.remat_policy",
-    "model.attention_impl", "compression.attention_impl", "objective.loss_chunk", "data.prefetch", "data.cache_dir",
+    "model.attention", *LEGACY_KEYS, "objective.loss_chunk", "data.prefetch", "data.cache_dir",
     "objective.tie_weights_path",
 )
 

@@ -70,7 +70,7 @@ def load_base_model(section: ModelSection) -> tuple[ModelConfig, Any]:
         cfg, params = load_params(where)
     overrides = {k: getattr(section, k) for k in ("dtype", "param_dtype") if getattr(section, k)}
     return cfg.replace(scan_layers=section.scan_layers, remat_policy=section.remat_policy,
-                       attention_impl=section.attention_impl, **overrides), params
+                       attention=section.attention, **overrides), params
 
 
 def memory_plan(base_cfg: ModelConfig, run: RunConfig, mesh: Mesh) -> str:

@@ -44,20 +44,21 @@ from jax.sharding import PartitionSpec
 from jax.typing import DTypeLike
 
 from gist_jax.errors import ConfigError
-from gist_jax.gist.config import CompressionConfig
-from gist_jax.gist.forward import resolve_attention_impl
+from gist_jax.gist.config import CompressionConfig, variant_of
+from gist_jax.gist.forward import resolve_gist_kernel
 from gist_jax.gist.layout import build_layout
-from gist_jax.gist.params import add_gist_params, model_config_for
+from gist_jax.gist.params import model_config_for
 from gist_jax.gist.structured import MEMORY_KEY_BLOCK, QUERY_BLOCK
 from gist_jax.gist.window import context_window_plan
 from gist_jax.model.causal import DEFAULT_BLOCK, resolve_impl
 from gist_jax.model.config import ModelConfig
+from gist_jax.model.kernels import parse_attention, with_gist_kernel
 from gist_jax.model.sharding import LOGICAL_AXIS_RULES, fit_spec, logical_to_mesh
 from gist_jax.model.transformer import init_params, param_logical_specs
 from gist_jax.train.config import MeshConfig, StepConfig
 from gist_jax.train.mesh import resolve_mesh_shape
 from gist_jax.train.objectives import objectives
-from gist_jax.train.plan_trace import layer_residual_bytes, saved_residual_bytes
+from gist_jax.train.plan_trace import abstract_params, layer_residual_bytes, saved_residual_bytes
 from gist_jax.train.state import logical_param_specs, trainable_tree
 
 
@@ -79,11 +80,11 @@ def _tree_bytes(abstract: Any, logical: Any, sizes: dict[str, int], select: Any 
 
 
 def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, backend: str = "gpu",
-                          compute_dtype: str = "bfloat16", causal_impl: str = "auto", context: int = 1) -> int:
+                          compute_dtype: str = "bfloat16", attention: str = "auto", context: int = 1) -> int:
     """float32 bytes of the largest per-layer score tensor the attention implementation holds
-    (``rows`` = sequences x heads per device), for ``comp.attention_impl`` as it resolves on
+    (``rows`` = sequences x heads per device), for ``model.attention`` (``attention``) as it resolves on
     ``backend`` with ``compute_dtype``, the sequence split over ``context`` blocks
-    (``forward.resolve_attention_impl``):
+    (``forward.resolve_gist_kernel``):
 
       dense       T x K per row (K = 2T with compression: every token also as memory)
       decomposed  one query block x Ts (local) + Ts x min(M, MEMORY_KEY_BLOCK) (one memory
@@ -93,19 +94,19 @@ def attention_score_bytes(comp: CompressionConfig, seq_len: int, rows: int, back
       windowed    UniGist (``window.py``): Ts x (nb + 1) Ts (one segment's band) + Ts x the
                   largest memory group's bound (one scan step)
 
-    Without gists (``memory='none'``) the plain causal kernel ``causal_impl``
-    (``model.attention_impl``, ``causal.resolve_impl``) runs instead.
+    Without gists (``memory='none'``) the plain causal kernel (``attention``'s causal part,
+    ``causal.resolve_impl``) runs instead.
     """
     if not comp.enabled:
         head_dim = 128  # only decides whether cuDNN takes it; every preset's head size does
-        impl = resolve_impl(causal_impl, backend, compute_dtype, head_dim)
+        impl = resolve_impl(parse_attention(attention).causal, backend, compute_dtype, head_dim)
         block = min(DEFAULT_BLOCK, seq_len)
         per_row = {"dense": seq_len * seq_len, "blockwise": block * block}.get(impl, seq_len)
         return rows * per_row * 4
     shape = build_layout(seq_len, comp).shape
     t, s, ts, m = shape.length, shape.num_segments, shape.segment_tokens, shape.memory_size
-    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=compute_dtype, backend=backend,
-                                  windowed=comp.windowed, context=context)
+    impl = resolve_gist_kernel(parse_attention(attention).gist, compute_dtype=compute_dtype, backend=backend,
+                               windowed=comp.windowed, context=context)
     if impl == "windowed":  # window.py: one query block's band and memory scores
         from gist_jax.gist.window import window_plan
 
@@ -142,17 +143,11 @@ BLOCKWISE_LIVE_TILES = 5
 TIE_LIVE_TILES = 2
 
 
-def layer_attention_impl(cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
+def layer_attention_kernel(cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
     """The attention implementation the decoder layers run on ``backend`` (with the sequence split
     over ``context`` devices: the decomposed kernel per block, ``gist/context_parallel.py``, or
-    UniGist's windowed one, ``gist/context_window.py``)."""
-    if not comp.enabled:
-        return resolve_impl(cfg.attention_impl, backend, cfg.dtype, cfg.head_dim)
-    if comp.memory != "kv":
-        return "dense"
-    impl = resolve_attention_impl(comp.attention_impl, compute_dtype=cfg.dtype, backend=backend,
-                                  windowed=comp.windowed, context=context)
-    return "dense" if impl == "bank" and backend != "tpu" else impl  # Pallas interpret mode off TPU
+    UniGist's windowed one, ``gist/context_window.py``): the variant's answer."""
+    return variant_of(comp).layer_kernel(cfg, comp, backend, context)
 
 
 def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devices: int,
@@ -166,11 +161,7 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     """
     sizes = resolve_mesh_shape(step.mesh, num_devices)
     cfg = model_config_for(base, comp)
-    abstract = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
-    if objectives(step, comp).ae:
-        from gist_jax.train.ae import init_ae_params
-
-        abstract = jax.eval_shape(lambda p: {**p, "ae": init_ae_params(cfg, comp, p["model"])}, abstract)
+    abstract = abstract_params(base, comp, step)
     logical = logical_param_specs(base, comp, step)
     trainable = trainable_tree(abstract, comp)
     param_bytes = _tree_bytes(abstract, logical, sizes)
@@ -186,14 +177,15 @@ def plan(base: ModelConfig, comp: CompressionConfig, step: StepConfig, num_devic
     # Context parallelism: a device holds one block of whole segments; its activations are those
     # of a sequence that long, plus the gathered memory buffer each layer keeps for its backward.
     local = _local_step(step, sizes["context"])
-    if comp.memory == "kv" and resolve_attention_impl(comp.attention_impl, windowed=comp.windowed,
-                                                      context=sizes["context"]) == "decomposed":
-        comp = comp.replace(attention_impl="decomposed")  # the unsplit trace runs what every block runs
+    if comp.memory == "kv" and resolve_gist_kernel(base.kernels.gist, windowed=comp.windowed,
+                                                   context=sizes["context"]) == "decomposed":
+        # the unsplit trace runs what every block runs
+        base = base.replace(attention=with_gist_kernel(base.attention, "decomposed"))
     out["activations_saved"] = saved_residual_bytes(base, comp, local, micro_per_device, backend)
     if sizes["context"] > 1:
         resolved = dataclasses.replace(step, mesh=dataclasses.replace(step.mesh, tensor=sizes["tensor"]))
         out["context_memory"] = context_buffer_bytes(base, comp, resolved, sizes["context"], micro_per_device)
-    impl = layer_attention_impl(cfg, comp, backend, sizes["context"])
+    impl = layer_attention_kernel(cfg, comp, backend, sizes["context"])
     if comp.memory == "recurrent":
         layer_set = WORKING_SET_LAYERS["recurrent_step"] * _recurrent_step_bytes(base, comp, step, num_devices, backend)
     else:
@@ -229,7 +221,7 @@ def tie_pass_bytes(base: ModelConfig, step: StepConfig, sizes: dict[str, int], s
     ``plan`` counts it only with ``context`` > 1."""
     context = sizes["context"]
     queries = step.seq_len // context
-    if base.attention_impl == "dense":  # the XLA-partitioned dense reference
+    if base.kernels.causal == "dense":  # the XLA-partitioned dense reference
         scores = 2 * sequences * base.num_heads * queries * step.seq_len * 4
     else:  # every block runs the blockwise kernel, whatever the backend
         scores = TIE_LIVE_TILES * sequences * base.num_heads * min(DEFAULT_BLOCK, queries) * min(
@@ -353,8 +345,8 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
     lines = [(f"plan: {name}: {step.seq_len} tokens x {step.batch_size} sequences in {step.microbatches} "
               f"microbatch(es), mesh {sizes} = {num_devices} {backend} devices"),
              (f"  {variant}, L={comp.segment_length}, remat={base.remat_policy}, dtype={base.dtype}, attention "
-              f"{layer_attention_impl(base, comp, backend, sizes['context'])}, causal kernel "
-              f"{resolve_impl(base.attention_impl, backend, base.dtype, base.head_dim)}")]
+              f"{layer_attention_kernel(base, comp, backend, sizes['context'])}, causal kernel "
+              f"{resolve_impl(base.kernels.causal, backend, base.dtype, base.head_dim)}")]
     if worst is not None:
         others = ", ".join(f"r={r}: {t / scale:.2f}" for r, t in totals.items() if r != worst)
         how = "the smallest ratio has the most gist tokens" if worst_only else \
@@ -375,7 +367,7 @@ def summary_lines(name: str, base: ModelConfig, comp: CompressionConfig, step: S
             lines.append(f"  context axis per step: online TIE's reference pass gathers every raw token's K/V, "
                          f"{traffic['tie_kv_gather'] / mib:.1f} MiB per device (precomputed weights need no pass)")
     heads = base.num_heads * max(step.batch_size // step.microbatches // _data_parallel(step.mesh, num_devices), 1)
-    largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention_impl,
+    largest = attention_score_bytes(planned, step.seq_len, heads, backend, base.dtype, base.attention,
                                     context=sizes["context"])
     lines.append(f"  (largest attention tensor: {largest / scale:.2f} {unit} per device per layer)")
     if device_gib is not None:

@@ -37,6 +37,18 @@ from gist_jax.train.objectives import objectives
 from gist_jax.train.state import trainable_tree
 
 
+def abstract_params(base: ModelConfig, comp: CompressionConfig, step: StepConfig) -> Any:
+    """Shapes of ``state.params`` (the model with its gist parameters, every loss term's own),
+    without allocating them."""
+    cfg = model_config_for(base, comp)
+
+    def build() -> Any:
+        model = add_gist_params(init_params(base, jax.random.key(0)), cfg)
+        return {"model": model, **objectives(step, comp).init_params(cfg, comp, model)}
+
+    return jax.eval_shape(build)
+
+
 @jax.custom_vjp
 def _kernel_stand_in(q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array) -> jax.Array:
     return jnp.zeros(q_BxTxNxH.shape[:-1] + v_BxSxKxH.shape[-1:], q_BxTxNxH.dtype)
@@ -91,19 +103,13 @@ def saved_residual_bytes(base: ModelConfig, comp: CompressionConfig, step: StepC
     """
     from gist_jax.train.step import make_microbatch_loss  # step imports the model stack
 
-    cfg = model_config_for(base, comp)
-    params = jax.eval_shape(lambda: {"model": add_gist_params(init_params(base, jax.random.key(0)), cfg)})
-    if objectives(step, comp).ae:
-        from gist_jax.train.ae import init_ae_params
-
-        params = jax.eval_shape(lambda p: {**p, "ae": init_ae_params(cfg, comp, p["model"])}, params)
+    params = abstract_params(base, comp, step)
     ref_params = jax.eval_shape(lambda: init_params(base, jax.random.key(0)))
     layout = build_layout(step.seq_len, comp)
     arrays = jax.tree.map(_abstract, layout_arrays(layout))
-    micro = {"tokens": jax.ShapeDtypeStruct((batch_per_device, step.seq_len), jnp.int32),
-             "loss_mask": jax.ShapeDtypeStruct((batch_per_device, step.seq_len), bool)}
-    if step.objective.tie and step.objective.tie_source == "precomputed":
-        micro["tie_weights"] = jax.ShapeDtypeStruct((batch_per_device, step.seq_len), jnp.float32)
+    dtypes = {"tokens": jnp.int32, "loss_mask": bool}  # every other field: float32 (tie_weights)
+    micro = {field: jax.ShapeDtypeStruct((batch_per_device, step.seq_len), dtypes.get(field, jnp.float32))
+             for field in objectives(step, comp).batch_fields}
     loss_fn = make_microbatch_loss(base, comp, step, layout.shape)
     trainable = trainable_tree(params, comp)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from gist_jax.gist.config import CompressionConfig
 from gist_jax.gist.params import add_gist_params, model_config_for, trainable_mask
@@ -44,17 +44,13 @@ class TrainState:
 def logical_param_specs(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: StepConfig) -> dict:
     """Logical PartitionSpecs of ``state.params`` (the golden table tests compare against)."""
     cfg = model_config_for(base_cfg, comp)
-    specs = {"model": param_logical_specs(cfg)}
-    if objectives(step_cfg, comp).ae:
-        layer = param_logical_specs(cfg.replace(scan_layers=False, gist_projections=False))["layers_0"]
-        specs["ae"] = {"block": layer, "ae_embedding": PartitionSpec(None, "embed")}
-    return specs
+    return {"model": param_logical_specs(cfg), **objectives(step_cfg, comp).param_specs(cfg)}
 
 
 def trainable_tree(params: Params, comp: CompressionConfig) -> Params:
     mask = {"model": trainable_mask(params["model"], comp)}
-    if "ae" in params:  # the AE decoder always trains (it exists only for training)
-        mask["ae"] = jax.tree.map(lambda _: True, params["ae"])
+    for name in params.keys() - {"model"}:  # a loss term's own params (the AE decoder) always train
+        mask[name] = jax.tree.map(lambda _: True, params[name])
     return mask
 
 
@@ -111,14 +107,8 @@ def create_train_state(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg:
     base, base_shardings = initial_base_params(base_cfg, step_cfg.seed, mesh, base_params)
 
     def build(base):
-        params = {"model": add_gist_params(base, cfg)}
-        if objectives(step_cfg, comp).ae:
-            from gist_jax.train.ae import init_ae_params
-
-            obj = step_cfg.objective
-            params["ae"] = init_ae_params(cfg, comp, params["model"], obj.ae_layer, init=obj.ae_init,
-                                          seed=step_cfg.seed)
-        return params
+        model = add_gist_params(base, cfg)
+        return {"model": model, **objectives(step_cfg, comp).init_params(cfg, comp, model, step_cfg.seed)}
 
     abstract = jax.eval_shape(build, base)
     param_shardings = shardings_for(logical_param_specs(base_cfg, comp, step_cfg), abstract, mesh)

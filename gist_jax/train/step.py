@@ -28,10 +28,9 @@ from gist_jax.model.config import ModelConfig
 from gist_jax.model.loss import lm_token_scores, next_token_labels
 from gist_jax.model.sharding import activation_mesh, context_size
 from gist_jax.model.transformer import Params
-from gist_jax.train.ae import ae_loss
 from gist_jax.train.config import StepConfig
 from gist_jax.train.mesh import BATCH_AXES, batch_sharding, check_batch, replicated
-from gist_jax.train.objectives import Objectives, objectives
+from gist_jax.train.objectives import Objectives, TermInputs, objectives
 from gist_jax.train.optimizer import learning_rate_schedule
 from gist_jax.train.state import TrainState, trainable_tree
 from gist_jax.train.tie import compute_tie_weights, weight_entropy
@@ -56,14 +55,6 @@ def _denominator(mask_BxN: jax.Array, tie_without_rescale: bool) -> jax.Array:
     return jnp.maximum(jnp.sum(mask_BxN), 1).astype(jnp.float32)
 
 
-def ae_base_gate(warmup_steps: int, step: jax.Array | None) -> jax.Array | float:
-    """1.0 once L_ae may train the gists and base (step >= ``objective.ae_base_warmup_steps``),
-    0.0 before; ``step`` None (the memory planner's trace) counts as past the warm-up."""
-    if warmup_steps == 0 or step is None:
-        return 1.0
-    return (step >= warmup_steps).astype(jnp.float32)
-
-
 def _lm_weights(base_cfg: ModelConfig, terms: Objectives, obj: Any, ref_params: Params | None, micro: Batch,
                 mask_BxN: jax.Array, seg_len: int) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Per-token weights of the LM loss: TIE's (from the batch, or the frozen reference passes)
@@ -82,9 +73,10 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
                          shape: LayoutShape) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
     """``(params, ref_params, micro, arrays, denom, step=None) -> (loss, metrics)`` for one
     microbatch (``step``: the update's index, for ``objective.ae_base_warmup_steps``): the
-    compressed forward, then the terms ``objectives`` decides: the chunked LM loss with its
-    weights (TIE's or the mask) and the AE loss. Shared by the train step and the memory
-    planner (``train/plan.py`` traces its VJP to count what the backward keeps)."""
+    compressed forward, then the chunked LM loss with its weights (TIE's or the mask), then every
+    additive term ``objectives`` returns (the AE loss; ``objectives.register_term``), summed.
+    Shared by the train step and the memory planner (``train/plan.py`` traces its VJP to count
+    what the backward keeps)."""
     cfg = model_config_for(base_cfg, comp)
     obj, terms = step_cfg.objective, objectives(step_cfg, comp)
     seg_len = shape.segment_length if comp.enabled else step_cfg.seq_len
@@ -101,10 +93,10 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
         def as_rows(x_BxN: jax.Array) -> jax.Array:  # raw order -> the order of raw_rows' rows
             return x_BxN if row_order is None else jnp.take(x_BxN, row_order, axis=1)
 
-        gist_kv: tuple[jax.Array, jax.Array] | None = None
-        if terms.ae:
-            hidden, gist_kv = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
-                                                kv_layer=obj.ae_layer)
+        layer_kv: tuple[jax.Array, jax.Array] | None = None
+        if terms.kv_layer is not None:
+            hidden, layer_kv = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays,
+                                                 kv_layer=terms.kv_layer)
         else:
             hidden = compressed_hidden(cfg, comp, shape, params["model"], tokens, arrays)
         # LM term. Raw rows only (gists carry no LM label), then head + CE chunk by chunk: no [B, T, V].
@@ -114,15 +106,11 @@ def make_microbatch_loss(base_cfg: ModelConfig, comp: CompressionConfig, step_cf
         lm_num = jnp.sum(as_rows(weights * mask) * scores.nll)
         loss = lm_num / denom
         metrics.update(correct=jnp.sum(scores.correct), tokens=jnp.sum(mask), lm_num=lm_num)
-        if terms.ae:  # AE term
-            assert gist_kv is not None  # compressed_hidden's kv_layer output, above
-            ae, ae_metrics = ae_loss(cfg, comp, shape, params["model"], params["ae"], tokens, arrays, *gist_kv,
-                                     chunk=obj.loss_chunk, train_shared=obj.ae_train_shared,
-                                     normalization=obj.ae_normalization,
-                                     decoder_output=obj.ae_decoder_output,
-                                     base_gate=ae_base_gate(obj.ae_base_warmup_steps, step))
-            loss = loss + obj.ae_lambda * ae / m
-            metrics.update(ae_loss=ae, ae_accuracy=ae_metrics["ae_accuracy"])
+        inputs = TermInputs(cfg, comp, shape, params, tokens, arrays, hidden, layer_kv, step, m)
+        for term in terms.terms:  # the additive terms (AE, and any registered objective)
+            value, term_metrics = term(inputs)
+            loss = loss + value
+            metrics.update(term_metrics)
         return loss, metrics
 
     return microbatch_loss
@@ -186,9 +174,8 @@ def build_train_step(base_cfg: ModelConfig, comp: CompressionConfig, step_cfg: S
         }
         if terms.tie:
             metrics["tie_entropy"] = sums["tie_entropy"] / m
-        if terms.ae:
-            metrics["ae_loss"] = sums["ae_loss"] / m
-            metrics["ae_accuracy"] = sums["ae_accuracy"] / m
+        for term in terms.terms:
+            metrics.update({name: sums[name] / m for name in term.mean_metrics})
         new_state = state.replace(step=state.step + 1, params=new_params, opt_state=opt_state)
         return new_state, metrics
 

@@ -51,9 +51,9 @@ def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
     Both are stop-gradient (the params are stopped before the passes, so no residuals are
     kept and gradients w.r.t. the reference are exact zeros). Two Decoder passes: causal, and
     block-diagonal causal with segment length ``segment_length`` (a static int). Both run the
-    plain causal kernel (``cfg.attention_impl``, O(N) memory); the block-diagonal pass folds
+    plain causal kernel (``cfg.kernels.causal``, O(N) memory); the block-diagonal pass folds
     segments into the batch axis, ``[B, N] -> [B * S, L]`` (the last segment padded at its
-    end, which no live query sees), so it costs O(N L). ``attention_impl="dense"`` keeps the
+    end, which no live query sees), so it costs O(N L). ``model.attention="dense"`` keeps the
     explicit ``[B, N, N]`` masks: the reference the fast passes are tested against. Gist
     parameters in ``params`` are ignored: every token is a raw token.
     """
@@ -78,7 +78,7 @@ def reference_log_probs(cfg: ModelConfig, params: Any, tokens_BxN: jax.Array,
         lp = _target_log_probs(cfg, params, hidden_BxNxE, targets)
         return jax.lax.stop_gradient(jnp.where(has_next[None], lp, 0.0))
 
-    if cfg.attention_impl == "dense":
+    if cfg.kernels.causal == "dense":
         causal_NxN = idx[None, :] <= idx[:, None]  # [query, key]
         same_segment_NxN = (idx[:, None] // segment_length) == (idx[None, :] // segment_length)
         return (log_probs(hidden_states(tokens_BxN, positions, causal_NxN)),

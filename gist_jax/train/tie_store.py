@@ -46,7 +46,8 @@ FORMAT = 1
 COMMAND = "python -m gist_jax.train.tie_precompute"
 KEY = "objective.tie_weights_path"
 # Model config fields that say how the model runs, not what it computes.
-_EXECUTION_FIELDS = ("scan_layers", "remat_policy", "attention_impl")
+# (``attention_impl``: the name ``attention`` had in stores made before it replaced it.)
+_EXECUTION_FIELDS = ("scan_layers", "remat_policy", "attention", "attention_impl")
 
 
 # -- where ------------------------------------------------------------------------------------------
