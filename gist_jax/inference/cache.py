@@ -60,7 +60,7 @@ class Plan:
     per_slot_embedding: bool
     max_segments: int
     window: int = 0  # UniGist's W (0: chunked)
-    variant: str = "kv"  # the registered variant whose decode policy runs (``variants.VARIANTS``)
+    variant: str = "kv"  # the registered variant whose decode policy runs (``config.VARIANTS``)
 
     @classmethod
     def create(cls, comp: CompressionConfig, capacity_raw: int, ratio: int | None = None) -> Plan:
