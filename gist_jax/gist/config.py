@@ -170,29 +170,13 @@ def validate(c: CompressionConfig) -> None:
 
 
 def check_gist_kernel(attention: str, c: CompressionConfig, key: str = "model.attention") -> None:
-    """The gist kernel ``attention`` names must be exact for this layout: the gist bank needs one
-    position per key and every slot live; UniGist's window has one structured kernel
-    (``decomposed`` names it). Other memories than ``kv`` run their own paths and ignore the gist
-    part (Coarse-Rec: a segment scan of causal passes; none: the causal kernel)."""
+    """The gist kernel ``attention`` names must be exact for this layout; the variant says
+    (``Variant.check_gist_kernel``). ``auto`` and ``dense`` run everywhere."""
     from gist_jax.model.kernels import parse_attention  # the one parser of the knob
 
     gist = parse_attention(attention, key).gist
-    if c.memory != "kv" or gist in ("auto", "dense"):
-        return
-    if gist == "bank" and c.positions != "aligned":
-        raise ConfigError(
-            f"{key}={attention!r}: the gist bank is exact only when every key has one position: set "
-            f"compression.positions='aligned' (got {c.positions!r}), or use the gist kernel 'decomposed' "
-            "or 'flash', which handle both schemes")
-    if gist == "bank" and c.ratio_sampling == "per_segment":
-        raise ConfigError(
-            f"{key}={attention!r}: the gist bank needs every gist slot live (one ratio per step); "
-            "compression.ratio_sampling='per_segment' leaves dead slots: use 'per_instance', or the "
-            "gist kernel 'decomposed' or 'flash'")
-    if c.windowed and gist != "decomposed":
-        raise ConfigError(
-            f"{key}={attention!r}: the gist kernel {gist!r} has no windowed (UniGist) form; use "
-            "'decomposed' (or 'auto'), exact for compression.window > 0, or 'dense'")
+    if gist not in ("auto", "dense"):
+        variant_of(c).check_gist_kernel(gist, c, f"{key}={attention!r}")
 
 
 # -- compression variants: the interface and the one table ------------------------------------------
@@ -253,6 +237,11 @@ class Variant:
     def layer_kernel(self, cfg: ModelConfig, comp: CompressionConfig, backend: str, context: int = 1) -> str:
         """The attention implementation the decoder layers run (the memory planner's unit)."""
         return "dense"
+
+    def check_gist_kernel(self, gist: str, comp: CompressionConfig, where: str) -> None:
+        """Refuse a gist kernel (``model.attention``'s gist part, ``where`` the setting) that cannot
+        run this layout exactly. A variant without a gist-structure pass ignores the part
+        (Coarse-Rec: a segment scan of causal passes; full attention: the causal kernel)."""
 
     def check_context(self, comp: CompressionConfig, seq_len: int, context: int) -> None:
         """Whether ``mesh.context`` > 1 blocks can run it (``context_parallel.check_context_parallel``)."""

@@ -24,6 +24,7 @@ import numpy as np
 
 from gist_jax.errors import ConfigError
 from gist_jax.gist.config import VARIANTS, CompressionConfig, PairCounts, Variant, register_variant
+from gist_jax.model.causal import causal_pairs
 
 if TYPE_CHECKING:
     import jax
@@ -36,10 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["VARIANTS", "ChunkedKV", "CoarseRec", "FullAttention", "PairCounts", "UniGist", "Variant",
            "register_variant"]
-
-
-def _causal_pairs(n: int) -> int:
-    return n * (n + 1) // 2
 
 
 def _local_counts(layout: GistLayout) -> tuple[int, np.ndarray]:
@@ -64,7 +61,7 @@ class FullAttention(Variant):
         return Decoder(cfg).apply({"params": params}, tokens_BxN, spec, head=kwargs.get("head", True))
 
     def visible_pairs(self, layout: GistLayout, num_raw: int) -> PairCounts:
-        return PairCounts(num_raw, num_raw, _causal_pairs(num_raw))
+        return PairCounts(num_raw, num_raw, causal_pairs(num_raw))
 
     def computed_pairs(self, cfg: ModelConfig, comp: CompressionConfig, layout: GistLayout,
                        backend: str) -> tuple[str, int]:
@@ -135,6 +132,19 @@ class ChunkedKV(Variant):
                                    windowed=comp.windowed, context=context)
         return "dense" if impl == "bank" and backend != "tpu" else impl  # Pallas interpret mode off TPU
 
+    def check_gist_kernel(self, gist: str, comp: CompressionConfig, where: str) -> None:
+        """The gist bank needs one position per key and every slot live."""
+        if gist == "bank" and comp.positions != "aligned":
+            raise ConfigError(
+                f"{where}: the gist bank is exact only when every key has one position: set "
+                f"compression.positions='aligned' (got {comp.positions!r}), or use the gist kernel 'decomposed' "
+                "or 'flash', which handle both schemes")
+        if gist == "bank" and comp.ratio_sampling == "per_segment":
+            raise ConfigError(
+                f"{where}: the gist bank needs every gist slot live (one ratio per step); "
+                "compression.ratio_sampling='per_segment' leaves dead slots: use 'per_instance', or the "
+                "gist kernel 'decomposed' or 'flash'")
+
     def check_context(self, comp: CompressionConfig, seq_len: int, context: int) -> None:
         segments, rest = divmod(seq_len, comp.segment_length)
         if rest or segments % context:
@@ -169,6 +179,13 @@ class UniGist(ChunkedKV):
             raise ConfigError(
                 f"compression.window={comp.window} is not a multiple of ratio(s) {bad}: the window is a "
                 "whole number of gist units; use a multiple of every ratio, e.g. the segment length")
+
+    def check_gist_kernel(self, gist: str, comp: CompressionConfig, where: str) -> None:
+        """The window has one structured kernel, which ``decomposed`` names."""
+        if gist != "decomposed":
+            raise ConfigError(
+                f"{where}: the gist kernel {gist!r} has no windowed (UniGist) form; use "
+                "'decomposed' (or 'auto'), exact for compression.window > 0, or 'dense'")
 
     def visible_pairs(self, layout: GistLayout, num_raw: int) -> PairCounts:
         from gist_jax.gist.window_pairs import windowed_visible_pairs

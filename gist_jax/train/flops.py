@@ -48,6 +48,7 @@ import numpy as np
 from gist_jax.gist.config import CompressionConfig, PairCounts, variant_of
 from gist_jax.gist.layout import GistLayout, cached_layout
 from gist_jax.model import causal as causal_kernel
+from gist_jax.model.causal import causal_pairs
 from gist_jax.model.config import ModelConfig
 from gist_jax.train.objectives import objectives
 
@@ -79,9 +80,6 @@ def _layout(num_raw: int, comp: CompressionConfig, ratios: tuple[int, ...] | Non
     """The layout the training step builds (per-segment sampling pads to L / min(ratios) slots)."""
     slots = comp.max_gists_per_segment if comp.ratio_sampling == "per_segment" else None
     return cached_layout(num_raw, comp, None if ratios is None else tuple(ratios), slots)
-
-
-_causal_pairs = causal_kernel.causal_pairs
 
 
 def _sequence_counts(num_raw: int, comp: CompressionConfig,
@@ -121,9 +119,9 @@ def tie_reference_flops(model_cfg: ModelConfig, comp: CompressionConfig, num_raw
     and segment-local causal (``train/tie.py``), each with logits on every raw token."""
     L = comp.segment_length
     whole, rest = divmod(num_raw, L)
-    segment_local = whole * _causal_pairs(L) + _causal_pairs(rest)
+    segment_local = whole * causal_pairs(L) + causal_pairs(rest)
     total = 0.0
-    for pairs in (_causal_pairs(num_raw), segment_local):
+    for pairs in (causal_pairs(num_raw), segment_local):
         total += _forward(model_cfg, PairCounts(num_raw, num_raw, pairs), model_cfg.num_layers)["total"]
     return total
 
@@ -224,7 +222,7 @@ def attention_pairs(model_cfg: ModelConfig, comp: CompressionConfig, num_raw: in
         whole, rest = divmod(num_raw, L)
         out["tie_computed"] = (causal_kernel.computed_pairs(causal, num_raw)
                                + rows * causal_kernel.computed_pairs(causal, L))
-        out["tie_exact"] = _causal_pairs(num_raw) + whole * _causal_pairs(L) + _causal_pairs(rest)
+        out["tie_exact"] = causal_pairs(num_raw) + whole * causal_pairs(L) + causal_pairs(rest)
     out["computed_over_exact"] = out["computed"] / out["exact"]
     return out
 
