@@ -137,7 +137,7 @@ def feed(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, tokens_BxC:
     """Feed each row its next C layout tokens (valid ones first; a gist's token id is ignored).
 
     Returns logits ``[B, C, V]`` and the cache after the tokens (and any completed segment's
-    compression). How is the variant's decode policy (``Variant.decode``, ``DECODE_POLICIES``):
+    compression). The variant's decode policy does it (``Variant.decode``, ``DECODE_POLICIES``):
     chunked variants and full attention ``feed_segments``, UniGist ``window.feed``.
     """
     return _policy(plan).feed(cfg, plan, params, cache, tokens_BxC, valid_BxC)
@@ -284,7 +284,7 @@ def prefill(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_
     of r raw tokens (default L). Without compression every prompt token is fed, ``chunk``
 tokens per call (default ``FULL_PREFILL_CHUNK``). Returns the
     cache, each row's pending logits (of its last raw token fed; zeros if none) and the raw
-    tokens fed per row. How is the variant's decode policy (``DECODE_POLICIES``)."""
+    tokens fed per row. The variant's decode policy does it (``DECODE_POLICIES``)."""
     return _policy(plan).prefill(cfg, plan, params, cache, prompts_BxP, lengths_B, logits_out, chunk)
 
 
@@ -313,11 +313,13 @@ def _prefill_chunks(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, 
 
 def _prefill_full(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_BxP: np.ndarray,
                   lengths_B: np.ndarray, logits_out: np.ndarray | None,
-                  chunk: int) -> tuple[Cache, jax.Array, np.ndarray]:
-    """A plain KV cache's prefill, ``chunk`` tokens per call. One call over the whole prompt held
-    its logits ``[B, P, V]`` and scores ``[B, heads, P, capacity + P]`` at once: 18 GB for 4
-    prompts of 4K tokens with SmolLM2's 49K vocabulary. In chunks both are bounded by the chunk,
-    and every row's whole prompt is fed (there is no segment to wait for)."""
+                  chunk: int | None) -> tuple[Cache, jax.Array, np.ndarray]:
+    """A plain KV cache's prefill, ``chunk`` tokens per call (None: ``FULL_PREFILL_CHUNK``). One
+    call over the whole prompt held its logits ``[B, P, V]`` and scores ``[B, heads, P,
+    capacity + P]`` at once: 18 GB for 4 prompts of 4K tokens with SmolLM2's 49K vocabulary. In
+    chunks both are bounded by the chunk, and every row's whole prompt is fed (there is no
+    segment to wait for)."""
+    chunk = FULL_PREFILL_CHUNK if chunk is None else chunk
     if chunk < 1:
         raise ConfigError(f"prefill_chunk={chunk} must be >= 1")
     b = prompts_BxP.shape[0]
@@ -421,13 +423,6 @@ def generate(cfg: ModelConfig, comp: CompressionConfig, params: Params, prompts:
     return Generation(tokens, cache_stats(cfg, cache)[:len(prompts)], logits_out, cache)
 
 
-def _prefill_plain(cfg: ModelConfig, plan: Plan, params: Params, cache: Cache, prompts_BxP: np.ndarray,
-                   lengths_B: np.ndarray, logits_out: np.ndarray | None,
-                   chunk: int | None) -> tuple[Cache, jax.Array, np.ndarray]:
-    return _prefill_full(cfg, plan, params, cache, prompts_BxP, lengths_B, logits_out,
-                         FULL_PREFILL_CHUNK if chunk is None else chunk)
-
-
 def _segment_offsets(plan: Plan, chunk: int) -> np.ndarray:
     return plan.order()[0]
 
@@ -437,5 +432,5 @@ def _segment_offsets(plan: Plan, chunk: int) -> np.ndarray:
 DECODE_POLICIES: dict[str, DecodePolicy] = {
     "segments": DecodePolicy(feed_segments, _prefill_chunks, _segment_offsets),
     "window": DecodePolicy(window.feed, _prefill_chunks, window.chunk_raw_offsets),
-    "plain": DecodePolicy(feed_segments, _prefill_plain, _segment_offsets),
+    "plain": DecodePolicy(feed_segments, _prefill_full, _segment_offsets),
 }
